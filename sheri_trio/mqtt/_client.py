@@ -1,0 +1,705 @@
+"""``open_client()``: the sans-IO session driven over a byte stream, inside a nursery.
+
+The client owns one nursery. In it run the connection manager (connect,
+reconnect with backoff) and, per connection, a reader, a writer and a
+keep-alive timer. Publishes are encoded into the session's buffer and the
+writer sends everything buffered in one ``send_all``; the reader parses every
+complete packet of each receive.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import mqtt5
+import trio
+
+from ._errors import (
+    ClientClosed,
+    ConnectError,
+    ConnectionLost,
+    KeepAliveTimeout,
+    LocalProtocolError,
+    MQTTError,
+    PublishError,
+    RemoteProtocolError,
+    SessionTakenOver,
+    SubscribeError,
+)
+from ._session import (
+    Connected,
+    Disconnected,
+    Message,
+    PublishAcked,
+    Session,
+    SubscribeAcked,
+    UnsubscribeAcked,
+    disconnect_reason_name,
+    reason_names,
+    topic_matches,
+)
+from ._streams import BrokerURL, ByteStream, TLSOptions, open_stream
+
+__all__ = ["Client", "ClientOptions", "MQTTClient", "Subscription", "Will", "open_client"]
+
+log = logging.getLogger("sheri_trio.mqtt")
+
+_QOS = (mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE)
+_OUT_HIGH_WATER = 256 * 1024  # bytes buffered for the writer before publishers wait
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """The last will: published by the broker if we vanish without a normal DISCONNECT."""
+
+    topic: str
+    payload: bytes = b""
+    qos: int = 1
+    retain: bool = False
+    delay_interval: int = 0
+    message_expiry_interval: int | None = None
+    content_type: str | None = None
+    user_properties: Sequence[tuple[str, str]] = ()
+
+    def to_packet(self) -> mqtt5.Will:
+        return mqtt5.Will(
+            self.topic,
+            payload=self.payload,
+            qos=_QOS[self.qos],
+            retain=self.retain,
+            will_delay_interval=self.delay_interval,
+            message_expiry_interval=self.message_expiry_interval,
+            content_type=self.content_type,
+            user_properties=list(self.user_properties),
+        )
+
+
+@dataclass(slots=True)
+class ClientOptions:
+    """Everything ``open_client`` accepts besides the URL."""
+
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = None
+    keep_alive: int = 30
+    clean_start: bool = True
+    session_expiry_interval: int = 0
+    will: Will | None = None
+    tls: TLSOptions | None = None
+    connect_timeout: float = 10.0
+    reconnect: bool = True
+    reconnect_initial_delay: float = 0.1
+    reconnect_max_delay: float = 30.0
+    max_reconnect_attempts: int | None = None
+    max_queued: int = 10_000
+    max_packet_size: int = 1024 * 1024
+    receive_maximum: int = 65535
+    ws_max_message_size: int = 4 * 1024 * 1024
+    close_timeout: float = 5.0
+    message_buffer: int = 10_000
+    orphan_buffer: int = 10_000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Subscription:
+    """Messages of one ``subscribe()`` call: ``async for message in subscription``."""
+
+    def __init__(
+        self,
+        filters: tuple[str, ...],
+        send: trio.MemorySendChannel[Message],
+        receive: trio.MemoryReceiveChannel[Message],
+    ) -> None:
+        self.filters = filters
+        self.reason_codes: list[int] = []
+        self._send = send
+        self._receive = receive
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Message:
+        """The next message; raises trio.EndOfChannel once the subscription is closed."""
+        return await self._receive.receive()
+
+    def receive_nowait(self) -> Message:
+        return self._receive.receive_nowait()
+
+    def matches(self, topic: str) -> bool:
+        return any(topic_matches(f, topic) for f in self.filters)
+
+
+class Client(Protocol):
+    """What every backend implements (native trio, gmqtt through trio-asyncio)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | str = b"",
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        wait_ack: bool = True,
+        message_expiry_interval: int | None = None,
+        content_type: str | None = None,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: Sequence[tuple[str, str]] | None = None,
+    ) -> None: ...
+
+    def subscribe(
+        self,
+        *filters: str,
+        qos: int = 1,
+        no_local: bool = False,
+        retain_handling: int = 0,
+    ) -> Any: ...
+
+    async def wait_connected(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def statistics(self) -> dict[str, Any]: ...
+
+
+class MQTTClient:
+    """The native trio client. Create it with :func:`open_client`."""
+
+    def __init__(self, url: BrokerURL, options: ClientOptions) -> None:
+        self.url = url
+        self.options = options
+        self.log = log
+        password = options.password if options.password is not None else url.password
+        self._session = Session(
+            options.client_id,
+            username=options.username if options.username is not None else url.username,
+            password=password.encode() if password is not None else None,
+            keep_alive=options.keep_alive,
+            clean_start=options.clean_start,
+            session_expiry_interval=options.session_expiry_interval,
+            will=options.will.to_packet() if options.will else None,
+            receive_maximum=options.receive_maximum,
+            max_packet_size=options.max_packet_size,
+        )
+        self._stream: ByteStream | None = None
+        self._wake_writer = trio.Event()
+        self._space = trio.lowlevel.ParkingLot()
+        self._requests: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._by_sub_id: dict[int, Subscription] = {}
+        self._subs: list[Subscription] = []
+        self._next_sub_id = random.randint(1, 1 << 26)
+        self._orphans: deque[Message] = deque(maxlen=max(options.orphan_buffer, 1))
+        self._connected_event = trio.Event()
+        self._closed = False
+        self._fatal: BaseException | None = None
+        self._disconnect_requested = False
+        self._manager_scope: trio.CancelScope | None = None
+        self.connections = 0
+        self.messages_received = 0
+        self.messages_dropped = 0
+        self.last_error: str | None = None
+
+    # ---------------------------------------------------------------- status
+    @property
+    def connected(self) -> bool:
+        return self._session.connected and self._stream is not None
+
+    @property
+    def client_id(self) -> str:
+        return self._session.client_id
+
+    @property
+    def session(self) -> Session:
+        return self._session
+
+    def statistics(self) -> dict[str, Any]:
+        stats: dict[str, Any] = dict(self._session.statistics())
+        stats.update(
+            backend="trio",
+            url=self.url.display(),
+            connections=self.connections,
+            messages_received=self.messages_received,
+            messages_dropped=self.messages_dropped,
+            subscriptions=len(self._subs),
+            orphans=len(self._orphans),
+            last_error=self.last_error,
+        )
+        return stats
+
+    async def wait_connected(self) -> None:
+        """Wait until the client is connected (returns at once if it is)."""
+        while not self.connected:
+            self._check_open()
+            await self._connected_event.wait()
+
+    def _check_open(self) -> None:
+        if self._fatal is not None:
+            raise ClientClosed(f"client stopped: {self._fatal}") from self._fatal
+        if self._closed:
+            raise ClientClosed("client is closed")
+
+    # --------------------------------------------------------------- publish
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | str = b"",
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        wait_ack: bool = True,
+        message_expiry_interval: int | None = None,
+        content_type: str | None = None,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
+        """Publish a message.
+
+        QoS 0 returns once the message is buffered. QoS 1 returns once the broker
+        acknowledged it (``wait_ack=False``: once it is queued; the session still
+        resends it until acknowledged). While disconnected, messages queue up to
+        ``max_queued``; beyond that this waits (backpressure).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_open()
+        session = self._session
+        if session.queued_count >= self.options.max_queued or (
+            len(session._out) >= _OUT_HIGH_WATER  # noqa: SLF001
+        ):
+            await self._wait_for_space()
+        if isinstance(payload, str):
+            payload = payload.encode()
+        pub = session.publish(
+            topic,
+            payload,
+            qos=qos,
+            retain=retain,
+            message_expiry_interval=message_expiry_interval,
+            content_type=content_type,
+            response_topic=response_topic,
+            correlation_data=correlation_data,
+            user_properties=list(user_properties) if user_properties else None,
+        )
+        self._kick()
+        if pub is None or not wait_ack:
+            return
+        done = trio.Event()
+        pub.waiter = done
+        await done.wait()
+        code = pub.reason_code
+        if code is not None and code >= 0x80:
+            name = _PUBACK_NAMES.get(code, "UNKNOWN")
+            detail = f": {pub.reason_string}" if pub.reason_string else ""
+            raise PublishError(
+                f"broker refused publish to {topic!r}: {name} (0x{code:02X}){detail}",
+                reason_code=code,
+            )
+
+    async def _wait_for_space(self) -> None:
+        session = self._session
+        while session.queued_count >= self.options.max_queued or (
+            len(session._out) >= _OUT_HIGH_WATER  # noqa: SLF001
+        ):
+            self._check_open()
+            await self._space.park()
+
+    def _kick(self) -> None:
+        if not self._wake_writer.is_set():
+            self._wake_writer.set()
+
+    # ------------------------------------------------------------- subscribe
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        *filters: str,
+        qos: int = 1,
+        no_local: bool = False,
+        retain_handling: int = 0,
+        buffer: int | None = None,
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe; messages arrive on the yielded :class:`Subscription`.
+
+        Leaving the block unsubscribes. A message that matches several
+        subscriptions of this client is delivered to each of them.
+        """
+        self._check_open()
+        if qos not in (0, 1, 2):
+            raise LocalProtocolError(f"invalid QoS {qos}")
+        send, receive = trio.open_memory_channel[Message](
+            self.options.message_buffer if buffer is None else buffer
+        )
+        sub = Subscription(tuple(filters), send, receive)
+        topic_filters = [
+            mqtt5.TopicFilter(
+                f,
+                max_qos=_QOS[qos],
+                no_local=no_local,
+                retain_as_published=True,
+                retain_handling=mqtt5.RetainHandling(retain_handling),
+            )
+            for f in filters
+        ]
+        sub_id = self._next_sub_id
+        self._next_sub_id = self._next_sub_id % 268_000_000 + 1
+        packet_id, handle = self._session.subscribe(topic_filters, subscription_id=sub_id)
+        self._by_sub_id[sub_id] = sub
+        self._subs.append(sub)
+        try:
+            codes = await self._wait_request(packet_id)
+            sub.reason_codes = codes
+            failed = [c for c in codes if c >= 0x80]
+            if failed:
+                names = ", ".join(
+                    f"{f}: {_suback_name(c)}" for f, c in zip(filters, codes, strict=False)
+                )
+                raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
+            self._replay_orphans(sub)
+            async with send, receive:
+                yield sub
+        finally:
+            self._subs.remove(sub)
+            self._by_sub_id.pop(sub_id, None)
+            if not self._closed and self._fatal is None:
+                with trio.move_on_after(self.options.close_timeout) as scope:
+                    scope.shield = True
+                    try:
+                        upid = self._session.unsubscribe(handle)
+                        self._kick()
+                        if upid is not None and self.connected:
+                            await self._wait_request(upid)
+                    except MQTTError:
+                        pass
+
+    async def _wait_request(self, packet_id: int) -> list[int]:
+        event = trio.Event()
+        slot: list[Any] = []
+        self._requests[packet_id] = (event, slot)
+        self._kick()
+        try:
+            await event.wait()
+        finally:
+            self._requests.pop(packet_id, None)
+        if slot and isinstance(slot[0], BaseException):
+            raise slot[0]
+        return list(slot[0]) if slot else []
+
+    def _replay_orphans(self, sub: Subscription) -> None:
+        if not self._orphans:
+            return
+        keep: deque[Message] = deque(maxlen=self._orphans.maxlen)
+        for message in self._orphans:
+            if sub.matches(message.topic):
+                try:
+                    sub._send.send_nowait(message)  # noqa: SLF001
+                except trio.WouldBlock:
+                    keep.append(message)
+            else:
+                keep.append(message)
+        self._orphans = keep
+
+    # ---------------------------------------------------------------- close
+    async def aclose(self) -> None:
+        """Flush, send DISCONNECT (so the will is discarded) and stop. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with trio.move_on_after(self.options.close_timeout) as scope:
+                scope.shield = True
+                if self.connected:
+                    session = self._session
+                    while (session.queued_count or session.inflight_count) and self.connected:
+                        await self._space.park()
+                    if self.connected and self._stream is not None:
+                        session.disconnect(0)
+                        data = session.data_to_send(trio.current_time())
+                        try:
+                            await self._stream.send_all(data)
+                        except MQTTError:
+                            pass
+        finally:
+            self._disconnect_requested = True
+            self._space.unpark_all()
+            self._connected_event.set()
+            for event, slot in list(self._requests.values()):
+                slot.append(ClientClosed("client closed"))
+                event.set()
+            if self._manager_scope is not None:
+                self._manager_scope.cancel()
+
+    # ------------------------------------------------------- connection loop
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, and reconnect with backoff until closed. Owned by the client nursery."""
+        opts = self.options
+        attempt = 0
+        started = False
+        with trio.CancelScope() as self._manager_scope:
+            while not self._closed:
+                try:
+                    await self._connect_and_serve(task_status if not started else None)
+                    started = True
+                    attempt = 0
+                except ConnectError as exc:
+                    self.last_error = str(exc)
+                    if not started or not exc.retryable:
+                        self._set_fatal(exc)
+                        if not started:
+                            raise
+                        return
+                    log.warning("%s (attempt %d)", exc, attempt + 1)
+                except SessionTakenOver as exc:
+                    self.last_error = str(exc)
+                    self._set_fatal(exc)
+                    return
+                except (ConnectionLost, RemoteProtocolError, KeepAliveTimeout) as exc:
+                    self.last_error = str(exc)
+                    if self._closed:
+                        return
+                    started = True
+                    log.warning("MQTT connection to %s lost: %s", self.url, exc)
+                finally:
+                    self._session.connection_lost()
+                    self._stream = None
+                    self._connected_event = trio.Event()
+                if self._closed:
+                    return
+                if not opts.reconnect:
+                    self._set_fatal(ConnectionLost(self.last_error or "connection lost"))
+                    return
+                attempt += 1
+                if opts.max_reconnect_attempts is not None and attempt > opts.max_reconnect_attempts:
+                    self._set_fatal(ConnectionLost(f"gave up after {attempt - 1} reconnects"))
+                    return
+                cap = min(opts.reconnect_max_delay, opts.reconnect_initial_delay * 2 ** (attempt - 1))
+                delay = random.uniform(cap / 2, cap)  # "equal jitter": never zero, never in step
+                log.info("reconnecting to %s in %.2f s (attempt %d)", self.url, delay, attempt)
+                await trio.sleep(delay)
+
+    def _set_fatal(self, exc: BaseException) -> None:
+        self._fatal = exc
+        self._connected_event.set()
+        self._space.unpark_all()
+        for event, slot in list(self._requests.values()):
+            slot.append(ClientClosed(f"client stopped: {exc}"))
+            event.set()
+        for sub in self._subs:
+            sub._send.close()  # noqa: SLF001
+
+    async def _connect_and_serve(
+        self, task_status: trio.TaskStatus[None] | None
+    ) -> None:
+        opts = self.options
+        session = self._session
+        with trio.move_on_after(opts.connect_timeout) as timeout, collapse_exception_groups():
+            async with open_stream(
+                self.url, tls=opts.tls, ws_max_message_size=opts.ws_max_message_size
+            ) as stream:
+                timeout.deadline = trio.current_time() + opts.connect_timeout
+                session.start_connection(trio.current_time())
+                await stream.send_all(session.data_to_send(trio.current_time()))
+                connected = False
+                while not connected:
+                    data = await stream.receive_some()
+                    if not data:
+                        raise ConnectError(f"{self.url}: broker closed the connection before CONNACK")
+                    for event in session.receive_data(data, trio.current_time()):
+                        if isinstance(event, Connected):
+                            connected = True
+                        else:
+                            self._dispatch(event)
+                timeout.deadline = math.inf
+                self._stream = stream
+                self.connections += 1
+                log.info(
+                    "connected to %s as %r (session present: %s)",
+                    self.url,
+                    session.client_id,
+                    "yes" if session.connections > 1 else "no",
+                )
+                self._connected_event.set()
+                self._space.unpark_all()
+                if task_status is not None:
+                    task_status.started()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, stream)
+                    nursery.start_soon(self._timer)
+                    await self._reader(stream)
+                    nursery.cancel_scope.cancel()
+        if timeout.cancelled_caught:
+            raise ConnectError(
+                f"cannot connect to {self.url}: no answer within {opts.connect_timeout:g} s"
+            )
+
+    async def _reader(self, stream: ByteStream) -> None:
+        session = self._session
+        dispatch = self._dispatch
+        while True:
+            data = await stream.receive_some()
+            if not data:
+                if self._closed:
+                    return
+                raise ConnectionLost("broker closed the connection")
+            events = session.receive_data(data, trio.current_time())
+            for event in events:
+                if type(event) is Message:
+                    await self._deliver(event)
+                else:
+                    dispatch(event)
+            if session.has_data_to_send():
+                self._kick()
+
+    async def _writer(self, stream: ByteStream) -> None:
+        session = self._session
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            data = session.data_to_send(trio.current_time())
+            if data:
+                self._space.unpark_all()
+                await stream.send_all(data)
+            else:
+                self._space.unpark_all()
+
+    async def _timer(self) -> None:
+        session = self._session
+        while True:
+            deadline = session.next_deadline()
+            if deadline is None:
+                await trio.sleep_forever()
+                return
+            await trio.sleep_until(deadline)
+            session.handle_timer(trio.current_time())
+            self._kick()
+
+    async def _deliver(self, message: Message) -> None:
+        self.messages_received += 1
+        ids = message.packet.subscription_ids
+        if ids:
+            by_id = self._by_sub_id
+            targets = [by_id[i] for i in ids if i in by_id]
+        else:
+            targets = [s for s in self._subs if s.matches(message.topic)]
+        if not targets:
+            if len(self._orphans) == self._orphans.maxlen:
+                self.messages_dropped += 1
+                log.warning("no subscription for %r and the backlog is full: dropped", message.topic)
+            self._orphans.append(message)
+            return
+        for sub in targets:
+            channel = sub._send  # noqa: SLF001
+            try:
+                channel.send_nowait(message)
+            except trio.WouldBlock:
+                await channel.send(message)  # backpressure: stop reading the socket
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, PublishAcked):
+            waiter = event.publish.waiter
+            if waiter is not None:
+                waiter.set()
+            self._space.unpark_all()
+        elif isinstance(event, (SubscribeAcked, UnsubscribeAcked)):
+            entry = self._requests.get(event.packet_id)
+            if entry is not None:
+                entry[1].append(event.reason_codes)
+                entry[0].set()
+        elif isinstance(event, Disconnected):
+            text = disconnect_reason_name(event.reason_code)
+            if event.reason_string:
+                text += f": {event.reason_string}"
+            if event.reason_code == 0x8E:
+                raise SessionTakenOver(
+                    f"broker disconnected us: {text} (another client uses id {self.client_id!r})",
+                    reason_code=event.reason_code,
+                )
+            raise ConnectionLost(f"broker disconnected us: {text}", reason_code=event.reason_code)
+        elif type(event) is Message:  # only during CONNACK handling: queue for delivery
+            self._orphans.append(event)
+
+
+_PUBACK_NAMES = reason_names(mqtt5.PubAckReasonCode)
+_SUBACK_NAMES = reason_names(mqtt5.SubAckReasonCode)
+
+
+def _suback_name(code: int) -> str:
+    return f"{_SUBACK_NAMES.get(code, 'UNKNOWN')} (0x{code:02X})"
+
+
+@contextmanager
+def collapse_exception_groups() -> Iterator[None]:
+    """Raise the one real error of a nursery's exception group as itself.
+
+    Cancellations that only accompany it are dropped; a group with several
+    real errors is left alone.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if len(real) == 1:
+            raise real[0] from None
+        raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _new_client_id() -> str:
+    return f"sheri-{random.getrandbits(48):012x}"
+
+
+@asynccontextmanager
+async def open_client(
+    url: str,
+    *,
+    backend: Literal["trio", "gmqtt"] = "trio",
+    **options: Any,
+) -> AsyncIterator[Client]:
+    """Connect to the broker at ``url`` and yield a client; close it on exit.
+
+    ``mqtt://`` TCP, ``mqtts://`` TLS, ``ws://`` / ``wss://`` WebSocket (path from
+    the URL, ``/mqtt`` by default). Options are the fields of
+    :class:`ClientOptions`. Raises :class:`ConnectError` if the first
+    connection fails; later losses reconnect with backoff.
+    """
+    opts = ClientOptions(**options)
+    if not opts.client_id:
+        opts.client_id = _new_client_id()
+    broker = BrokerURL.parse(url)
+    if backend == "gmqtt":
+        from ._gmqtt import open_gmqtt_client
+
+        async with open_gmqtt_client(broker, opts) as gclient:
+            yield gclient
+        return
+    if backend != "trio":
+        raise LocalProtocolError(f"unknown backend {backend!r} (use 'trio' or 'gmqtt')")
+    client = MQTTClient(broker, opts)
+    with collapse_exception_groups():  # users see our errors, not groups (as trio-websocket)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._run)  # noqa: SLF001
+            try:
+                yield client
+            finally:
+                await client.aclose()

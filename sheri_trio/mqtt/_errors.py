@@ -1,0 +1,83 @@
+"""The exceptions users of the MQTT layer catch.
+
+Local misuse and remote violations are different types (as in h11); transport
+errors (trio, trio-websocket, ssl, the codec) are mapped to these at the
+boundary, so callers never need to catch a library's exception.
+"""
+
+from __future__ import annotations
+
+
+class MQTTError(Exception):
+    """Base class of every error raised by ``sheri_trio.mqtt``."""
+
+
+class LocalProtocolError(MQTTError):
+    """We were asked to do something the protocol or the session forbids."""
+
+
+class RemoteProtocolError(MQTTError):
+    """The peer sent something malformed or forbidden; the connection is unusable."""
+
+    def __init__(self, message: str, *, reason_code: int = 0x82) -> None:
+        super().__init__(message)
+        #: The DISCONNECT reason code we send back (0x81 malformed, 0x82 protocol error...).
+        self.reason_code = reason_code
+
+
+class PacketTooLarge(RemoteProtocolError):
+    """A packet exceeded the maximum packet size we announced."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason_code=0x95)
+
+
+class KeepAliveTimeout(MQTTError):
+    """Nothing was heard from the broker within 1.5 times the keep-alive."""
+
+
+class ConnectError(MQTTError):
+    """The connection could not be established (refused, unreachable, timed out).
+
+    ``reason_code`` is the CONNACK reason code when the broker refused us, else None.
+    ``retryable`` says whether reconnecting later can help (bad credentials cannot).
+    """
+
+    def __init__(
+        self, message: str, *, reason_code: int | None = None, retryable: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+        self.retryable = retryable
+
+
+class ConnectionLost(MQTTError):
+    """An established connection broke (transport error or broker DISCONNECT)."""
+
+    def __init__(self, message: str, *, reason_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class SessionTakenOver(ConnectionLost):
+    """Another client connected with our client id (DISCONNECT reason 0x8E)."""
+
+
+class PublishError(MQTTError):
+    """The broker acknowledged a QoS 1 publish with a failure reason code."""
+
+    def __init__(self, message: str, *, reason_code: int) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class SubscribeError(MQTTError):
+    """The broker refused a subscription (SUBACK/UNSUBACK failure reason code)."""
+
+    def __init__(self, message: str, *, reason_codes: list[int]) -> None:
+        super().__init__(message)
+        self.reason_codes = reason_codes
+
+
+class ClientClosed(MQTTError):
+    """The client was closed; no more operations are possible."""
