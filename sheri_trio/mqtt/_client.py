@@ -206,9 +206,10 @@ class MQTTClient:
         self._next_sub_id = random.randint(1, 1 << 26)
         self._orphans: deque[Message] = deque(maxlen=max(options.orphan_buffer, 1))
         self._connected_event = trio.Event()
-        self._closed = False
+        self._closing = False  # no new operations
+        self._closed = False  # stop reconnecting
+        self._connection_ended = trio.Event()
         self._fatal: BaseException | None = None
-        self._disconnect_requested = False
         self._manager_scope: trio.CancelScope | None = None
         self.connections = 0
         self.messages_received = 0
@@ -251,7 +252,7 @@ class MQTTClient:
     def _check_open(self) -> None:
         if self._fatal is not None:
             raise ClientClosed(f"client stopped: {self._fatal}") from self._fatal
-        if self._closed:
+        if self._closing:
             raise ClientClosed("client is closed")
 
     # --------------------------------------------------------------- publish
@@ -416,25 +417,32 @@ class MQTTClient:
     # ---------------------------------------------------------------- close
     async def aclose(self) -> None:
         """Flush, send DISCONNECT (so the will is discarded) and stop. Idempotent."""
-        if self._closed:
+        await self.disconnect(0)
+
+    async def disconnect(self, reason_code: int = 0) -> None:
+        """Close with a DISCONNECT reason code; 0x04 asks the broker to publish the will.
+
+        Waits (at most ``close_timeout``, also across a reconnect) until every queued
+        and in-flight publish is acknowledged, then sends DISCONNECT and waits for the
+        broker to close the connection.
+        """
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True
         try:
             with trio.move_on_after(self.options.close_timeout) as scope:
                 scope.shield = True
+                session = self._session
+                while (session.queued_count or session.inflight_count) and self._fatal is None:
+                    await self._space.park()
+                self._closed = True
                 if self.connected:
-                    session = self._session
-                    while (session.queued_count or session.inflight_count) and self.connected:
-                        await self._space.park()
-                    if self.connected and self._stream is not None:
-                        session.disconnect(0)
-                        data = session.data_to_send(trio.current_time())
-                        try:
-                            await self._stream.send_all(data)
-                        except MQTTError:
-                            pass
+                    ended = self._connection_ended
+                    session.disconnect(reason_code)
+                    self._kick()
+                    await ended.wait()
         finally:
-            self._disconnect_requested = True
+            self._closed = True
             self._space.unpark_all()
             self._connected_event.set()
             for event, slot in list(self._requests.values()):
@@ -477,6 +485,8 @@ class MQTTClient:
                     self._session.connection_lost()
                     self._stream = None
                     self._connected_event = trio.Event()
+                    self._connection_ended.set()
+                    self._space.unpark_all()
                 if self._closed:
                     return
                 if not opts.reconnect:
@@ -513,7 +523,7 @@ class MQTTClient:
                 timeout.deadline = trio.current_time() + opts.connect_timeout
                 session.start_connection(trio.current_time())
                 await stream.send_all(session.data_to_send(trio.current_time()))
-                connected = False
+                connected = present = False
                 while not connected:
                     data = await stream.receive_some()
                     if not data:
@@ -521,19 +531,22 @@ class MQTTClient:
                     for event in session.receive_data(data, trio.current_time()):
                         if isinstance(event, Connected):
                             connected = True
+                            present = event.session_present
                         else:
                             self._dispatch(event)
                 timeout.deadline = math.inf
                 self._stream = stream
+                self._connection_ended = trio.Event()
                 self.connections += 1
                 log.info(
                     "connected to %s as %r (session present: %s)",
                     self.url,
                     session.client_id,
-                    "yes" if session.connections > 1 else "no",
+                    "yes" if present else "no",
                 )
                 self._connected_event.set()
                 self._space.unpark_all()
+                self._kick()  # resent publishes and resubscriptions are waiting in the buffer
                 if task_status is not None:
                     task_status.started()
                 async with trio.open_nursery() as nursery:
