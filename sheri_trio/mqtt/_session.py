@@ -330,8 +330,9 @@ class Session:
             raise LocalProtocolError(f"cannot connect while {self.state.value}")
         self._out.clear()
         self._in = b""
-        self._incoming_qos2.clear()
         self._ping_outstanding = False
+        # A server keep-alive applied to its own connection only.
+        self.effective_keep_alive = self.keep_alive
         clean = self.clean_start if self.connections == 0 else False
         packet = mqtt5.ConnectPacket(
             self.client_id,
@@ -482,16 +483,17 @@ class Session:
         handle = self._next_handle
         self._next_handle += 1
         sub = _Subscription(filters, subscription_id)
-        self._subscriptions[handle] = sub
         packet_id = self._send_subscribe(sub)
+        self._subscriptions[handle] = sub
         return packet_id, handle
 
     def unsubscribe(self, handle: int) -> int | None:
         """Queue UNSUBSCRIBE for a subscription. Returns its packet id (None if not connected)."""
-        sub = self._subscriptions.pop(handle, None)
+        sub = self._subscriptions.get(handle)
         if sub is None:
             raise LocalProtocolError(f"unknown subscription handle {handle}")
         packet_id = self._allocate_packet_id()
+        del self._subscriptions[handle]
         packet = mqtt5.UnsubscribePacket(packet_id, [f.pattern for f in sub.filters])
         self._requests[packet_id] = _Request(packet)
         if self.state is SessionState.CONNECTED:
@@ -544,6 +546,10 @@ class Session:
         if isinstance(packet, mqtt5.PublishPacket):
             if self.state is not SessionState.CONNECTED:
                 raise RemoteProtocolError("PUBLISH before CONNACK")
+            if packet.topic_alias is not None:
+                raise RemoteProtocolError(
+                    "topic alias used although we allow none", reason_code=0x94
+                )
             qos = packet.qos
             if qos is QoS.AT_LEAST_ONCE:
                 pid = packet.packet_id
@@ -558,8 +564,6 @@ class Session:
                 if pid in self._incoming_qos2:
                     return  # a redelivery of one we already passed on
                 self._incoming_qos2.add(pid)
-            if packet.topic_alias is not None:
-                raise RemoteProtocolError("topic alias used although we allow none", reason_code=0x94)
             events.append(Message(packet))
         elif isinstance(packet, mqtt5.PubAckPacket):
             pub = self._inflight.pop(packet.packet_id, None)
@@ -624,17 +628,26 @@ class Session:
         if packet.assigned_client_id:
             self.client_id = packet.assigned_client_id
         present = packet.session_present
+        if not present:
+            # No session on the broker: it will not resend the QoS 2 PUBLISHes we
+            # acknowledged with PUBREC, so their ids no longer mark duplicates.
+            self._incoming_qos2.clear()
         # Requests that never got their acknowledgement are sent again with the same ids.
+        # Our own resubscriptions are dropped and made afresh below.
+        dropped: set[int] = set()
         for pid, req in list(self._requests.items()):
             if req.internal:
                 del self._requests[pid]
+                dropped.add(pid)
             else:
                 self._out += req.packet.write()
-        if not present:
-            # The broker forgot our subscriptions: make them again.
-            for sub in self._subscriptions.values():
-                if not sub.packet_ids:
-                    self._send_subscribe(sub, internal=True)
+        for sub in self._subscriptions.values():
+            unconfirmed = not sub.packet_ids.isdisjoint(dropped)
+            sub.packet_ids -= dropped
+            # The broker forgot our subscriptions, or a resubscription may never have
+            # reached it: make them again.
+            if (not present or unconfirmed) and not sub.packet_ids:
+                self._send_subscribe(sub, internal=True)
         # Unacknowledged QoS 1 publishes are resent (DUP when the broker kept the session).
         for pub in self._inflight.values():
             data = pub.data
@@ -730,7 +743,9 @@ def _check_filter(pattern: str) -> None:
         raise LocalProtocolError(f"invalid topic filter {pattern!r}")
     levels = pattern.split("/")
     if pattern.startswith("$share/"):
-        if len(levels) < 3 or not levels[1] or "+" in levels[1] or "#" in levels[1]:
+        if len(levels) < 3 or not levels[1] or "+" in levels[1] or "#" in levels[1] or (
+            levels[2:] == [""]
+        ):
             raise LocalProtocolError(f"invalid shared subscription {pattern!r}")
         levels = levels[2:]
     for i, level in enumerate(levels):
