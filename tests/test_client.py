@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import trio
 
@@ -9,6 +11,10 @@ from sheri_trio.mqtt import open_client
 from sheri_trio.testing import MosquittoBroker
 
 SCHEMES = ["mqtt", "mqtts", "ws", "wss"]
+GMQTT_SCHEMES = ["mqtt", "mqtts"]  # gmqtt has no WebSocket transport
+BACKENDS = [pytest.param(s, "trio", id=f"{s}-trio") for s in SCHEMES] + [
+    pytest.param(s, "gmqtt", id=f"{s}-gmqtt") for s in GMQTT_SCHEMES
+]
 
 
 def _tls(broker: MosquittoBroker, scheme: str) -> dict[str, object]:
@@ -17,13 +23,15 @@ def _tls(broker: MosquittoBroker, scheme: str) -> dict[str, object]:
     return {"tls": TLSOptions(ca_file=str(broker.ca_path))} if scheme in ("mqtts", "wss") else {}
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize(("scheme", "backend"), BACKENDS)
 @pytest.mark.parametrize("qos", [0, 1])
-async def test_round_trip(broker: MosquittoBroker, scheme: str, qos: int) -> None:
+async def test_round_trip(
+    broker: MosquittoBroker, scheme: str, backend: Literal["trio", "gmqtt"], qos: int
+) -> None:
     url = broker.url(scheme)  # type: ignore[arg-type]
-    topic = f"t/round/{scheme}/{qos}"
+    topic = f"t/round/{scheme}/{backend}/{qos}"
     with trio.fail_after(10):
-        async with open_client(url, **_tls(broker, scheme)) as client:
+        async with open_client(url, backend=backend, **_tls(broker, scheme)) as client:
             async with client.subscribe(topic, qos=qos) as messages:
                 for i in range(20):
                     await client.publish(topic, f"m{i}".encode(), qos=qos)

@@ -169,6 +169,7 @@ class Client(Protocol):
         qos: int = 1,
         no_local: bool = False,
         retain_handling: int = 0,
+        buffer: int | None = None,
     ) -> Any: ...
 
     async def wait_connected(self) -> None: ...

@@ -1,0 +1,1042 @@
+"""The gmqtt backend: gmqtt (asyncio) driven from trio through trio-asyncio.
+
+``open_client(url, backend="gmqtt")`` lands here. It offers the interface of the
+native client (:class:`~sheri_trio.mqtt._client.Client`) on top of gmqtt 0.8:
+
+* one ``trio_asyncio.open_loop()`` per client, and one trio nursery inside it
+  that owns the connection manager and the delivery pump. gmqtt's own asyncio
+  tasks (its reader, replays) live on that loop; leaving the loop cancels and
+  awaits whatever of them is left, so nothing outlives the client;
+* gmqtt's callbacks (on_connect, on_message, on_disconnect, on_subscribe,
+  on_unsubscribe) run in the loop's runner task, on the trio thread: they hand
+  data to trio with ``send_nowait`` / ``Event.set`` / ``ParkingLot.unpark_all``,
+  which is safe there, and always return at once;
+* reconnection is ours (trio side, exponential backoff with jitter, as the
+  native client): gmqtt's built-in reconnect is switched off, because it runs
+  in detached asyncio tasks with a fixed delay, cannot give up cleanly, and
+  does not restore subscriptions.
+
+Subscriptions carry subscription identifiers, so each message goes to the
+subscriptions it matched (topic matching when the broker sends no identifier);
+messages nobody subscribed to wait as "orphans" for a matching subscribe(), as
+in the native client. A reconnect that finds no session on the broker restores
+the subscriptions and publishes again the unacknowledged QoS 1 messages
+(:meth:`GMQTTClient._restorer`), before new publishes go out.
+
+What gmqtt does not offer publicly, and how it is obtained here (each use is
+marked "private gmqtt API" below):
+
+* PUBACK tracking: gmqtt's ``persistent_storage=`` argument takes our
+  :class:`_InflightStore` (a subclass of ``gmqtt.storage.PersistentStorage``);
+  gmqtt calls ``push_message(mid, ...)`` when it sends a QoS 1 PUBLISH,
+  ``remove_message_by_mid(mid)`` on its PUBACK, and ``clear()`` when a CONNACK
+  says the broker kept no session. That is the completion signal for
+  ``publish(..., wait_ack=True)``, and how dropped publishes are noticed.
+* PUBACK reason codes: gmqtt 0.8 ignores them. We wrap the package handler's
+  ``_package_handler._handle_puback_packet`` to read the code first.
+* Packet ids: gmqtt hands out ids (publishes and requests alike) only up to the
+  broker's Receive Maximum, raising ``OverflowError`` beyond; we keep the
+  number in use below it. gmqtt never frees the ids of requests lost with a
+  connection, nor of publishes it drops on a new session; we free them with
+  ``_package_handler.id_generator.free_id``.
+* ``_connection._transport``: to pause reading while a subscriber is slow, to
+  measure the write buffer, and to abort a connection (connect timeout,
+  :meth:`GMQTTClient.abort_connection`); ``_connection._protocol._drain_helper``
+  (asyncio's private flow control) to wait for the write buffer to drain.
+* ``_clean_session`` is set to False after the first connection, so reconnects
+  resume the session, as in the native client.
+* ``MQTTConnectError._code``: the CONNACK reason code of a refusal.
+* gmqtt's reconnect is switched off by overriding ``Client.reconnect`` (gmqtt
+  binds the method as its handler's callback when the client is built).
+
+Limits, compared with the native client:
+
+* TCP and TLS only (no WebSocket).
+* While disconnected, ``publish`` waits for the connection instead of queueing
+  (``max_queued`` is not used). QoS 0 messages published in the moment a
+  connection breaks, before gmqtt notices, are lost.
+* Inbound flow control: gmqtt acknowledges each QoS 1 message as it parses it
+  and has no Receive Maximum of its own (``receive_maximum`` is not sent).
+  Backpressure from a slow subscriber is soft: gmqtt parses a whole read (up
+  to 64 KiB) at once, so that much may queue before reading pauses.
+* ``Message.packet.packet_id`` is 0 for QoS 1/2 messages (gmqtt does not pass
+  the id on); PUBACK reason strings are not reported, only the codes.
+* The broker's Maximum Packet Size is not checked before sending.
+* gmqtt pings after 0.8 keep-alive of silence and drops the connection after
+  2 keep-alives without data (the native client: 1 and 1.5).
+* gmqtt logs under ``sheri_trio.mqtt.gmqtt.lib`` and ``gmqtt.mqtt.protocol``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import ssl
+from collections import deque
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
+
+import gmqtt  # type: ignore[import-untyped]
+import mqtt5
+import trio
+import trio_asyncio  # type: ignore[import-untyped]
+from gmqtt.storage import PersistentStorage  # type: ignore[import-untyped]
+
+from ._client import ClientOptions, Subscription, collapse_exception_groups
+from ._errors import (
+    ClientClosed,
+    ConnectError,
+    ConnectionLost,
+    LocalProtocolError,
+    MQTTError,
+    PublishError,
+    SessionTakenOver,
+    SubscribeError,
+)
+from ._session import (
+    FATAL_CONNACK_CODES,
+    MAX_SUBSCRIPTION_ID,
+    Message,
+    _check_filter,
+    connack_reason_name,
+    disconnect_reason_name,
+    reason_names,
+)
+from ._streams import BrokerURL, TLSOptions, _connect_error
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import AsyncIterator, Callable, Sequence
+
+    from ._client import Will
+
+__all__ = ["GMQTTClient", "open_gmqtt_client"]
+
+log = logging.getLogger("sheri_trio.mqtt.gmqtt")
+_gmqtt_log = logging.getLogger("sheri_trio.mqtt.gmqtt.lib")  # gmqtt's own messages
+
+_QOS: Final = (mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE)
+_WRITE_HIGH_WATER: Final = 256 * 1024  # bytes in gmqtt's transport buffer before publishers wait
+_PUBACK_NAMES: Final = reason_names(mqtt5.PubAckReasonCode)
+_SUBACK_NAMES: Final = reason_names(mqtt5.SubAckReasonCode)
+_NO_WEBSOCKET: Final = "the gmqtt backend has no WebSocket support; use backend='trio'"
+
+
+# --------------------------------------------------------------------- gmqtt glue
+class _GMQTTClient(gmqtt.Client):  # type: ignore[misc]
+    """gmqtt's client with its own reconnect switched off (the trio side reconnects).
+
+    gmqtt binds ``self.reconnect`` as its handler's reconnect callback when the
+    client is built, so overriding the method here is enough.
+    """
+
+    async def reconnect(self, delay: bool = False) -> None:
+        return None
+
+
+class _Inflight:
+    """A QoS 1 publish handed to gmqtt and not yet acknowledged."""
+
+    __slots__ = ("done", "error", "message", "reason_code", "seq", "topic")
+
+    def __init__(self, message: Any, topic: str, seq: int) -> None:
+        self.message = message  # the gmqtt.Message, to publish again on a new session
+        self.topic = topic
+        self.seq = seq  # publish order, to resend in order
+        self.done = trio.Event()
+        self.reason_code = 0
+        self.error: MQTTError | None = None
+
+
+class _InflightStore(PersistentStorage):  # type: ignore[misc]
+    """gmqtt's store of unacknowledged publishes, reporting to the trio side.
+
+    gmqtt calls ``push_message`` when it sends a QoS>0 PUBLISH,
+    ``remove_message_by_mid`` on its PUBACK, and ``clear`` when a CONNACK says
+    the broker kept no session (it then drops the messages).
+    """
+
+    def __init__(
+        self, on_removed: Callable[[int], None], on_cleared: Callable[[list[int]], None]
+    ) -> None:
+        super().__init__()
+        self.last_mid: int | None = None
+        self._on_removed = on_removed
+        self._on_cleared = on_cleared
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:
+        super().push_message(mid, raw_package)
+        self.last_mid = mid
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        self._on_removed(mid)
+
+    def clear(self) -> None:
+        mids = [mid for mid, _ in self.get_all()]
+        super().clear()
+        self._on_cleared(mids)
+
+
+class _Request:
+    """A SUBSCRIBE or UNSUBSCRIBE waiting for its acknowledgement."""
+
+    __slots__ = ("codes", "done", "lost")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.codes: list[int] | None = None
+        self.lost = False
+
+
+class _SubRecord:
+    """One ``subscribe()`` call: its gmqtt subscriptions and identifier."""
+
+    __slots__ = ("acknowledged", "gsubs", "sub", "sub_id")
+
+    def __init__(self, sub: Subscription, sub_id: int, gsubs: list[Any]) -> None:
+        self.sub = sub
+        self.sub_id = sub_id
+        self.gsubs = gsubs
+        self.acknowledged = False
+
+
+def _first(properties: dict[str, Any], name: str) -> Any:
+    values = properties.get(name)
+    if not values:
+        return None
+    return values[0] if isinstance(values, list) else values
+
+
+def _to_message(
+    topic: str | bytes, payload: bytes, qos: int, properties: dict[str, Any]
+) -> Message:
+    """A gmqtt on_message call as our :class:`Message` (an ``mqtt5.PublishPacket``)."""
+    if isinstance(topic, bytes):
+        topic = topic.decode("utf-8", errors="replace")
+    correlation = _first(properties, "correlation_data")
+    packet = mqtt5.PublishPacket(
+        topic,
+        bytes(payload),
+        qos=_QOS[qos],
+        # gmqtt does not pass the packet id on (it has acknowledged the message
+        # already); 0, never a valid id, stands in for it.
+        packet_id=0 if qos else None,
+        retain=bool(properties.get("retain")),
+        duplicate=bool(properties.get("dup")),
+        payload_format_indicator=_first(properties, "payload_format_id") or 0,
+        message_expiry_interval=_first(properties, "message_expiry_interval"),
+        content_type=_first(properties, "content_type"),
+        response_topic=_first(properties, "response_topic"),
+        correlation_data=bytes(correlation) if correlation is not None else None,
+        subscription_ids=[int(i) for i in properties.get("subscription_identifier", ())] or None,
+        user_properties=[(str(k), str(v)) for k, v in properties.get("user_property", ())] or None,
+    )
+    return Message(packet)
+
+
+def _will_message(will: Will) -> Any:
+    props: dict[str, Any] = {}
+    if will.delay_interval:
+        props["will_delay_interval"] = will.delay_interval
+    if will.message_expiry_interval is not None:
+        props["message_expiry_interval"] = will.message_expiry_interval
+    if will.content_type is not None:
+        props["content_type"] = will.content_type
+    if will.user_properties:
+        props["user_property"] = list(will.user_properties)
+    return gmqtt.Message(will.topic, will.payload, qos=will.qos, retain=will.retain, **props)
+
+
+def _check_topic_name(topic: str) -> None:
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        raise LocalProtocolError(f"invalid topic name for publishing: {topic!r}")
+
+
+def _suback_name(code: int) -> str:
+    return f"{_SUBACK_NAMES.get(code, 'UNKNOWN')} (0x{code:02X})"
+
+
+# ------------------------------------------------------------------------ client
+class GMQTTClient:
+    """The :class:`~sheri_trio.mqtt.Client` interface on gmqtt. Create it with ``open_client``."""
+
+    def __init__(
+        self,
+        url: BrokerURL,
+        options: ClientOptions,
+        loop: asyncio.AbstractEventLoop,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.url = url
+        self.options = options
+        self._loop = loop
+        self._ssl = ssl_context
+        username = options.username if options.username is not None else url.username
+        password = options.password if options.password is not None else url.password
+        if password is not None and username is None:
+            raise LocalProtocolError("the gmqtt backend cannot send a password without a user name")
+        # Not receive_maximum: gmqtt acknowledges on receipt, and would report our
+        # value as the broker's to on_connect (it merges CONNECT into CONNACK properties).
+        props: dict[str, Any] = {"maximum_packet_size": options.max_packet_size}
+        if options.session_expiry_interval:
+            props["session_expiry_interval"] = options.session_expiry_interval
+        self._store = _InflightStore(self._on_acked, self._on_store_cleared)
+        self._gmqtt: Any = _GMQTTClient(
+            options.client_id,
+            clean_session=options.clean_start,
+            # PUBACK goes out before on_message runs. With False, gmqtt would send
+            # it only for coroutine callbacks (never for a plain function like ours).
+            optimistic_acknowledgement=True,
+            will_message=_will_message(options.will) if options.will else None,
+            persistent_storage=self._store,
+            logger=_gmqtt_log,
+            **props,
+        )
+        if username is not None:
+            self._gmqtt.set_auth_credentials(username, password)
+        self._gmqtt.on_connect = self._on_connect
+        self._gmqtt.on_disconnect = self._on_disconnect
+        self._gmqtt.on_message = self._on_message
+        self._gmqtt.on_subscribe = self._on_subscribe
+        self._gmqtt.on_unsubscribe = self._on_unsubscribe
+        self._hook_puback()
+
+        self._client_id = options.client_id
+        self._connected = False
+        self._connected_event = trio.Event()
+        self._lost = trio.Event()
+        self._lost_error: MQTTError | None = None
+        self._attempt_scope: trio.CancelScope | None = None
+        self._manager_scope: trio.CancelScope | None = None
+        self._space = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self._fatal: BaseException | None = None
+        # packet ids: in-flight publishes, awaited requests, and acks nobody awaits
+        self._inflight: dict[int, _Inflight] = {}
+        self._requests: dict[int, _Request] = {}
+        self._unawaited: set[int] = set()
+        self._id_limit = 65535 - 1
+        self._published = 0
+        # what a connection without session must restore, by _restorer (trio side)
+        self._resend: list[_Inflight] = []
+        self._resubscribe: list[_SubRecord] = []
+        self._restoring = False
+        self._restore_event = trio.Event()
+        # subscriptions and delivery
+        self._records: dict[int, _SubRecord] = {}
+        self._by_sub_id: dict[int, Subscription] = {}
+        self._subs: list[Subscription] = []
+        self._next_sub_id = random.randint(1, 1 << 26)
+        self._sub_ids_available = True
+        self._orphans: deque[Message] = deque(maxlen=max(options.orphan_buffer, 1))
+        self._backlog: deque[tuple[Message, list[Subscription]]] = deque()
+        self._backlog_event = trio.Event()
+        self.connections = 0
+        self.messages_received = 0
+        self.messages_dropped = 0
+        self.last_error: str | None = None
+
+    # ---------------------------------------------------------------- status
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    def statistics(self) -> dict[str, Any]:
+        if self._closed or self._fatal is not None:
+            state = "closed"
+        else:
+            state = "connected" if self._connected else "disconnected"
+        return {
+            "backend": "gmqtt",
+            "url": self.url.display(),
+            "state": state,
+            "connections": self.connections,
+            "inflight": len(self._inflight),
+            "requests": len(self._requests),
+            "subscriptions": len(self._subs),
+            "orphans": len(self._orphans),
+            "backlog": len(self._backlog),
+            "restoring": self._restoring,
+            "messages_received": self.messages_received,
+            "messages_dropped": self.messages_dropped,
+            "last_error": self.last_error,
+        }
+
+    async def wait_connected(self) -> None:
+        """Wait until the client is connected (returns at once if it is)."""
+        while not self._connected:
+            self._check_open()
+            await self._connected_event.wait()
+
+    def _check_open(self) -> None:
+        if self._fatal is not None:
+            raise ClientClosed(f"client stopped: {self._fatal}") from self._fatal
+        if self._closed:
+            raise ClientClosed("client is closed")
+
+    # --------------------------------------------------------------- publish
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | str = b"",
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        wait_ack: bool = True,
+        message_expiry_interval: int | None = None,
+        content_type: str | None = None,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
+        """Publish a message.
+
+        QoS 0 returns once gmqtt wrote it to its transport. QoS 1 returns once
+        the broker acknowledged it (``wait_ack=False``: once it is sent; it is
+        resent until acknowledged). While disconnected this waits for the
+        connection; it also waits while the broker's Receive Maximum of QoS 1
+        publishes are in flight, or gmqtt's write buffer is full (backpressure).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_open()
+        if qos not in (0, 1):
+            raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
+        _check_topic_name(topic)
+        if isinstance(payload, str):
+            payload = payload.encode()
+        props: dict[str, Any] = {}
+        if message_expiry_interval is not None:
+            props["message_expiry_interval"] = message_expiry_interval
+        if content_type is not None:
+            props["content_type"] = content_type
+        if response_topic is not None:
+            props["response_topic"] = response_topic
+        if correlation_data is not None:
+            props["correlation_data"] = correlation_data
+        if user_properties:
+            props["user_property"] = list(user_properties)
+        try:
+            message = gmqtt.Message(topic, payload, qos=qos, retain=retain, **props)
+        except ValueError as exc:
+            raise LocalProtocolError(f"cannot publish: {exc}") from None
+        await self._wait_for_room(need_id=qos > 0)
+        record = self._send_publish(message, topic)
+        if record is None or not wait_ack:
+            return
+        await record.done.wait()
+        if record.error is not None:
+            raise record.error
+        code = record.reason_code
+        if code >= 0x80:
+            name = _PUBACK_NAMES.get(code, "UNKNOWN")
+            raise PublishError(
+                f"broker refused publish to {topic!r}: {name} (0x{code:02X})", reason_code=code
+            )
+
+    def _send_publish(self, message: Any, topic: str) -> _Inflight | None:
+        """Hand one message to gmqtt (synchronously: nothing can arrive in between)."""
+        try:
+            self._gmqtt.publish(message)
+        except OverflowError as exc:  # gmqtt ran out of packet ids: a bookkeeping bug
+            raise LocalProtocolError(f"gmqtt refused the publish: {exc}") from None
+        except (TypeError, ValueError, UnicodeError, OSError) as exc:
+            raise LocalProtocolError(f"cannot publish to {topic!r}: {exc}") from None
+        if message.qos == 0:
+            return None
+        mid = self._store.last_mid
+        assert mid is not None
+        self._published += 1
+        record = _Inflight(message, topic, self._published)
+        self._inflight[mid] = record
+        return record
+
+    def _ids_in_use(self) -> int:
+        return len(self._inflight) + len(self._requests) + len(self._unawaited)
+
+    async def _wait_for_room(self, *, need_id: bool) -> None:
+        """Wait until connected and restored, a packet id free, the write buffer not full."""
+        while True:
+            self._check_open()
+            if not self._connected or self._restoring:
+                await self._space.park()
+                continue
+            if need_id and self._ids_in_use() >= self._id_limit:
+                await self._space.park()
+                continue
+            if self._write_buffer_size() > _WRITE_HIGH_WATER and await self._drain():
+                continue
+            return
+
+    def _on_acked(self, mid: int) -> None:
+        """gmqtt removed an acknowledged publish from its store (asyncio side)."""
+        record = self._inflight.pop(mid, None)
+        if record is not None:
+            record.done.set()
+            self._space.unpark_all()
+
+    def _on_store_cleared(self, mids: list[int]) -> None:
+        """A new connection found no session: gmqtt dropped the unacknowledged publishes.
+
+        We free their ids (gmqtt does not) and :meth:`_restorer` publishes them
+        again, as the native client resends them on a new session.
+        """
+        for mid in mids:
+            self._free_id(mid)
+            record = self._inflight.pop(mid, None)
+            if record is not None:
+                self._resend.append(record)
+
+    def _hook_puback(self) -> None:
+        """Read PUBACK reason codes, which gmqtt 0.8 ignores (private handler method)."""
+        # private gmqtt API: the package handler and its PUBACK method
+        handler = getattr(self._gmqtt, "_package_handler", None)
+        original = getattr(handler, "_handle_puback_packet", None)
+        if handler is None or original is None:
+            log.warning("gmqtt internals changed: PUBACK reason codes are not reported")
+            return
+
+        def handle_puback(cmd: int, packet: bytes) -> None:
+            if len(packet) >= 3:
+                record = self._inflight.get(int.from_bytes(packet[:2], "big"))
+                if record is not None:
+                    record.reason_code = packet[2]
+            original(cmd, packet)
+
+        handler._handle_puback_packet = handle_puback
+
+    def _free_id(self, mid: int) -> None:
+        # private gmqtt API: the packet id allocator
+        handler = getattr(self._gmqtt, "_package_handler", None)
+        generator = getattr(handler, "id_generator", None)
+        if generator is not None:
+            generator.free_id(mid)
+
+    # ------------------------------------------------------------- transport
+    def _transport(self) -> Any:
+        # private gmqtt API: the current connection's asyncio transport
+        connection = getattr(self._gmqtt, "_connection", None)
+        return getattr(connection, "_transport", None)
+
+    def _write_buffer_size(self) -> int:
+        transport = self._transport()
+        if transport is None or transport.is_closing():
+            return 0
+        return int(transport.get_write_buffer_size())
+
+    async def _drain(self) -> bool:
+        """Wait until gmqtt's transport has written most of its buffer out.
+
+        Returns False, without waiting, if that cannot be done (internals changed).
+        """
+        # private gmqtt API (the protocol) and private asyncio API (_drain_helper)
+        connection = getattr(self._gmqtt, "_connection", None)
+        helper = getattr(getattr(connection, "_protocol", None), "_drain_helper", None)
+        if helper is None:
+            return False
+        try:
+            await trio_asyncio.aio_as_trio(helper, loop=self._loop)()
+        except (ConnectionError, OSError):
+            await trio.lowlevel.checkpoint()  # on_disconnect reports the loss
+        return True
+
+    def _pause_reading(self) -> None:
+        transport = self._transport()
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        transport = self._transport()
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _abort_transport(self) -> None:
+        transport = self._transport()
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+
+    def abort_connection(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash would (for tests).
+
+        The broker then publishes the will; the client reconnects if allowed.
+        """
+        self._abort_transport()
+
+    # ------------------------------------------------------------- subscribe
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        *filters: str,
+        qos: int = 1,
+        no_local: bool = False,
+        retain_handling: int = 0,
+        buffer: int | None = None,
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe; messages arrive on the yielded :class:`Subscription`.
+
+        Leaving the block unsubscribes. A message that matches several
+        subscriptions of this client is delivered to each of them.
+        """
+        self._check_open()
+        if not filters:
+            raise LocalProtocolError("subscribe needs at least one topic filter")
+        for pattern in filters:
+            _check_filter(pattern)
+        if qos not in (0, 1, 2):
+            raise LocalProtocolError(f"invalid QoS {qos}")
+        if retain_handling not in (0, 1, 2):
+            raise LocalProtocolError(f"invalid retain handling {retain_handling}")
+        send, receive = trio.open_memory_channel[Message](
+            self.options.message_buffer if buffer is None else buffer
+        )
+        sub = Subscription(tuple(filters), send, receive)
+        sub_id = self._next_sub_id
+        self._next_sub_id = self._next_sub_id % MAX_SUBSCRIPTION_ID + 1
+        record = _SubRecord(
+            sub,
+            sub_id,
+            [
+                gmqtt.Subscription(
+                    pattern,
+                    qos=qos,
+                    no_local=no_local,
+                    retain_as_published=True,
+                    retain_handling_options=retain_handling,
+                    subscription_identifier=sub_id,
+                )
+                for pattern in filters
+            ],
+        )
+        self._records[sub_id] = record
+        self._by_sub_id[sub_id] = sub
+        self._subs.append(sub)
+        try:
+            codes = await self._request(lambda: self._send_subscribe(record))
+            sub.reason_codes = codes
+            if any(c >= 0x80 for c in codes):
+                names = ", ".join(
+                    f"{f}: {_suback_name(c)}" for f, c in zip(filters, codes, strict=False)
+                )
+                raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
+            record.acknowledged = True
+            self._replay_orphans(sub)
+            async with send, receive:
+                yield sub
+        finally:
+            self._records.pop(sub_id, None)
+            self._by_sub_id.pop(sub_id, None)
+            self._subs.remove(sub)
+            self._forget_gmqtt_subscriptions(record)
+            if not self._closed and self._fatal is None and self._connected:
+                with trio.move_on_after(self.options.close_timeout) as scope:
+                    scope.shield = True
+                    try:
+                        await self._request(
+                            lambda: int(self._gmqtt.unsubscribe(list(filters))), retry=False
+                        )
+                    except MQTTError:
+                        pass
+
+    def _forget_gmqtt_subscriptions(self, record: _SubRecord) -> None:
+        gsubs = record.gsubs
+        self._gmqtt.subscriptions = [
+            s for s in self._gmqtt.subscriptions if all(s is not g for g in gsubs)
+        ]
+
+    def _send_subscribe(self, record: _SubRecord) -> int:
+        # gmqtt.subscribe appends to its list; drop an earlier copy of the same record.
+        self._forget_gmqtt_subscriptions(record)
+        sub_id = record.sub_id if self._sub_ids_available else None
+        return int(self._gmqtt.subscribe(record.gsubs, subscription_identifier=sub_id))
+
+    async def _request(self, send: Callable[[], int], *, retry: bool = True) -> list[int]:
+        """Send a SUBSCRIBE/UNSUBSCRIBE and wait for its acknowledgement.
+
+        A request lost with its connection is sent again on the next one
+        (``retry``), else ConnectionLost is raised.
+        """
+        while True:
+            await self._wait_for_room(need_id=True)
+            try:
+                mid = send()
+            except OverflowError as exc:  # gmqtt ran out of packet ids: a bookkeeping bug
+                raise LocalProtocolError(f"gmqtt refused the request: {exc}") from None
+            request = _Request()
+            self._requests[mid] = request
+            try:
+                await request.done.wait()
+            finally:
+                if self._requests.pop(mid, None) is not None:
+                    self._unawaited.add(mid)  # cancelled: its ack still frees the id
+            self._check_open()
+            if request.codes is not None:
+                return request.codes
+            if not retry:
+                raise ConnectionLost("connection lost before the broker answered")
+
+    def _on_subscribe(self, client: Any, mid: int, codes: Sequence[int], properties: Any) -> None:
+        self._request_done(mid, list(codes))
+
+    def _on_unsubscribe(self, client: Any, mid: int, codes: Sequence[int]) -> None:
+        self._request_done(mid, list(codes))
+
+    def _request_done(self, mid: int, codes: list[int]) -> None:
+        request = self._requests.pop(mid, None)
+        if request is not None:
+            request.codes = codes
+            request.done.set()
+        self._unawaited.discard(mid)
+        self._space.unpark_all()
+
+    def _replay_orphans(self, sub: Subscription) -> None:
+        if not self._orphans:
+            return
+        keep: deque[Message] = deque(maxlen=self._orphans.maxlen)
+        for message in self._orphans:
+            if sub.matches(message.topic):
+                try:
+                    sub._send.send_nowait(message)
+                except trio.WouldBlock:
+                    keep.append(message)
+            else:
+                keep.append(message)
+        self._orphans = keep
+
+    # ------------------------------------------------------ incoming messages
+    def _on_message(
+        self, client: Any, topic: str | bytes, payload: bytes, qos: int, properties: dict[str, Any]
+    ) -> int:
+        """gmqtt's message callback (asyncio side): route without blocking.
+
+        Returns 0 (PUBACK success) at once; gmqtt already acknowledged the
+        message (optimistic acknowledgement).
+        """
+        try:
+            message = _to_message(topic, payload, qos, properties)
+        except Exception as exc:  # nothing may escape into gmqtt's reader
+            self.messages_dropped += 1
+            log.warning("dropped a message gmqtt could not hand over: %r", exc)
+            return 0
+        self.messages_received += 1
+        targets = self._targets(message)
+        if not targets:
+            if len(self._orphans) == self._orphans.maxlen:
+                self.messages_dropped += 1
+                log.warning(
+                    "no subscription for %r and the backlog is full: dropped", message.topic
+                )
+            self._orphans.append(message)
+            return 0
+        if self._backlog:  # keep the order: behind what already waits
+            self._backlog.append((message, targets))
+            self._pause_reading()
+            return 0
+        for i, sub in enumerate(targets):
+            try:
+                sub._send.send_nowait(message)
+            except trio.WouldBlock:
+                # A slow subscriber: the pump delivers with backpressure, and the
+                # socket is not read meanwhile.
+                self._backlog.append((message, targets[i:]))
+                self._backlog_event.set()
+                self._pause_reading()
+                return 0
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+        return 0
+
+    def _targets(self, message: Message) -> list[Subscription]:
+        ids = message.packet.subscription_ids
+        if ids:
+            by_id = self._by_sub_id
+            return [by_id[i] for i in ids if i in by_id]
+        return [s for s in self._subs if s.matches(message.topic)]
+
+    async def _pump(self) -> None:
+        """Deliver messages that found a subscription's buffer full (owned by the nursery)."""
+        while True:
+            await self._backlog_event.wait()
+            self._backlog_event = trio.Event()
+            while self._backlog:
+                message, targets = self._backlog[0]
+                for sub in targets:
+                    try:
+                        await sub._send.send(message)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        pass
+                self._backlog.popleft()
+            self._resume_reading()
+
+    # ------------------------------------------------------------ connection
+    def _on_connect(self, client: Any, flags: int, rc: int, properties: dict[str, Any]) -> None:
+        """CONNACK accepted (asyncio side)."""
+        scope = self._attempt_scope
+        if scope is not None:
+            scope.deadline = math.inf  # replays may take a while: the connect timeout is over
+        receive_maximum = _first(properties, "receive_maximum") or 65535
+        self._id_limit = max(int(receive_maximum) - 1, 1)
+        self._sub_ids_available = _first(properties, "sub_id_available") != 0
+        assigned = _first(properties, "assigned_client_identifier")
+        if assigned:
+            self._client_id = str(assigned)
+        self._connected = True
+        self._lost_error = None
+        self.connections += 1
+        session_present = bool(flags)
+        log.info(
+            "connected to %s as %r (session present: %s)",
+            self.url,
+            self._client_id,
+            "yes" if session_present else "no",
+        )
+        # The broker forgot our subscriptions: make them again (ones still waiting
+        # for their first SUBACK are resent by their subscribe()). Publishes gmqtt
+        # dropped for want of a session go out again, in their order. Both need
+        # packet ids, which may be scarce: _restorer sends them as ids free up,
+        # and holds new publishes and requests back until it is done.
+        self._resubscribe = (
+            [] if session_present else [r for r in self._records.values() if r.acknowledged]
+        )
+        self._resend.sort(key=lambda r: r.seq)
+        if self._resubscribe or self._resend:
+            self._restoring = True
+            self._restore_event.set()
+        self._connected_event.set()
+        self._space.unpark_all()
+
+    def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
+        """The broker sent DISCONNECT or the connection broke (asyncio side)."""
+        if not self._connected:
+            return  # a refused or unfinished attempt, or our own DISCONNECT
+        self._connected = False
+        self._connected_event = trio.Event()
+        error: MQTTError
+        if isinstance(packet, (bytes, bytearray)) and packet:
+            code = packet[0]
+            text = disconnect_reason_name(code)
+            if code == 0x8E:
+                error = SessionTakenOver(
+                    f"broker disconnected us: {text} (another client uses id {self._client_id!r})",
+                    reason_code=code,
+                )
+            else:
+                error = ConnectionLost(f"broker disconnected us: {text}", reason_code=code)
+        else:
+            error = ConnectionLost("connection lost")
+        self._lost_error = error
+        # Requests die with their connection; gmqtt never frees their ids.
+        for mid, request in list(self._requests.items()):
+            request.lost = True
+            request.done.set()
+            self._free_id(mid)
+        self._requests.clear()
+        for mid in self._unawaited:
+            self._free_id(mid)
+        self._unawaited.clear()
+        self._lost.set()
+        self._space.unpark_all()
+
+    async def _restorer(self) -> None:
+        """Restore subscriptions and publishes after a reconnect (owned by the nursery)."""
+        while True:
+            await self._restore_event.wait()
+            self._restore_event = trio.Event()
+            while self._connected and (self._resubscribe or self._resend):
+                if self._ids_in_use() >= self._id_limit:
+                    await self._space.park()
+                    continue
+                if self._resubscribe:
+                    record = self._resubscribe.pop(0)
+                    if record.sub_id in self._records:  # not unsubscribed meanwhile
+                        self._unawaited.add(self._send_subscribe(record))
+                    continue
+                pending = self._resend.pop(0)
+                try:
+                    self._gmqtt.publish(pending.message)
+                except OverflowError as exc:
+                    pending.error = ConnectionLost(f"could not resend to {pending.topic!r}: {exc}")
+                    pending.done.set()
+                    continue
+                mid = self._store.last_mid
+                assert mid is not None
+                self._inflight[mid] = pending
+            if not (self._resubscribe or self._resend):
+                self._restoring = False
+            self._space.unpark_all()
+
+    async def _connect_once(self) -> None:
+        """One connection attempt; returns once connected, raises ConnectError."""
+        opts = self.options
+        where = self.url.display()
+        gm = self._gmqtt
+        error: ConnectError | None = None
+        with trio.move_on_after(opts.connect_timeout) as scope:
+            self._attempt_scope = scope
+            try:
+                await trio_asyncio.aio_as_trio(gm.connect, loop=self._loop)(
+                    self.url.host,
+                    self.url.port,
+                    ssl=self._ssl if self._ssl is not None else False,
+                    keepalive=opts.keep_alive,
+                    raise_exc=True,
+                )
+            except gmqtt.MQTTConnectError as exc:
+                code = getattr(exc, "_code", None)  # private gmqtt API
+                if isinstance(code, int):
+                    error = ConnectError(
+                        f"cannot connect to {where}: broker refused the connection: "
+                        f"{connack_reason_name(code)}",
+                        reason_code=code,
+                        retryable=code not in FATAL_CONNACK_CODES,
+                    )
+                else:
+                    error = ConnectError(f"cannot connect to {where}: {exc}")
+            except OSError as exc:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
+                error = _connect_error(where, exc)
+            except Exception as exc:  # gmqtt or asyncio internals: never leak them
+                error = ConnectError(f"cannot connect to {where}: {type(exc).__name__}: {exc}")
+            finally:
+                self._attempt_scope = None
+        if error is None and scope.cancelled_caught and not self._connected:
+            error = ConnectError(
+                f"cannot connect to {where}: no answer within {opts.connect_timeout:g} s"
+            )
+        if error is not None:
+            if self._connected:
+                self._on_disconnect(gm, b"")
+            self._abort_transport()
+            raise error
+        # private gmqtt API: reconnects resume the session, as in the native client
+        gm._clean_session = False
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, and reconnect with backoff until closed. Owned by the client nursery."""
+        opts = self.options
+        attempt = 0
+        started = False
+        with trio.CancelScope() as self._manager_scope:
+            while not self._closed:
+                self._lost = trio.Event()
+                try:
+                    await self._connect_once()
+                except ConnectError as exc:
+                    self.last_error = str(exc)
+                    if not started or not exc.retryable:
+                        self._set_fatal(exc)
+                        if not started:
+                            raise
+                        return
+                    log.warning("%s (attempt %d)", exc, attempt + 1)
+                else:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    attempt = 0
+                    await self._lost.wait()
+                    if self._closed:
+                        return
+                    error = self._lost_error or ConnectionLost("connection lost")
+                    self.last_error = str(error)
+                    self._abort_transport()
+                    if isinstance(error, SessionTakenOver):
+                        self._set_fatal(error)
+                        return
+                    log.warning("MQTT connection to %s lost: %s", self.url, error)
+                if self._closed:
+                    return
+                if not opts.reconnect:
+                    self._set_fatal(ConnectionLost(self.last_error or "connection lost"))
+                    return
+                attempt += 1
+                if (
+                    opts.max_reconnect_attempts is not None
+                    and attempt > opts.max_reconnect_attempts
+                ):
+                    self._set_fatal(ConnectionLost(f"gave up after {attempt - 1} reconnects"))
+                    return
+                cap = min(
+                    opts.reconnect_max_delay, opts.reconnect_initial_delay * 2 ** (attempt - 1)
+                )
+                delay = random.uniform(cap / 2, cap)
+                log.info("reconnecting to %s in %.2f s (attempt %d)", self.url, delay, attempt)
+                await trio.sleep(delay)
+
+    def _set_fatal(self, exc: BaseException) -> None:
+        self._fatal = exc
+        self._fail_waiters(ClientClosed(f"client stopped: {exc}"))
+        for sub in self._subs:
+            sub._send.close()
+
+    def _fail_waiters(self, error: MQTTError) -> None:
+        self._connected_event.set()
+        self._space.unpark_all()
+        for request in self._requests.values():
+            request.done.set()
+        for record in [*self._inflight.values(), *self._resend]:
+            if not record.done.is_set():
+                record.error = error
+                record.done.set()
+
+    # ---------------------------------------------------------------- close
+    async def aclose(self) -> None:
+        """Wait for in-flight publishes, send DISCONNECT (the will is discarded), stop.
+
+        Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with trio.move_on_after(self.options.close_timeout) as scope:
+                scope.shield = True
+                while (self._inflight or self._resend) and self._connected:
+                    await self._space.park()
+                if self._connected:
+                    self._connected = False  # our own DISCONNECT is not a loss
+                    try:
+                        await trio_asyncio.aio_as_trio(self._gmqtt.disconnect, loop=self._loop)()
+                    except Exception as exc:  # the connection may break meanwhile
+                        log.debug("error while disconnecting: %r", exc)
+        finally:
+            self._connected = False
+            self._abort_transport()  # a no-op unless the DISCONNECT timed out
+            self._fail_waiters(ClientClosed("client closed"))
+            if self._manager_scope is not None:
+                self._manager_scope.cancel()
+
+
+@asynccontextmanager
+async def open_gmqtt_client(broker: BrokerURL, opts: ClientOptions) -> AsyncIterator[GMQTTClient]:
+    """Connect with gmqtt, in a trio-asyncio loop of its own, and yield the client.
+
+    ``mqtt://`` and ``mqtts://`` only. Raises :class:`ConnectError` if the first
+    connection fails; later losses reconnect with backoff (``opts.reconnect``).
+    """
+    if broker.websocket:
+        raise LocalProtocolError(_NO_WEBSOCKET)
+    if broker.scheme not in ("mqtt", "mqtts"):
+        raise LocalProtocolError(
+            f"the gmqtt backend supports mqtt:// and mqtts://, not {broker.scheme}://"
+        )
+    ssl_context: ssl.SSLContext | None = None
+    if broker.tls:
+        try:
+            ssl_context = (opts.tls or TLSOptions()).build()
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectError(f"bad TLS settings: {exc}", retryable=False) from exc
+    with collapse_exception_groups():
+        async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
+            client = GMQTTClient(broker, opts, loop, ssl_context)
+            await nursery.start(client._run)
+            nursery.start_soon(client._pump)
+            nursery.start_soon(client._restorer)
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
