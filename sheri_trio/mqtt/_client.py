@@ -420,8 +420,13 @@ class MQTTClient:
         """Flush, send DISCONNECT (so the will is discarded) and stop. Idempotent."""
         await self.disconnect(0)
 
-    async def disconnect(self, reason_code: int = 0) -> None:
+    async def disconnect(
+        self, reason_code: int = 0, *, session_expiry_interval: int | None = None
+    ) -> None:
         """Close with a DISCONNECT reason code; 0x04 asks the broker to publish the will.
+
+        ``session_expiry_interval=0`` tells the broker to drop our session now (a
+        persistent client leaving for good).
 
         Waits (at most ``close_timeout``, also across a reconnect) until every queued
         and in-flight publish is acknowledged, then sends DISCONNECT and waits for the
@@ -439,7 +444,7 @@ class MQTTClient:
                 self._closed = True
                 if self.connected:
                     ended = self._connection_ended
-                    session.disconnect(reason_code)
+                    session.disconnect(reason_code, session_expiry_interval=session_expiry_interval)
                     self._kick()
                     await ended.wait()
         finally:

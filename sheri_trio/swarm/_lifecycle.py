@@ -1,0 +1,184 @@
+"""The whole lifecycle of a task, as one ``transitions`` table (h11's "Rule 1").
+
+One synchronous :class:`transitions.Machine` serves every task of an agent: tasks are
+added as models when the agent wins their claim and removed when they end. Callbacks
+only record what happened (a :class:`StateChange`); they do no I/O. The agent reads
+the changes and publishes them. An invalid trigger raises :class:`InvalidTransition`.
+
+``docs/lifecycle.md`` holds a diagram generated from :data:`TRANSITIONS`
+(``python -m sheri_trio.swarm._lifecycle``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from transitions import Machine, MachineError
+
+__all__ = [
+    "FINAL_STATES",
+    "STATES",
+    "TRANSITIONS",
+    "InvalidTransition",
+    "Lifecycle",
+    "StateChange",
+    "TaskRecord",
+]
+
+STATES: Final = (
+    "received",  # we won the claim; nothing has run yet
+    "claimed",  # our claim is the first in the broker's order
+    "running",  # an attempt is executing
+    "retrying",  # an attempt failed; waiting for the backoff to pass
+    "done",  # final: success
+    "failed",  # final: out of retries, invalid payload, or not runnable
+    "cancelled",  # final: a cancel request stopped it
+    "timed_out",  # an attempt exceeded its timeout (then retrying or failed)
+    "skipped",  # final here: another agent holds it, or it already finished
+    "expired",  # final: its expires_at passed before it started
+    "released",  # given back (graceful shutdown or lost lease); another agent may take it
+)
+
+FINAL_STATES: Final = frozenset({"done", "failed", "cancelled", "skipped", "expired", "released"})
+
+#: trigger, source(s), dest. The single source of truth for the task lifecycle.
+TRANSITIONS: Final[list[dict[str, Any]]] = [
+    {"trigger": "claim", "source": "received", "dest": "claimed"},
+    {"trigger": "skip", "source": ["received", "claimed"], "dest": "skipped"},
+    {"trigger": "expire", "source": ["claimed", "retrying"], "dest": "expired"},
+    {"trigger": "start", "source": ["claimed", "retrying"], "dest": "running"},
+    {"trigger": "succeed", "source": "running", "dest": "done"},
+    {"trigger": "fail", "source": ["claimed", "running", "timed_out"], "dest": "failed"},
+    {"trigger": "time_out", "source": "running", "dest": "timed_out"},
+    {"trigger": "retry", "source": ["running", "timed_out"], "dest": "retrying"},
+    {"trigger": "cancel", "source": ["claimed", "running", "retrying"], "dest": "cancelled"},
+    {"trigger": "release", "source": ["claimed", "running", "retrying"], "dest": "released"},
+]
+
+
+class InvalidTransition(RuntimeError):
+    """A trigger that the lifecycle table does not allow from the current state."""
+
+
+@dataclass(slots=True)
+class StateChange:
+    task_id: str
+    source: str
+    dest: str
+    trigger: str
+    detail: dict[str, Any]
+
+
+class TaskRecord:
+    """The model: one task's state and the changes not yet published."""
+
+    state: str
+
+    def __init__(self, task_id: str, attempt: int = 1) -> None:
+        self.task_id = task_id
+        self.attempt = attempt  # claim generation: the fencing token
+        self.tries = 0  # executions within this attempt
+        self.changes: list[StateChange] = []
+
+    def trigger(self, name: str, **detail: Any) -> StateChange:  # replaced by transitions
+        raise NotImplementedError
+
+    def _record(self, event: Any) -> None:
+        self.changes.append(
+            StateChange(
+                self.task_id,
+                event.transition.source,
+                event.transition.dest,
+                event.event.name,
+                dict(event.kwargs),
+            )
+        )
+
+    def take_changes(self) -> list[StateChange]:
+        changes, self.changes = self.changes, []
+        return changes
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def __repr__(self) -> str:
+        return f"TaskRecord({self.task_id!r}, state={self.state!r}, attempt={self.attempt})"
+
+
+class Lifecycle:
+    """One Machine for many tasks. ``fire(record, trigger, **detail)`` moves a task."""
+
+    def __init__(self) -> None:
+        self._machine = Machine(
+            model=None,
+            states=list(STATES),
+            transitions=TRANSITIONS,
+            initial="received",
+            auto_transitions=False,
+            send_event=True,
+            after_state_change="_record",
+            model_attribute="state",
+        )
+        self._records: dict[str, TaskRecord] = {}
+
+    def add(self, task_id: str, attempt: int = 1) -> TaskRecord:
+        if task_id in self._records:
+            raise InvalidTransition(f"task {task_id} is already tracked")
+        record = TaskRecord(task_id, attempt)
+        self._machine.add_model(record)
+        self._records[task_id] = record
+        return record
+
+    def remove(self, record: TaskRecord) -> None:
+        if self._records.pop(record.task_id, None) is not None:
+            self._machine.remove_model(record)
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        return self._records.get(task_id)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._records.values()))
+
+    @staticmethod
+    def fire(record: TaskRecord, trigger: str, **detail: Any) -> StateChange:
+        """Apply a trigger; returns the change it made. Raises InvalidTransition."""
+        try:
+            getattr(record, trigger)(**detail)
+        except MachineError as exc:
+            raise InvalidTransition(
+                f"task {record.task_id}: cannot {trigger!r} from state {record.state!r}"
+            ) from None
+        except AttributeError:
+            raise InvalidTransition(f"unknown trigger {trigger!r}") from None
+        return record.changes[-1]
+
+    @staticmethod
+    def allowed(state: str) -> list[str]:
+        """The triggers the table allows from ``state``."""
+        out = []
+        for t in TRANSITIONS:
+            sources = t["source"] if isinstance(t["source"], list) else [t["source"]]
+            if state in sources:
+                out.append(t["trigger"])
+        return out
+
+
+def mermaid() -> str:
+    """A Mermaid state diagram drawn from :data:`TRANSITIONS`."""
+    lines = ["stateDiagram-v2", "    [*] --> received"]
+    for t in TRANSITIONS:
+        sources = t["source"] if isinstance(t["source"], list) else [t["source"]]
+        for source in sources:
+            lines.append(f"    {source} --> {t['dest']}: {t['trigger']}")
+    for state in sorted(FINAL_STATES):
+        lines.append(f"    {state} --> [*]")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(mermaid())
