@@ -25,17 +25,14 @@ SEED_DEPLOY = {
 
 
 def _config(broker: MosquittoBroker, role: str, agent_id: str, swarm: str, **kw: Any) -> AgentConfig:
-    return AgentConfig(
-        role=role,
-        agent_id=agent_id,
-        swarm=swarm,
-        broker=broker.tcp_url,
-        heartbeat_interval=0.5,
-        lease_time=2.0,
-        grace_period=2.0,
-        retry_initial_delay=0.01,
-        **kw,
-    )
+    options: dict[str, Any] = {
+        "heartbeat_interval": 0.5,
+        "lease_time": 2.0,
+        "grace_period": 2.0,
+        "retry_initial_delay": 0.01,
+    }
+    options.update(kw)
+    return AgentConfig(role=role, agent_id=agent_id, swarm=swarm, broker=broker.tcp_url, **options)
 
 
 async def test_seed_task_runs_once(broker: MosquittoBroker) -> None:
@@ -127,3 +124,196 @@ async def test_contention_six_agents_thousand_tasks_each_runs_once(broker: Mosqu
     assert all(r["status"] == "success" for r in records)
     by_agent = Counter(r["agent_id"] for r in records)
     assert len(by_agent) > 1  # the work was shared
+
+
+ALL_TYPES = [
+    "code.review",
+    "code.generate",
+    "deployment.deploy",
+    "deployment.rollback",
+    "testing.run",
+    "testing.coverage",
+    "security.scan",
+    "security.audit",
+    "monitoring.health",
+    "monitoring.alerts",
+    "documentation.generate",
+    "database.migrate",
+    "database.backup",
+]
+NINE_ROLES = [
+    "general",
+    "deployment",
+    "testing",
+    "review",
+    "security",
+    "monitoring",
+    "documentation",
+    "database",
+    "general",
+]
+
+
+async def test_nine_agent_swarm_300_tasks_all_types(broker: MosquittoBroker) -> None:
+    from sheri_trio.swarm._protocol import roles_for
+
+    swarm = "t-nine"
+    executions: Counter[str] = Counter()
+    registry = _counting_registry(executions)
+    total = 300
+    types = {f"n-{i}": ALL_TYPES[i % len(ALL_TYPES)] for i in range(total)}
+
+    async def submit(client: Any) -> None:
+        for task_id, task_type in types.items():
+            body = {"payload": {"task_id": task_id, "type": task_type, "payload": {}}}
+            await client.publish(f"{swarm}/tasks/new", json.dumps(body), qos=1, wait_ack=False)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            shutdown = trio.Event()
+            for i, role in enumerate(NINE_ROLES):
+                await nursery.start(
+                    lambda task_status, i=i, role=role: run_agent(
+                        _config(broker, role, f"nine-{role}-{i}", swarm),
+                        executors=registry,
+                        shutdown=shutdown,
+                        task_status=task_status,
+                    )
+                )
+            finals, records = await _collect_outcomes(broker, swarm, total, submit)
+            shutdown.set()
+    assert sorted(executions) == sorted(types) and set(executions.values()) == {1}
+    assert set(finals.values()) == {1}
+    for r in records:
+        assert r["status"] == "success"
+        assert r["role"] in roles_for(types[r["task_id"]])
+
+
+_AGENT_PROC = """
+import sys, trio, logging
+logging.basicConfig(level=logging.INFO)
+from sheri_trio.swarm._agent import AgentConfig, run_agent
+cfg = AgentConfig(role="testing", agent_id=sys.argv[2], swarm=sys.argv[3], broker=sys.argv[1],
+                  heartbeat_interval=0.5, lease_time=2.0, keep_alive=5)
+async def main():
+    async with trio.open_nursery() as n:
+        await n.start(run_agent, cfg)
+        print("online", flush=True)
+trio.run(main)
+"""
+
+
+async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroker) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    swarm = "t-crash"
+    topic_new = f"{swarm}/tasks/new"
+    with trio.fail_after(40):
+        async with open_client(broker.tcp_url) as watcher:
+            async with watcher.subscribe(f"{swarm}/tasks/#") as msgs:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", _AGENT_PROC, broker.tcp_url, "victim", swarm],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                )
+                try:
+                    assert proc.stdout is not None
+                    assert (await trio.to_thread.run_sync(proc.stdout.readline)).strip() == b"online"
+                    body = {
+                        "payload": {
+                            "task_id": "slow-1",
+                            "type": "testing.run",
+                            "payload": {"simulate_seconds": 0.5},
+                        }
+                    }
+                    await watcher.publish(topic_new, json.dumps(body), qos=1)
+                    # wait until the victim is running it, then kill it
+                    while True:
+                        m = await msgs.receive()
+                        p = json.loads(m.payload)["payload"]
+                        if m.topic.endswith("/progress") and p.get("state") == "running":
+                            assert p["agent_id"] == "victim"
+                            break
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    async with trio.open_nursery() as nursery:
+                        shutdown = trio.Event()
+                        await nursery.start(
+                            lambda task_status: run_agent(
+                                _config(broker, "testing", "survivor", swarm),
+                                shutdown=shutdown,
+                                task_status=task_status,
+                            )
+                        )
+                        finals = []
+                        while not finals:
+                            m = await msgs.receive()
+                            if m.topic.endswith(("/complete", "/failed")):
+                                finals.append(json.loads(m.payload)["payload"])
+                        shutdown.set()
+                finally:
+                    proc.kill()
+                    proc.wait()
+                    assert proc.stdout is not None
+                    proc.stdout.close()
+    assert finals[0]["agent_id"] == "survivor"
+    assert finals[0]["attempt"] == 2
+    assert finals[0]["status"] == "success"
+
+
+async def test_broker_restart_every_task_once(fresh_broker: MosquittoBroker) -> None:
+    swarm = "t-restart"
+    executions: Counter[str] = Counter()
+    registry = _counting_registry(executions, delay=0.01)
+    total = 200
+    finals: Counter[str] = Counter()
+    options = {"reconnect_initial_delay": 0.05, "reconnect_max_delay": 0.5}
+
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            shutdown = trio.Event()
+            for i in range(3):
+                await nursery.start(
+                    lambda task_status, i=i: run_agent(
+                        _config(
+                            fresh_broker,
+                            "testing",
+                            f"r-{i}",
+                            swarm,
+                            client_options=options,
+                            lease_time=3.0,
+                        ),
+                        executors=registry,
+                        shutdown=shutdown,
+                        task_status=task_status,
+                    )
+                )
+            async with open_client(
+                fresh_broker.tcp_url,
+                client_id="restart-watcher",
+                clean_start=False,
+                session_expiry_interval=300,
+                **options,
+            ) as watcher:
+                async with watcher.subscribe(
+                    f"{swarm}/tasks/complete", f"{swarm}/tasks/failed"
+                ) as msgs:
+                    for i in range(total):
+                        if i == total // 2:
+                            await trio.to_thread.run_sync(fresh_broker.restart)
+                        body = {"payload": {"task_id": f"r-{i}", "type": "testing.run"}}
+                        await watcher.publish(
+                            f"{swarm}/tasks/new", json.dumps(body), qos=1, wait_ack=False
+                        )
+                    while len(finals) < total:
+                        m = await msgs.receive()
+                        finals[json.loads(m.payload)["payload"]["task_id"]] += 1
+            shutdown.set()
+    assert set(finals) == {f"r-{i}" for i in range(total)}
+    assert set(executions) == set(finals)
+    # a task running at the moment of the restart may run again (attempt 2) if its
+    # holder looked dead; exactly one final outcome is accepted per task
+    assert max(executions.values()) <= 2
+    assert sum(1 for n in executions.values() if n > 1) <= 3

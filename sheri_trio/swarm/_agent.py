@@ -203,6 +203,7 @@ class Agent:
         async with trio.open_nursery() as root:
             # One subscription for every topic: the broker's order is kept across them.
             async with self.client.subscribe(*filters, qos=1) as messages:
+                await self._load_task_states()
                 await self._announce()
                 root.start_soon(self._intake, messages)
                 root.start_soon(self._heartbeat_loop)
@@ -216,6 +217,52 @@ class Agent:
                     await self._drain(tasks)
                 await self._leave()
                 root.cancel_scope.cancel()
+
+    async def _load_task_states(self) -> None:
+        """Read the retained task states once: finished ids (no re-runs) and held tasks
+        whose holder may be gone (taken over when its lease runs out)."""
+        sync = f"{self.topics.swarm}/agents/{self.agent_id}/sync/{secrets.token_hex(4)}"
+        now = trio.current_time()
+        loaded = 0
+        async with self.client.subscribe(self.topics.tasks_state_all, sync, qos=1) as states:
+            await self.client.publish(sync, b"sync", qos=1)
+            async for message in states:
+                if message.topic == sync:
+                    break  # retained messages come before our later publish
+                if not message.payload:
+                    continue
+                try:
+                    self._adopt_state(decode_envelope(message.payload).payload, now)
+                    loaded += 1
+                except BadMessage as exc:
+                    self._log(logging.DEBUG, "ignored task state", reason=exc.reason)
+        if loaded:
+            self._log(logging.INFO, "task states loaded", count=loaded, held=len(self._specs))
+
+    def _adopt_state(self, p: dict[str, Any], now: float) -> None:
+        from ._lifecycle import FINAL_STATES
+        from ._protocol import Claim, check_task_id
+
+        task_id = check_task_id(p.get("task_id"))
+        state = p.get("state")
+        if state in FINAL_STATES and state != "released":
+            self.book.mark_finished(task_id, state == "done")
+            return
+        task = p.get("task")
+        holder = p.get("agent_id")
+        attempt = p.get("attempt", 1)
+        if not isinstance(task, dict) or not isinstance(holder, str) or not isinstance(attempt, int):
+            return
+        spec = parse_task(task)
+        spec.received_at = now
+        self.book.observe_claim(Claim(task_id, holder, attempt, None), now)
+        if not self._eligible(spec):
+            return
+        self._specs[task_id] = spec
+        if holder == self.agent_id:
+            # held by an earlier life of this agent id, which is gone: run it again
+            self._log(logging.WARNING, "resuming a task of our previous run", task_id=task_id)
+            self._enqueue(spec, attempt + 1)
 
     # ------------------------------------------------------------ presence
     async def _announce(self) -> None:
@@ -755,6 +802,10 @@ class Agent:
         }
         await self._publish(self.topics.tasks_progress, payload, wait_ack=False)
         if change.dest == "claimed" or record.final:
+            running = self._running.get(record.task_id)
+            if change.dest == "claimed" and running is not None:
+                # newcomers read this retained state to take over from a dead holder
+                payload["task"] = running.spec.to_wire()
             await self._publish(
                 self.topics.task_state(record.task_id),
                 payload,
