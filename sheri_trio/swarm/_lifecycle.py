@@ -180,5 +180,36 @@ def mermaid() -> str:
     return "\n".join(lines)
 
 
+def markdown() -> str:
+    """docs/lifecycle.md, generated from the table (a test checks it is current)."""
+    rows = []
+    for t in TRANSITIONS:
+        sources = t["source"] if isinstance(t["source"], list) else [t["source"]]
+        rows.append(f"| `{t['trigger']}` | {', '.join(f'`{x}`' for x in sources)} | `{t['dest']}` |")
+    return "\n".join(
+        [
+            "# Task lifecycle",
+            "",
+            "Generated from `sheri_trio/swarm/_lifecycle.py` by",
+            "`python -m sheri_trio.swarm._lifecycle > docs/lifecycle.md`; do not edit by hand.",
+            "",
+            "Only the agent that wins a task's claim tracks it. Every change is published on",
+            "`{swarm}/tasks/progress`; `claimed` and the final states are also kept as the",
+            "retained `{swarm}/tasks/state/{task_id}`. Final states: "
+            + ", ".join(f"`{s}`" for s in sorted(FINAL_STATES))
+            + ".",
+            "",
+            "```mermaid",
+            mermaid(),
+            "```",
+            "",
+            "| trigger | from | to |",
+            "|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+
+
 if __name__ == "__main__":
-    print(mermaid())
+    print(markdown(), end="")
