@@ -24,7 +24,9 @@ SEED_DEPLOY = {
 }
 
 
-def _config(broker: MosquittoBroker, role: str, agent_id: str, swarm: str, **kw: Any) -> AgentConfig:
+def _config(
+    broker: MosquittoBroker, role: str, agent_id: str, swarm: str, **kw: Any
+) -> AgentConfig:
     options: dict[str, Any] = {
         "heartbeat_interval": 0.5,
         "lease_time": 2.0,
@@ -40,7 +42,9 @@ async def test_seed_task_runs_once(broker: MosquittoBroker) -> None:
     outcomes: list[dict[str, Any]] = []
     with trio.fail_after(20):
         async with open_client(broker.tcp_url) as watcher:
-            async with watcher.subscribe(f"{swarm}/tasks/complete", f"{swarm}/tasks/failed") as msgs:
+            async with watcher.subscribe(
+                f"{swarm}/tasks/complete", f"{swarm}/tasks/failed"
+            ) as msgs:
                 async with trio.open_nursery() as nursery:
                     shutdown = trio.Event()
                     for i in range(2):
@@ -220,7 +224,9 @@ async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroke
                 )
                 try:
                     assert proc.stdout is not None
-                    assert (await trio.to_thread.run_sync(proc.stdout.readline)).strip() == b"online"
+                    assert (
+                        await trio.to_thread.run_sync(proc.stdout.readline)
+                    ).strip() == b"online"
                     body = {
                         "payload": {
                             "task_id": "slow-1",
@@ -317,3 +323,170 @@ async def test_broker_restart_every_task_once(fresh_broker: MosquittoBroker) -> 
     # holder looked dead; exactly one final outcome is accepted per task
     assert max(executions.values()) <= 2
     assert sum(1 for n in executions.values() if n > 1) <= 3
+
+
+async def _start_agents(nursery: trio.Nursery, configs: list[AgentConfig], **kw: Any) -> list[Any]:
+    agents = []
+    for cfg in configs:
+        agents.append(
+            await nursery.start(
+                lambda task_status, cfg=cfg: run_agent(cfg, task_status=task_status, **kw)
+            )
+        )
+    return agents
+
+
+async def test_graceful_shutdown_releases_running_task(broker: MosquittoBroker) -> None:
+    swarm = "t-release"
+    release_gate = trio.Event()
+    started: list[str] = []
+
+    from sheri_trio.executors import ExecutorRegistry, TaskContext
+
+    async def slow(ctx: TaskContext) -> dict[str, Any]:
+        started.append(ctx.agent_id)
+        if ctx.agent_id == "leaver":
+            await trio.sleep_forever()
+        return {"by": ctx.agent_id}
+
+    registry = ExecutorRegistry()
+    registry.fallback = slow
+    with trio.fail_after(30):
+        async with open_client(broker.tcp_url) as watcher:
+            async with watcher.subscribe(f"{swarm}/#") as msgs:
+                async with trio.open_nursery() as nursery:
+                    leaver_stop = trio.Event()
+                    await nursery.start(
+                        lambda task_status: run_agent(
+                            _config(broker, "testing", "leaver", swarm, grace_period=0.5),
+                            executors=registry,
+                            shutdown=leaver_stop,
+                            task_status=task_status,
+                        )
+                    )
+                    body = {"payload": {"task_id": "rel-1", "type": "testing.run"}}
+                    await watcher.publish(f"{swarm}/tasks/new", json.dumps(body), qos=1)
+                    seen: list[tuple[str, dict[str, Any]]] = []
+                    while not started:
+                        m = await msgs.receive()
+                        if m.payload.startswith(b"{"):
+                            seen.append((m.topic, json.loads(m.payload)["payload"]))
+                    stayer_stop = trio.Event()
+                    await nursery.start(
+                        lambda task_status: run_agent(
+                            _config(broker, "testing", "stayer", swarm),
+                            executors=registry,
+                            shutdown=stayer_stop,
+                            task_status=task_status,
+                        )
+                    )
+                    leaver_stop.set()
+                    final = None
+                    while final is None:
+                        m = await msgs.receive()
+                        if not m.payload.startswith(b"{"):
+                            continue  # sync markers of probes
+                        p = json.loads(m.payload)
+                        seen.append((m.topic, p["payload"]))
+                        if m.topic.endswith("/tasks/complete"):
+                            final = p["payload"]
+                    stayer_stop.set()
+                    release_gate.set()
+    topics = [t for t, _ in seen]
+    assert f"{swarm}/tasks/released" in topics
+    assert f"{swarm}/agents/shutdown" in topics
+    offline = [
+        p for t, p in seen if t == f"{swarm}/agents/leaver/status" and p["status"] == "offline"
+    ]
+    assert offline and offline[0]["reason"] == "shutdown"
+    assert final["agent_id"] == "stayer" and final["attempt"] == 2
+    assert started == ["leaver", "stayer"]
+
+
+BAD_INPUTS: list[bytes] = [
+    b"{not json",
+    b"\xff\xfe\x00garbage",
+    b"[1, 2, 3]",
+    b'{"id": "x"}',
+    json.dumps({"payload": {"task_id": "../../etc/passwd", "type": "testing.run"}}).encode(),
+    json.dumps({"payload": {"task_id": "x" * 500, "type": "testing.run"}}).encode(),
+    json.dumps(
+        {"payload": {"task_id": "big", "type": "testing.run", "payload": "y" * 300_000}}
+    ).encode(),
+]
+
+
+async def test_bad_input_is_reported_and_agent_keeps_working(broker: MosquittoBroker) -> None:
+    swarm = "t-bad"
+    errors: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    with trio.fail_after(30):
+        async with open_client(broker.tcp_url) as watcher:
+            async with watcher.subscribe(
+                f"{swarm}/errors", f"{swarm}/tasks/failed", f"{swarm}/tasks/complete"
+            ) as msgs:
+                async with trio.open_nursery() as nursery:
+                    stop = trio.Event()
+                    for i in range(3):
+                        await nursery.start(
+                            lambda task_status, i=i: run_agent(
+                                _config(broker, "testing", f"bad-{i}", swarm),
+                                shutdown=stop,
+                                task_status=task_status,
+                            )
+                        )
+                    for raw in BAD_INPUTS:
+                        await watcher.publish(f"{swarm}/tasks/new", raw, qos=1)
+                    # usable task id, invalid fields: claimed once, fails once
+                    wrong = {
+                        "payload": {"task_id": "wrong-prio", "type": "testing.run", "priority": 5}
+                    }
+                    await watcher.publish(f"{swarm}/tasks/new", json.dumps(wrong), qos=1)
+                    # valid envelope, payload the executor refuses: fails once, no retries
+                    bad_payload = {
+                        "payload": {"task_id": "bad-payload", "type": "testing.run", "payload": [1]}
+                    }
+                    await watcher.publish(f"{swarm}/tasks/new", json.dumps(bad_payload), qos=1)
+                    good = {"payload": {"task_id": "good-1", "type": "testing.run", "payload": {}}}
+                    await watcher.publish(f"{swarm}/tasks/new", json.dumps(good), qos=1)
+                    done: dict[str, Any] = {}
+                    while "good-1" not in done or len(failed) < 2 or len(errors) < len(BAD_INPUTS):
+                        m = await msgs.receive()
+                        p = json.loads(m.payload)["payload"]
+                        if m.topic.endswith("/errors"):
+                            errors.append(p)
+                        elif m.topic.endswith("/failed"):
+                            failed.append(p)
+                        else:
+                            done[p["task_id"]] = p
+                    # one more valid task after all that: still handled
+                    await watcher.publish(
+                        f"{swarm}/tasks/new",
+                        json.dumps({"payload": {"task_id": "good-2", "type": "testing.run"}}),
+                        qos=1,
+                    )
+                    while "good-2" not in done:
+                        m = await msgs.receive()
+                        p = json.loads(m.payload)["payload"]
+                        if m.topic.endswith("/complete"):
+                            done[p["task_id"]] = p
+                        elif m.topic.endswith("/failed"):
+                            failed.append(p)
+                        else:
+                            errors.append(p)
+                    stop.set()
+    assert len(errors) == len(BAD_INPUTS)  # one report per bad message, not one per agent
+    reasons = " | ".join(e["error"] for e in errors)
+    for expected in (
+        "not valid JSON",
+        "not UTF-8",
+        "JSON object",
+        "no 'payload'",
+        "is not allowed",
+        "exceeds",
+    ):
+        assert expected in reasons
+    assert sorted(f["task_id"] for f in failed) == ["bad-payload", "wrong-prio"]
+    by_id = {f["task_id"]: f for f in failed}
+    assert by_id["wrong-prio"]["reason"] == "invalid_task"
+    assert by_id["bad-payload"]["reason"] == "invalid_payload"
