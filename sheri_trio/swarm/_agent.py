@@ -15,16 +15,25 @@ import math
 import os
 import random
 import secrets
-from collections.abc import AsyncIterator
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..executors import ExecutorRegistry, TaskContext, TaskPayloadError, default_registry
-from ..mqtt import Client, ClientClosed, ConnectError, Message, MQTTError, Will, open_client
+from ..mqtt import (
+    Client,
+    ClientClosed,
+    ConnectError,
+    Message,
+    MQTTError,
+    Subscription,
+    Will,
+    open_client,
+)
 from ._claims import ClaimBook, ClaimVerdict
 from ._lifecycle import Lifecycle, StateChange, TaskRecord
 from ._protocol import (
@@ -46,6 +55,9 @@ from ._protocol import (
     roles_for,
     task_types_for,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 __all__ = ["Agent", "AgentConfig", "DuplicateAgent", "new_agent_id", "run_agent"]
 
@@ -70,6 +82,7 @@ class AgentConfig:
     broker: str = "mqtt://localhost:1883"
     max_tasks: int = 4
     queue_limit: int = 1000
+    overflow_limit: int = 100_000
     heartbeat_interval: float = 10.0
     lease_time: float = 30.0
     grace_period: float = 10.0
@@ -151,6 +164,9 @@ class Agent:
         }
         self._specs: dict[str, TaskSpec] = {}  # eligible tasks we know, until final
         self._candidates: dict[str, int] = {}  # task_id -> attempt we would claim
+        self._overflow: deque[tuple[str, int]] = deque()  # beyond queue_limit, in order
+        self._cand_ranks: dict[str, int] = {}
+        self._rank_counts = [0, 0, 0]  # candidates per priority rank (high, medium, low)
         self._heap: list[tuple[int, int, str]] = []
         self._seq = 0
         self._outstanding: dict[str, int] = {}  # our claims awaiting the broker's order
@@ -251,7 +267,11 @@ class Agent:
         task = p.get("task")
         holder = p.get("agent_id")
         attempt = p.get("attempt", 1)
-        if not isinstance(task, dict) or not isinstance(holder, str) or not isinstance(attempt, int):
+        if (
+            not isinstance(task, dict)
+            or not isinstance(holder, str)
+            or not isinstance(attempt, int)
+        ):
             return
         spec = parse_task(task)
         spec.received_at = now
@@ -358,34 +378,49 @@ class Agent:
         return min(self._online_ids(), default=self.agent_id) >= self.agent_id
 
     # -------------------------------------------------------------- intake
-    async def _intake(self, messages: AsyncIterator[Message]) -> None:
-        t = self.topics
-        async for message in messages:
-            topic = message.topic
-            if not message.payload and topic.startswith(self.topics.swarm + "/tasks/pending/"):
-                continue  # a cleared marker
+    async def _intake(self, messages: Subscription) -> None:
+        # Take every message already delivered in one go: one scheduling round per
+        # batch instead of one per message.
+        while True:
             try:
-                env = decode_envelope(message.payload, max_bytes=self.config.max_message_bytes)
-                if topic == t.tasks_new:
-                    await self._on_new(env, topic)
-                elif topic == t.tasks_assigned:
-                    self._on_claim(env)
-                elif topic == t.tasks_complete:
-                    self._on_outcome(env, success=True)
-                elif topic == t.tasks_failed:
-                    self._on_outcome(env, success=False)
-                elif topic == t.tasks_released:
-                    self._on_released(env)
-                elif topic == t.tasks_cancel:
-                    await self._on_cancel(env)
-                elif topic.startswith(t.swarm + "/tasks/pending/"):
-                    await self._on_new(env, topic, marker=True)
-                elif topic == t.broadcast:
-                    self._log(logging.INFO, "broadcast", message=str(env.payload)[:200])
-                else:
-                    self._on_presence(topic, env)
-            except BadMessage as exc:
-                await self._bad_message(topic, exc, message.payload)
+                batch = [await messages.receive()]
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return  # the subscription ended: we are leaving
+            try:
+                while len(batch) < 512:
+                    batch.append(messages.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                pass
+            for message in batch:
+                await self._handle(message)
+
+    async def _handle(self, message: Message) -> None:
+        t = self.topics
+        topic = message.topic
+        if not message.payload and topic.startswith(self.topics.swarm + "/tasks/pending/"):
+            return  # a cleared marker
+        try:
+            env = decode_envelope(message.payload, max_bytes=self.config.max_message_bytes)
+            if topic == t.tasks_new:
+                await self._on_new(env, topic)
+            elif topic == t.tasks_assigned:
+                self._on_claim(env)
+            elif topic == t.tasks_complete:
+                self._on_outcome(env, success=True)
+            elif topic == t.tasks_failed:
+                self._on_outcome(env, success=False)
+            elif topic == t.tasks_released:
+                self._on_released(env)
+            elif topic == t.tasks_cancel:
+                await self._on_cancel(env)
+            elif topic.startswith(t.swarm + "/tasks/pending/"):
+                await self._on_new(env, topic, marker=True)
+            elif topic == t.broadcast:
+                self._log(logging.INFO, "broadcast", message=str(env.payload)[:200])
+            else:
+                self._on_presence(topic, env)
+        except BadMessage as exc:
+            await self._bad_message(topic, exc, message.payload)
 
     async def _bad_message(self, topic: str, exc: BadMessage, raw: bytes) -> None:
         self.counters["bad_messages"] += 1
@@ -468,29 +503,77 @@ class Agent:
 
     # ------------------------------------------------------------ claiming
     def _enqueue(self, spec: TaskSpec, attempt: int) -> None:
+        """Make a task a candidate for our next free slot.
+
+        The claim queue holds ``queue_limit`` tasks, most urgent first. Beyond that,
+        tasks wait in an overflow list (bounded by ``overflow_limit``) and move up
+        as the queue drains, so a burst is never silently dropped: every eligible
+        agent keeps it until someone claims it.
+        """
         task_id = spec.task_id
         if self._candidates.get(task_id, 0) >= attempt:
             return
         if len(self._candidates) >= self.config.queue_limit:
-            # The queue is full: keep the most urgent, leave the rest to other agents.
-            worst = max(
-                self._candidates, key=lambda t: (self._specs[t].rank, -self._specs[t].received_at)
-            )
-            if self._specs[worst].rank <= spec.rank:
-                self._log(
-                    logging.WARNING, "queue full: leaving task to other agents", task_id=task_id
-                )
+            if spec.rank >= self._worst_rank():
+                self._overflow_push(task_id, attempt)
                 return
-            self._log(logging.WARNING, "queue full: leaving task to other agents", task_id=worst)
-            del self._candidates[worst]
+            # more urgent than something queued: the least urgent, newest one waits instead
+            worst = max(
+                self._candidates, key=lambda t: (self._specs[t].rank, self._specs[t].received_at)
+            )
+            self._overflow_push(worst, self._cand_pop(worst) or attempt)
+        if task_id not in self._candidates:
+            self._rank_counts[spec.rank] += 1
+            self._cand_ranks[task_id] = spec.rank
         self._candidates[task_id] = attempt
         self._seq += 1
         heapq.heappush(self._heap, (spec.rank, self._seq, task_id))
-        if self._slots_free() <= 0:
+        if self._slots_free() <= 0 and log.isEnabledFor(logging.DEBUG):
             self._log(
-                logging.INFO, "busy: task queued", task_id=task_id, queued=len(self._candidates)
+                logging.DEBUG, "busy: task queued", task_id=task_id, queued=len(self._candidates)
             )
         self._wake_claimer()
+
+    def _worst_rank(self) -> int:
+        counts = self._rank_counts
+        return 2 if counts[2] else 1 if counts[1] else 0
+
+    def _cand_pop(self, task_id: str) -> int | None:
+        attempt = self._candidates.pop(task_id, None)
+        if attempt is not None:
+            self._rank_counts[self._cand_ranks.pop(task_id)] -= 1
+        return attempt
+
+    def _overflow_push(self, task_id: str, attempt: int) -> None:
+        if len(self._overflow) >= self.config.overflow_limit:
+            self._specs.pop(task_id, None)
+            self._log(
+                logging.ERROR,
+                "queue and overflow full: leaving task to other agents",
+                task_id=task_id,
+                limit=self.config.overflow_limit,
+            )
+            return
+        if not self._overflow:
+            self._log(
+                logging.WARNING,
+                "busy: claim queue full, further tasks wait in overflow",
+                queue_limit=self.config.queue_limit,
+            )
+        self._overflow.append((task_id, attempt))
+
+    def _refill(self) -> None:
+        """Move overflow tasks that nobody claimed meanwhile into the claim queue."""
+        while self._overflow and len(self._candidates) < self.config.queue_limit:
+            task_id, attempt = self._overflow.popleft()
+            spec = self._specs.get(task_id)
+            if (
+                spec is None
+                or self.book.is_finished(task_id)
+                or self.book.attempt(task_id) >= attempt
+            ):
+                continue
+            self._enqueue(spec, attempt)
 
     def _slots_free(self) -> int:
         return self.config.max_tasks - len(self._outstanding) - len(self._running)
@@ -504,7 +587,9 @@ class Agent:
             self._claim_wakeup = trio.Event()
             while self._accepting and self._heap and self._slots_free() > 0:
                 _, _, task_id = heapq.heappop(self._heap)
-                attempt = self._candidates.pop(task_id, None)
+                if self._overflow:
+                    self._refill()
+                attempt = self._cand_pop(task_id)
                 if attempt is None or task_id in self._outstanding or task_id in self._running:
                     continue
                 if self.book.is_finished(task_id) or self.book.attempt(task_id) >= attempt:
@@ -530,7 +615,7 @@ class Agent:
         mine = claim.agent_id == self.agent_id
         ours = self._outstanding.get(task_id)
         if verdict is ClaimVerdict.WON:
-            self._candidates.pop(task_id, None)
+            self._cand_pop(task_id)
             if mine and ours == claim.attempt:
                 del self._outstanding[task_id]
                 self.counters["won"] += 1
@@ -569,7 +654,7 @@ class Agent:
 
     def _forget(self, task_id: str) -> None:
         self._specs.pop(task_id, None)
-        self._candidates.pop(task_id, None)
+        self._cand_pop(task_id)
         if self._outstanding.pop(task_id, None) is not None:
             self._wake_claimer()
 
@@ -881,6 +966,9 @@ class Agent:
         """Stop taking tasks; let running ones finish within the grace period; release the rest."""
         self._accepting = False
         self._candidates.clear()
+        self._cand_ranks.clear()
+        self._rank_counts = [0, 0, 0]
+        self._overflow.clear()
         self._heap.clear()
         self._log(logging.INFO, "shutting down", running=len(self._running))
         if self._running:

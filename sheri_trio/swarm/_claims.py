@@ -13,8 +13,10 @@ from __future__ import annotations
 import enum
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ._protocol import Claim, Outcome
+if TYPE_CHECKING:
+    from ._protocol import Claim, Outcome
 
 __all__ = ["ClaimBook", "ClaimVerdict", "Holder"]
 

@@ -149,7 +149,7 @@ class Lifecycle:
         """Apply a trigger; returns the change it made. Raises InvalidTransition."""
         try:
             getattr(record, trigger)(**detail)
-        except MachineError as exc:
+        except MachineError:
             raise InvalidTransition(
                 f"task {record.task_id}: cannot {trigger!r} from state {record.state!r}"
             ) from None
@@ -185,7 +185,9 @@ def markdown() -> str:
     rows = []
     for t in TRANSITIONS:
         sources = t["source"] if isinstance(t["source"], list) else [t["source"]]
-        rows.append(f"| `{t['trigger']}` | {', '.join(f'`{x}`' for x in sources)} | `{t['dest']}` |")
+        rows.append(
+            f"| `{t['trigger']}` | {', '.join(f'`{x}`' for x in sources)} | `{t['dest']}` |"
+        )
     return "\n".join(
         [
             "# Task lifecycle",

@@ -1,0 +1,1 @@
+"""Benchmarks for sheri-trio (``python -m bench``)."""

@@ -1,0 +1,104 @@
+"""End-to-end task rate: K agents in one process, M no-op tasks, through a real broker."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import Counter
+from typing import Any
+
+import trio
+
+from sheri_trio.executors import ExecutorRegistry, TaskContext
+from sheri_trio.mqtt import open_client
+from sheri_trio.swarm._agent import Agent, AgentConfig, run_agent
+
+NINE_ROLES = [
+    "general",
+    "deployment",
+    "testing",
+    "review",
+    "security",
+    "monitoring",
+    "documentation",
+    "database",
+    "general",
+]
+
+
+async def task_rate(url: str, *, agents: int = 9, tasks: int = 2000, max_tasks: int = 16) -> dict[str, Any]:
+    """Submit ``tasks`` no-op tasks of an unknown type (any general agent may take them)."""
+    swarm = f"bench-{time.monotonic_ns() % 10**9}"
+    executions: Counter[str] = Counter()
+
+    async def noop(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        return {}
+
+    registry = ExecutorRegistry()
+    registry.fallback = noop
+    roles = [NINE_ROLES[i % len(NINE_ROLES)] for i in range(agents)]
+    submitted: dict[str, float] = {}
+    latencies: list[float] = []
+    finals: Counter[str] = Counter()
+    running: list[Agent] = []
+    async with trio.open_nursery() as nursery:
+        stop = trio.Event()
+        for i, role in enumerate(roles):
+            cfg = AgentConfig(
+                role=role,
+                agent_id=f"{swarm}-{role}-{i}",
+                swarm=swarm,
+                broker=url,
+                max_tasks=max_tasks,
+                check_duplicate=False,
+                default_timeout=None,
+            )
+            running.append(
+                await nursery.start(
+                    lambda task_status, cfg=cfg: run_agent(
+                        cfg, executors=registry, shutdown=stop, task_status=task_status
+                    )
+                )
+            )
+        async with open_client(url, client_id=f"{swarm}-submitter") as client:
+            async with client.subscribe(f"{swarm}/tasks/complete", f"{swarm}/tasks/failed") as msgs:
+                base = [a.client.statistics()["messages_received"] for a in running]
+                t0 = time.perf_counter()
+
+                async def submit() -> None:
+                    for i in range(tasks):
+                        task_id = f"b-{i}"
+                        submitted[task_id] = time.perf_counter()
+                        body = {"payload": {"task_id": task_id, "type": "bench.noop"}}
+                        await client.publish(
+                            f"{swarm}/tasks/new", json.dumps(body).encode(), qos=1, wait_ack=False
+                        )
+
+                nursery.start_soon(submit)
+                while len(finals) < tasks:
+                    m = await msgs.receive()
+                    task_id = json.loads(m.payload)["payload"]["task_id"]
+                    if task_id not in finals:
+                        latencies.append(time.perf_counter() - submitted[task_id])
+                    finals[task_id] += 1
+                elapsed = time.perf_counter() - t0
+                received = sum(
+                    a.client.statistics()["messages_received"] - b for a, b in zip(running, base, strict=True)
+                )
+        stop.set()
+    latencies.sort()
+    deliveries = received + tasks  # the agents' deliveries plus the submitter's outcomes
+    return {
+        "agents": agents,
+        "tasks": tasks,
+        "seconds": round(elapsed, 3),
+        "tasks_per_s": round(tasks / elapsed, 1),
+        "latency_p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "latency_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+        "duplicates": sum(n - 1 for n in executions.values() if n > 1)
+        + sum(n - 1 for n in finals.values() if n > 1),
+        "losses": tasks - len(executions),
+        "deliveries_per_task": round(deliveries / tasks, 2),
+    }
