@@ -81,9 +81,6 @@ class TaskRecord:
         self.tries = 0  # executions within this attempt
         self.changes: list[StateChange] = []
 
-    def trigger(self, name: str, **detail: Any) -> StateChange:  # replaced by transitions
-        raise NotImplementedError
-
     def _record(self, event: Any) -> None:
         self.changes.append(
             StateChange(
