@@ -530,6 +530,7 @@ class MQTTClient:
                 session.start_connection(trio.current_time())
                 await stream.send_all(session.data_to_send(trio.current_time()))
                 connected = present = False
+                early: list[Message] = []  # queued messages often share CONNACK's segment
                 while not connected:
                     data = await stream.receive_some()
                     if not data:
@@ -538,6 +539,8 @@ class MQTTClient:
                         if isinstance(event, Connected):
                             connected = True
                             present = event.session_present
+                        elif type(event) is Message:
+                            early.append(event)
                         else:
                             self._dispatch(event)
                 timeout.deadline = math.inf
@@ -558,6 +561,8 @@ class MQTTClient:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, stream)
                     nursery.start_soon(self._timer)
+                    for message in early:
+                        await self._deliver(message)
                     await self._reader(stream)
                     nursery.cancel_scope.cancel()
         if timeout.cancelled_caught:
@@ -609,10 +614,13 @@ class MQTTClient:
     async def _deliver(self, message: Message) -> None:
         self.messages_received += 1
         ids = message.packet.subscription_ids
+        targets: list[Subscription] = []
         if ids:
             by_id = self._by_sub_id
             targets = [by_id[i] for i in ids if i in by_id]
-        else:
+        if not targets:
+            # No id, or ids we did not give: mosquitto 2.0.11 loses subscription ids of
+            # messages it queued across a restart. Route by topic instead.
             targets = [s for s in self._subs if s.matches(message.topic)]
         if not targets:
             if len(self._orphans) == self._orphans.maxlen:
@@ -650,8 +658,6 @@ class MQTTClient:
                     reason_code=event.reason_code,
                 )
             raise ConnectionLost(f"broker disconnected us: {text}", reason_code=event.reason_code)
-        elif type(event) is Message:  # only during CONNACK handling: queue for delivery
-            self._orphans.append(event)
 
 
 _PUBACK_NAMES = reason_names(mqtt5.PubAckReasonCode)
@@ -666,14 +672,18 @@ def _suback_name(code: int) -> str:
 def collapse_exception_groups() -> Iterator[None]:
     """Raise the one real error of a nursery's exception group as itself.
 
-    Cancellations that only accompany it are dropped; a group with several
-    real errors is left alone.
+    Cancellations that only accompany it are dropped; several errors of ours (the
+    same broken connection seen by two loops) surface as the first; any other
+    mixture is left as a group.
     """
     try:
         yield
     except BaseExceptionGroup as group:
         real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
         if len(real) == 1:
+            raise real[0] from None
+        if real and all(isinstance(e, MQTTError) for e in real):
+            # e.g. reader and writer both saw the connection break: one error, told once
             raise real[0] from None
         raise
 

@@ -11,12 +11,15 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 import trio
 
 from ._errors import ConnectError, ConnectionLost, LocalProtocolError
+
+if TYPE_CHECKING:
+    from trio_websocket import WebSocketConnection
 
 __all__ = ["BrokerURL", "ByteStream", "TLSOptions", "open_stream"]
 
@@ -223,12 +226,13 @@ async def open_stream(
             raise ConnectError(f"bad TLS settings: {exc}", retryable=False) from exc
     where = url.display()
     try:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(url.host, url.port)
+        tcp = await trio.open_tcp_stream(url.host, url.port)
     except OSError as exc:
         raise _connect_error(where, exc) from exc
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
     try:
         if ssl_context is not None:
-            stream = trio.SSLStream(stream, ssl_context, server_hostname=url.host)
+            stream = trio.SSLStream(tcp, ssl_context, server_hostname=url.host)
             try:
                 await stream.do_handshake()
             except (trio.BrokenResourceError, OSError) as exc:
@@ -253,11 +257,11 @@ async def open_stream(
 
 async def _websocket_handshake(
     nursery: trio.Nursery,
-    stream: trio.abc.Stream,
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
     url: BrokerURL,
     max_message_size: int,
     headers: list[tuple[bytes, bytes]] | None,
-) -> object:
+) -> WebSocketConnection:
     import trio_websocket
 
     where = url.display()
