@@ -873,7 +873,7 @@ class Agent:
         change = Lifecycle.fire(record, trigger, **detail)
         record.changes.clear()
         self._log(logging.DEBUG, f"{change.source} -> {change.dest}", task_id=record.task_id)
-        payload = {
+        payload: dict[str, Any] = {
             "task_id": record.task_id,
             "agent_id": self.agent_id,
             "role": self.role,
