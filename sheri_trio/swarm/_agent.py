@@ -171,11 +171,13 @@ class Agent:
         self._seq = 0
         self._outstanding: dict[str, int] = {}  # our claims awaiting the broker's order
         self._running: dict[str, _Running] = {}
+        self._starting: set[str] = set()  # won, not yet running: counts as busy
         self._markers: set[str] = set()  # tasks with a retained pending marker
         self._accepting = True
         self._claim_wakeup = trio.Event()
         self._shutdown = trio.Event()
         self._tasks_nursery: trio.Nursery | None = None
+        self._root_nursery: trio.Nursery
         self._idle = trio.Event()
 
     # ------------------------------------------------------------ public API
@@ -217,6 +219,7 @@ class Agent:
             t.broadcast,
         )
         async with trio.open_nursery() as root:
+            self._root_nursery = root
             # One subscription for every topic: the broker's order is kept across them.
             async with self.client.subscribe(*filters, qos=1) as messages:
                 await self._load_task_states()
@@ -231,6 +234,7 @@ class Agent:
                     self._tasks_nursery = tasks
                     await self._shutdown.wait()
                     await self._drain(tasks)
+                self._tasks_nursery = None
                 await self._leave()
                 root.cancel_scope.cancel()
 
@@ -373,9 +377,22 @@ class Agent:
     def _online_ids(self) -> list[str]:
         return [a for a, p in self.peers.items() if p.online]
 
-    def _is_reporter(self) -> bool:
-        """One agent (the smallest online id we know) reports what belongs to nobody."""
-        return min(self._online_ids(), default=self.agent_id) >= self.agent_id
+    def _is_reporter(self, spec: TaskSpec | None = None) -> bool:
+        """One agent (the smallest online id we know) reports what belongs to nobody.
+
+        With a task: the smallest online id among the agents that may take it (they
+        are the ones that know it).
+        """
+        ids = self._online_ids()
+        if spec is not None:
+            roles = roles_for(spec.type)
+            ids = [
+                a
+                for a in ids
+                if (self.peers[a].role in roles or spec.type == INVALID_TASK_TYPE)
+                and (spec.assigned_to is None or spec.assigned_to == a)
+            ]
+        return min(ids, default=self.agent_id) >= self.agent_id
 
     # -------------------------------------------------------------- intake
     async def _intake(self, messages: Subscription) -> None:
@@ -576,7 +593,8 @@ class Agent:
             self._enqueue(spec, attempt)
 
     def _slots_free(self) -> int:
-        return self.config.max_tasks - len(self._outstanding) - len(self._running)
+        busy = len(self._outstanding) + len(self._running) + len(self._starting)
+        return self.config.max_tasks - busy
 
     def _wake_claimer(self) -> None:
         self._claim_wakeup.set()
@@ -620,8 +638,14 @@ class Agent:
                 del self._outstanding[task_id]
                 self.counters["won"] += 1
                 spec = self._specs.get(task_id)
-                if spec is None or self._tasks_nursery is None:
+                if spec is None:
                     return
+                if not self._accepting or self._tasks_nursery is None:
+                    # won while shutting down: give it straight back
+                    self._starting.add(task_id)
+                    self._root_nursery.start_soon(self._release_unstarted, spec, claim.attempt)
+                    return
+                self._starting.add(task_id)  # holds its slot until _run_task registers it
                 self._tasks_nursery.start_soon(self._run_task, spec, claim.attempt)
                 return
             if ours is not None and ours <= claim.attempt:
@@ -708,15 +732,19 @@ class Agent:
             spec = self._specs[task_id]
             self._forget(task_id)
             self.book.mark_finished(task_id, False)
-            if self._is_reporter():
+            if self._is_reporter(spec):
                 await self._publish_failed(spec, 1, "cancelled before it started", "cancelled")
 
     # ------------------------------------------------------------- running
     async def _run_task(self, spec: TaskSpec, attempt: int) -> None:
+        if not self._accepting:
+            await self._release_unstarted(spec, attempt)  # shutdown began before it started
+            return
         record = self.lifecycle.add(spec.task_id, attempt)
         scope = trio.CancelScope()
         running = _Running(spec, record, scope)
         self._running[spec.task_id] = running
+        self._starting.discard(spec.task_id)
         final_published = False
         try:
             with scope:
@@ -731,7 +759,7 @@ class Agent:
                     await self._release(running)
             self._running.pop(spec.task_id, None)
             self.lifecycle.remove(record)
-            if not self._running:
+            if not self._running and not self._starting:
                 self._idle.set()
             self._wake_claimer()
 
@@ -796,8 +824,8 @@ class Agent:
                     await self._publish_complete(spec, record.attempt, result, duration_ms)
                     return True
             if record.tries > spec.max_retries:
-                await self._fire(record, "fail", error=error)
                 reason = "timeout" if record.state == "timed_out" else "error"
+                await self._fire(record, "fail", error=error)
                 await self._publish_failed(
                     spec,
                     record.attempt,
@@ -809,7 +837,8 @@ class Agent:
                 self.config.retry_max_delay,
                 self.config.retry_initial_delay * 2 ** (record.tries - 1),
             ) * random.uniform(0.5, 1.0)
-            await self._fire(record, "retry", error=error, delay=round(delay, 3))
+            delay = round(delay, 3)  # the delay we publish is the delay we sleep
+            await self._fire(record, "retry", error=error, delay=delay)
             await trio.sleep(delay)
 
     async def _stopped(self, running: _Running) -> bool:
@@ -835,6 +864,24 @@ class Agent:
                     await self._fire(record, "release", reason="fenced")
                 return True
         return False
+
+    async def _release_unstarted(self, spec: TaskSpec, attempt: int) -> None:
+        """A claim we won after shutdown began: release it without running it."""
+        try:
+            self.counters["released"] += 1
+            self._log(logging.INFO, "won while shutting down: released", task_id=spec.task_id)
+            await self._publish(
+                self.topics.tasks_released,
+                {
+                    "task_id": spec.task_id,
+                    "agent_id": self.agent_id,
+                    "role": self.role,
+                    "attempt": attempt,
+                    "released_at": now_iso(),
+                },
+            )
+        finally:
+            self._starting.discard(spec.task_id)
 
     async def _release(self, running: _Running) -> None:
         record = running.record
@@ -971,7 +1018,7 @@ class Agent:
         self._overflow.clear()
         self._heap.clear()
         self._log(logging.INFO, "shutting down", running=len(self._running))
-        if self._running:
+        if self._running or self._starting:
             self._idle = trio.Event()
             with trio.move_on_after(self.config.grace_period):
                 await self._idle.wait()

@@ -57,6 +57,9 @@ TRANSITIONS: Final[list[dict[str, Any]]] = [
 ]
 
 
+TRIGGERS: Final = frozenset(t["trigger"] for t in TRANSITIONS)
+
+
 class InvalidTransition(RuntimeError):
     """A trigger that the lifecycle table does not allow from the current state."""
 
@@ -144,6 +147,8 @@ class Lifecycle:
     @staticmethod
     def fire(record: TaskRecord, trigger: str, **detail: Any) -> StateChange:
         """Apply a trigger; returns the change it made. Raises InvalidTransition."""
+        if trigger not in TRIGGERS:
+            raise InvalidTransition(f"unknown trigger {trigger!r}")
         try:
             getattr(record, trigger)(**detail)
         except MachineError:

@@ -183,7 +183,7 @@ def decode_envelope(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envel
         raise BadMessage("message is not UTF-8") from None
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, nesting
         raise BadMessage(f"message is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise BadMessage(f"message must be a JSON object, not {type(obj).__name__}")
@@ -281,7 +281,7 @@ def parse_task(payload: dict[str, Any], *, default_max_retries: int = 3) -> Task
     priority = payload.get("priority", "medium")
     if priority is None:
         priority = "medium"
-    if priority not in PRIORITIES:
+    if not isinstance(priority, str) or priority not in PRIORITIES:
         raise BadMessage("'priority' must be 'low', 'medium' or 'high'", task_id=task_id)
     assigned_to = payload.get("assigned_to")
     if assigned_to is not None and (

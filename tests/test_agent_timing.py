@@ -1,0 +1,993 @@
+"""The agent's timing and decisions, on the in-memory bus under an autojump clock.
+
+Every test runs agents over :class:`sheri_trio.testing.MemoryBus` with
+``MockClock(autojump_threshold=0)`` (pytest-trio's ``autojump_clock``): virtual time
+runs on to the next deadline whenever every task waits, so heartbeats, leases,
+backoffs and timeouts take no real time and their instants are exact. Configured
+periods are dyadic (1, 2.5, 0.5, ...) so the expected times are exact floats too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+import trio.testing
+
+from sheri_trio.executors import ExecutorRegistry, TaskContext, TaskPayloadError
+from sheri_trio.mqtt import ClientClosed, Will
+from sheri_trio.swarm._agent import Agent, AgentConfig
+from sheri_trio.swarm._claims import ClaimBook
+from sheri_trio.swarm._protocol import (
+    BadMessage,
+    Claim,
+    Outcome,
+    Topics,
+    decode_envelope,
+    encode,
+    parse_claim,
+    parse_outcome,
+)
+from sheri_trio.testing import BusRecord, MemoryBus, MemoryClient
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+SWARM = "t"
+T = Topics(SWARM)
+
+
+# --------------------------------------------------------------------- helpers
+@dataclass
+class Call:
+    agent_id: str
+    task_id: str
+    attempt: int
+    try_number: int
+    start: float
+    end: float | None = None
+    outcome: str = "running"
+
+
+class Script:
+    """One executor for every task type, driven by the task's payload.
+
+    ``hang`` (bool): sleep forever; ``hang_on`` (agent ids): sleep forever on those;
+    ``gate`` (name): wait until ``script.gate(name)`` is set; ``sleep`` (seconds);
+    ``fail`` (n): raise on tries 1..n; ``invalid``: raise TaskPayloadError.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self._gates: dict[str, trio.Event] = {}
+        self.registry = ExecutorRegistry()
+        self.registry.fallback = self
+
+    def gate(self, name: str) -> trio.Event:
+        return self._gates.setdefault(name, trio.Event())
+
+    def calls_for(self, task_id: str) -> list[Call]:
+        return [c for c in self.calls if c.task_id == task_id]
+
+    async def __call__(self, ctx: TaskContext) -> dict[str, Any]:
+        call = Call(ctx.agent_id, ctx.task_id, ctx.attempt, ctx.try_number, trio.current_time())
+        self.calls.append(call)
+        p = ctx.payload if isinstance(ctx.payload, dict) else {}
+        try:
+            if p.get("hang") or ctx.agent_id in p.get("hang_on", ()):
+                await trio.sleep_forever()
+            if "gate" in p:
+                await self.gate(p["gate"]).wait()
+            if p.get("sleep"):
+                await trio.sleep(p["sleep"])
+            if p.get("invalid"):
+                raise TaskPayloadError("payload refused by the executor")
+            if ctx.try_number <= p.get("fail", 0):
+                raise RuntimeError(f"failure on try {ctx.try_number}")
+        except BaseException as exc:
+            call.outcome = type(exc).__name__
+            raise
+        finally:
+            call.end = trio.current_time()
+        call.outcome = "ok"
+        return {"ok": True, "by": ctx.agent_id}
+
+
+def cfg(agent_id: str, role: str = "testing", **kw: Any) -> AgentConfig:
+    options: dict[str, Any] = {
+        "swarm": SWARM,
+        "heartbeat_interval": 10.0,
+        "lease_time": 30.0,
+        "grace_period": 10.0,
+        "max_retries": 3,
+        "retry_initial_delay": 1.0,
+        "retry_max_delay": 60.0,
+        "check_duplicate": False,
+    }
+    options.update(kw)
+    return AgentConfig(role=role, agent_id=agent_id, **options)
+
+
+def agent_will(config: AgentConfig) -> Will:
+    """The will ``agent_connection`` gives an agent's real connection."""
+    payload = {
+        "agent_id": config.agent_id,
+        "role": config.role,
+        "status": "offline",
+        "reason": "connection lost",
+    }
+    return Will(
+        Topics(config.swarm).agent_status(config.agent_id),
+        encode(config.agent_id, config.role, payload),
+        qos=1,
+        retain=True,
+    )
+
+
+@dataclass
+class Hosted:
+    agent: Agent
+    client: MemoryClient
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    finished: trio.Event = field(default_factory=trio.Event)
+
+    def crash(self) -> None:
+        """Lose the connection (the will goes out, if any) and stop the agent's code."""
+        self.client.kill()
+        self.scope.cancel()
+
+
+async def host(
+    bus: MemoryBus,
+    config: AgentConfig,
+    script: Script,
+    *,
+    will: Will | None = None,
+    task_status: trio.TaskStatus[Hosted] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one agent on its own client; a crash (``Hosted.crash``) ends it quietly."""
+    client = bus.open(config.agent_id, will=will)
+    hosted = Hosted(Agent(config, client, executors=script.registry), client)
+    try:
+        with hosted.scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(hosted.agent.run)
+                    task_status.started(hosted)
+            except* ClientClosed:
+                if not client.killed:
+                    raise
+    finally:
+        hosted.finished.set()
+        await client.aclose()
+
+
+async def start(
+    nursery: trio.Nursery,
+    bus: MemoryBus,
+    config: AgentConfig,
+    script: Script,
+    *,
+    will: Will | None = None,
+) -> Hosted:
+    hosted: Hosted = await nursery.start(
+        lambda task_status: host(bus, config, script, will=will, task_status=task_status)
+    )
+    return hosted
+
+
+def submission(task_id: str, task_type: str = "testing.run", **fields: Any) -> bytes:
+    """A task as the prototype's ``mosquitto_pub`` sends it: no agent_id, no role."""
+    body = {"task_id": task_id, "type": task_type, "payload": {}, **fields}
+    return json.dumps(
+        {"id": f"msg_{task_id[:40]}", "timestamp": "2026-02-22T20:00:00Z", "payload": body}
+    ).encode()
+
+
+async def submit(
+    client: MemoryClient, task_id: str, task_type: str = "testing.run", **fields: Any
+) -> None:
+    await client.publish(T.tasks_new, submission(task_id, task_type, **fields), qos=1)
+
+
+def body(record: BusRecord) -> dict[str, Any]:
+    payload: dict[str, Any] = record.json()["payload"]
+    return payload
+
+
+def on(topic: str, bus: MemoryBus, **match: Any) -> list[BusRecord]:
+    """The recorded messages on ``topic`` whose payload has every field of ``match``."""
+    return [r for r in bus.records(topic) if all(body(r).get(k) == v for k, v in match.items())]
+
+
+def waiting(**match: Any) -> Callable[[BusRecord], bool]:
+    def predicate(record: BusRecord) -> bool:
+        try:
+            payload = body(record)
+        except (ValueError, KeyError, TypeError):
+            return False
+        return all(payload.get(k) == v for k, v in match.items())
+
+    return predicate
+
+
+async def wait(bus: MemoryBus, topic: str, **match: Any) -> BusRecord:
+    return await bus.wait_for(topic, waiting(**match))
+
+
+def accepted_outcomes(bus: MemoryBus) -> dict[str, dict[str, Any]]:
+    """Replay the bus through a fresh ClaimBook: what any late observer accepts."""
+    book = ClaimBook()
+    accepted: dict[str, dict[str, Any]] = {}
+    for record in bus.records(f"{SWARM}/tasks/+"):
+        try:
+            env = decode_envelope(record.payload)
+            if record.topic == T.tasks_assigned:
+                book.observe_claim(parse_claim(env), record.time)
+            elif record.topic in (T.tasks_complete, T.tasks_failed):
+                outcome = parse_outcome(env, success=record.topic == T.tasks_complete)
+                if book.observe_outcome(outcome):
+                    accepted[outcome.task_id] = {"time": record.time, **outcome.payload}
+        except BadMessage:
+            continue
+    return accepted
+
+
+async def blocker(bus: MemoryBus, watcher: MemoryClient, agent_id: str, seconds: float) -> None:
+    """Keep ``agent_id`` (max_tasks=1) busy for ``seconds`` from now, so others win claims."""
+    task_id = f"block-{agent_id}"
+    await submit(watcher, task_id, assigned_to=agent_id, payload={"sleep": seconds})
+    await wait(bus, T.tasks_progress, task_id=task_id, event="start")
+
+
+@pytest.fixture
+def bus() -> MemoryBus:
+    return MemoryBus()
+
+
+@pytest.fixture
+def script() -> Script:
+    return Script()
+
+
+@pytest.fixture
+def fixed_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retry backoff without jitter: ``random.uniform(a, b)`` returns ``b``."""
+    monkeypatch.setattr(random, "uniform", lambda a, b: b)
+
+
+# ------------------------------------------------------------------- presence
+async def test_heartbeat_schedule_and_fields(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await trio.sleep(3)  # the schedule follows the agent's start, not time zero
+            a = await start(nursery, bus, cfg("hb", max_tasks=1, heartbeat_interval=10), script)
+            t0 = a.agent.started_at
+            assert t0 == 3.0
+            await submit(watcher, "hb-1", payload={"sleep": 25})
+            await wait(bus, T.tasks_progress, task_id="hb-1", event="start")
+            await submit(watcher, "hb-2", payload={"sleep": 25})
+            await wait(bus, T.agents_heartbeat, uptime=30.0)
+            nursery.cancel_scope.cancel()
+    beats = bus.records(T.agents_heartbeat)
+    assert [r.time for r in beats] == [t0 + 10, t0 + 20, t0 + 30]
+    for record, uptime, running, queued in zip(
+        beats, (10.0, 20.0, 30.0), (["hb-1"], ["hb-1"], ["hb-2"]), (1, 1, 0), strict=True
+    ):
+        env = record.json()
+        assert (env["agent_id"], env["role"]) == ("hb", "testing")
+        p = env["payload"]
+        assert p["status"] == "alive"
+        assert p["agent_id"] == "hb"
+        assert p["uptime"] == uptime
+        assert p["running"] == running
+        assert p["running_tasks"] == len(running)
+        assert p["capacity"] == 1
+        assert p["queued"] == queued
+        assert type(p["memory"]["rss"]) is int
+        assert p["memory"]["rss"] > 0
+
+
+@pytest.mark.parametrize("agents", [1, 4])
+async def test_register_only_after_subscriptions_are_in_place(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script, agents: int
+) -> None:
+    """A task sent the instant a register is seen is never missed."""
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            async with watcher.subscribe(T.agents_register) as registers:
+                for i in range(agents):
+                    nursery.start_soon(host, bus, cfg(f"r{i}"), script)
+                for _ in range(agents):
+                    message = await registers.receive()
+                    agent_id = json.loads(message.payload)["payload"]["agent_id"]
+                    assert agent_id in bus.subscribers(T.tasks_new)
+                    await submit(watcher, f"after-{agent_id}", assigned_to=agent_id)
+            for i in range(agents):
+                await wait(bus, T.tasks_complete, task_id=f"after-r{i}", agent_id=f"r{i}")
+            nursery.cancel_scope.cancel()
+    # retained online status first, then the register
+    status = bus.records(T.agent_status("r0"))[0]
+    register = on(T.agents_register, bus, agent_id="r0")[0]
+    assert bus.history.index(status) < bus.history.index(register)
+    assert status.retain
+    assert body(status)["status"] == "online"
+
+
+# -------------------------------------------------------------------- leases
+LEASE = {"heartbeat_interval": 3.0, "lease_time": 10.0}
+
+
+def first_lease_check_at_or_after(started: float, lease_time: float, instant: float) -> float:
+    """The lease loop sleeps lease_time/4 in a loop from the agent's start."""
+    period = lease_time / 4
+    check = started + period
+    while check < instant:
+        check += period
+    return check
+
+
+async def test_silent_holder_is_taken_over_at_the_first_lease_check_after_expiry(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            config_a = cfg("A", **LEASE)
+            config_b = cfg("B", max_tasks=1, **LEASE)
+            a = await start(nursery, bus, config_a, script)  # no will: a silent death
+            b = await start(nursery, bus, config_b, script)
+            await blocker(bus, watcher, "B", 1)
+            await submit(watcher, "lease-1", payload={"hang_on": ["A"], "gate": "lease-1"})
+            first = await wait(bus, T.tasks_assigned, task_id="lease-1")
+            assert (body(first)["agent_id"], body(first)["attempt"]) == ("A", 1)
+
+            await trio.sleep_until(7.0)
+            a.crash()  # no will, no heartbeat from now on
+            last_beat = on(T.agents_heartbeat, bus, agent_id="A")[-1].time
+            assert last_beat == 6.0
+            expected = first_lease_check_at_or_after(
+                b.agent.started_at, config_b.lease_time, last_beat + config_b.lease_time
+            )
+            assert expected == 17.5
+
+            takeover = await wait(bus, T.tasks_assigned, task_id="lease-1", attempt=2)
+            assert takeover.time == expected
+            assert body(takeover)["agent_id"] == "B"
+            await wait(bus, T.tasks_progress, task_id="lease-1", agent_id="B", event="start")
+
+            # The old holder's late result arrives while B runs attempt 2: fenced off.
+            late = encode(
+                "A",
+                "testing",
+                {"task_id": "lease-1", "agent_id": "A", "status": "success", "attempt": 1},
+            )
+            await watcher.publish(T.tasks_complete, late, qos=1)
+            await trio.sleep(1)
+            assert b.agent.running_tasks == ["lease-1"]
+            holder = b.agent.book.holder("lease-1")
+            assert holder is not None
+            assert (holder.agent_id, holder.attempt) == ("B", 2)
+            assert not b.agent.book.is_finished("lease-1")
+
+            script.gate("lease-1").set()
+            done = await wait(bus, T.tasks_complete, task_id="lease-1", agent_id="B")
+            assert body(done)["attempt"] == 2
+            assert b.agent.book.is_finished("lease-1")
+
+            # ... and once more after the end: nothing changes.
+            counters = dict(b.agent.counters)
+            published = len(bus.history)
+            await watcher.publish(T.tasks_complete, late, qos=1)
+            await trio.sleep(1)
+            assert b.agent.book.is_finished("lease-1")
+            assert b.agent.counters == counters
+            assert len(bus.history) == published + 1  # only the fake itself
+            nursery.cancel_scope.cancel()
+    accepted = accepted_outcomes(bus)["lease-1"]
+    assert (accepted["agent_id"], accepted["attempt"]) == ("B", 2)
+    assert [(c.agent_id, c.attempt, c.outcome) for c in script.calls_for("lease-1")] == [
+        ("A", 1, "Cancelled"),
+        ("B", 2, "ok"),
+    ]
+
+
+def test_claim_book_fences_an_outcome_of_an_older_attempt() -> None:
+    book = ClaimBook()
+    book.observe_claim(Claim("t1", "A", 1, "testing"), 0.0)
+    book.observe_claim(Claim("t1", "B", 2, "testing"), 17.5)
+    assert not book.observe_outcome(Outcome("t1", "A", 1, True, {}))
+    assert not book.is_finished("t1")
+    holder = book.holder("t1")
+    assert holder is not None
+    assert (holder.agent_id, holder.attempt) == ("B", 2)
+    assert book.observe_outcome(Outcome("t1", "B", 2, True, {}))
+    assert book.is_finished("t1")
+    assert not book.observe_outcome(Outcome("t1", "A", 1, True, {}))
+    assert not book.observe_outcome(Outcome("t1", "B", 2, False, {}))  # duplicate
+
+
+async def test_holder_killed_with_its_will_is_taken_over_at_once(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            config_a = cfg("A", **LEASE)
+            a = await start(nursery, bus, config_a, script, will=agent_will(config_a))
+            b = await start(nursery, bus, cfg("B", max_tasks=1, **LEASE), script)
+            await blocker(bus, watcher, "B", 1)
+            await submit(watcher, "will-1", payload={"hang_on": ["A"]})
+            await wait(bus, T.tasks_assigned, task_id="will-1", agent_id="A")
+
+            await trio.sleep_until(7.25)  # between A's heartbeats and B's lease checks
+            a.crash()
+            killed_at = trio.current_time()
+            will = bus.history[-1]
+            assert will.will
+            assert will.topic == T.agent_status("A")
+            assert body(will)["status"] == "offline"
+
+            takeover = await wait(bus, T.tasks_assigned, task_id="will-1", attempt=2)
+            assert takeover.time == killed_at
+            assert body(takeover)["agent_id"] == "B"
+            done = await wait(bus, T.tasks_complete, task_id="will-1")
+            assert (body(done)["agent_id"], body(done)["attempt"], done.time) == ("B", 2, 7.25)
+            assert not b.agent.peers["A"].online
+            nursery.cancel_scope.cancel()
+    assert accepted_outcomes(bus)["will-1"]["agent_id"] == "B"
+
+
+# -------------------------------------------------------------------- retries
+def progress(bus: MemoryBus, task_id: str, event: str) -> list[BusRecord]:
+    return on(T.tasks_progress, bus, task_id=task_id, event=event)
+
+
+async def test_retry_backoff_delays_are_published_and_kept(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script, fixed_jitter: None
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(
+                nursery, bus, cfg("R", retry_initial_delay=1.0, retry_max_delay=60.0), script
+            )
+            await submit(watcher, "retry-1", payload={"sleep": 0.5, "fail": 2})
+            done = await wait(bus, T.tasks_complete, task_id="retry-1")
+            nursery.cancel_scope.cancel()
+    starts = progress(bus, "retry-1", "start")
+    retries = progress(bus, "retry-1", "retry")
+    assert [body(r)["try"] for r in starts] == [1, 2, 3]
+    assert [body(r)["state"] for r in retries] == ["retrying", "retrying"]
+    assert [body(r)["delay"] for r in retries] == [1.0, 2.0]  # initial * 2 ** (try - 1)
+    assert all("failure on try" in body(r)["error"] for r in retries)
+    for failure, following in zip(retries, starts[1:], strict=True):
+        assert following.time == failure.time + body(failure)["delay"]
+    assert [r.time for r in starts] == [0.0, 1.5, 4.0]
+    assert [r.time for r in retries] == [0.5, 2.0]
+    assert done.time == 4.5
+    assert body(done)["attempt"] == 1
+    assert on(T.tasks_failed, bus) == []
+
+
+async def test_retry_delays_are_jittered_within_half_to_full_cap(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(
+                nursery,
+                bus,
+                cfg("R", retry_initial_delay=1.0, retry_max_delay=3.0, max_retries=4),
+                script,
+            )
+            await submit(watcher, "jitter-1", payload={"fail": 4})
+            await wait(bus, T.tasks_complete, task_id="jitter-1")
+            nursery.cancel_scope.cancel()
+    starts = progress(bus, "jitter-1", "start")
+    retries = progress(bus, "jitter-1", "retry")
+    caps = [1.0, 2.0, 3.0, 3.0]  # capped by retry_max_delay
+    for cap, failure, following in zip(caps, retries, starts[1:], strict=True):
+        delay = body(failure)["delay"]
+        assert cap / 2 - 0.0005 <= delay <= cap
+        # The published delay is rounded to the millisecond.
+        assert following.time == pytest.approx(failure.time + delay, abs=0.0005)
+
+
+async def test_retry_start_is_exactly_failure_plus_published_delay_with_jitter(
+    autojump_clock: trio.testing.MockClock,
+    bus: MemoryBus,
+    script: Script,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(random, "uniform", lambda a, b: a + (b - a) * 0.5555555)
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("R"), script)
+            await submit(watcher, "jitter-2", payload={"fail": 1})
+            await wait(bus, T.tasks_complete, task_id="jitter-2")
+            nursery.cancel_scope.cancel()
+    (failure,) = progress(bus, "jitter-2", "retry")
+    following = progress(bus, "jitter-2", "start")[1]
+    assert following.time == failure.time + body(failure)["delay"]
+
+
+async def test_retries_exhausted_one_failed_with_reason_error(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script, fixed_jitter: None
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("R1", max_retries=2), script)
+            await start(nursery, bus, cfg("R2", max_retries=2), script)
+            await submit(watcher, "exhaust-1", payload={"fail": 99})
+            await wait(bus, T.tasks_failed, task_id="exhaust-1")
+            await trio.sleep(100)  # nothing more comes (no takeover, no second report)
+            nursery.cancel_scope.cancel()
+    (failed,) = on(T.tasks_failed, bus, task_id="exhaust-1")
+    assert body(failed)["reason"] == "error"
+    assert "after 3 tries" in body(failed)["error"]
+    assert body(failed)["attempt"] == 1
+    calls = script.calls_for("exhaust-1")
+    assert [c.try_number for c in calls] == [1, 2, 3]
+    assert len({c.agent_id for c in calls}) == 1
+    assert len(progress(bus, "exhaust-1", "retry")) == 2
+    assert on(T.tasks_complete, bus) == []
+
+
+async def test_per_task_timeout_then_retry_then_failure_timeout(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script, fixed_jitter: None
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("TO", max_retries=1), script)
+            await trio.sleep(2)
+            await submit(watcher, "slow-1", timeout_s=5, payload={"hang": True})
+            failed = await wait(bus, T.tasks_failed, task_id="slow-1")
+            nursery.cancel_scope.cancel()
+    timeouts = progress(bus, "slow-1", "time_out")
+    assert [r.time for r in timeouts] == [7.0, 13.0]  # 2 + 5; 7 + 1 (backoff) + 5
+    assert all(body(r)["state"] == "timed_out" for r in timeouts)
+    assert [r.time for r in progress(bus, "slow-1", "start")] == [2.0, 8.0]
+    (retry,) = progress(bus, "slow-1", "retry")
+    assert (retry.time, body(retry)["previous"], body(retry)["delay"]) == (7.0, "timed_out", 1.0)
+    assert failed.time == 13.0
+    assert body(failed)["error"] == "timed out after 5 s (after 2 tries)"
+    (final,) = progress(bus, "slow-1", "fail")
+    assert (final.time, body(final)["previous"], body(final)["state"]) == (
+        13.0,
+        "timed_out",
+        "failed",
+    )
+    assert [c.outcome for c in script.calls_for("slow-1")] == ["Cancelled", "Cancelled"]
+    assert len(on(T.tasks_failed, bus)) == 1
+
+
+async def test_final_timeout_is_reported_with_reason_timeout(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script, fixed_jitter: None
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("TO", max_retries=0), script)
+            await submit(watcher, "slow-2", timeout_s=5, payload={"hang": True})
+            failed = await wait(bus, T.tasks_failed, task_id="slow-2")
+            nursery.cancel_scope.cancel()
+    assert failed.time == 5.0
+    assert body(failed)["reason"] == "timeout"
+
+
+# ----------------------------------------------------------- cancel, shutdown
+async def test_cancel_request_stops_a_running_task_at_once(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("C1"), script)
+            await start(nursery, bus, cfg("C2"), script)
+            await submit(watcher, "cancel-1", payload={"hang": True})
+            await wait(bus, T.tasks_progress, task_id="cancel-1", event="start")
+            await trio.sleep(4)
+            await watcher.publish(
+                T.tasks_cancel, json.dumps({"payload": {"task_id": "cancel-1"}}), qos=1
+            )
+            asked = trio.current_time()
+            failed = await wait(bus, T.tasks_failed, task_id="cancel-1")
+            await trio.sleep(100)
+            nursery.cancel_scope.cancel()
+    assert failed.time == asked == 4.0
+    assert body(failed)["reason"] == "cancelled"
+    assert len(on(T.tasks_failed, bus, task_id="cancel-1")) == 1
+    (call,) = script.calls_for("cancel-1")
+    assert (call.outcome, call.end) == ("Cancelled", 4.0)
+    (cancelled,) = progress(bus, "cancel-1", "cancel")
+    assert body(cancelled)["state"] == "cancelled"
+
+
+async def test_graceful_shutdown_completes_within_grace_and_releases_the_rest(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            s = await start(nursery, bus, cfg("S", grace_period=5.0), script)
+            b = await start(nursery, bus, cfg("B", max_tasks=1), script)
+            await blocker(bus, watcher, "B", 1)
+            await submit(watcher, "short-1", payload={"sleep": 3})
+            await submit(watcher, "long-1", payload={"hang_on": ["S"]})
+            await wait(bus, T.tasks_assigned, task_id="long-1", agent_id="S")
+            await wait(bus, T.tasks_assigned, task_id="short-1", agent_id="S")
+
+            await trio.sleep_until(2.0)
+            s.agent.request_shutdown()
+            t_shutdown = trio.current_time()
+            await s.finished.wait()
+            takeover = await wait(bus, T.tasks_assigned, task_id="long-1", attempt=2)
+            done = await wait(bus, T.tasks_complete, task_id="long-1")
+            nursery.cancel_scope.cancel()
+    grace = s.agent.config.grace_period
+    (short,) = on(T.tasks_complete, bus, task_id="short-1")
+    assert (short.time, body(short)["agent_id"], body(short)["attempt"]) == (3.0, "S", 1)
+    (released,) = on(T.tasks_released, bus)
+    assert released.time == t_shutdown + grace == 7.0
+    assert (body(released)["task_id"], body(released)["agent_id"]) == ("long-1", "S")
+    assert body(released)["attempt"] == 1
+    assert (takeover.time, body(takeover)["agent_id"]) == (7.0, "B")
+    assert (body(done)["agent_id"], body(done)["attempt"]) == ("B", 2)
+    assert b.agent.counters["won"] == 2
+
+    (shutdown,) = bus.records(T.agents_shutdown)
+    assert shutdown.time == 7.0
+    assert (body(shutdown)["reason"], body(shutdown)["agent_id"]) == ("graceful", "S")
+    status = bus.retained[T.agent_status("S")]
+    offline = json.loads(status.payload)["payload"]
+    assert (offline["status"], offline["reason"]) == ("offline", "shutdown")
+    assert status.retain
+    # S claimed nothing once it began to shut down
+    assert [r.time for r in on(T.tasks_assigned, bus, agent_id="S")] == [0.0, 0.0]
+
+
+async def test_claim_winning_during_shutdown_does_not_crash_the_agent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Shutdown is requested the instant the agent's claim is routed, before it sees it win.
+
+    Whether the agent's intake or its drain runs first is up to trio's randomised
+    scheduling; 40 rounds make a miss vanishingly unlikely.
+    """
+    for _ in range(40):
+        bus, script = MemoryBus(), Script()
+        with trio.fail_after(1000):
+            async with trio.open_nursery() as nursery:
+                watcher = bus.open("watcher")
+                s = await start(nursery, bus, cfg("S"), script)
+
+                def shutdown_on_claim(record: BusRecord, agent: Agent = s.agent) -> None:
+                    if record.topic == T.tasks_assigned:
+                        agent.request_shutdown()
+
+                bus.listeners.append(shutdown_on_claim)
+                await submit(watcher, "x-1")
+                await s.finished.wait()
+                nursery.cancel_scope.cancel()
+        assert bus.records(T.agents_shutdown)
+        assert on(T.tasks_complete, bus, task_id="x-1") or on(T.tasks_released, bus, task_id="x-1")
+
+
+async def test_cancel_before_start_is_reported_once_whoever_is_online(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("a-monitor", role="monitoring"), script)
+            await start(nursery, bus, cfg("b-tester", max_tasks=1), script)
+            await blocker(bus, watcher, "b-tester", 50)
+            await submit(watcher, "queued-1")  # waits in b-tester's queue
+            await trio.sleep(1)
+            await watcher.publish(
+                T.tasks_cancel, json.dumps({"payload": {"task_id": "queued-1"}}), qos=1
+            )
+            await trio.sleep(100)
+            nursery.cancel_scope.cancel()
+    assert script.calls_for("queued-1") == []
+    (failed,) = on(T.tasks_failed, bus, task_id="queued-1")
+    assert body(failed)["reason"] == "cancelled"
+
+
+async def test_cancel_before_start_is_reported_once(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("a-tester", max_tasks=1), script)
+            await start(nursery, bus, cfg("b-tester", max_tasks=1), script)
+            await blocker(bus, watcher, "a-tester", 50)
+            await blocker(bus, watcher, "b-tester", 50)
+            await submit(watcher, "queued-2")  # waits in both queues
+            await trio.sleep(1)
+            await watcher.publish(
+                T.tasks_cancel, json.dumps({"payload": {"task_id": "queued-2"}}), qos=1
+            )
+            await trio.sleep(100)
+            nursery.cancel_scope.cancel()
+    assert script.calls_for("queued-2") == []
+    (failed,) = on(T.tasks_failed, bus, task_id="queued-2")
+    assert (body(failed)["reason"], body(failed)["agent_id"]) == ("cancelled", "a-tester")
+    assert on(T.tasks_assigned, bus, task_id="queued-2") == []
+
+
+# ------------------------------------------------------------------- choosing
+async def test_busy_agent_claims_by_priority(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("P", max_tasks=1), script)
+            await submit(watcher, "first", payload={"sleep": 10})
+            await wait(bus, T.tasks_progress, task_id="first", event="start")
+            await trio.sleep(1)
+            for prio in ("low", "high", "medium"):
+                await submit(watcher, f"p-{prio}", priority=prio, payload={"sleep": 1})
+            await wait(bus, T.tasks_complete, task_id="p-low")
+            nursery.cancel_scope.cancel()
+    claims = [(body(r)["task_id"], r.time) for r in bus.records(T.tasks_assigned)]
+    assert claims == [("first", 0.0), ("p-high", 10.0), ("p-medium", 11.0), ("p-low", 12.0)]
+
+
+async def test_busy_agent_never_claims_beyond_max_tasks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A task that lands right behind the agent's winning claim must wait for the slot.
+
+    A bus listener publishes task "two" the instant P's claim for "one" is routed, so
+    both reach P's intake in one batch. Whether P's claimer then runs before "one"
+    enters ``_running`` depends on trio's randomised scheduling order (about one time
+    in two); 40 rounds make a miss vanishingly unlikely.
+    """
+    for round_ in range(40):
+        bus, script = MemoryBus(), Script()
+        with trio.fail_after(1000):
+            async with trio.open_nursery() as nursery:
+                watcher = bus.open("watcher")
+
+                def behind_claim(record: BusRecord, watcher: MemoryClient = watcher) -> None:
+                    if record.topic == T.tasks_assigned and body(record)["task_id"] == "one":
+                        watcher.publish_nowait(
+                            T.tasks_new, submission("two", payload={"sleep": 5}), qos=1
+                        )
+
+                bus.listeners.append(behind_claim)
+                await start(nursery, bus, cfg("P", max_tasks=1), script)
+                t0 = trio.current_time()
+                await submit(watcher, "one", payload={"sleep": 5})
+                await wait(bus, T.tasks_complete, task_id="two")
+                nursery.cancel_scope.cancel()
+        claims = [(body(r)["task_id"], r.time - t0) for r in bus.records(T.tasks_assigned)]
+        assert claims == [("one", 0.0), ("two", 5.0)], f"round {round_}"
+
+
+async def test_assigned_task_is_claimed_only_by_its_agent(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            x = await start(nursery, bus, cfg("X", max_tasks=1), script)
+            y = await start(nursery, bus, cfg("Y"), script)
+            await blocker(bus, watcher, "X", 5)
+            await submit(watcher, "for-x", assigned_to="X")
+            await trio.sleep(2)
+            assert y.agent.statistics()["running"] == 0  # Y is idle and eligible by role
+            await wait(bus, T.tasks_complete, task_id="for-x")
+            await trio.sleep(100)
+            nursery.cancel_scope.cancel()
+    claims = on(T.tasks_assigned, bus, task_id="for-x")
+    assert [(body(r)["agent_id"], r.time) for r in claims] == [("X", 5.0)]
+    assert [c.agent_id for c in script.calls_for("for-x")] == ["X"]
+    assert x.agent.counters["won"] == 2
+    assert y.agent.counters["claimed"] == 0
+
+
+async def test_expired_task_fails_once_without_running(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("E1"), script)
+            await start(nursery, bus, cfg("E2"), script)
+            await submit(watcher, "old-1", expires_at="2000-01-01T00:00:00Z")
+            await wait(bus, T.tasks_failed, task_id="old-1")
+            await trio.sleep(100)
+            nursery.cancel_scope.cancel()
+    (failed,) = on(T.tasks_failed, bus)
+    assert body(failed)["reason"] == "expired"
+    assert script.calls == []
+    (expired,) = progress(bus, "old-1", "expire")
+    assert body(expired)["state"] == "expired"
+
+
+async def test_invalid_payload_fails_once_without_retries(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            for i in range(3):
+                await start(nursery, bus, cfg(f"V{i}", max_retries=5), script)
+            await submit(watcher, "refused-1", payload={"invalid": True})
+            await wait(bus, T.tasks_failed, task_id="refused-1")
+            await trio.sleep(200)
+            nursery.cancel_scope.cancel()
+    (failed,) = on(T.tasks_failed, bus)
+    assert body(failed)["reason"] == "invalid_payload"
+    assert "payload refused by the executor" in body(failed)["error"]
+    assert len(script.calls) == 1
+    assert progress(bus, "refused-1", "retry") == []
+    holder = body(failed)["agent_id"]
+    assert len(on(T.tasks_assigned, bus, task_id="refused-1", agent_id=holder)) == 1
+
+
+async def test_completed_task_republished_is_not_run_again(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("D1"), script)
+            await start(nursery, bus, cfg("D2"), script)
+            await submit(watcher, "dup-1", payload={"sleep": 2})
+            await trio.sleep(1)
+            await submit(watcher, "dup-1", payload={"sleep": 2})  # while it runs
+            await wait(bus, T.tasks_complete, task_id="dup-1")
+            await submit(watcher, "dup-1", payload={"sleep": 2})  # after it completed
+            await trio.sleep(100)
+            await submit(watcher, "dup-1", payload={"sleep": 2})
+            await trio.sleep(100)
+            nursery.cancel_scope.cancel()
+    assert len(script.calls_for("dup-1")) == 1
+    assert len(on(T.tasks_complete, bus, task_id="dup-1")) == 1
+    assert on(T.tasks_failed, bus) == []
+
+
+# ----------------------------------------------------------------- bad input
+LONG_ID = "x" * 500
+BAD_INPUT: list[tuple[str, bytes]] = [
+    ("invalid JSON", b'{"payload": {"task_id": "j-1",'),
+    ("non-UTF-8", b'{"payload": {"task_id": "\xff\xfe"}}'),
+    ("JSON array", b'[{"payload": {"task_id": "arr-1"}}]'),
+    ("missing payload", b'{"id": "msg_1", "timestamp": "2026-02-22T20:00:00Z"}'),
+    ("path-like task id", submission("../etc")),
+    ("500-char task id", submission(LONG_ID)),
+    ("oversized", submission("big-1", payload={"blob": "y" * 5000})),
+]
+
+
+async def test_bad_input_is_reported_once_and_the_agents_keep_working(
+    autojump_clock: trio.testing.MockClock,
+    bus: MemoryBus,
+    script: Script,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sheri_trio.agent")
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            a = await start(nursery, bus, cfg("a-agent", max_message_bytes=4096), script)
+            b = await start(nursery, bus, cfg("b-agent", max_message_bytes=4096), script)
+            for _, raw in BAD_INPUT:
+                await watcher.publish(T.tasks_new, raw, qos=1)
+            await submit(watcher, "bad-prio", priority=5)  # usable id, invalid field
+            await submit(watcher, "good-1")
+            await wait(bus, T.tasks_complete, task_id="good-1")
+            await trio.sleep(100)
+            assert not a.finished.is_set()
+            assert not b.finished.is_set()
+            nursery.cancel_scope.cancel()
+    errors = bus.records(T.errors)
+    assert len(errors) == len(BAD_INPUT)  # one report per bad message, by one agent
+    reports = [body(r) for r in errors]
+    assert {r["reported_by"] for r in reports} == {"a-agent"}  # the smallest online id
+    assert {r["topic"] for r in reports} == {T.tasks_new}
+    assert all("task_id" not in r for r in reports)
+    by_kind = dict(zip([k for k, _ in BAD_INPUT], reports, strict=True))
+    assert "not valid JSON" in by_kind["invalid JSON"]["error"]
+    assert "not UTF-8" in by_kind["non-UTF-8"]["error"]
+    assert "JSON object" in by_kind["JSON array"]["error"]
+    assert "payload" in by_kind["missing payload"]["error"]
+    assert "not allowed" in by_kind["path-like task id"]["error"]
+    assert "not allowed" in by_kind["500-char task id"]["error"]
+    assert "exceeds the limit of 4096" in by_kind["oversized"]["error"]
+    assert by_kind["oversized"]["size"] > 4096
+
+    (failed,) = on(T.tasks_failed, bus)
+    assert (body(failed)["task_id"], body(failed)["reason"]) == ("bad-prio", "invalid_task")
+    assert "priority" in body(failed)["error"]
+    assert [c.task_id for c in script.calls] == ["good-1"]
+    assert a.agent.counters["bad_messages"] == b.agent.counters["bad_messages"] == len(BAD_INPUT)
+    refused = [r for r in caplog.records if r.getMessage().startswith("refused message")]
+    assert len(refused) == 2 * len(BAD_INPUT)  # every agent logs every one
+    assert all(f"topic={T.tasks_new}" in r.getMessage() for r in refused)
+
+
+async def test_missing_payload_with_a_top_level_task_id_is_reported_with_it(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("M"), script)
+            await watcher.publish(T.tasks_new, b'{"task_id": "np-1", "type": "testing.run"}')
+            report = await bus.wait_for(T.errors)
+            await trio.sleep(50)
+            nursery.cancel_scope.cancel()
+    assert body(report)["task_id"] == "np-1"
+    assert on(T.tasks_failed, bus) == []
+
+
+@pytest.mark.parametrize("priority", [["high"], {"level": "high"}])
+async def test_agent_survives_an_unhashable_priority(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script, priority: Any
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("U"), script)
+            await submit(watcher, "prio-list", priority=priority)
+            await submit(watcher, "good-2")
+            await wait(bus, T.tasks_complete, task_id="good-2")
+            nursery.cancel_scope.cancel()
+    (failed,) = on(T.tasks_failed, bus)
+    assert body(failed)["reason"] == "invalid_task"
+
+
+async def test_agent_survives_a_huge_integer(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("H"), script)
+            raw = b'{"payload": {"task_id": "huge-1", "n": ' + b"9" * 5000 + b"}}"
+            await watcher.publish(T.tasks_new, raw)
+            await submit(watcher, "good-3")
+            await wait(bus, T.tasks_complete, task_id="good-3")
+            nursery.cancel_scope.cancel()
+    assert len(bus.records(T.errors)) == 1
+
+
+async def test_seed_message_counts_by_kind(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    """The prototype's deploy message runs once on the deployment agent, not on others."""
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("dep-1", role="deployment"), script)
+            await start(nursery, bus, cfg("dep-2", role="deployment"), script)
+            await start(nursery, bus, cfg("tst-1"), script)
+            await submit(watcher, "task_deploy_test", "deployment.deploy", priority="high")
+            await wait(bus, T.tasks_complete, task_id="task_deploy_test")
+            await trio.sleep(100)
+            nursery.cancel_scope.cancel()
+    by_agent = Counter(c.agent_id for c in script.calls)
+    assert sum(by_agent.values()) == 1
+    assert set(by_agent) <= {"dep-1", "dep-2"}

@@ -1,0 +1,193 @@
+"""The task lifecycle table: every allowed transition works, every other one is refused."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import pytest
+
+from sheri_trio.swarm._lifecycle import (
+    FINAL_STATES,
+    STATES,
+    TRANSITIONS,
+    InvalidTransition,
+    Lifecycle,
+    StateChange,
+    TaskRecord,
+    mermaid,
+)
+
+
+def _sources(transition: dict[str, object]) -> list[str]:
+    source = transition["source"]
+    return list(source) if isinstance(source, list) else [str(source)]
+
+
+TRIGGERS = sorted({str(t["trigger"]) for t in TRANSITIONS})
+EDGES = [(source, str(t["trigger"]), str(t["dest"])) for t in TRANSITIONS for source in _sources(t)]
+ALLOWED = {(source, trigger) for source, trigger, _ in EDGES}
+DISALLOWED = [(s, t) for s in STATES for t in TRIGGERS if (s, t) not in ALLOWED]
+
+
+def _paths() -> dict[str, list[str]]:
+    """The shortest trigger sequence from ``received`` to every reachable state."""
+    paths: dict[str, list[str]] = {"received": []}
+    queue = deque(["received"])
+    while queue:
+        state = queue.popleft()
+        for source, trigger, dest in EDGES:
+            if source == state and dest not in paths:
+                paths[dest] = [*paths[state], trigger]
+                queue.append(dest)
+    return paths
+
+
+PATHS = _paths()
+
+
+def _record_in(lifecycle: Lifecycle, state: str, task_id: str = "t") -> TaskRecord:
+    record = lifecycle.add(task_id)
+    for trigger in PATHS[state]:
+        Lifecycle.fire(record, trigger)
+    assert record.state == state
+    record.take_changes()
+    return record
+
+
+def test_the_table_is_consistent() -> None:
+    assert set(STATES) >= FINAL_STATES
+    for source, _, dest in EDGES:
+        assert source in STATES
+        assert dest in STATES
+        assert source not in FINAL_STATES  # nothing leaves a final state
+    assert len(ALLOWED) == len(EDGES)  # one destination per (state, trigger)
+    assert set(PATHS) == set(STATES)  # every state is reachable from "received"
+    for state in STATES:
+        assert sorted(Lifecycle.allowed(state)) == sorted(t for s, t in ALLOWED if s == state)
+        assert (Lifecycle.allowed(state) == []) == (state in FINAL_STATES)
+
+
+@pytest.mark.parametrize(("source", "trigger", "dest"), EDGES)
+def test_every_allowed_transition(source: str, trigger: str, dest: str) -> None:
+    lifecycle = Lifecycle()
+    record = _record_in(lifecycle, source)
+    change = Lifecycle.fire(record, trigger, error="why", delay=1.5)
+    assert record.state == dest
+    assert change == StateChange("t", source, dest, trigger, {"error": "why", "delay": 1.5})
+    assert record.take_changes() == [change]
+    assert record.final == (dest in FINAL_STATES)
+
+
+@pytest.mark.parametrize(("state", "trigger"), DISALLOWED)
+def test_every_disallowed_transition_raises(state: str, trigger: str) -> None:
+    lifecycle = Lifecycle()
+    record = _record_in(lifecycle, state)
+    with pytest.raises(InvalidTransition, match=f"cannot {trigger!r} from state {state!r}"):
+        Lifecycle.fire(record, trigger)
+    assert record.state == state
+    assert record.changes == []
+
+
+def test_disallowed_pairs_cover_the_rest_of_the_grid() -> None:
+    assert len(DISALLOWED) + len(ALLOWED) == len(STATES) * len(TRIGGERS)
+    for state in FINAL_STATES:
+        assert all((state, t) in DISALLOWED for t in TRIGGERS)
+
+
+@pytest.mark.parametrize("trigger", ["explode", "to_done", "to_received", "succeeded"])
+def test_unknown_triggers_raise(trigger: str) -> None:
+    lifecycle = Lifecycle()
+    record = lifecycle.add("t")
+    with pytest.raises(InvalidTransition):
+        Lifecycle.fire(record, trigger)
+    assert record.state == "received"
+
+
+@pytest.mark.parametrize("trigger", ["trigger", "_record", "take_changes", "final", "is_done"])
+def test_model_attributes_are_not_triggers(trigger: str) -> None:
+    lifecycle = Lifecycle()
+    record = lifecycle.add("t")
+    with pytest.raises(InvalidTransition):
+        Lifecycle.fire(record, trigger)
+
+
+def test_adding_a_task_logs_no_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # transitions warns at every add_model if the model defines one of its method names
+    # (TaskRecord once had a `trigger` stub). As the library is used without the CLI,
+    # whose logging setup filters that warning out.
+    monkeypatch.setattr(logging.getLogger("transitions.core"), "filters", [])
+    monkeypatch.setattr(logging.getLogger("transitions"), "level", logging.NOTSET)
+    lifecycle = Lifecycle()
+    with caplog.at_level(logging.WARNING):
+        lifecycle.add("t1")
+        lifecycle.add("t2")
+    assert caplog.records == []
+
+
+def test_a_typical_life_with_retries() -> None:
+    lifecycle = Lifecycle()
+    record = lifecycle.add("t", attempt=2)
+    path = ["claim", "start", "time_out", "retry", "start", "retry", "start", "succeed"]
+    changes = [Lifecycle.fire(record, trigger) for trigger in path]
+    assert [c.dest for c in changes] == [
+        "claimed",
+        "running",
+        "timed_out",
+        "retrying",
+        "running",
+        "retrying",
+        "running",
+        "done",
+    ]
+    assert record.final
+    assert record.attempt == 2
+    assert record.take_changes() == changes
+    assert record.take_changes() == []
+
+
+def test_one_machine_serves_many_models() -> None:
+    lifecycle = Lifecycle()
+    machine = lifecycle._machine
+    records = [lifecycle.add(f"t{i}", attempt=i + 1) for i in range(50)]
+    assert len(lifecycle) == 50
+    for i, record in enumerate(records):
+        for trigger in ["claim", "start", "succeed"][: i % 4]:
+            Lifecycle.fire(record, trigger)
+    assert [r.state for r in records[:4]] == ["received", "claimed", "running", "done"]
+    assert [r.state for r in records[4:8]] == ["received", "claimed", "running", "done"]
+    assert lifecycle._machine is machine
+    assert all(r in machine.models for r in records)
+    assert lifecycle.get("t3") is records[3]
+    assert set(lifecycle) == set(records)
+
+    with pytest.raises(InvalidTransition, match="already tracked"):
+        lifecycle.add("t0")
+    for record in records[:25]:
+        lifecycle.remove(record)
+    lifecycle.remove(records[0])  # twice: no error
+    assert len(lifecycle) == 25
+    assert lifecycle.get("t0") is None
+    assert records[0] not in machine.models
+    again = lifecycle.add("t0")
+    assert again.state == "received"
+    assert again is not records[0]
+    Lifecycle.fire(records[28], "claim")  # moves that model only
+    assert [r.state for r in records[28:32]] == ["claimed", "claimed", "running", "done"]
+    with pytest.raises(InvalidTransition):
+        Lifecycle.fire(records[31], "claim")
+    assert records[30].state == "running"
+
+
+def test_mermaid_mentions_every_transition() -> None:
+    diagram = mermaid()
+    lines = diagram.splitlines()
+    assert lines[0] == "stateDiagram-v2"
+    assert "    [*] --> received" in lines
+    for source, trigger, dest in EDGES:
+        assert f"    {source} --> {dest}: {trigger}" in lines
+    for state in FINAL_STATES:
+        assert f"    {state} --> [*]" in lines
+    assert len(lines) == 2 + len(EDGES) + len(FINAL_STATES)
