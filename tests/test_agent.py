@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -32,14 +34,22 @@ def _config(
         "lease_time": 2.0,
         "grace_period": 2.0,
         "retry_initial_delay": 0.01,
+        # the swarm's mechanics, not the executors (tests/test_executors_*.py): placeholders
+        "executor_config": {"executors": {"simulate": True}},
     }
     options.update(kw)
     return AgentConfig(role=role, agent_id=agent_id, swarm=swarm, broker=broker.tcp_url, **options)
 
 
-async def test_seed_task_runs_once(broker: MosquittoBroker) -> None:
+async def test_seed_task_runs_once(broker: MosquittoBroker, tmp_path: Path) -> None:
     swarm = "t-seed"
     outcomes: list[dict[str, Any]] = []
+    # the real deploy executor, with the seed's service configured: it writes a file
+    script = "import os; open('deployed.txt', 'a').write(os.environ['SHERI_VERSION'] + '\\n')"
+    executor_config = {
+        "deploy": {"test-service": {"command": [sys.executable, "-c", script]}},
+        "workspace": {"root": str(tmp_path)},
+    }
     with trio.fail_after(20):
         async with open_client(broker.tcp_url) as watcher:
             async with watcher.subscribe(
@@ -50,7 +60,12 @@ async def test_seed_task_runs_once(broker: MosquittoBroker) -> None:
                     for i in range(2):
                         await nursery.start(
                             lambda task_status, i=i: run_agent(
-                                _config(broker, "deployment", f"deploy-{i}", swarm),
+                                _config(
+                                    broker, "deployment", f"deploy-{i}", swarm,
+                                    executor_config={
+                                        **executor_config, "state_dir": str(tmp_path / str(i))
+                                    },
+                                ),  # fmt: skip
                                 shutdown=shutdown,
                                 task_status=task_status,
                             )
@@ -63,6 +78,8 @@ async def test_seed_task_runs_once(broker: MosquittoBroker) -> None:
     assert payload["task_id"] == "task_deploy_test"
     assert payload["status"] == "success"
     assert payload["result"]["status"] == "deployed"
+    assert payload["result"]["version"] == "1.0.0"
+    assert (tmp_path / "deployed.txt").read_text() == "1.0.0\n"  # deployed once
 
 
 def _counting_registry(counter: Counter[str], delay: float = 0.0) -> Any:
@@ -198,7 +215,8 @@ import sys, trio, logging
 logging.basicConfig(level=logging.INFO)
 from sheri_trio.swarm._agent import AgentConfig, run_agent
 cfg = AgentConfig(role="testing", agent_id=sys.argv[2], swarm=sys.argv[3], broker=sys.argv[1],
-                  heartbeat_interval=0.5, lease_time=2.0, keep_alive=5)
+                  heartbeat_interval=0.5, lease_time=2.0, keep_alive=5,
+                  executor_config={"executors": {"simulate": True}})
 async def main():
     async with trio.open_nursery() as n:
         await n.start(run_agent, cfg)

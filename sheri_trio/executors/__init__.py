@@ -3,11 +3,19 @@
 An executor receives a :class:`TaskContext` (the task, and ``progress()`` to report
 along the way) and returns a JSON-able dict, the task's ``result``. It raises
 :class:`TaskPayloadError` when the task's payload is invalid (the task then fails
-once, without retries); any other exception is a failed attempt that is retried.
+once, without retries), :class:`TaskConfigError` when the agent is not configured for
+the task (likewise once); any other exception is a failed attempt that is retried.
+
+The real executors live in one module per domain (``_testing``, ``_security``,
+``_monitoring``, ``_deployment``, ``_database``, ``_llm``); ``_workspace`` keeps payload
+paths inside the workspace and ``_process`` runs configured commands.
 """
 
 from ._base import Executor as Executor
 from ._base import ExecutorRegistry as ExecutorRegistry
+from ._base import TaskConfigError as TaskConfigError
 from ._base import TaskContext as TaskContext
 from ._base import TaskPayloadError as TaskPayloadError
 from ._base import default_registry as default_registry
+from ._base import simulated_registry as simulated_registry
+from ._config import validate_executor_config as validate_executor_config

@@ -6,11 +6,26 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Executor", "ExecutorRegistry", "TaskContext", "TaskPayloadError", "default_registry"]
+__all__ = [
+    "Executor",
+    "ExecutorRegistry",
+    "TaskConfigError",
+    "TaskContext",
+    "TaskPayloadError",
+    "default_registry",
+    "simulated_registry",
+]
 
 
 class TaskPayloadError(ValueError):
     """The task's payload is invalid: the task fails at once, without retries."""
+
+
+class TaskConfigError(TaskPayloadError):
+    """The agent cannot run this task as configured (a missing ``[deploy.x]`` table, no
+    API key, a tool that is not installed): retrying would fail the same way, so the task
+    fails at once, without retries. A subclass of :class:`TaskPayloadError` so that agents
+    that only know that one already fail it once."""
 
 
 ProgressFn = Callable[..., Awaitable[None]]
@@ -27,6 +42,10 @@ class TaskContext:
     try_number: int
     _progress: ProgressFn | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    #: what the agent knows of the swarm, for ``monitoring.alerts`` (None: not provided).
+    #: ``{"agents": [{"agent_id", "role", "online", "last_seen_age"}], "outcomes":
+    #: {"completed": n, "failed": n}}``; see docs/configuration.md.
+    swarm: dict[str, Any] | None = None
 
     async def progress(self, message: str = "", **fields: Any) -> None:
         """Report progress (published on ``tasks/progress``)."""
@@ -63,9 +82,24 @@ class ExecutorRegistry:
         return sorted(self._executors)
 
 
-def default_registry() -> ExecutorRegistry:
+def simulated_registry() -> ExecutorRegistry:
+    """The placeholders: validate the payload, return the prototype's fields marked
+    ``"simulated": true`` (``simulate_seconds``, ``simulate_failure`` in the payload).
+    For tests of the swarm's mechanics; any other type is simulated as well."""
     from ._builtin import BUILTIN, unknown_type
 
     registry = ExecutorRegistry(BUILTIN)
     registry.fallback = unknown_type
     return registry
+
+
+def default_registry() -> ExecutorRegistry:
+    """The real executors of the 13 task types; other types have none (the agent fails
+    them with reason ``unknown_type``).
+
+    With ``[executors] simulate = true`` in the agent's configuration every task runs
+    its placeholder instead (see :func:`simulated_registry`).
+    """
+    from ._registry import real_executors
+
+    return ExecutorRegistry(real_executors())

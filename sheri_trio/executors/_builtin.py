@@ -1,7 +1,9 @@
-"""Built-in handlers for the 13 task types (placeholders until the real executors land).
+"""Placeholder handlers for the 13 task types, for exercising the swarm without tools.
 
-Each validates its payload and returns the prototype's result fields, marked
-``"simulated": true`` so no consumer mistakes them for real work.
+They run when the agent's configuration says ``[executors] simulate = true`` (or with
+:func:`~sheri_trio.executors.simulated_registry`). Each validates its payload and returns
+the prototype's result fields, marked ``"simulated": true`` so no consumer mistakes them
+for real work. The real executors are in the domain modules (``_testing``, ...).
 """
 
 from __future__ import annotations

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..executors import ExecutorRegistry, TaskContext, TaskPayloadError, default_registry
+from ..executors import (
+    ExecutorRegistry,
+    TaskConfigError,
+    TaskContext,
+    TaskPayloadError,
+    default_registry,
+)
 from ..mqtt import (
     Client,
     ClientClosed,
@@ -172,12 +178,12 @@ class Agent:
         self._outstanding: dict[str, int] = {}  # our claims awaiting the broker's order
         self._running: dict[str, _Running] = {}
         self._starting: set[str] = set()  # won, not yet running: counts as busy
+        self._unstarted: list[tuple[TaskSpec, int]] = []  # won during shutdown: to release
         self._markers: set[str] = set()  # tasks with a retained pending marker
         self._accepting = True
         self._claim_wakeup = trio.Event()
         self._shutdown = trio.Event()
         self._tasks_nursery: trio.Nursery | None = None
-        self._root_nursery: trio.Nursery
         self._idle = trio.Event()
 
     # ------------------------------------------------------------ public API
@@ -219,7 +225,6 @@ class Agent:
             t.broadcast,
         )
         async with trio.open_nursery() as root:
-            self._root_nursery = root
             # One subscription for every topic: the broker's order is kept across them.
             async with self.client.subscribe(*filters, qos=1) as messages:
                 await self._load_task_states()
@@ -641,9 +646,8 @@ class Agent:
                 if spec is None:
                     return
                 if not self._accepting or self._tasks_nursery is None:
-                    # won while shutting down: give it straight back
-                    self._starting.add(task_id)
-                    self._root_nursery.start_soon(self._release_unstarted, spec, claim.attempt)
+                    # won while shutting down: given straight back when we leave
+                    self._unstarted.append((spec, claim.attempt))
                     return
                 self._starting.add(task_id)  # holds its slot until _run_task registers it
                 self._tasks_nursery.start_soon(self._run_task, spec, claim.attempt)
@@ -738,6 +742,7 @@ class Agent:
     # ------------------------------------------------------------- running
     async def _run_task(self, spec: TaskSpec, attempt: int) -> None:
         if not self._accepting:
+            self._starting.discard(spec.task_id)
             await self._release_unstarted(spec, attempt)  # shutdown began before it started
             return
         record = self.lifecycle.add(spec.task_id, attempt)
@@ -806,6 +811,10 @@ class Agent:
                 try:
                     with trio.fail_after(timeout if timeout else math.inf):
                         result = await executor(ctx)
+                except TaskConfigError as exc:  # retrying cannot help: fail once, as it is
+                    await self._fire(record, "fail", error=str(exc))
+                    await self._publish_failed(spec, record.attempt, str(exc), "not_configured")
+                    return True
                 except TaskPayloadError as exc:
                     await self._fire(record, "fail", error=str(exc))
                     await self._publish_failed(
@@ -867,21 +876,19 @@ class Agent:
 
     async def _release_unstarted(self, spec: TaskSpec, attempt: int) -> None:
         """A claim we won after shutdown began: release it without running it."""
-        try:
-            self.counters["released"] += 1
-            self._log(logging.INFO, "won while shutting down: released", task_id=spec.task_id)
-            await self._publish(
-                self.topics.tasks_released,
-                {
-                    "task_id": spec.task_id,
-                    "agent_id": self.agent_id,
-                    "role": self.role,
-                    "attempt": attempt,
-                    "released_at": now_iso(),
-                },
-            )
-        finally:
-            self._starting.discard(spec.task_id)
+        self.counters["released"] += 1
+        self._log(logging.INFO, "won while shutting down: released", task_id=spec.task_id)
+        await self._publish(
+            self.topics.tasks_released,
+            {
+                "task_id": spec.task_id,
+                "agent_id": self.agent_id,
+                "role": self.role,
+                "attempt": attempt,
+                "released_at": now_iso(),
+            },
+            wait_ack=False,
+        )
 
     async def _release(self, running: _Running) -> None:
         record = running.record
@@ -898,6 +905,7 @@ class Agent:
                 "attempt": record.attempt,
                 "released_at": now_iso(),
             },
+            wait_ack=False,  # the client's close flushes it; a cancelled reader acks nothing
         )
 
     def _progress_fn(self, spec: TaskSpec, record: TaskRecord) -> Any:
@@ -1029,6 +1037,9 @@ class Agent:
     async def _leave(self) -> None:
         with trio.move_on_after(5) as guard:
             guard.shield = True
+            for spec, attempt in self._unstarted:
+                await self._release_unstarted(spec, attempt)
+            self._unstarted.clear()
             await self._publish(
                 self.topics.agents_shutdown,
                 {
@@ -1036,11 +1047,13 @@ class Agent:
                     "agent_id": self.agent_id,
                     "uptime": round(trio.current_time() - self.started_at, 3),
                 },
+                wait_ack=False,
             )
             await self._publish(
                 self.topics.agent_status(self.agent_id),
                 self._status_payload("offline", "shutdown"),
                 retain=True,
+                wait_ack=False,  # flushed by the client's close before DISCONNECT
             )
         self._log(logging.INFO, "offline")
 

@@ -1,0 +1,468 @@
+"""``sheri.toml``: the agent's settings, the broker's, and the executors' tables.
+
+Where each setting comes from, first match wins::
+
+    command-line flag  >  environment variable  >  sheri.toml  >  built-in default
+
+Environment variables: ``SHERI_BROKER``, ``SHERI_SWARM``, ``SHERI_ROLE``,
+``SHERI_AGENT_ID``, ``SHERI_MAX_TASKS`` (and ``SHERI_USERNAME`` / ``SHERI_PASSWORD``
+for the broker's credentials, which keeps a password out of the process list).
+
+The file (``./sheri.toml``, or the path given with ``--config``)::
+
+    [agent]                      # any field of AgentConfig that is a plain setting
+    role = "testing"
+    swarm = "opencto-dev"
+    max_tasks = 4
+    heartbeat_interval = 10.0
+
+    [broker]
+    url = "mqtts://broker.example:8883"
+    username = "sheri"
+    password = "..."
+    ca_file = "ca.pem"           # relative paths are relative to the file
+    connect_timeout = 10
+
+    [deploy.api]                 # every other table goes to the executors, checked by
+    command = ["make", "deploy"] # sheri_trio.executors.validate_executor_config
+
+Everything is checked when the file is loaded; a mistake raises :class:`ConfigError`
+whose message names the file, the key and the reason, e.g.
+``sheri.toml: agent.max_tasks: must be an integer >= 1, got 'x'``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from .executors import validate_executor_config
+from .executors._config import EXECUTOR_TABLES
+from .mqtt import BrokerURL, LocalProtocolError, TLSOptions
+from .swarm._agent import AgentConfig, new_agent_id
+from .swarm._protocol import AGENT_ID_RE, DEFAULT_SWARM, ROLES, SWARM_RE
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+__all__ = [
+    "DEFAULT_BROKER",
+    "DEFAULT_FILE",
+    "ENV_VARS",
+    "ConfigError",
+    "Connection",
+    "FileConfig",
+    "build_agent_config",
+    "connection_settings",
+    "load_config",
+]
+
+DEFAULT_FILE: Final = "sheri.toml"
+DEFAULT_BROKER: Final = "mqtt://localhost:1883"
+
+#: setting -> environment variable
+ENV_VARS: Final = {
+    "broker": "SHERI_BROKER",
+    "swarm": "SHERI_SWARM",
+    "role": "SHERI_ROLE",
+    "agent_id": "SHERI_AGENT_ID",
+    "max_tasks": "SHERI_MAX_TASKS",
+    "username": "SHERI_USERNAME",
+    "password": "SHERI_PASSWORD",
+}
+
+#: setting -> the command-line flag that sets it (for error messages)
+FLAGS: Final = {
+    "broker": "--broker",
+    "swarm": "--swarm",
+    "role": "--role",
+    "agent_id": "--agent-id",
+    "max_tasks": "--max-tasks",
+    "username": "--username",
+    "password": "--password",
+}
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names where the value came from and why."""
+
+
+class _Invalid(ValueError):
+    """A value check failed; the message is the reason (``must be ..., got ...``)."""
+
+
+# ------------------------------------------------------------------- value checks
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+    if maximum is None:
+        expected = f"an integer >= {minimum}"
+    else:
+        expected = f"an integer within {minimum}..{maximum}"
+
+    def check(value: Any) -> int:
+        if isinstance(value, str):  # from the environment
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise _Invalid(f"must be {expected}, got {_shown(value)}") from None
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
+            raise _Invalid(f"must be {expected}, got {_shown(value)}")
+        return value
+
+    return check
+
+
+def _number(minimum: float, *, exclusive: bool = False) -> Callable[[Any], float]:
+    expected = f"a number {'>' if exclusive else '>='} {minimum:g}"
+
+    def check(value: Any) -> float:
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value < minimum
+            or (exclusive and value == minimum)
+        ):
+            raise _Invalid(f"must be {expected}, got {_shown(value)}")
+        return float(value)
+
+    return check
+
+
+def _timeout(value: Any) -> float | None:
+    """A positive number of seconds; 0 means no timeout (TOML has no null)."""
+    seconds = _number(0)(value)
+    return seconds or None
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {_shown(value)}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {_shown(value)}")
+    return value
+
+
+def _role(value: Any) -> str:
+    if not isinstance(value, str) or value not in ROLES:
+        raise _Invalid(f"must be one of {', '.join(ROLES)}, got {_shown(value)}")
+    return value
+
+
+def _agent_id(value: Any) -> str:
+    if not isinstance(value, str) or not AGENT_ID_RE.fullmatch(value):
+        raise _Invalid(f"must be 1-128 of letters, digits, '.', '_', '-', got {_shown(value)}")
+    return value
+
+
+def _swarm(value: Any) -> str:
+    if not isinstance(value, str) or not SWARM_RE.fullmatch(value):
+        raise _Invalid(
+            "must be 1-4 '/'-separated levels of letters, digits, '.', '_', '-', "
+            f"got {_shown(value)}"
+        )
+    return value
+
+
+def _broker_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a URL string such as 'mqtt://host:1883', got {_shown(value)}")
+    try:
+        BrokerURL.parse(value)
+    except LocalProtocolError as exc:
+        # the parser's message already hides any password
+        raise _Invalid(str(exc).removeprefix("bad broker URL ")) from None
+    return value
+
+
+AGENT_KEYS: Final[dict[str, Callable[[Any], Any]]] = {
+    "role": _role,
+    "agent_id": _agent_id,
+    "swarm": _swarm,
+    "broker": _broker_url,
+    "max_tasks": _integer(1),
+    "queue_limit": _integer(1),
+    "heartbeat_interval": _number(0, exclusive=True),
+    "lease_time": _number(0, exclusive=True),
+    "grace_period": _number(0),
+    "max_retries": _integer(0, 100),
+    "retry_initial_delay": _number(0),
+    "retry_max_delay": _number(0),
+    "default_timeout": _timeout,
+    "max_message_bytes": _integer(1024),
+    "max_result_bytes": _integer(1024),
+    "state_retention": _integer(1),
+    "session_expiry": _integer(0),
+    "keep_alive": _integer(0, 65535),
+}
+
+BROKER_KEYS: Final[dict[str, Callable[[Any], Any]]] = {
+    "url": _broker_url,
+    "username": _string,
+    "password": _string,
+    "ca_file": _string,
+    "cert_file": _string,
+    "key_file": _string,
+    "insecure": _boolean,
+    "connect_timeout": _number(0, exclusive=True),
+}
+
+_FILE_KEYS: Final = ("ca_file", "cert_file", "key_file")
+
+
+# ---------------------------------------------------------------------- the file
+@dataclass(frozen=True, slots=True)
+class FileConfig:
+    """A checked ``sheri.toml`` (empty when there is none)."""
+
+    name: str = DEFAULT_FILE  # how to call the file in messages
+    path: Path | None = None  # None: no file was read
+    agent: dict[str, Any] = field(default_factory=dict)
+    broker: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the other top-level tables
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, cwd: Path | None = None
+) -> FileConfig:
+    """Read and check ``path``, or ``sheri.toml`` in ``cwd`` if it exists.
+
+    A path given explicitly must exist. Raises :class:`ConfigError`.
+    """
+    if path is None:
+        candidate = (cwd or Path.cwd()) / DEFAULT_FILE
+        if not candidate.is_file():
+            return FileConfig()
+        name, file = DEFAULT_FILE, candidate
+    else:
+        name = os.fspath(path)
+        file = Path(path)
+        if cwd is not None and not file.is_absolute():
+            file = cwd / file
+        if not file.is_file():
+            raise ConfigError(f"{name}: no such file")
+    try:
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: not valid TOML: {exc}") from None
+    return parse_config(data, name=name, path=file.resolve())
+
+
+def parse_config(
+    data: Mapping[str, Any], *, name: str = DEFAULT_FILE, path: Path | None = None
+) -> FileConfig:
+    """Check the contents of a ``sheri.toml`` (already parsed)."""
+    agent: dict[str, Any] = {}
+    broker: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    base = path.parent if path is not None else Path.cwd()
+    for key, value in data.items():
+        if key in ("agent", "broker"):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: {key}: must be a table ([{key}]), got {_shown(value)}")
+            keys = AGENT_KEYS if key == "agent" else BROKER_KEYS
+            target = agent if key == "agent" else broker
+            for sub, raw in value.items():
+                check = keys.get(sub)
+                if check is None:
+                    raise ConfigError(
+                        f"{name}: {key}.{sub}: unknown key (known: {', '.join(keys)})"
+                    )
+                try:
+                    target[sub] = check(raw)
+                except _Invalid as exc:
+                    raise ConfigError(f"{name}: {key}.{sub}: {exc}") from None
+        elif isinstance(value, dict) or key in EXECUTOR_TABLES:
+            extra[key] = value  # the executors' (checked below), or another tool's table
+        else:
+            raise ConfigError(
+                f"{name}: {key}: unknown top-level key (settings belong in a table: "
+                "[agent], [broker], or a table for the executors)"
+            )
+    try:
+        validate_executor_config(extra, source=name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for key in _FILE_KEYS:
+        if key in broker:
+            file = Path(broker[key]).expanduser()
+            if not file.is_absolute():
+                file = base / file
+            if not file.is_file():
+                raise ConfigError(f"{name}: broker.{key}: no such file: {file}")
+            broker[key] = str(file)
+    if "key_file" in broker and "cert_file" not in broker:
+        raise ConfigError(f"{name}: broker.key_file: needs broker.cert_file as well")
+    if "url" in broker and "broker" in agent and broker["url"] != agent["broker"]:
+        raise ConfigError(f"{name}: agent.broker: conflicts with broker.url; set only one of them")
+    lease, beat = agent.get("lease_time"), agent.get("heartbeat_interval")
+    if lease is not None and beat is not None and lease <= beat:
+        raise ConfigError(
+            f"{name}: agent.lease_time: must be longer than agent.heartbeat_interval "
+            f"({beat:g}), got {lease:g}"
+        )
+    return FileConfig(name=name, path=path, agent=agent, broker=broker, extra=extra)
+
+
+# ------------------------------------------------------------------ precedence
+_MISSING: Final = object()
+
+
+def _pick(
+    setting: str,
+    overrides: Mapping[str, Any],
+    env: Mapping[str, str],
+    check: Callable[[Any], Any],
+    file_value: Any = _MISSING,
+) -> tuple[bool, Any]:
+    """(found, value) for one setting: flag > environment > file. Checks the winner."""
+    flag = overrides.get(setting)
+    if flag is not None:
+        try:
+            return True, check(flag)
+        except _Invalid as exc:
+            raise ConfigError(f"{FLAGS.get(setting, setting)}: {exc}") from None
+    var = ENV_VARS.get(setting)
+    if var is not None and env.get(var):
+        try:
+            return True, check(env[var])
+        except _Invalid as exc:
+            raise ConfigError(f"{var}: {exc}") from None
+    if file_value is not _MISSING:
+        return True, file_value  # checked when the file was loaded
+    return False, None
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """Where to connect and how: for agents and for the CLI's own clients."""
+
+    broker: str
+    swarm: str
+    client_options: dict[str, Any]
+
+    def display(self) -> str:
+        """The broker URL, without its password."""
+        return BrokerURL.parse(self.broker).display()
+
+
+def connection_settings(
+    file_config: FileConfig,
+    *,
+    env: Mapping[str, str] | None = None,
+    broker: str | None = None,
+    swarm: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> Connection:
+    """Broker URL, swarm and client options (credentials, TLS, timeout), by precedence.
+
+    Credentials: ``--username``/``--password`` (or ``SHERI_USERNAME``/``SHERI_PASSWORD``)
+    first, then those in the URL, then ``[broker] username``/``password``.
+    """
+    env = os.environ if env is None else env
+    overrides = {"broker": broker, "swarm": swarm, "username": username, "password": password}
+    file_url = file_config.broker.get("url", file_config.agent.get("broker", _MISSING))
+    _, url = _pick("broker", overrides, env, _broker_url, file_url)
+    url = url or DEFAULT_BROKER
+    _, swarm_name = _pick("swarm", overrides, env, _swarm, file_config.agent.get("swarm", _MISSING))
+    swarm_name = swarm_name or DEFAULT_SWARM
+
+    options: dict[str, Any] = {}
+    parsed = BrokerURL.parse(url)
+    b = file_config.broker
+    got_user, user = _pick("username", overrides, env, _string)
+    got_pass, secret = _pick("password", overrides, env, _string)
+    if got_user or got_pass:
+        if got_user:
+            options["username"] = user
+        if got_pass:
+            options["password"] = secret
+    elif parsed.username is None and parsed.password is None:
+        if "username" in b:
+            options["username"] = b["username"]
+        if "password" in b:
+            options["password"] = b["password"]
+    if any(key in b for key in (*_FILE_KEYS, "insecure")):
+        options["tls"] = TLSOptions(
+            ca_file=b.get("ca_file"),
+            cert_file=b.get("cert_file"),
+            key_file=b.get("key_file"),
+            insecure=b.get("insecure", False),
+        )
+    if "connect_timeout" in b:
+        options["connect_timeout"] = b["connect_timeout"]
+    return Connection(url, swarm_name, options)
+
+
+def build_agent_config(
+    file_config: FileConfig | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> AgentConfig:
+    """An :class:`AgentConfig` from flags (``overrides``), environment and file.
+
+    ``overrides`` are the command line's values (None: not given): ``role``,
+    ``agent_id``, ``swarm``, ``broker``, ``max_tasks``, ``username``, ``password``, or
+    any other :data:`AGENT_KEYS` setting. Raises :class:`ConfigError`.
+    """
+    file_config = file_config or FileConfig()
+    env = os.environ if env is None else env
+    unknown = set(overrides) - set(AGENT_KEYS) - {"username", "password"}
+    if unknown:
+        raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+    conn = connection_settings(
+        file_config,
+        env=env,
+        broker=overrides.get("broker"),
+        swarm=overrides.get("swarm"),
+        username=overrides.get("username"),
+        password=overrides.get("password"),
+    )
+    values: dict[str, Any] = {}
+    for key, check in AGENT_KEYS.items():
+        if key in ("broker", "swarm"):
+            continue
+        found, value = _pick(key, overrides, env, check, file_config.agent.get(key, _MISSING))
+        if found:
+            values[key] = value
+    config = AgentConfig(
+        broker=conn.broker,
+        swarm=conn.swarm,
+        client_options=dict(conn.client_options),
+        executor_config=dict(file_config.extra),
+        **values,
+    )
+    if not config.agent_id:
+        config.agent_id = new_agent_id()
+    if config.lease_time <= config.heartbeat_interval:
+        raise ConfigError(
+            f"{file_config.name}: agent.lease_time: must be longer than heartbeat_interval "
+            f"({config.heartbeat_interval:g}), got {config.lease_time:g}"
+        )
+    try:
+        config.validate()
+    except ValueError as exc:  # every field was checked above; this is a safety net
+        raise ConfigError(str(exc)) from None
+    return config

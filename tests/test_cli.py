@@ -1,0 +1,725 @@
+"""The ``sheri`` command line, mostly as subprocesses against a real mosquitto."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+
+from sheri_trio.cli import SwarmView, rewrite_prototype_argv
+from sheri_trio.config import (
+    ConfigError,
+    FileConfig,
+    build_agent_config,
+    connection_settings,
+    load_config,
+)
+from sheri_trio.mqtt import Message, TLSOptions, open_client
+from sheri_trio.swarm._agent import AgentConfig, run_agent
+from sheri_trio.swarm._protocol import Topics, encode
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    from sheri_trio.testing import MosquittoBroker
+
+SHERI = [sys.executable, "-m", "sheri_trio"]
+
+# The two tasks of the prototype's test-mqtt-agents.sh, as it publishes them.
+SEED_DEPLOY = """{
+  "id": "msg_test_deploy",
+  "timestamp": "2026-02-22T20:00:00Z",
+  "payload": {
+    "task_id": "task_deploy_test",
+    "type": "deployment.deploy",
+    "priority": "high",
+    "payload": {
+      "service": "test-service",
+      "version": "1.0.0"
+    }
+  }
+}"""
+SEED_TESTING = """{
+  "id": "msg_test_testing",
+  "timestamp": "2026-02-22T20:01:00Z",
+  "payload": {
+    "task_id": "task_test_test",
+    "type": "testing.run",
+    "priority": "medium",
+    "payload": {
+      "test_suite": "integration"
+    }
+  }
+}"""
+
+
+#: The CLI's tests are about the swarm's mechanics: every agent runs the executors'
+#: placeholders (which honour ``simulate_seconds`` and ``simulate_failure``).
+SIMULATE = {"executors": {"simulate": True}}
+SHERI_TOML = "[executors]\nsimulate = true\n\n[agent]\nheartbeat_interval = 0.5\n"
+
+
+def _swarm(name: str) -> str:
+    return f"cli-{name}-{secrets.token_hex(3)}"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHERI_")}
+    env["COLUMNS"] = "200"
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------ subprocesses
+class Output:
+    """The merged stdout/stderr lines of a running ``sheri`` process."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.closed = False
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def pump(self) -> None:
+        assert self.proc.stdout is not None
+        buffer = b""
+        async for chunk in self.proc.stdout:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            self.lines.extend(line.decode(errors="replace") for line in complete)
+            self._notify()
+        if buffer:
+            self.lines.append(buffer.decode(errors="replace"))
+        self.closed = True
+        self._notify()
+
+    async def expect(self, pattern: str) -> str:
+        """Wait for a line matching ``pattern`` (seen before or after the call)."""
+        rx = re.compile(pattern)
+        while True:
+            for line in self.lines:
+                if rx.search(line):
+                    return line
+            if self.closed:
+                raise AssertionError(f"no line matches {pattern!r}:\n" + self.text)
+            await self._changed.wait()
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@asynccontextmanager
+async def sheri(*args: str, cwd: Path) -> AsyncIterator[Output]:
+    proc = await trio.lowlevel.open_process(
+        [*SHERI, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        env=_env(),
+    )
+    out = Output(proc)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.pump)
+            try:
+                yield out
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+    finally:
+        assert proc.stdout is not None
+        with trio.CancelScope(shield=True):
+            await proc.stdout.aclose()
+
+
+async def sheri_run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [*SHERI, *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+        cwd=cwd,
+        env=_env(**env),
+    )
+
+
+async def stop(out: Output, sig: signal.Signals = signal.SIGINT) -> int:
+    out.proc.send_signal(sig)
+    return await out.proc.wait()
+
+
+# ---------------------------------------------------------------------- MQTT side
+class Seen:
+    """Messages seen by a watcher: (topic, decoded JSON or None, retain flag)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any, bool]] = []
+        self._changed = trio.Event()
+
+    async def pump(self, messages: AsyncIterator[Message]) -> None:
+        async for m in messages:
+            try:
+                body = json.loads(m.payload) if m.payload else None
+            except ValueError:
+                body = None
+            self.items.append((m.topic, body, m.retain))
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_for(self, predicate: Callable[[list[tuple[str, Any, bool]]], Any]) -> Any:
+        while True:
+            result = predicate(self.items)
+            if result:
+                return result
+            await self._changed.wait()
+
+    def payloads(self, topic: str) -> list[dict[str, Any]]:
+        return [b["payload"] for t, b, _ in self.items if t == topic and b]
+
+
+@asynccontextmanager
+async def agent(
+    broker: MosquittoBroker, swarm: str, role: str, agent_id: str
+) -> AsyncIterator[None]:
+    """An in-process agent for the CLI to talk to."""
+    config = AgentConfig(
+        role=role,
+        agent_id=agent_id,
+        swarm=swarm,
+        broker=broker.tcp_url,
+        heartbeat_interval=0.5,
+        lease_time=2.0,
+        retry_initial_delay=0.01,
+        executor_config=SIMULATE,
+    )
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_agent, config, shutdown=shutdown))
+        try:
+            yield
+        finally:
+            shutdown.set()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+# ------------------------------------------------------- the prototype's scenario
+async def test_prototype_scenario_two_agents_two_seed_tasks(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    swarm = "opencto-dev"  # the prototype's flags, exactly
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    ids = {"testing": "test-agent-01", "deployment": "deploy-agent-01"}
+    seen = Seen()
+    with trio.fail_after(30):
+        async with (
+            open_client(broker.tcp_url) as watcher,
+            watcher.subscribe(f"{swarm}/#") as messages,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(seen.pump, messages)
+            flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+            testing = ["--mqtt", "--role", "testing", "--agent-id", ids["testing"], *flags]
+            deployment = ["--mqtt", "--role", "deployment", "--agent-id", ids["deployment"], *flags]
+            async with (
+                sheri(*testing, cwd=tmp_path) as tester,
+                sheri(*deployment, cwd=tmp_path) as deployer,
+            ):
+                await seen.wait_for(
+                    lambda _: (
+                        {p.get("agent_id") for p in seen.payloads(f"{swarm}/agents/register")}
+                        >= set(ids.values())
+                    )
+                )
+                mosquitto_pub = [
+                    "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.tcp_port),
+                    "-u", broker.username, "-P", broker.password, "-q", "1",
+                    "-t", f"{swarm}/tasks/new",
+                ]  # fmt: skip
+                for seed in (SEED_DEPLOY, SEED_TESTING):  # as test-mqtt-agents.sh does
+                    await trio.run_process([*mosquitto_pub, "-m", seed])
+                complete = await seen.wait_for(
+                    lambda _: (
+                        len(seen.payloads(f"{swarm}/tasks/complete")) >= 2
+                        and seen.payloads(f"{swarm}/tasks/complete")
+                    )
+                )
+                await seen.wait_for(
+                    lambda _: (
+                        {p.get("agent_id") for p in seen.payloads(f"{swarm}/agents/heartbeat")}
+                        >= set(ids.values())
+                    )
+                )
+                for line in (
+                    await tester.expect(r"\bonline\b"),
+                    await deployer.expect(r"\bonline\b"),
+                ):
+                    # one line per event: time, then the agent id
+                    assert re.match(
+                        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} \[(test|deploy)-agent-01\] info: ",
+                        line,
+                    )
+                assert await stop(tester) == 0
+                assert await stop(deployer) == 0
+                # then each publishes agents/shutdown and, last, a retained offline status
+                await seen.wait_for(
+                    lambda items: all(
+                        any(
+                            t == f"{swarm}/agents/{agent_id}/status"
+                            and retain
+                            and b["payload"].get("status") == "offline"
+                            for t, b, retain in items
+                        )
+                        for agent_id in ids.values()
+                    )
+                )
+            nursery.cancel_scope.cancel()
+    by_task = {c["task_id"]: c for c in complete}
+    assert set(by_task) == {"task_deploy_test", "task_test_test"}
+    deploy, tests = by_task["task_deploy_test"], by_task["task_test_test"]
+    assert deploy["agent_id"] == ids["deployment"]
+    assert deploy["status"] == "success"
+    assert deploy["result"]["status"] == "deployed"
+    assert tests["agent_id"] == ids["testing"]
+    assert tests["status"] == "success"
+    assert {"passed", "failed", "skipped", "duration"} <= set(tests["result"])
+    assert len(complete) == 2
+    shutdowns = {p.get("agent_id") for p in seen.payloads(f"{swarm}/agents/shutdown")}
+    assert shutdowns == set(ids.values())
+    assert not any("Traceback" in line for line in tester.lines + deployer.lines)
+
+
+def test_prototype_argv_is_rewritten() -> None:
+    argv = [
+        "--mqtt",
+        "--role",
+        "testing",
+        "--agent-id",
+        "a",
+        "--broker",
+        "mqtt://h",
+        "--swarm",
+        "s",
+    ]
+    assert rewrite_prototype_argv(argv) == ["agent", *argv[1:]]
+    assert rewrite_prototype_argv(["agent", "--mqtt"]) == ["agent"]
+    assert rewrite_prototype_argv(["submit", "x"]) == ["submit", "x"]
+    assert rewrite_prototype_argv(["submit", "x", "--", "--mqtt"]) == [
+        "submit",
+        "x",
+        "--",
+        "--mqtt",
+    ]
+
+
+# ------------------------------------------------------------------------ submit
+async def test_submit_wait_succeeds(broker: MosquittoBroker, tmp_path: Path) -> None:
+    swarm = _swarm("submit")
+    with trio.fail_after(20):
+        async with agent(broker, swarm, "testing", "submit-tester"):
+            result = await sheri_run(
+                "submit", "testing.run", "--payload", '{"test_suite": "unit"}',
+                "--task-id", "sub-1", "--wait", "--broker", broker.tcp_url, "--swarm", swarm,
+                cwd=tmp_path,
+            )  # fmt: skip
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert "claimed by submit-tester (testing), attempt 1" in out
+    assert "progress: running" in out
+    assert "complete: success by submit-tester" in out
+    assert '"passed"' in out
+    assert broker.password not in out + result.stderr.decode()
+
+
+async def test_submit_without_wait_prints_the_task_id(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    swarm = _swarm("nowait")
+    seen = Seen()
+    with trio.fail_after(20):
+        async with (
+            open_client(broker.tcp_url) as watcher,
+            watcher.subscribe(f"{swarm}/tasks/new") as messages,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(seen.pump, messages)
+            result = await sheri_run(
+                "submit", "deployment.deploy", "--priority", "high", "--max-retries", "2",
+                "--broker", broker.tcp_url, "--swarm", swarm, cwd=tmp_path,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr.decode()
+            task_id = result.stdout.decode().strip()
+            assert re.fullmatch(r"task-[0-9a-f]{12}", task_id)
+            body = await seen.wait_for(lambda items: items and items[0][1])
+            nursery.cancel_scope.cancel()
+    assert "agent_id" not in body  # the CLI is not an agent
+    assert body["payload"] == {
+        "task_id": task_id,
+        "type": "deployment.deploy",
+        "payload": {},
+        "priority": "high",
+        "max_retries": 2,
+    }
+
+
+async def test_submit_wait_without_eligible_agent_exits_2(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    swarm = _swarm("noclaim")
+    with trio.fail_after(20):
+        async with agent(broker, swarm, "deployment", "only-deployer"):
+            result = await sheri_run(
+                "submit", "testing.run", "--task-id", "lonely-1", "--wait", "--wait-timeout", "0.5",
+                "--broker", broker.tcp_url, "--swarm", swarm, cwd=tmp_path,
+            )  # fmt: skip
+    out = result.stdout.decode()
+    assert result.returncode == 2, out + result.stderr.decode()
+    assert (
+        "no agent claimed task lonely-1 within 0.5 s; online agents with role testing: none" in out
+    )
+
+
+async def test_submit_bad_payload_is_a_usage_error(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        result = await sheri_run("submit", "testing.run", "--payload", "{not json", cwd=tmp_path)
+    err = result.stderr.decode()
+    assert result.returncode == 2
+    assert err.startswith("sheri: error: --payload: not valid JSON")
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- agents
+async def test_duplicate_agent_id_is_refused_and_the_first_keeps_working(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    swarm = _swarm("dup")
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    with trio.fail_after(30):
+        async with sheri(
+            "agent", "--role", "testing", "--agent-id", "dup-01", *flags, cwd=tmp_path
+        ) as first:
+            await first.expect(r"\[dup-01\] info: online")
+            second = await sheri_run(
+                "agent", "--role", "testing", "--agent-id", "dup-01", *flags, cwd=tmp_path
+            )
+            err = second.stderr.decode()
+            assert second.returncode == 1, err
+            assert "sheri: error: an agent with id 'dup-01' is already online" in err
+            assert "Traceback" not in err
+            assert first.proc.returncode is None
+            done = await sheri_run("submit", "testing.run", "--wait", *flags, cwd=tmp_path)
+            assert done.returncode == 0, done.stdout.decode()
+            assert "claimed by dup-01" in done.stdout.decode()
+            assert await stop(first) == 0
+    await first.expect(r"\boffline\b")
+
+
+async def test_second_ctrl_c_exits_at_once(broker: MosquittoBroker, tmp_path: Path) -> None:
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    swarm = _swarm("ctrlc")
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    seen = Seen()
+    with trio.fail_after(20):
+        async with (
+            open_client(broker.tcp_url) as watcher,
+            watcher.subscribe(f"{swarm}/tasks/progress") as messages,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(seen.pump, messages)
+            async with sheri(
+                "agent", "--role", "testing", "--agent-id", "busy-01", *flags, cwd=tmp_path
+            ) as busy:
+                await busy.expect(r"info: online")
+                task = {
+                    "task_id": "long-1",
+                    "type": "testing.run",
+                    "payload": {"simulate_seconds": 60},
+                }
+                await watcher.publish(f"{swarm}/tasks/new", encode(None, None, task), qos=1)
+                await seen.wait_for(
+                    lambda items: any(b["payload"].get("state") == "running" for _, b, _ in items)
+                )
+                busy.proc.send_signal(signal.SIGINT)  # graceful: waits for the running task
+                await busy.expect(r"shutting down agent=busy-01 running=1")
+                assert await stop(busy) == 130  # the second one does not wait
+            nursery.cancel_scope.cancel()
+    await busy.expect(r"again: exiting at once")
+
+
+async def test_unreachable_broker_is_one_line_without_password(tmp_path: Path) -> None:
+    url = f"mqtt://sheri:s3cret-Pass@127.0.0.1:{_free_port()}"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            results: dict[str, subprocess.CompletedProcess[bytes]] = {}
+
+            async def run(name: str, *args: str) -> None:
+                results[name] = await sheri_run(*args, "--broker", url, cwd=tmp_path)
+
+            nursery.start_soon(run, "agent", "agent", "--agent-id", "lost-01")
+            nursery.start_soon(run, "submit", "submit", "testing.run")
+            nursery.start_soon(run, "tasks", "tasks")
+    for name, result in results.items():
+        err = result.stderr.decode()
+        assert result.returncode == 1, (name, err)
+        assert "Traceback" not in err
+        errors = [line for line in err.splitlines() if line.startswith("sheri: error:")]
+        assert len(errors) == 1, err
+        assert "cannot connect to mqtt://sheri:***@127.0.0.1" in errors[0]
+        assert "connection refused" in errors[0].lower()
+        assert "s3cret-Pass" not in err + result.stdout.decode()
+
+
+async def test_bad_credentials_and_bad_url(broker: MosquittoBroker, tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        wrong = await sheri_run(
+            "agent", "--broker", f"mqtt://sheri:wrong-Pass@127.0.0.1:{broker.tcp_port}",
+            "--swarm", _swarm("auth"), cwd=tmp_path,
+        )  # fmt: skip
+        bad_url = await sheri_run("submit", "testing.run", "--broker", "http://x", cwd=tmp_path)
+    err = wrong.stderr.decode()
+    assert wrong.returncode == 1, err
+    assert "check the user name and password" in err
+    assert "wrong-Pass" not in err
+    assert "Traceback" not in err
+    assert bad_url.returncode == 2
+    assert bad_url.stderr.decode().startswith("sheri: error: --broker: 'http://x': scheme must be")
+
+
+# ------------------------------------------------------------------------ config
+def _write(tmp_path: Path, text: str, name: str = "sheri.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_config_precedence_flag_env_file_default(tmp_path: Path) -> None:
+    _write(tmp_path, '[agent]\nrole = "testing"\nmax_tasks = 2\nswarm = "from-file"\n')
+    file_config = load_config(cwd=tmp_path)
+    env = {"SHERI_ROLE": "deployment", "SHERI_MAX_TASKS": "5"}
+    flagged = build_agent_config(file_config, env=env, role="review", max_tasks=7)
+    assert (flagged.role, flagged.max_tasks, flagged.swarm) == ("review", 7, "from-file")
+    from_env = build_agent_config(file_config, env=env, role=None)
+    assert (from_env.role, from_env.max_tasks) == ("deployment", 5)
+    from_file = build_agent_config(file_config, env={})
+    assert (from_file.role, from_file.max_tasks) == ("testing", 2)
+    default = build_agent_config(load_config(cwd=tmp_path / "nowhere"), env={})
+    assert (default.role, default.max_tasks, default.swarm) == ("general", 4, "opencto-dev")
+    assert default.broker == "mqtt://localhost:1883"
+    assert re.fullmatch(r"sheri-ml-[0-9a-f]{8}", default.agent_id)
+    env_swarm = build_agent_config(file_config, env={"SHERI_SWARM": "env-swarm"})
+    assert env_swarm.swarm == "env-swarm"
+
+
+def test_config_broker_tls_credentials_and_executor_tables(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("")
+    _write(
+        tmp_path,
+        """
+[agent]
+heartbeat_interval = 0.5
+default_timeout = 0
+
+[broker]
+url = "mqtts://broker.example:8883"
+username = "file-user"
+password = "file-pass"
+ca_file = "ca.pem"
+connect_timeout = 3
+
+[deploy.api]
+command = ["make", "deploy"]
+
+[testing]
+command = ["pytest", "-q"]
+""",
+    )
+    fc = load_config(cwd=tmp_path)
+    config = build_agent_config(fc, env={})
+    assert config.broker == "mqtts://broker.example:8883"
+    assert config.heartbeat_interval == 0.5
+    assert config.default_timeout is None
+    assert config.client_options == {
+        "username": "file-user",
+        "password": "file-pass",
+        "tls": TLSOptions(ca_file=str(tmp_path / "ca.pem")),
+        "connect_timeout": 3.0,
+    }
+    assert config.executor_config == {
+        "deploy": {"api": {"command": ["make", "deploy"]}},
+        "testing": {"command": ["pytest", "-q"]},
+    }
+    # credentials in the URL win over the file's; --username/--password over both
+    in_url = connection_settings(fc, env={}, broker="mqtt://u:p@h:1883")
+    assert "username" not in in_url.client_options
+    assert "password" not in in_url.client_options
+    flags = connection_settings(fc, env={}, username="flag-user", password="flag-pass")
+    assert flags.client_options["username"] == "flag-user"
+    assert flags.client_options["password"] == "flag-pass"
+    assert flags.display() == "mqtts://broker.example:8883"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[agent]\nmax_task = 3\n", "sheri.toml: agent.max_task: unknown key"),
+        ('[agent]\nmax_tasks = "x"\n', "sheri.toml: agent.max_tasks: must be an integer >= 1, got 'x'"),  # noqa: E501
+        ("[agent]\nmax_tasks = 0\n", "sheri.toml: agent.max_tasks: must be an integer >= 1, got 0"),
+        ('[agent]\nrole = "boss"\n', "sheri.toml: agent.role: must be one of general, deployment"),
+        ("[agent]\nheartbeat_interval = -1\n", "sheri.toml: agent.heartbeat_interval: must be a number > 0"),  # noqa: E501
+        ('[agent]\nbroker = "http://x"\n', "sheri.toml: agent.broker: 'http://x': scheme must be"),
+        ("[broker]\ninsecure = 1\n", "sheri.toml: broker.insecure: must be true or false, got 1"),
+        ('[broker]\nca_file = "missing.pem"\n', "sheri.toml: broker.ca_file: no such file"),
+        ("[broker]\nport = 1883\n", "sheri.toml: broker.port: unknown key"),
+        ('swarm = "x"\n', "sheri.toml: swarm: unknown top-level key"),
+        ("[agent\n", "sheri.toml: not valid TOML"),
+        ('[deploy.web]\ncommand = "make"\n', "sheri.toml: deploy.web.command: must be a list of"),
+        ("[executors]\nsimulate = 1\n", "sheri.toml: executors.simulate: must be true or false"),
+        ("[agent]\nheartbeat_interval = 5\nlease_time = 2\n", "sheri.toml: agent.lease_time: must be longer"),  # noqa: E501
+    ],
+)  # fmt: skip
+def test_invalid_config_names_file_key_and_reason(tmp_path: Path, text: str, message: str) -> None:
+    _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(cwd=tmp_path)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_invalid_env_and_flag_values_name_their_source() -> None:
+    with pytest.raises(ConfigError, match=r"^SHERI_MAX_TASKS: must be an integer >= 1, got 'x'$"):
+        build_agent_config(FileConfig(), env={"SHERI_MAX_TASKS": "x"})
+    with pytest.raises(ConfigError, match=r"^--role: must be one of"):
+        build_agent_config(FileConfig(), env={}, role="boss")
+    with pytest.raises(ConfigError, match=r"^--agent-id: must be 1-128 of"):
+        build_agent_config(FileConfig(), env={}, agent_id="a/b")
+
+
+async def test_cli_rejects_invalid_config_file(tmp_path: Path) -> None:
+    _write(tmp_path, "[agent]\nmax_tasks = 'many'\n", name="custom.toml")
+    with trio.fail_after(20):
+        given = await sheri_run("agent", "--config", "custom.toml", cwd=tmp_path)
+        missing = await sheri_run("agent", "--config", "absent.toml", cwd=tmp_path)
+        from_env = await sheri_run("agent", cwd=tmp_path, SHERI_ROLE="boss")
+    assert given.returncode == 2
+    assert given.stderr.decode() == (
+        "sheri: error: custom.toml: agent.max_tasks: must be an integer >= 1, got 'many'\n"
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.decode() == "sheri: error: absent.toml: no such file\n"
+    assert from_env.returncode == 2
+    assert from_env.stderr.decode().startswith("sheri: error: SHERI_ROLE: must be one of")
+
+
+# ------------------------------------------------------------------ tasks, swarm
+async def test_tasks_lists_a_failed_task(broker: MosquittoBroker, tmp_path: Path) -> None:
+    swarm = _swarm("tasks")
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    with trio.fail_after(20):
+        async with agent(broker, swarm, "testing", "tasks-tester"):
+            failed = await sheri_run(
+                "submit", "testing.run", "--payload", '{"simulate_failure": true}',
+                "--max-retries", "0", "--task-id", "doomed-1", "--wait", *flags, cwd=tmp_path,
+            )  # fmt: skip
+            ok = await sheri_run(
+                "submit", "testing.run", "--task-id", "fine-1", "--wait", *flags, cwd=tmp_path
+            )
+        table = await sheri_run("tasks", "--state", "failed", *flags, cwd=tmp_path)
+        lines = await sheri_run("tasks", "--json", *flags, cwd=tmp_path)
+    assert failed.returncode == 1, failed.stdout.decode()
+    assert "failed: RuntimeError: simulated failure" in failed.stdout.decode()
+    assert ok.returncode == 0
+    out = table.stdout.decode()
+    assert table.returncode == 0, table.stderr.decode()
+    assert re.search(r"doomed-1\s.*failed\s.*tasks-tester", out), out
+    assert "fine-1" not in out
+    states = {r["task_id"]: r["state"] for r in map(json.loads, lines.stdout.decode().splitlines())}
+    assert states == {"doomed-1": "failed", "fine-1": "done"}
+
+
+async def test_swarm_prefixes_lines_and_stops_on_sigterm(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    swarm = _swarm("swarm")
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    labels = ["general-1", "testing-1", "deployment-1"]
+    with trio.fail_after(30):
+        async with sheri(
+            "swarm", "--agents", "3", "--roles", "general,testing,deployment", *flags, cwd=tmp_path
+        ) as out:
+            for label in labels:
+                await out.expect(rf"^\[{label}\] \S+ info: online agent={swarm}-{label}\b")
+            snapshot = await sheri_run("monitor", "--once", *flags, cwd=tmp_path)
+            assert await stop(out, signal.SIGTERM) == 0
+        for label in labels:
+            await out.expect(rf"^\[{label}\] .*offline agent={swarm}-{label}")
+    assert all(re.match(r"\[[a-z0-9-]+\] ", line) for line in out.lines), out.text
+    monitor = snapshot.stdout.decode()
+    assert snapshot.returncode == 0, snapshot.stderr.decode()
+    for label in labels:
+        assert re.search(rf"{swarm}-{label}\s.*online", monitor), monitor
+
+
+def test_swarm_view_follows_agents_and_tasks() -> None:
+    import mqtt5
+
+    topics = Topics("view")
+
+    def msg(
+        topic: str, agent_id: str | None, payload: dict[str, Any], retain: bool = False
+    ) -> Message:
+        data = encode(agent_id, "testing" if agent_id else None, payload)
+        return Message(mqtt5.PublishPacket(topic, payload=data, retain=retain))
+
+    view = SwarmView(topics)
+    view.feed(msg("view/agents/a1/status", "a1", {"status": "online", "role": "testing"}, True), 0)
+    view.feed(msg("view/agents/heartbeat", "a1", {"agent_id": "a1", "running_tasks": 1}), 1.0)
+    view.feed(msg("view/tasks/new", None, {"task_id": "t1", "type": "testing.run"}), 1.0)
+    view.feed(
+        msg("view/tasks/assigned", "a1", {"task_id": "t1", "agent_id": "a1", "attempt": 1}), 1.5
+    )
+    view.feed(
+        msg("view/tasks/progress", "a1", {"task_id": "t1", "state": "running", "attempt": 1}), 1.6
+    )
+    assert view.tasks["t1"].state == "running"
+    assert view.tasks["t1"].agent == "a1"
+    view.feed(msg("view/tasks/complete", "a1", {"task_id": "t1", "attempt": 1, "duration": 250}), 2)
+    view.feed(msg("view/tasks/failed", "a2", {"task_id": "t1", "attempt": 0}), 2)  # stale: fenced
+    task = view.tasks["t1"]
+    assert (task.state, task.type, task.duration_ms) == ("done", "testing.run", 250)
+    assert view.agents["a1"].running == 1
+    assert view.agents["a1"].status == "online"
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(view.render(3.0))
+    text = console.export_text()
+    assert re.search(r"a1\s.*testing\s.*online\s.*2\.0 s ago", text), text
+    assert re.search(r"t1\s.*testing\.run\s.*done\s.*a1\s.*0\.25 s", text), text
