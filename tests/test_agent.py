@@ -61,9 +61,13 @@ async def test_seed_task_runs_once(broker: MosquittoBroker, tmp_path: Path) -> N
                         await nursery.start(
                             lambda task_status, i=i: run_agent(
                                 _config(
-                                    broker, "deployment", f"deploy-{i}", swarm,
+                                    broker,
+                                    "deployment",
+                                    f"deploy-{i}",
+                                    swarm,
                                     executor_config={
-                                        **executor_config, "state_dir": str(tmp_path / str(i))
+                                        **executor_config,
+                                        "state_dir": str(tmp_path / str(i)),
                                     },
                                 ),  # fmt: skip
                                 shutdown=shutdown,
@@ -508,3 +512,105 @@ async def test_bad_input_is_reported_and_agent_keeps_working(broker: MosquittoBr
     by_id = {f["task_id"]: f for f in failed}
     assert by_id["wrong-prio"]["reason"] == "invalid_task"
     assert by_id["bad-payload"]["reason"] == "invalid_payload"
+
+
+async def test_every_type_with_empty_payload_on_real_executors(
+    broker: MosquittoBroker, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """Issue 4's check: a 9-agent swarm on the real executors, unconfigured, one task of
+    every type with an empty payload: exactly one final outcome each, a success or a clear,
+    specific error."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "tests").mkdir()
+    (workspace / "tests" / "test_ok.py").write_text("def test_ok():\n    assert True\n")
+    (workspace / "app.py").write_text("X = 1\n")
+    swarm = "t-real"
+    executor_config = {"workspace": {"root": str(workspace)}, "state_dir": str(tmp_path / "state")}
+    records: list[dict[str, Any]] = []
+    finals: Counter[str] = Counter()
+    with trio.fail_after(120):
+        async with open_client(broker.tcp_url) as watcher:
+            async with watcher.subscribe(
+                f"{swarm}/tasks/complete", f"{swarm}/tasks/failed"
+            ) as msgs:
+                async with trio.open_nursery() as nursery:
+                    stop = trio.Event()
+                    for i, role in enumerate(NINE_ROLES):
+                        cfg = _config(
+                            broker, role, f"real-{role}-{i}", swarm, executor_config=executor_config
+                        )
+                        await nursery.start(
+                            lambda task_status, cfg=cfg: run_agent(
+                                cfg, shutdown=stop, task_status=task_status
+                            )
+                        )
+                    for n, task_type in enumerate(ALL_TYPES):
+                        body = {"payload": {"task_id": f"e-{n}", "type": task_type, "payload": {}}}
+                        await watcher.publish(f"{swarm}/tasks/new", json.dumps(body), qos=1)
+                    while len(finals) < len(ALL_TYPES):
+                        m = await msgs.receive()
+                        p = json.loads(m.payload)["payload"]
+                        finals[p["task_id"]] += 1
+                        records.append(p)
+                    stop.set()
+    assert set(finals.values()) == {1}
+    by_type = {r["type"]: r for r in records}
+    assert set(by_type) == set(ALL_TYPES)
+    for task_type, r in by_type.items():
+        if r["status"] == "success":
+            assert isinstance(r["result"], dict), task_type
+        else:
+            # clear and specific: a reason code and an error that names the cause
+            assert r["reason"] in ("not_configured", "invalid_payload", "error"), (task_type, r)
+            assert len(r["error"]) > 20, (task_type, r["error"])
+    assert by_type["testing.run"]["status"] == "success"
+    assert by_type["testing.run"]["result"]["passed"] == 1
+    for llm in ("code.review", "code.generate", "documentation.generate"):
+        # no input to work on, or no API key: either way said at once, without retries
+        assert "API key" in by_type[llm]["error"] or "needs" in by_type[llm]["error"]
+    assert (
+        "documentation.generate" in by_type
+        and "API key" in by_type["documentation.generate"]["error"]
+    )
+    assert "service" in by_type["deployment.deploy"]["error"]
+    assert by_type["database.backup"]["reason"] == "not_configured"
+
+
+async def test_task_for_absent_role_waits_as_pending_marker(broker: MosquittoBroker) -> None:
+    swarm = "t-pending"
+    with trio.fail_after(30):
+        async with open_client(broker.tcp_url) as watcher:
+            async with watcher.subscribe(
+                f"{swarm}/tasks/pending/+", f"{swarm}/tasks/complete"
+            ) as msgs:
+                async with trio.open_nursery() as nursery:
+                    stop = trio.Event()
+                    await nursery.start(
+                        lambda task_status: run_agent(
+                            _config(broker, "testing", "only-tester", swarm),
+                            shutdown=stop,
+                            task_status=task_status,
+                        )
+                    )
+                    body = {"payload": {"task_id": "needs-db", "type": "database.backup"}}
+                    await watcher.publish(f"{swarm}/tasks/new", json.dumps(body), qos=1)
+                    marker = await msgs.receive()
+                    assert marker.topic == f"{swarm}/tasks/pending/needs-db"
+                    assert json.loads(marker.payload)["payload"]["task_id"] == "needs-db"
+                    # a database agent comes online later and picks it up
+                    await nursery.start(
+                        lambda task_status: run_agent(
+                            _config(broker, "database", "late-db", swarm),
+                            shutdown=stop,
+                            task_status=task_status,
+                        )
+                    )
+                    done = await msgs.receive()
+                    assert done.topic == f"{swarm}/tasks/complete"
+                    assert json.loads(done.payload)["payload"]["agent_id"] == "late-db"
+                    cleared = await msgs.receive()
+                    assert cleared.topic == f"{swarm}/tasks/pending/needs-db"
+                    assert cleared.payload == b""
+                    stop.set()
