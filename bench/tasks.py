@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections import Counter
@@ -27,8 +28,19 @@ NINE_ROLES = [
 ]
 
 
-async def task_rate(url: str, *, agents: int = 9, tasks: int = 2000, max_tasks: int = 16) -> dict[str, Any]:
-    """Submit ``tasks`` no-op tasks of an unknown type (any general agent may take them)."""
+async def task_rate(
+    url: str,
+    *,
+    agents: int = 9,
+    tasks: int = 2000,
+    max_tasks: int = 16,
+    max_wait: float | None = None,
+) -> dict[str, Any]:
+    """Submit ``tasks`` no-op tasks of an unknown type (any general agent may take them).
+
+    With ``max_wait`` (seconds from the first submission), waiting for outcomes stops
+    then and the tasks without one are counted as lost.
+    """
     swarm = f"bench-{time.monotonic_ns() % 10**9}"
     executions: Counter[str] = Counter()
 
@@ -54,6 +66,7 @@ async def task_rate(url: str, *, agents: int = 9, tasks: int = 2000, max_tasks: 
                 max_tasks=max_tasks,
                 check_duplicate=False,
                 default_timeout=None,
+                state_retention=600,  # retained task states expire 10 minutes after the run
             )
             running.append(
                 await nursery.start(
@@ -77,28 +90,35 @@ async def task_rate(url: str, *, agents: int = 9, tasks: int = 2000, max_tasks: 
                         )
 
                 nursery.start_soon(submit)
-                while len(finals) < tasks:
-                    m = await msgs.receive()
-                    task_id = json.loads(m.payload)["payload"]["task_id"]
-                    if task_id not in finals:
-                        latencies.append(time.perf_counter() - submitted[task_id])
-                    finals[task_id] += 1
+                with trio.move_on_after(max_wait if max_wait is not None else math.inf):
+                    while len(finals) < tasks:
+                        m = await msgs.receive()
+                        task_id = json.loads(m.payload)["payload"]["task_id"]
+                        if task_id not in finals:
+                            latencies.append(time.perf_counter() - submitted[task_id])
+                        finals[task_id] += 1
                 elapsed = time.perf_counter() - t0
                 received = sum(
-                    a.client.statistics()["messages_received"] - b for a, b in zip(running, base, strict=True)
+                    a.client.statistics()["messages_received"] - b
+                    for a, b in zip(running, base, strict=True)
                 )
         stop.set()
-    latencies.sort()
-    deliveries = received + tasks  # the agents' deliveries plus the submitter's outcomes
+    # Leave no retained agent status behind (task states expire by themselves).
+    async with open_client(url, client_id=f"{swarm}-cleaner") as client:
+        for a in running:
+            await client.publish(a.topics.agent_status(a.agent_id), b"", qos=1, retain=True)
+    latencies.sort() if latencies else latencies.append(math.nan)
+    deliveries = received + len(finals)  # the agents' deliveries plus the submitter's outcomes
     return {
         "agents": agents,
         "tasks": tasks,
+        "completed": len(finals),
         "seconds": round(elapsed, 3),
-        "tasks_per_s": round(tasks / elapsed, 1),
+        "tasks_per_s": round(len(finals) / elapsed, 1),
         "latency_p50_ms": round(statistics.median(latencies) * 1000, 2),
         "latency_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
         "duplicates": sum(n - 1 for n in executions.values() if n > 1)
         + sum(n - 1 for n in finals.values() if n > 1),
-        "losses": tasks - len(executions),
+        "losses": tasks - min(len(executions), len(finals)),
         "deliveries_per_task": round(deliveries / tasks, 2),
     }

@@ -53,11 +53,7 @@ _INPUTS: dict[str, dict[str, Any]] = {
 DEMO_TASKS: list[tuple[str, dict[str, Any]]] = [
     ("deployment.deploy", {"service": "test-service", "version": "1.0.0"}),
     ("testing.run", {"test_suite": "integration"}),
-    *[
-        (t, _INPUTS.get(t, {}))
-        for t in TASK_ROLES
-        if t not in ("deployment.deploy", "testing.run")
-    ],
+    *[(t, _INPUTS.get(t, {})) for t in TASK_ROLES if t not in ("deployment.deploy", "testing.run")],
     ("demo.unknown-type", {}),
 ]
 
@@ -187,7 +183,9 @@ async def run_demo(
             out(f"9 agents online in swarm {swarm!r}: {', '.join(NINE_ROLES)}")
             failures = await _submit_and_watch(broker.tcp_url, swarm, out)
             if keep_running:
-                out(f"swarm running; submit more with: sheri submit TYPE --broker <url> --swarm {swarm}")
+                out(
+                    f"swarm running; submit more with: sheri submit TYPE --broker <url> --swarm {swarm}"
+                )
                 await trio.sleep_forever()
             stop.set()
     return failures
@@ -204,7 +202,12 @@ async def _submit_and_watch(url: str, swarm: str, out: Any) -> int:
             for n, (task_type, payload) in enumerate(DEMO_TASKS, 1):
                 task_id = f"demo-{n:02d}"
                 pending[task_id] = task_type
-                body = {"task_id": task_id, "type": task_type, "payload": payload, "priority": "medium"}
+                body = {
+                    "task_id": task_id,
+                    "type": task_type,
+                    "payload": payload,
+                    "priority": "medium",
+                }
                 await client.publish(f"{swarm}/tasks/new", encode(None, None, body), qos=1)
             with trio.move_on_after(60):
                 while pending:
@@ -215,7 +218,9 @@ async def _submit_and_watch(url: str, swarm: str, out: Any) -> int:
                     task_type = pending.pop(p["task_id"])
                     if p["status"] == "success" and task_type not in expect:
                         result = json.dumps(p["result"])[:100]
-                        out(f"  ok    {task_type:24} by {p['agent_id']:22} {p['duration']:>5} ms  {result}")
+                        out(
+                            f"  ok    {task_type:24} by {p['agent_id']:22} {p['duration']:>5} ms  {result}"
+                        )
                     elif p["status"] != "success" and expect.get(task_type, "\0") in p["error"]:
                         expected += 1
                         out(f"  error {task_type:24} by {p['agent_id']:22} (expected) {p['error']}")

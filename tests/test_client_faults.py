@@ -15,9 +15,10 @@ import time
 import paho.mqtt.client as paho
 import pytest
 import trio
+import trio.lowlevel
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from sheri_trio.mqtt import ConnectError, Will, open_client
 from sheri_trio.testing import MosquittoBroker
@@ -236,7 +237,7 @@ async def test_broker_restart_loses_no_qos1_message(fresh_broker: MosquittoBroke
                     if i == 2 * total // 3:  # the last third after it is back
                         await restarted.wait()
                     await pub.publish(topic, str(i).encode(), qos=1, wait_ack=False)
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
                 stats["pub_connections"] = pub.statistics()["connections"]
             await all_seen.wait()
     assert seen == set(range(total))

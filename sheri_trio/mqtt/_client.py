@@ -282,7 +282,7 @@ class MQTTClient:
         self._check_open()
         session = self._session
         if session.queued_count >= self.options.max_queued or (
-            len(session._out) >= _OUT_HIGH_WATER  # noqa: SLF001
+            len(session._out) >= _OUT_HIGH_WATER
         ):
             await self._wait_for_space()
         if isinstance(payload, str):
@@ -316,7 +316,7 @@ class MQTTClient:
     async def _wait_for_space(self) -> None:
         session = self._session
         while session.queued_count >= self.options.max_queued or (
-            len(session._out) >= _OUT_HIGH_WATER  # noqa: SLF001
+            len(session._out) >= _OUT_HIGH_WATER
         ):
             self._check_open()
             await self._space.park()
@@ -408,7 +408,7 @@ class MQTTClient:
         for message in self._orphans:
             if sub.matches(message.topic):
                 try:
-                    sub._send.send_nowait(message)  # noqa: SLF001
+                    sub._send.send_nowait(message)
                 except trio.WouldBlock:
                     keep.append(message)
             else:
@@ -499,10 +499,15 @@ class MQTTClient:
                     self._set_fatal(ConnectionLost(self.last_error or "connection lost"))
                     return
                 attempt += 1
-                if opts.max_reconnect_attempts is not None and attempt > opts.max_reconnect_attempts:
+                if (
+                    opts.max_reconnect_attempts is not None
+                    and attempt > opts.max_reconnect_attempts
+                ):
                     self._set_fatal(ConnectionLost(f"gave up after {attempt - 1} reconnects"))
                     return
-                cap = min(opts.reconnect_max_delay, opts.reconnect_initial_delay * 2 ** (attempt - 1))
+                cap = min(
+                    opts.reconnect_max_delay, opts.reconnect_initial_delay * 2 ** (attempt - 1)
+                )
                 delay = random.uniform(cap / 2, cap)  # "equal jitter": never zero, never in step
                 log.info("reconnecting to %s in %.2f s (attempt %d)", self.url, delay, attempt)
                 await trio.sleep(delay)
@@ -515,11 +520,9 @@ class MQTTClient:
             slot.append(ClientClosed(f"client stopped: {exc}"))
             event.set()
         for sub in self._subs:
-            sub._send.close()  # noqa: SLF001
+            sub._send.close()
 
-    async def _connect_and_serve(
-        self, task_status: trio.TaskStatus[None] | None
-    ) -> None:
+    async def _connect_and_serve(self, task_status: trio.TaskStatus[None] | None) -> None:
         opts = self.options
         session = self._session
         with trio.move_on_after(opts.connect_timeout) as timeout, collapse_exception_groups():
@@ -534,7 +537,9 @@ class MQTTClient:
                 while not connected:
                     data = await stream.receive_some()
                     if not data:
-                        raise ConnectError(f"{self.url}: broker closed the connection before CONNACK")
+                        raise ConnectError(
+                            f"{self.url}: broker closed the connection before CONNACK"
+                        )
                     for event in session.receive_data(data, trio.current_time()):
                         if isinstance(event, Connected):
                             connected = True
@@ -625,11 +630,13 @@ class MQTTClient:
         if not targets:
             if len(self._orphans) == self._orphans.maxlen:
                 self.messages_dropped += 1
-                log.warning("no subscription for %r and the backlog is full: dropped", message.topic)
+                log.warning(
+                    "no subscription for %r and the backlog is full: dropped", message.topic
+                )
             self._orphans.append(message)
             return
         for sub in targets:
-            channel = sub._send  # noqa: SLF001
+            channel = sub._send
             try:
                 channel.send_nowait(message)
             except trio.WouldBlock:
@@ -727,7 +734,7 @@ async def open_client(
     client = MQTTClient(broker, opts)
     with collapse_exception_groups():  # users see our errors, not groups (as trio-websocket)
         async with trio.open_nursery() as nursery:
-            await nursery.start(client._run)  # noqa: SLF001
+            await nursery.start(client._run)
             try:
                 yield client
             finally:

@@ -47,7 +47,6 @@ _QOS: Final = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
 FATAL_CONNACK_CODES: Final = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x95, 0x9A, 0x9B})
 
 
-
 def reason_names(codes: type) -> dict[int, str]:
     """{value: NAME} of one of the codec's reason-code classes (not Python enums)."""
     return {int(getattr(codes, n)): n for n in dir(codes) if n.isupper()}
@@ -223,7 +222,9 @@ def _codec_read(view: memoryview) -> tuple[mqtt5.Packet, int]:
         # mqtt5 0.8 panics on some malformed input: pyo3_runtime.PanicException
         # derives from BaseException, so ``except Exception`` would miss it.
         if type(exc).__name__ == "PanicException":
-            raise RemoteProtocolError(f"malformed packet: codec panic: {exc}", reason_code=0x81) from None
+            raise RemoteProtocolError(
+                f"malformed packet: codec panic: {exc}", reason_code=0x81
+            ) from None
         raise
 
 
@@ -743,8 +744,12 @@ def _check_filter(pattern: str) -> None:
         raise LocalProtocolError(f"invalid topic filter {pattern!r}")
     levels = pattern.split("/")
     if pattern.startswith("$share/"):
-        if len(levels) < 3 or not levels[1] or "+" in levels[1] or "#" in levels[1] or (
-            levels[2:] == [""]
+        if (
+            len(levels) < 3
+            or not levels[1]
+            or "+" in levels[1]
+            or "#" in levels[1]
+            or (levels[2:] == [""])
         ):
             raise LocalProtocolError(f"invalid shared subscription {pattern!r}")
         levels = levels[2:]

@@ -241,9 +241,7 @@ async def open_stream(
             yield _TrioStream(stream)
             return
         async with trio.open_nursery() as nursery:
-            ws = await _websocket_handshake(
-                nursery, stream, url, ws_max_message_size, ws_headers
-            )
+            ws = await _websocket_handshake(nursery, stream, url, ws_max_message_size, ws_headers)
             try:
                 yield _WebSocketStream(ws)
             finally:
