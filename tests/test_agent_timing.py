@@ -991,3 +991,38 @@ async def test_seed_message_counts_by_kind(
     by_agent = Counter(c.agent_id for c in script.calls)
     assert sum(by_agent.values()) == 1
     assert set(by_agent) <= {"dep-1", "dep-2"}
+
+
+async def test_alerts_see_the_agents_view_of_the_swarm(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    """monitoring.alerts gets the agent's view: a peer whose will fired is an alert."""
+    from sheri_trio.executors import default_registry
+
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            config = {"monitoring": {"alerts": {"offline": True, "heartbeat_max_age": 30}}}
+            mon_cfg = cfg("mon", role="monitoring")
+            mon_cfg.executor_config = config
+            async with bus.connect("peer", will=None) as peer:
+                await peer.publish(
+                    T.agent_status("peer"),
+                    json.dumps({"payload": {"status": "online", "role": "testing"}}),
+                    qos=1,
+                    retain=True,
+                )
+            mon = Agent(mon_cfg, bus.open("mon"), executors=default_registry())
+            await nursery.start(mon.run)
+            await watcher.publish(
+                T.agent_status("peer"),
+                json.dumps({"payload": {"status": "offline", "role": "testing"}}),
+                qos=1,
+                retain=True,
+            )
+            await submit(watcher, "alerts-1", task_type="monitoring.alerts")
+            done = await bus.wait_for(T.tasks_complete, waiting(task_id="alerts-1"))
+            nursery.cancel_scope.cancel()
+    result = body(done)["result"]
+    assert result["active_alerts"] >= 1
+    assert any(a.get("agent_id") == "peer" for a in result["alerts"])

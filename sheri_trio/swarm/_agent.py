@@ -168,6 +168,8 @@ class Agent:
             "bad_messages": 0,
             "released": 0,
         }
+        #: final outcomes seen in the swarm (ours included), for monitoring.alerts
+        self.swarm_outcomes: dict[str, int] = {"completed": 0, "failed": 0}
         self._specs: dict[str, TaskSpec] = {}  # eligible tasks we know, until final
         self._candidates: dict[str, int] = {}  # task_id -> attempt we would claim
         self._overflow: deque[tuple[str, int]] = deque()  # beyond queue_limit, in order
@@ -378,6 +380,23 @@ class Agent:
                     peer.last_seen = now
             if not online:
                 self._check_leases()
+
+    def _swarm_view(self) -> dict[str, Any]:
+        """What this agent knows of the swarm (for monitoring.alerts)."""
+        now = trio.current_time()
+        return {
+            "agents": [
+                {
+                    "agent_id": agent_id,
+                    "role": peer.role,
+                    "online": peer.online,
+                    "last_seen_age": round(now - peer.last_seen, 3),
+                }
+                for agent_id, peer in self.peers.items()
+                if agent_id != self.agent_id
+            ],
+            "outcomes": dict(self.swarm_outcomes),
+        }
 
     def _online_ids(self) -> list[str]:
         return [a for a, p in self.peers.items() if p.online]
@@ -672,7 +691,10 @@ class Agent:
     def _on_outcome(self, env: Envelope, *, success: bool) -> None:
         outcome = parse_outcome(env, success=success)
         if not self.book.observe_outcome(outcome):
+            if outcome.agent_id == self.agent_id:
+                self.swarm_outcomes["completed" if success else "failed"] += 1  # our own
             return
+        self.swarm_outcomes["completed" if success else "failed"] += 1
         task_id = outcome.task_id
         self._forget(task_id)
         running = self._running.get(task_id)
@@ -804,6 +826,7 @@ class Agent:
                 try_number=record.tries,
                 _progress=self._progress_fn(spec, record),
                 config=self.config.executor_config,
+                swarm=self._swarm_view() if spec.type == "monitoring.alerts" else None,
             )
             started = trio.current_time()
             error: str
