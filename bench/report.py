@@ -80,6 +80,8 @@ def fanout_line(results: dict[str, Any]) -> str | None:
         return None
     d = fan["deliveries_per_s"]
     cpu = f", broker CPU {fan['broker_cpu']:.2f}" if fan.get("broker_cpu") is not None else ""
+    if fan.get("broker_us_per_delivery"):
+        cpu += f" ({fan['broker_us_per_delivery']:.1f} us of broker CPU per delivery)"
     return (
         f"Broker fan-out (C tools, QoS 1, 1 publisher -> {fan['subscribers']} subscribers, "
         f"{fan['messages']:,} messages): {_n(d['median'])} deliveries/s "
@@ -132,6 +134,7 @@ def task_rows(results: dict[str, Any]) -> list[list[str]]:
             _n(t.get("broker_deliveries_per_s")),
             _n(t.get("bound_tasks_per_s")),
             _n(t.get("fraction_of_bound"), 2),
+            _n(t.get("bound_broker_core_tasks_per_s")),
         ]
     ]
 
@@ -147,6 +150,7 @@ TASK_HEAD = [
     "broker deliveries/s",
     "bound tasks/s",
     "fraction of bound",
+    "bound if the broker had a core",
 ]
 
 
@@ -312,7 +316,13 @@ def markdown(results: dict[str, Any]) -> str:
     parts = [
         f"Run: `{'python -m bench --quick' if results['mode'] == 'quick' else 'python -m bench'}`"
         f" from {results['started']} to {results['finished']} ({results['duration_s']:.0f} s); "
-        f"load average (1, 5, 15 min) {load[0]} at the start, {load[1]} at the end.",
+        f"load average (1, 5, 15 min) {load[0]} at the start, {load[1]} at the end"
+        + (
+            f"; other work on the machine during the throughput runs: median "
+            f"{bg['median']:.2f} cores, at most {bg['max']:.2f}."
+            if (bg := results.get("background_cores_during_throughput"))
+            else "."
+        ),
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux "
         f"{m['kernel']}, open-file limit {m['fd_limit']}.",
@@ -370,8 +380,8 @@ def chart(results: dict[str, Any], path: Path = CHART) -> None:
             lo.append(e["median"] - e["min"])
             hi.append(e["max"] - e["median"])
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colors[qos], label=f"QoS {qos}")
-        for x, y in zip(xs, ys, strict=True):
-            ax.text(x, y, f"{y / 1000:.1f}k", ha="center", va="bottom", fontsize=7)
+        for x, y, top in zip(xs, ys, hi, strict=True):
+            ax.text(x, y + top, f"{y / 1000:.1f}k", ha="center", va="bottom", fontsize=7)
     for e in summary:
         if e["role"] != "ceiling" or e["median"] is None:
             continue
@@ -380,6 +390,9 @@ def chart(results: dict[str, Any], path: Path = CHART) -> None:
         if e.get("partial"):
             label += f" (only {e['received_min']:,} of {e['sent']:,} arrived)"
         ax.axhline(e["median"], color=colors[e["qos"]], linestyle=style, linewidth=1.2, label=label)
+    tops = [e["max"] for e in summary if e.get("max")]
+    if tops:
+        ax.set_ylim(0, max(tops) * 1.3)  # room for the legend above the bars
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, fontsize=8)
     ax.set_ylabel("messages/s (median, bars: min-max)")
@@ -389,7 +402,7 @@ def chart(results: dict[str, Any], path: Path = CHART) -> None:
         f"({results['started'][:10]}, {results['mode']} run)",
         fontsize=10,
     )
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,8 +425,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("json", nargs="?", type=Path, default=REPO / "bench/results/latest.json")
     p.add_argument("--docs", action="store_true", help="update docs/bench.md and the chart")
     p.add_argument("--markdown", action="store_true", help="print the markdown tables")
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute the derived figures from the raw runs and rewrite the file",
+    )
     args = p.parse_args(argv)
     results = json.loads(args.json.read_text())
+    if args.recompute:
+        from .summary import derive
+
+        derive(results)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
         sys.stdout.write(markdown(results))
     else:

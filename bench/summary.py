@@ -1,0 +1,285 @@
+"""Figures derived from a run's raw measurements: medians, ratios, bounds, targets.
+
+:func:`derive` computes every derived field of a results dict from its raw runs, so a
+results file can be summarised again (``python -m bench.report --recompute``) with exactly
+the code the harness uses.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+DESIGN_CARD_MIN = 1000.0  # native TCP QoS 1 msgs/s, or python -m bench exits 1
+
+
+@dataclass(frozen=True)
+class Row:
+    """One client on one transport in the throughput table."""
+
+    id: str
+    label: str
+    kind: str  # bench.clients kind
+    transport: str  # tcp | ws
+    role: str  # ours | peer | ceiling
+
+
+ROWS = (
+    Row("native-tcp", "sheri-trio native", "native", "tcp", "ours"),
+    Row("native-ws", "sheri-trio native", "native", "ws", "ours"),
+    Row("native-gmqtt-tcp", "sheri-trio gmqtt backend", "native-gmqtt", "tcp", "ours"),
+    Row("paho-tcp", "paho-mqtt", "paho", "tcp", "peer"),
+    Row("paho-ws", "paho-mqtt", "paho", "ws", "peer"),
+    Row("gmqtt-tcp", "gmqtt (asyncio)", "gmqtt", "tcp", "peer"),
+    Row("aiomqtt-tcp", "aiomqtt", "aiomqtt", "tcp", "peer"),
+    Row("c-tcp", "mosquitto C tools", "mosquitto-c", "tcp", "ceiling"),
+)
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"median": None, "min": None, "max": None}
+    return {
+        "median": round(statistics.median(values), 1),
+        "min": round(min(values), 1),
+        "max": round(max(values), 1),
+    }
+
+
+def _util(runs: list[dict[str, Any]], key: str) -> float | None:
+    """Median CPU use (1.0 = one core busy) of a process during the measured window."""
+    values = [r[key] / r["seconds"] for r in runs if r.get(key) is not None and r.get("seconds")]
+    return round(statistics.median(values), 2) if values else None
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return round(statistics.median(values), 2) if values else None
+
+
+def _per(runs: list[dict[str, Any]], cpu_key: str, count_key: str) -> float | None:
+    """Median CPU microseconds per message (or delivery) of a process."""
+    values = [
+        r[cpu_key] * 1e6 / r[count_key]
+        for r in runs
+        if r.get(cpu_key) is not None and r.get(count_key)
+    ]
+    return round(statistics.median(values), 2) if values else None
+
+
+def summarize(rows: list[Row], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        for qos in (0, 1):
+            mine = [r for r in runs if r["row"] == row.id and r["qos"] == qos]
+            ok = [r for r in mine if "error" not in r]
+            entry: dict[str, Any] = {
+                "row": row.id,
+                "label": row.label,
+                "kind": row.kind,
+                "transport": row.transport,
+                "role": row.role,
+                "qos": qos,
+                **_stats([r["msgs_per_s"] for r in ok]),
+                "samples": [r["msgs_per_s"] for r in ok],
+                "received_min": min((r["received"] for r in ok), default=None),
+                "client_cpu": _util(ok, "client_cpu_s"),
+                "broker_cpu": _util(ok, "broker_cpu_s"),
+                "broker_us_per_msg": _per(ok, "broker_cpu_s", "received"),
+                "background_cores": _median(ok, "background_cores"),
+                "sent": ok[0]["sent"] if ok else None,
+                "errors": [r["error"] for r in mine if "error" in r],
+            }
+            if any(r.get("partial") for r in ok):
+                entry["partial"] = True
+                entry["note"] = next(r["note"] for r in ok if r.get("partial"))
+            elif any(r.get("lost") for r in ok):
+                entry["note"] = f"lost up to {max(r['lost'] for r in ok)} messages"
+            out.append(entry)
+    # ratios of our rows to the fastest Python peer (same transport) and to the C tools
+    for entry in out:
+        if entry["role"] != "ours" or entry["median"] is None:
+            continue
+        peers = [
+            e
+            for e in out
+            if e["role"] == "peer"
+            and e["qos"] == entry["qos"]
+            and e["transport"] == entry["transport"]
+            and e["median"]
+        ]
+        if peers:
+            best = max(peers, key=lambda e: e["median"])
+            entry["best_peer"] = best["row"]
+            entry["x_best_peer"] = round(entry["median"] / best["median"], 2)
+        c = next(
+            (e for e in out if e["role"] == "ceiling" and e["qos"] == entry["qos"] and e["median"]),
+            None,
+        )
+        if c is not None:
+            entry["x_c_tools"] = round(entry["median"] / c["median"], 2)
+    return out
+
+
+def summarize_fanout(results: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in results if "error" not in r]
+    return {
+        "subscribers": ok[0]["subscribers"] if ok else None,
+        "messages": ok[0]["messages"] if ok else None,
+        "qos": 1,
+        "deliveries_per_s": _stats([r["deliveries_per_s"] for r in ok]),
+        "broker_cpu": _util(ok, "broker_cpu_s"),
+        "broker_us_per_delivery": _per(ok, "broker_cpu_s", "deliveries"),
+        "complete": all(r["deliveries"] == r["expected"] for r in ok) if ok else None,
+        "runs": results,
+    }
+
+
+# ------------------------------------------------------------------------- targets
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 5's targets, each met (True), missed (False) or not measured (None)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, goal: str, value: Any, met: bool | None, note: str = "") -> None:
+        out.append({"target": name, "goal": goal, "value": value, "met": met, "note": note})
+
+    summary = {(e["row"], e["qos"]): e for e in results.get("throughput", {}).get("summary", [])}
+
+    def ratio(row: str, qos: int, key: str) -> float | None:
+        return summary.get((row, qos), {}).get(key)
+
+    for name, row, qos, key, goal in (
+        ("native TCP QoS 0 vs C tools", "native-tcp", 0, "x_c_tools", 0.9),
+        ("native TCP QoS 0 vs fastest Python peer", "native-tcp", 0, "x_best_peer", 2.5),
+        ("native TCP QoS 1 vs fastest Python peer", "native-tcp", 1, "x_best_peer", 2.0),
+        ("native WS QoS 0 vs paho-mqtt WS", "native-ws", 0, "x_best_peer", 3.0),
+        ("native WS QoS 1 vs paho-mqtt WS", "native-ws", 1, "x_best_peer", 3.0),
+    ):
+        value = ratio(row, qos, key)
+        add(name, f">= {goal}x", value, None if value is None else value >= goal)
+    rtt = next(
+        (
+            r
+            for r in results.get("latency", {}).get("results", [])
+            if r["transport"] == "tcp"
+            and r["qos"] == 1
+            and r["broker"].startswith("set_tcp")
+            and "p50_ms" in r
+        ),
+        None,
+    )
+    add(
+        "QoS 1 round trip p50 (TCP)",
+        "<= 1 ms",
+        rtt and rtt["p50_ms"],
+        None if rtt is None else rtt["p50_ms"] <= 1.0,
+    )
+    t = results.get("tasks", {})
+    rate = (t.get("tasks_per_s") or {}).get("median")
+    clean = t.get("duplicates") == 0 and t.get("losses") == 0 if rate is not None else None
+    add(
+        "task rate, 9 agents",
+        ">= 1000 tasks/s, 0 duplicates, 0 losses",
+        rate,
+        None if rate is None else rate >= 1000 and bool(clean),
+        "" if rate is None else f"duplicates {t.get('duplicates')}, losses {t.get('losses')}",
+    )
+    bound = t.get("bound_tasks_per_s")
+    add(
+        "task rate vs delivery bound",
+        ">= 0.5 of the bound",
+        t.get("fraction_of_bound"),
+        None if bound is None or rate is None else rate >= bound / 2,
+        "" if bound is None else f"bound {bound} tasks/s",
+    )
+    mem = results.get("memory", {}).get("swarms_of_9", {})
+    per = [p["per_agent_kb"] for p in mem.get("points", [])]
+    add(
+        "RSS per extra in-process agent",
+        "<= 5 MB (5120 KB)",
+        max(per) if per else None,
+        None if not per else max(per) <= 5120,
+        "KB, worst of 1/100/1,000 agents",
+    )
+    st = results.get("startup", {}).get("variants", {})
+    cli = st.get("cli", {}).get("median_s") or st.get("run_agent", {}).get("median_s")
+    add("process start to online", "<= 0.5 s", cli, None if cli is None else cli <= 0.5)
+    return out
+
+
+def summarize_tasks(results: list[dict[str, Any]], agents: int, tasks: int) -> dict[str, Any]:
+    ok = [r for r in results if "error" not in r]
+    summary: dict[str, Any] = {"agents": agents, "tasks": tasks, "runs": results}
+    if ok:
+        mid = sorted(ok, key=lambda r: r["tasks_per_s"])[len(ok) // 2]  # the median run
+        summary.update(
+            tasks_per_s=_stats([r["tasks_per_s"] for r in ok]),
+            latency_p50_ms=mid["latency_p50_ms"],
+            latency_p99_ms=mid["latency_p99_ms"],
+            duplicates=sum(r["duplicates"] for r in ok),
+            losses=sum(r["losses"] for r in ok),
+            deliveries_per_task=round(statistics.median(r["deliveries_per_task"] for r in ok), 2),
+            broker_cpu_per_task_us=_per(ok, "broker_cpu_s", "completed"),
+        )
+    return summary
+
+
+def add_bound(results: dict[str, Any]) -> None:
+    """The task rate's physical bound: broker deliveries/s / deliveries per task."""
+    t = results.get("tasks")
+    fan = results.get("throughput", {}).get("fanout", {})
+    if not t:
+        return
+    per_s = (fan.get("deliveries_per_s") or {}).get("median")
+    per_task = t.get("deliveries_per_task")
+    rate = (t.get("tasks_per_s") or {}).get("median")
+    if not (per_s and per_task and rate):
+        return
+    bound = per_s / per_task
+    t["broker_deliveries_per_s"] = per_s
+    t["bound_tasks_per_s"] = round(bound, 1)
+    t["fraction_of_bound"] = round(rate / bound, 2)
+    us = fan.get("broker_us_per_delivery")
+    if us:  # the bound if the broker had a whole core to itself
+        t["bound_broker_core_tasks_per_s"] = round(1e6 / us / per_task, 1)
+
+
+def check(results: dict[str, Any]) -> dict[str, Any]:
+    native_q1 = next(
+        (
+            e["median"]
+            for e in results.get("throughput", {}).get("summary", [])
+            if e["row"] == "native-tcp" and e["qos"] == 1
+        ),
+        None,
+    )
+    return {
+        "rule": f"native TCP QoS 1 >= {DESIGN_CARD_MIN:.0f} msgs/s",
+        "value": native_q1,
+        "passed": native_q1 is not None and native_q1 >= DESIGN_CARD_MIN,
+    }
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    """(Re)compute every derived field from the raw runs in ``results``; returns it."""
+    tp = results.get("throughput")
+    if tp:
+        rows = [r for r in ROWS if any(run["row"] == r.id for run in tp["runs"])]
+        tp["summary"] = summarize(rows, tp["runs"])
+        tp["fanout"] = summarize_fanout(tp["fanout"]["runs"])
+        background = [
+            r["background_cores"] for r in tp["runs"] if r.get("background_cores") is not None
+        ]
+        if background:
+            results["background_cores_during_throughput"] = {
+                "median": round(statistics.median(background), 2),
+                "max": max(background),
+            }
+    t = results.get("tasks")
+    if t:
+        results["tasks"] = summarize_tasks(t["runs"], t["agents"], t["tasks"])
+        add_bound(results)
+    results["targets"] = targets(results)
+    results["check"] = check(results)
+    return results
