@@ -184,7 +184,8 @@ async def run_demo(
             failures = await _submit_and_watch(broker.tcp_url, swarm, out)
             if keep_running:
                 out(
-                    f"swarm running; submit more with: sheri submit TYPE --broker <url> --swarm {swarm}"
+                    "swarm running; submit more with: "
+                    f"sheri submit TYPE --broker <url> --swarm {swarm}"
                 )
                 await trio.sleep_forever()
             stop.set()
@@ -218,9 +219,8 @@ async def _submit_and_watch(url: str, swarm: str, out: Any) -> int:
                     task_type = pending.pop(p["task_id"])
                     if p["status"] == "success" and task_type not in expect:
                         result = json.dumps(p["result"])[:100]
-                        out(
-                            f"  ok    {task_type:24} by {p['agent_id']:22} {p['duration']:>5} ms  {result}"
-                        )
+                        agent, ms = p["agent_id"], p["duration"]
+                        out(f"  ok    {task_type:24} by {agent:22} {ms:>5} ms  {result}")
                     elif p["status"] != "success" and expect.get(task_type, "\0") in p["error"]:
                         expected += 1
                         out(f"  error {task_type:24} by {p['agent_id']:22} (expected) {p['error']}")

@@ -13,10 +13,9 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import mqtt5
 import trio
@@ -46,6 +45,9 @@ from ._session import (
     topic_matches,
 )
 from ._streams import BrokerURL, ByteStream, TLSOptions, open_stream
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator, Sequence
 
 __all__ = ["Client", "ClientOptions", "MQTTClient", "Subscription", "Will", "open_client"]
 

@@ -8,7 +8,6 @@ Every transport is a :class:`ByteStream`: ``send_all(bytes)``, ``receive_some()`
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
@@ -19,6 +18,8 @@ import trio
 from ._errors import ConnectError, ConnectionLost, LocalProtocolError
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from trio_websocket import WebSocketConnection
 
 __all__ = ["BrokerURL", "ByteStream", "TLSOptions", "open_stream"]
