@@ -899,33 +899,26 @@ class Agent:
 
     async def _release_unstarted(self, spec: TaskSpec, attempt: int) -> None:
         """A claim we won after shutdown began: release it without running it."""
-        self.counters["released"] += 1
         self._log(logging.INFO, "won while shutting down: released", task_id=spec.task_id)
-        await self._publish(
-            self.topics.tasks_released,
-            {
-                "task_id": spec.task_id,
-                "agent_id": self.agent_id,
-                "role": self.role,
-                "attempt": attempt,
-                "released_at": now_iso(),
-            },
-            wait_ack=False,
-        )
+        await self._publish_released(spec.task_id, attempt)
 
     async def _release(self, running: _Running) -> None:
         record = running.record
         if record.final:
             return
         await self._fire(record, "release")
+        await self._publish_released(record.task_id, record.attempt)
+
+    async def _publish_released(self, task_id: str, attempt: int) -> None:
+        """Give an attempt back: other eligible agents claim ``attempt + 1``."""
         self.counters["released"] += 1
         await self._publish(
             self.topics.tasks_released,
             {
-                "task_id": record.task_id,
+                "task_id": task_id,
                 "agent_id": self.agent_id,
                 "role": self.role,
-                "attempt": record.attempt,
+                "attempt": attempt,
                 "released_at": now_iso(),
             },
             wait_ack=False,  # the client's close flushes it; a cancelled reader acks nothing
