@@ -67,7 +67,7 @@ from .mqtt import (
     MQTTError,
     open_client,
 )
-from .swarm._agent import AgentConfig, DuplicateAgent, run_agent
+from .swarm._agent import AgentConfig, DuplicateAgent, read_retained, run_agent
 from .swarm._claims import ClaimBook, ClaimVerdict
 from .swarm._protocol import (
     AGENT_ID_RE,
@@ -412,13 +412,7 @@ async def _read_retained(
     sync = f"{topics.swarm}/cli/sync/{secrets.token_hex(6)}"
     found: list[Message] = []
     with trio.move_on_after(max_wait):
-        async with client.subscribe(*filters, sync, qos=1) as messages:
-            await client.publish(sync, b"", qos=1)
-            async for message in messages:
-                if message.topic == sync:
-                    break
-                if message.payload:
-                    found.append(message)
+        await read_retained(client, sync, *filters, into=found)
     return found
 
 

@@ -251,18 +251,12 @@ class Agent:
         sync = f"{self.topics.swarm}/agents/{self.agent_id}/sync/{secrets.token_hex(4)}"
         now = trio.current_time()
         loaded = 0
-        async with self.client.subscribe(self.topics.tasks_state_all, sync, qos=1) as states:
-            await self.client.publish(sync, b"sync", qos=1)
-            async for message in states:
-                if message.topic == sync:
-                    break  # retained messages come before our later publish
-                if not message.payload:
-                    continue
-                try:
-                    self._adopt_state(decode_envelope(message.payload).payload, now)
-                    loaded += 1
-                except BadMessage as exc:
-                    self._log(logging.DEBUG, "ignored task state", reason=exc.reason)
+        for message in await read_retained(self.client, sync, self.topics.tasks_state_all):
+            try:
+                self._adopt_state(decode_envelope(message.payload).payload, now)
+                loaded += 1
+            except BadMessage as exc:
+                self._log(logging.DEBUG, "ignored task state", reason=exc.reason)
         if loaded:
             self._log(logging.INFO, "task states loaded", count=loaded, held=len(self._specs))
 
@@ -1136,6 +1130,27 @@ def _rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------ running one
+async def read_retained(
+    client: Client, sync_topic: str, *filters: str, into: list[Message] | None = None
+) -> list[Message]:
+    """The retained (non-empty) messages on ``filters``.
+
+    Subscribes to them and to ``sync_topic``, then publishes on ``sync_topic``: the broker
+    sends a subscription's retained messages before it handles our later publish, so they
+    have all arrived when the marker comes back. ``into`` collects them as they arrive (so a
+    caller's timeout keeps what came).
+    """
+    found = [] if into is None else into
+    async with client.subscribe(*filters, sync_topic, qos=1) as messages:
+        await client.publish(sync_topic, b"sync", qos=1)
+        async for message in messages:
+            if message.topic == sync_topic:
+                break
+            if message.payload:
+                found.append(message)
+    return found
+
+
 async def check_duplicate(config: AgentConfig) -> None:
     """Refuse to start if the swarm's retained status says this agent id is online."""
     topics = Topics(config.swarm)
@@ -1147,18 +1162,11 @@ async def check_duplicate(config: AgentConfig) -> None:
         clean_start=True,
         **_connection_options(config),
     ) as probe:
-        async with probe.subscribe(
-            topics.agent_status(config.agent_id), probe_topic, qos=1
-        ) as msgs:
-            await probe.publish(probe_topic, b"sync", qos=1)
-            async for m in msgs:
-                if m.topic == probe_topic:
-                    break  # retained messages come before our own later publish
-                if m.payload:
-                    try:
-                        status = decode_envelope(m.payload).payload
-                    except BadMessage:
-                        status = None
+        for m in await read_retained(probe, probe_topic, topics.agent_status(config.agent_id)):
+            try:
+                status = decode_envelope(m.payload).payload
+            except BadMessage:
+                status = None
     if status and status.get("status") == "online":
         raise DuplicateAgent(
             f"an agent with id {config.agent_id!r} is already online in swarm "
