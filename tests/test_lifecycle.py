@@ -8,6 +8,7 @@ from collections import deque
 import pytest
 
 from sheri_trio.swarm._lifecycle import (
+    _MACHINE,
     FINAL_STATES,
     STATES,
     TRANSITIONS,
@@ -150,16 +151,19 @@ def test_a_typical_life_with_retries() -> None:
 
 def test_one_machine_serves_many_models() -> None:
     lifecycle = Lifecycle()
-    machine = lifecycle._machine
+    other = Lifecycle()
     records = [lifecycle.add(f"t{i}", attempt=i + 1) for i in range(50)]
+    foreign = other.add("t1")  # same id in another agent's lifecycle: independent
     assert len(lifecycle) == 50
     for i, record in enumerate(records):
         for trigger in ["claim", "start", "succeed"][: i % 4]:
             Lifecycle.fire(record, trigger)
     assert [r.state for r in records[:4]] == ["received", "claimed", "running", "done"]
     assert [r.state for r in records[4:8]] == ["received", "claimed", "running", "done"]
-    assert lifecycle._machine is machine
-    assert all(r in machine.models for r in records)
+    assert foreign.state == "received"
+    # records are not bound to the Machine: no per-record trigger methods
+    assert not hasattr(records[0], "claim")
+    assert _MACHINE.models == []
     assert lifecycle.get("t3") is records[3]
     assert set(lifecycle) == set(records)
 
@@ -170,7 +174,6 @@ def test_one_machine_serves_many_models() -> None:
     lifecycle.remove(records[0])  # twice: no error
     assert len(lifecycle) == 25
     assert lifecycle.get("t0") is None
-    assert records[0] not in machine.models
     again = lifecycle.add("t0")
     assert again.state == "received"
     assert again is not records[0]

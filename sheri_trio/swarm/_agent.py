@@ -15,6 +15,7 @@ import math
 import os
 import random
 import secrets
+import zlib
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -175,7 +176,7 @@ class Agent:
         self._overflow: deque[tuple[str, int]] = deque()  # beyond queue_limit, in order
         self._cand_ranks: dict[str, int] = {}
         self._rank_counts = [0, 0, 0]  # candidates per priority rank (high, medium, low)
-        self._heap: list[tuple[int, int, str]] = []
+        self._heap: list[tuple[int, int, int, str]] = []  # rank, not preferred, seq, id
         self._seq = 0
         self._outstanding: dict[str, int] = {}  # our claims awaiting the broker's order
         self._running: dict[str, _Running] = {}
@@ -562,12 +563,35 @@ class Agent:
             self._cand_ranks[task_id] = spec.rank
         self._candidates[task_id] = attempt
         self._seq += 1
-        heapq.heappush(self._heap, (spec.rank, self._seq, task_id))
+        heapq.heappush(self._heap, (spec.rank, not self._preferred(spec), self._seq, task_id))
         if self._slots_free() <= 0 and log.isEnabledFor(logging.DEBUG):
             self._log(
                 logging.DEBUG, "busy: task queued", task_id=task_id, queued=len(self._candidates)
             )
         self._wake_claimer()
+
+    def _preferred(self, spec: TaskSpec) -> bool:
+        """Whether we rank first for this task among the online agents that may take it
+        (rendezvous hashing on task id and agent id: every agent computes the same answer).
+
+        Within a priority, an agent claims its preferred tasks first, so agents of one
+        role draining the same burst take disjoint tasks instead of racing for the
+        oldest one; claim conflicts stay correct (first claim wins) but become rare.
+        """
+        if spec.assigned_to is not None:
+            return True
+        roles = None if spec.type == INVALID_TASK_TYPE else roles_for(spec.type)
+        task = spec.task_id + "/"
+        mine = zlib.crc32((task + self.agent_id).encode())
+        for agent_id, peer in self.peers.items():
+            if (
+                peer.online
+                and (roles is None or peer.role in roles)
+                and agent_id != self.agent_id
+                and zlib.crc32((task + agent_id).encode()) > mine
+            ):
+                return False
+        return True
 
     def _worst_rank(self) -> int:
         counts = self._rank_counts
@@ -622,7 +646,7 @@ class Agent:
             await self._claim_wakeup.wait()
             self._claim_wakeup = trio.Event()
             while self._accepting and self._heap and self._slots_free() > 0:
-                _, _, task_id = heapq.heappop(self._heap)
+                task_id = heapq.heappop(self._heap)[3]
                 if self._overflow:
                     self._refill()
                 attempt = self._cand_pop(task_id)

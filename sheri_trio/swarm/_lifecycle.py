@@ -1,7 +1,11 @@
 """The whole lifecycle of a task, as one ``transitions`` table (h11's "Rule 1").
 
-One synchronous :class:`transitions.Machine` serves every task of an agent: tasks are
-added as models when the agent wins their claim and removed when they end. Callbacks
+One synchronous :class:`transitions.Machine` serves every task of an agent: a task is
+tracked from when the agent wins its claim until it ends, and each trigger runs through
+the Machine's event for it (``machine.events[trigger].trigger(record)``), which checks the
+source state, sets the new one and calls the callbacks. Records are not bound to the
+Machine with ``add_model`` (that attaches a method per trigger and state to every record:
+~9 % of the agent's CPU at 1,000 tasks/s); nothing here uses those methods. Callbacks
 only record what happened (a :class:`StateChange`); they do no I/O. The agent reads
 the changes and publishes them. An invalid trigger raises :class:`InvalidTransition`.
 
@@ -107,33 +111,36 @@ class TaskRecord:
         return f"TaskRecord({self.task_id!r}, state={self.state!r}, attempt={self.attempt})"
 
 
+#: The Machine behind every Lifecycle. It holds no models (records are passed to each
+#: event), so one instance serves all agents of a process.
+_MACHINE: Final = Machine(
+    model=None,
+    states=list(STATES),
+    transitions=TRANSITIONS,
+    initial="received",
+    auto_transitions=False,
+    send_event=True,
+    after_state_change="_record",
+    model_attribute="state",
+)
+
+
 class Lifecycle:
     """One Machine for many tasks. ``fire(record, trigger, **detail)`` moves a task."""
 
     def __init__(self) -> None:
-        self._machine = Machine(
-            model=None,
-            states=list(STATES),
-            transitions=TRANSITIONS,
-            initial="received",
-            auto_transitions=False,
-            send_event=True,
-            after_state_change="_record",
-            model_attribute="state",
-        )
         self._records: dict[str, TaskRecord] = {}
 
     def add(self, task_id: str, attempt: int = 1) -> TaskRecord:
         if task_id in self._records:
             raise InvalidTransition(f"task {task_id} is already tracked")
         record = TaskRecord(task_id, attempt)
-        self._machine.add_model(record)
+        _MACHINE.set_state(_MACHINE.initial, model=record)
         self._records[task_id] = record
         return record
 
     def remove(self, record: TaskRecord) -> None:
-        if self._records.pop(record.task_id, None) is not None:
-            self._machine.remove_model(record)
+        self._records.pop(record.task_id, None)
 
     def get(self, task_id: str) -> TaskRecord | None:
         return self._records.get(task_id)
@@ -147,16 +154,15 @@ class Lifecycle:
     @staticmethod
     def fire(record: TaskRecord, trigger: str, **detail: Any) -> StateChange:
         """Apply a trigger; returns the change it made. Raises InvalidTransition."""
-        if trigger not in TRIGGERS:
+        event = _MACHINE.events.get(trigger)
+        if event is None:
             raise InvalidTransition(f"unknown trigger {trigger!r}")
         try:
-            getattr(record, trigger)(**detail)
+            event.trigger(record, **detail)
         except MachineError:
             raise InvalidTransition(
                 f"task {record.task_id}: cannot {trigger!r} from state {record.state!r}"
             ) from None
-        except AttributeError:
-            raise InvalidTransition(f"unknown trigger {trigger!r}") from None
         return record.changes[-1]
 
     @staticmethod
