@@ -394,6 +394,44 @@ def test_unknown_and_duplicate_puback_ignored() -> None:
     assert s.connected
 
 
+def test_acks_in_short_form_and_messages_keep_their_order_in_one_read() -> None:
+    # A success PUBACK without properties is 4 bytes (decoded without the codec);
+    # one with a reason code takes the codec. Events come out in wire order.
+    s, peer = connected_pair(connack={"receive_max": 2})
+    pubs = [s.publish("t", b"%d" % i, qos=1) for i in range(4)]
+    assert all(pubs)
+    transfer(s, peer)
+    p1, p2, _, _ = (p for p in pubs if p)
+    data = (
+        bytes((0x40, 2, 0, p1.packet_id or 0))
+        + encode(mqtt5.PublishPacket("in", b"m", qos=QoS.AT_LEAST_ONCE, packet_id=9))
+        + encode(
+            mqtt5.PubAckPacket(
+                p2.packet_id or 0, reason_code=mqtt5.PubAckReasonCode.NO_MATCHING_SUBSCRIBERS
+            )
+        )
+    )
+    events = s.receive_data(data, 0.0)
+    assert [type(e).__name__ for e in events] == ["PublishAcked", "Message", "PublishAcked"]
+    assert [p1.reason_code, p2.reason_code] == [0, 0x10]
+    out = peer.receive_data(s.data_to_send(0.0))
+    # the window refilled in order, and our own PUBACK for id 9 uses the short form
+    assert [(type(p).__name__, getattr(p, "payload", None)) for p in out] == [
+        ("PublishPacket", b"2"),
+        ("PubAckPacket", None),
+        ("PublishPacket", b"3"),
+    ]
+    assert bytes((0x40, 2, 0, 9)) in peer.raw
+    # split byte by byte: the same events
+    s2, peer2 = connected_pair()
+    q = s2.publish("t", b"x", qos=1)
+    assert q is not None
+    transfer(s2, peer2)
+    events = receive_bytewise(s2, bytes((0x40, 2, 0, q.packet_id or 0)))
+    assert [type(e) for e in events] == [PublishAcked]
+    assert s2.inflight_count == 0
+
+
 def test_packet_ids_wrap_and_skip_ids_in_use() -> None:
     s, peer = connected_pair()
     first = s.publish("t", b"a", qos=1)  # id 1, left unacknowledged

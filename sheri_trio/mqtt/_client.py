@@ -219,6 +219,8 @@ class MQTTClient:
         )
         self._stream: ByteStream | None = None
         self._wake_writer = trio.Event()
+        self._unsent = b""  # the part of a direct write the socket did not take
+        self._sending = False  # the writer is in send_all
         self._space = trio.lowlevel.ParkingLot()
         self._requests: dict[int, tuple[trio.Event, list[Any]]] = {}
         self._by_sub_id: dict[int, Subscription] = {}
@@ -508,6 +510,7 @@ class MQTTClient:
                     log.warning("MQTT connection to %s lost: %s", self.url, exc)
                 finally:
                     self._session.connection_lost()
+                    self._unsent = b""
                     self._stream = None
                     self._connected_event = trio.Event()
                     self._connection_ended.set()
@@ -604,13 +607,31 @@ class MQTTClient:
                     return
                 raise ConnectionLost("broker closed the connection")
             events = session.receive_data(data, trio.current_time())
+            acked = False
             for event in events:
                 if type(event) is Message:
                     await self._deliver(event)
+                elif type(event) is PublishAcked:
+                    waiter = event.publish.waiter
+                    if waiter is not None:
+                        waiter.set()
+                    acked = True
                 else:
                     dispatch(event)
+            if acked:
+                self._space.unpark_all()  # window slots freed: queued publishes moved up
             if session.has_data_to_send():
-                self._kick()
+                # The acks and window refills of this read go out now, from here, when
+                # the socket takes them at once: the writer task's turn would cost a
+                # scheduler pass on every round trip of the QoS 1 window.
+                if self._unsent or self._sending:
+                    self._kick()
+                else:
+                    data = session.data_to_send(trio.current_time())
+                    sent = stream.send_nowait(data)
+                    if sent < len(data):
+                        self._unsent = data[sent:]
+                        self._kick()
 
     async def _writer(self, stream: ByteStream) -> None:
         session = self._session
@@ -618,11 +639,15 @@ class MQTTClient:
             await self._wake_writer.wait()
             self._wake_writer = trio.Event()
             data = session.data_to_send(trio.current_time())
+            if self._unsent:
+                data, self._unsent = self._unsent + data, b""
+            self._space.unpark_all()
             if data:
-                self._space.unpark_all()
-                await stream.send_all(data)
-            else:
-                self._space.unpark_all()
+                self._sending = True
+                try:
+                    await stream.send_all(data)
+                finally:
+                    self._sending = False
 
     async def _timer(self) -> None:
         session = self._session

@@ -131,8 +131,9 @@ class OutgoingPublish:
 
     __slots__ = ("data", "packet_id", "qos", "reason_code", "reason_string", "waiter")
 
-    def __init__(self, data: bytes, qos: int) -> None:
-        self.data = data  # encoded without a packet id for QoS 1 until it is in flight
+    def __init__(self, data: bytes | bytearray, qos: int) -> None:
+        # Encoded; for QoS 1 a bytearray whose packet id is set when it goes in flight.
+        self.data = data
         self.qos = qos
         self.packet_id: int | None = None
         self.reason_code: int | None = None
@@ -449,7 +450,7 @@ class Session:
                 return None
             self._queued.append(OutgoingPublish(data, 0))
             return None
-        pub = OutgoingPublish(data, 1)
+        pub = OutgoingPublish(bytearray(data), 1)
         if (
             self.state is SessionState.CONNECTED
             and not self._queued
@@ -523,17 +524,29 @@ class Session:
         while pos < end:
             if end - pos < 2:
                 break
-            header = _decode_remaining_length(view, pos + 1, end)
-            if header is None:
-                break
-            remaining, nlen = header
-            total = 1 + nlen + remaining
+            first = data[pos]
+            remaining = data[pos + 1]
+            if remaining < 0x80:  # one-byte remaining length: most packets
+                total = 2 + remaining
+            else:
+                header = _decode_remaining_length(view, pos + 1, end)
+                if header is None:
+                    break
+                remaining, nlen = header
+                total = 1 + nlen + remaining
             if total > limit:
                 raise PacketTooLarge(
                     f"incoming packet of {total} bytes exceeds the maximum packet size {limit}"
                 )
             if end - pos < total:
                 break
+            if first == 0x40 and remaining == 2 and self.state is SessionState.CONNECTED:
+                # PUBACK, success, no properties (the common case): no codec round trip
+                pub = self._inflight.pop((data[pos + 2] << 8) | data[pos + 3], None)
+                if pub is not None:
+                    self._acked(pub, 0, None, events)
+                pos += total
+                continue
             packet, used = _codec_read(view[pos : pos + total])
             if used != total:
                 raise RemoteProtocolError("packet length mismatch", reason_code=0x81)
@@ -556,7 +569,8 @@ class Session:
                 pid = packet.packet_id
                 if pid is None:
                     raise RemoteProtocolError("QoS 1 PUBLISH without a packet id")
-                self._out += mqtt5.PubAckPacket(pid).write()
+                # PUBACK, success, no properties: reason code and properties omitted
+                self._out += bytes((0x40, 2, pid >> 8, pid & 0xFF))
             elif qos is QoS.EXACTLY_ONCE:
                 pid = packet.packet_id
                 if pid is None:
@@ -569,10 +583,7 @@ class Session:
         elif isinstance(packet, mqtt5.PubAckPacket):
             pub = self._inflight.pop(packet.packet_id, None)
             if pub is not None:  # an unknown id is a stale ack from a previous connection
-                pub.reason_code = int(packet.reason_code)
-                pub.reason_string = packet.reason_str
-                events.append(PublishAcked(pub))
-                self._fill_window()
+                self._acked(pub, int(packet.reason_code), packet.reason_str, events)
         elif isinstance(packet, mqtt5.ConnAckPacket):
             self._handle_connack(packet, events)
         elif isinstance(packet, mqtt5.SubAckPacket):
@@ -603,6 +614,16 @@ class Session:
         else:
             name = type(packet).__name__.removesuffix("Packet").upper()
             raise RemoteProtocolError(f"a broker must not send {name} to a client")
+
+    def _acked(
+        self, pub: OutgoingPublish, code: int, reason: str | None, events: list[Event]
+    ) -> None:
+        """A PUBACK: the publish left the window; the next queued one takes its slot."""
+        pub.reason_code = code
+        pub.reason_string = reason
+        events.append(PublishAcked(pub))
+        if self._queued:
+            self._fill_window()
 
     def _handle_connack(self, packet: mqtt5.ConnAckPacket, events: list[Event]) -> None:
         if self.state is not SessionState.CONNECTING:
@@ -699,7 +720,11 @@ class Session:
         pid = self._allocate_packet_id()
         pub.packet_id = pid
         # The packet id sits right after the topic: patch it into the encoded bytes.
-        pub.data = data = _with_packet_id(pub.data, pid)
+        data = pub.data
+        assert isinstance(data, bytearray)
+        at = _packet_id_offset(data)
+        data[at] = pid >> 8
+        data[at + 1] = pid & 0xFF
         self._inflight[pid] = pub
         self._out += data
 
@@ -729,14 +754,12 @@ class Session:
         return pid
 
 
-def _with_packet_id(data: bytes, packet_id: int) -> bytes:
-    """Rewrite the packet id of an encoded QoS>0 PUBLISH (it follows the topic)."""
-    header = _decode_remaining_length(data, 1, len(data))
-    assert header is not None
-    offset = 1 + header[1]
-    topic_len = (data[offset] << 8) | data[offset + 1]
-    at = offset + 2 + topic_len
-    return data[:at] + packet_id.to_bytes(2, "big") + data[at + 2 :]
+def _packet_id_offset(data: bytes | bytearray) -> int:
+    """Where the packet id of an encoded QoS>0 PUBLISH is (it follows the topic)."""
+    offset = 2
+    while data[offset - 1] & 0x80:  # remaining length: 1-4 bytes
+        offset += 1
+    return offset + 2 + ((data[offset] << 8) | data[offset + 1])
 
 
 def _check_filter(pattern: str) -> None:

@@ -7,6 +7,7 @@ Every transport is a :class:`ByteStream`: ``send_all(bytes)``, ``receive_some()`
 
 from __future__ import annotations
 
+import os
 import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -128,9 +129,16 @@ class TLSOptions:
 
 
 class ByteStream(Protocol):
-    """The small interface under the MQTT session."""
+    """The small interface under the MQTT session.
+
+    ``send_nowait`` writes what the transport takes at once without waiting or
+    yielding (0 when it cannot: full socket buffer, or a transport that frames its
+    writes); ``send_all`` is still needed for the rest.
+    """
 
     async def send_all(self, data: bytes) -> None: ...
+
+    def send_nowait(self, data: bytes) -> int: ...
 
     async def receive_some(self) -> bytes: ...
 
@@ -140,10 +148,27 @@ class ByteStream(Protocol):
 class _TrioStream:
     """TCP or TLS: a trio Stream."""
 
-    __slots__ = ("_stream",)
+    __slots__ = ("_fd", "_stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
+        # Plain TCP on POSIX: the socket's descriptor (non-blocking, set by trio) takes
+        # writes directly; TLS must go through its stream.
+        self._fd = (
+            stream.socket.fileno()
+            if isinstance(stream, trio.SocketStream) and os.name == "posix"
+            else -1
+        )
+
+    def send_nowait(self, data: bytes) -> int:
+        if self._fd < 0:
+            return 0
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise ConnectionLost(f"connection lost while sending: {_describe(exc)}") from exc
 
     async def send_all(self, data: bytes) -> None:
         try:
@@ -176,6 +201,9 @@ class _WebSocketStream:
             await self._ws.send_message(data)  # type: ignore[attr-defined]
         except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
             raise ConnectionLost(f"websocket closed while sending: {_describe(exc)}") from exc
+
+    def send_nowait(self, data: bytes) -> int:
+        return 0  # one WebSocket message per write: always through send_all
 
     async def receive_some(self) -> bytes:
         import trio_websocket
