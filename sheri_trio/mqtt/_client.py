@@ -161,6 +161,62 @@ class Subscription:
         return any(topic_matches(f, topic) for f in self.filters)
 
 
+class Router:
+    """Which subscriptions a message goes to, and the messages that have none yet.
+
+    Messages are routed by their subscription identifiers, or by topic when they carry
+    none of ours (mosquitto 2.0.11 loses the ids of messages it queued across a
+    restart). A message no subscription wants waits in a bounded backlog (``orphans``)
+    for the ``subscribe()`` it may belong to: after a reconnect, queued messages can
+    arrive before our resubscription is confirmed. Shared by every backend.
+    """
+
+    def __init__(self, orphan_buffer: int) -> None:
+        self.by_id: dict[int, Subscription] = {}
+        self.subs: list[Subscription] = []
+        self.orphans: deque[Message] = deque(maxlen=max(orphan_buffer, 1))
+        self.dropped = 0  # orphans pushed out of a full backlog
+
+    def add(self, sub_id: int, sub: Subscription) -> None:
+        self.by_id[sub_id] = sub
+        self.subs.append(sub)
+
+    def remove(self, sub_id: int, sub: Subscription) -> None:
+        self.by_id.pop(sub_id, None)
+        self.subs.remove(sub)
+
+    def targets(self, message: Message) -> list[Subscription]:
+        ids = message.packet.subscription_ids
+        if ids:
+            by_id = self.by_id
+            targets = [by_id[i] for i in ids if i in by_id]
+            if targets:
+                return targets
+        return [s for s in self.subs if s.matches(message.topic)]
+
+    def park(self, message: Message) -> None:
+        """Keep a message that no subscription wants (the oldest goes when full)."""
+        if len(self.orphans) == self.orphans.maxlen:
+            self.dropped += 1
+            log.warning("no subscription for %r and the backlog is full: dropped", message.topic)
+        self.orphans.append(message)
+
+    def replay(self, sub: Subscription) -> None:
+        """Hand a new subscription the parked messages it matches (as many as fit)."""
+        if not self.orphans:
+            return
+        keep: deque[Message] = deque(maxlen=self.orphans.maxlen)
+        for message in self.orphans:
+            if sub.matches(message.topic):
+                try:
+                    sub._send.send_nowait(message)
+                except trio.WouldBlock:
+                    keep.append(message)
+            else:
+                keep.append(message)
+        self.orphans = keep
+
+
 class Client(Protocol):
     """What every backend implements (native trio, gmqtt through trio-asyncio)."""
 
@@ -223,10 +279,8 @@ class MQTTClient:
         self._sending = False  # the writer is in send_all
         self._space = trio.lowlevel.ParkingLot()
         self._requests: dict[int, tuple[trio.Event, list[Any]]] = {}
-        self._by_sub_id: dict[int, Subscription] = {}
-        self._subs: list[Subscription] = []
+        self._router = Router(options.orphan_buffer)
         self._next_sub_id = random.randint(1, 1 << 26)
-        self._orphans: deque[Message] = deque(maxlen=max(options.orphan_buffer, 1))
         self._connected_event = trio.Event()
         self._closing = False  # no new operations
         self._closed = False  # stop reconnecting
@@ -258,9 +312,9 @@ class MQTTClient:
             url=self.url.display(),
             connections=self.connections,
             messages_received=self.messages_received,
-            messages_dropped=self.messages_dropped,
-            subscriptions=len(self._subs),
-            orphans=len(self._orphans),
+            messages_dropped=self.messages_dropped + self._router.dropped,
+            subscriptions=len(self._router.subs),
+            orphans=len(self._router.orphans),
             last_error=self.last_error,
         )
         return stats
@@ -381,8 +435,7 @@ class MQTTClient:
         sub_id = self._next_sub_id
         self._next_sub_id = self._next_sub_id % 268_000_000 + 1
         packet_id, handle = self._session.subscribe(topic_filters, subscription_id=sub_id)
-        self._by_sub_id[sub_id] = sub
-        self._subs.append(sub)
+        self._router.add(sub_id, sub)
         try:
             codes = await self._wait_request(packet_id)
             sub.reason_codes = codes
@@ -392,12 +445,11 @@ class MQTTClient:
                     f"{f}: {_suback_name(c)}" for f, c in zip(filters, codes, strict=False)
                 )
                 raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
-            self._replay_orphans(sub)
+            self._router.replay(sub)
             async with send, receive:
                 yield sub
         finally:
-            self._subs.remove(sub)
-            self._by_sub_id.pop(sub_id, None)
+            self._router.remove(sub_id, sub)
             if not self._closed and self._fatal is None:
                 with trio.move_on_after(self.options.close_timeout) as scope:
                     scope.shield = True
@@ -421,20 +473,6 @@ class MQTTClient:
         if slot and isinstance(slot[0], BaseException):
             raise slot[0]
         return list(slot[0]) if slot else []
-
-    def _replay_orphans(self, sub: Subscription) -> None:
-        if not self._orphans:
-            return
-        keep: deque[Message] = deque(maxlen=self._orphans.maxlen)
-        for message in self._orphans:
-            if sub.matches(message.topic):
-                try:
-                    sub._send.send_nowait(message)
-                except trio.WouldBlock:
-                    keep.append(message)
-            else:
-                keep.append(message)
-        self._orphans = keep
 
     # ---------------------------------------------------------------- close
     async def aclose(self) -> None:
@@ -541,7 +579,7 @@ class MQTTClient:
         for event, slot in list(self._requests.values()):
             slot.append(ClientClosed(f"client stopped: {exc}"))
             event.set()
-        for sub in self._subs:
+        for sub in self._router.subs:
             sub._send.close()
 
     async def _connect_and_serve(self, task_status: trio.TaskStatus[None] | None) -> None:
@@ -662,22 +700,9 @@ class MQTTClient:
 
     async def _deliver(self, message: Message) -> None:
         self.messages_received += 1
-        ids = message.packet.subscription_ids
-        targets: list[Subscription] = []
-        if ids:
-            by_id = self._by_sub_id
-            targets = [by_id[i] for i in ids if i in by_id]
+        targets = self._router.targets(message)
         if not targets:
-            # No id, or ids we did not give: mosquitto 2.0.11 loses subscription ids of
-            # messages it queued across a restart. Route by topic instead.
-            targets = [s for s in self._subs if s.matches(message.topic)]
-        if not targets:
-            if len(self._orphans) == self._orphans.maxlen:
-                self.messages_dropped += 1
-                log.warning(
-                    "no subscription for %r and the backlog is full: dropped", message.topic
-                )
-            self._orphans.append(message)
+            self._router.park(message)
             return
         for sub in targets:
             channel = sub._send

@@ -83,7 +83,7 @@ import trio
 import trio_asyncio  # type: ignore[import-untyped]
 from gmqtt.storage import PersistentStorage  # type: ignore[import-untyped]
 
-from ._client import ClientOptions, Subscription, collapse_exception_groups
+from ._client import ClientOptions, Router, Subscription, collapse_exception_groups
 from ._errors import (
     ClientClosed,
     ConnectError,
@@ -326,11 +326,9 @@ class GMQTTClient:
         self._restore_event = trio.Event()
         # subscriptions and delivery
         self._records: dict[int, _SubRecord] = {}
-        self._by_sub_id: dict[int, Subscription] = {}
-        self._subs: list[Subscription] = []
+        self._router = Router(options.orphan_buffer)
         self._next_sub_id = random.randint(1, 1 << 26)
         self._sub_ids_available = True
-        self._orphans: deque[Message] = deque(maxlen=max(options.orphan_buffer, 1))
         self._backlog: deque[tuple[Message, list[Subscription]]] = deque()
         self._backlog_event = trio.Event()
         self.connections = 0
@@ -359,12 +357,12 @@ class GMQTTClient:
             "connections": self.connections,
             "inflight": len(self._inflight),
             "requests": len(self._requests),
-            "subscriptions": len(self._subs),
-            "orphans": len(self._orphans),
+            "subscriptions": len(self._router.subs),
+            "orphans": len(self._router.orphans),
             "backlog": len(self._backlog),
             "restoring": self._restoring,
             "messages_received": self.messages_received,
-            "messages_dropped": self.messages_dropped,
+            "messages_dropped": self.messages_dropped + self._router.dropped,
             "last_error": self.last_error,
         }
 
@@ -613,8 +611,7 @@ class GMQTTClient:
             ],
         )
         self._records[sub_id] = record
-        self._by_sub_id[sub_id] = sub
-        self._subs.append(sub)
+        self._router.add(sub_id, sub)
         try:
             codes = await self._request(lambda: self._send_subscribe(record))
             sub.reason_codes = codes
@@ -624,13 +621,12 @@ class GMQTTClient:
                 )
                 raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
             record.acknowledged = True
-            self._replay_orphans(sub)
+            self._router.replay(sub)
             async with send, receive:
                 yield sub
         finally:
             self._records.pop(sub_id, None)
-            self._by_sub_id.pop(sub_id, None)
-            self._subs.remove(sub)
+            self._router.remove(sub_id, sub)
             self._forget_gmqtt_subscriptions(record)
             if not self._closed and self._fatal is None and self._connected:
                 with trio.move_on_after(self.options.close_timeout) as scope:
@@ -693,20 +689,6 @@ class GMQTTClient:
         self._unawaited.discard(mid)
         self._space.unpark_all()
 
-    def _replay_orphans(self, sub: Subscription) -> None:
-        if not self._orphans:
-            return
-        keep: deque[Message] = deque(maxlen=self._orphans.maxlen)
-        for message in self._orphans:
-            if sub.matches(message.topic):
-                try:
-                    sub._send.send_nowait(message)
-                except trio.WouldBlock:
-                    keep.append(message)
-            else:
-                keep.append(message)
-        self._orphans = keep
-
     # ------------------------------------------------------ incoming messages
     def _on_message(
         self, client: Any, topic: str | bytes, payload: bytes, qos: int, properties: dict[str, Any]
@@ -723,14 +705,9 @@ class GMQTTClient:
             log.warning("dropped a message gmqtt could not hand over: %r", exc)
             return 0
         self.messages_received += 1
-        targets = self._targets(message)
+        targets = self._router.targets(message)
         if not targets:
-            if len(self._orphans) == self._orphans.maxlen:
-                self.messages_dropped += 1
-                log.warning(
-                    "no subscription for %r and the backlog is full: dropped", message.topic
-                )
-            self._orphans.append(message)
+            self._router.park(message)
             return 0
         if self._backlog:  # keep the order: behind what already waits
             self._backlog.append((message, targets))
@@ -749,13 +726,6 @@ class GMQTTClient:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
         return 0
-
-    def _targets(self, message: Message) -> list[Subscription]:
-        ids = message.packet.subscription_ids
-        if ids:
-            by_id = self._by_sub_id
-            return [by_id[i] for i in ids if i in by_id]
-        return [s for s in self._subs if s.matches(message.topic)]
 
     async def _pump(self) -> None:
         """Deliver messages that found a subscription's buffer full (owned by the nursery)."""
@@ -969,7 +939,7 @@ class GMQTTClient:
     def _set_fatal(self, exc: BaseException) -> None:
         self._fatal = exc
         self._fail_waiters(ClientClosed(f"client stopped: {exc}"))
-        for sub in self._subs:
+        for sub in self._router.subs:
             sub._send.close()
 
     def _fail_waiters(self, error: MQTTError) -> None:
