@@ -135,7 +135,7 @@ class Lifecycle:
         if task_id in self._records:
             raise InvalidTransition(f"task {task_id} is already tracked")
         record = TaskRecord(task_id, attempt)
-        _MACHINE.set_state(_MACHINE.initial, model=record)
+        _MACHINE.set_state(STATES[0], model=record)
         self._records[task_id] = record
         return record
 
