@@ -108,7 +108,7 @@ async def test_timeout_kills_the_process_group(tmp_path: Path) -> None:
     with pytest.raises(CommandTimeout, match=r"timed out after 1 s"):
         await run_command(
             [sys.executable, "-c", SPAWN, str(flag)], cwd=tmp_path, env=clean_env(),
-            timeout=1, on_line=on_line,
+            time_limit=1, on_line=on_line,
         )  # fmt: skip
     assert pids
     assert await _gone(pids[0])
