@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from sheri_trio.mqtt import open_client
 from sheri_trio.swarm._agent import AgentConfig, run_agent
-from sheri_trio.testing import MosquittoBroker
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from sheri_trio.testing import MosquittoBroker
 
 SEED_DEPLOY = {
     "id": "msg_test_deploy",
@@ -69,7 +72,7 @@ async def test_seed_task_runs_once(broker: MosquittoBroker, tmp_path: Path) -> N
                                         **executor_config,
                                         "state_dir": str(tmp_path / str(i)),
                                     },
-                                ),  # fmt: skip
+                                ),
                                 shutdown=shutdown,
                                 task_status=task_status,
                             )
@@ -207,7 +210,8 @@ async def test_nine_agent_swarm_300_tasks_all_types(broker: MosquittoBroker) -> 
                 )
             finals, records = await _collect_outcomes(broker, swarm, total, submit)
             shutdown.set()
-    assert sorted(executions) == sorted(types) and set(executions.values()) == {1}
+    assert sorted(executions) == sorted(types)
+    assert set(executions.values()) == {1}
     assert set(finals.values()) == {1}
     for r in records:
         assert r["status"] == "success"
@@ -229,6 +233,17 @@ trio.run(main)
 """
 
 
+async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    """The first line a child process writes (the rest of that chunk is dropped)."""
+    data = b""
+    while b"\n" not in data:
+        chunk = await stream.receive_some()
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
 async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroker) -> None:
     import signal
     import subprocess
@@ -239,16 +254,14 @@ async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroke
     with trio.fail_after(40):
         async with open_client(broker.tcp_url) as watcher:
             async with watcher.subscribe(f"{swarm}/tasks/#") as msgs:
-                proc = subprocess.Popen(
+                proc = await trio.lowlevel.open_process(
                     [sys.executable, "-c", _AGENT_PROC, broker.tcp_url, "victim", swarm],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL,
                 )
                 try:
                     assert proc.stdout is not None
-                    assert (
-                        await trio.to_thread.run_sync(proc.stdout.readline)
-                    ).strip() == b"online"
+                    assert (await _read_line(proc.stdout)).strip() == b"online"
                     body = {
                         "payload": {
                             "task_id": "slow-1",
@@ -265,7 +278,7 @@ async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroke
                             assert p["agent_id"] == "victim"
                             break
                     proc.send_signal(signal.SIGKILL)
-                    proc.wait()
+                    await proc.wait()
                     async with trio.open_nursery() as nursery:
                         shutdown = trio.Event()
                         await nursery.start(
@@ -283,9 +296,10 @@ async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroke
                         shutdown.set()
                 finally:
                     proc.kill()
-                    proc.wait()
                     assert proc.stdout is not None
-                    proc.stdout.close()
+                    with trio.CancelScope(shield=True):
+                        await proc.wait()
+                        await proc.stdout.aclose()
     assert finals[0]["agent_id"] == "survivor"
     assert finals[0]["attempt"] == 2
     assert finals[0]["status"] == "success"
@@ -420,8 +434,10 @@ async def test_graceful_shutdown_releases_running_task(broker: MosquittoBroker) 
     offline = [
         p for t, p in seen if t == f"{swarm}/agents/leaver/status" and p["status"] == "offline"
     ]
-    assert offline and offline[0]["reason"] == "shutdown"
-    assert final["agent_id"] == "stayer" and final["attempt"] == 2
+    assert offline
+    assert offline[0]["reason"] == "shutdown"
+    assert final["agent_id"] == "stayer"
+    assert final["attempt"] == 2
     assert started == ["leaver", "stayer"]
 
 
@@ -570,10 +586,8 @@ async def test_every_type_with_empty_payload_on_real_executors(
     for llm in ("code.review", "code.generate", "documentation.generate"):
         # no input to work on, or no API key: either way said at once, without retries
         assert "API key" in by_type[llm]["error"] or "needs" in by_type[llm]["error"]
-    assert (
-        "documentation.generate" in by_type
-        and "API key" in by_type["documentation.generate"]["error"]
-    )
+    assert "documentation.generate" in by_type
+    assert "API key" in by_type["documentation.generate"]["error"]
     assert "service" in by_type["deployment.deploy"]["error"]
     assert by_type["database.backup"]["reason"] == "not_configured"
 

@@ -775,7 +775,8 @@ async def test_agents_of_one_role_drain_a_burst_without_racing_for_the_same_task
     runs = Counter(c.task_id for c in script.calls)
     assert all(runs[t] == 1 for t in burst)
     by_agent = Counter(c.agent_id for c in script.calls if c.task_id in burst)
-    assert by_agent["A"] >= 10 and by_agent["B"] >= 10
+    assert by_agent["A"] >= 10, by_agent
+    assert by_agent["B"] >= 10, by_agent
     lost = sum(claims[t] - 1 for t in burst)
     assert lost <= 4, claims
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pytest
 import trio
 
 from sheri_trio.mqtt import open_client
-from sheri_trio.testing import MosquittoBroker
+
+if TYPE_CHECKING:
+    from sheri_trio.testing import MosquittoBroker
 
 SCHEMES = ["mqtt", "mqtts", "ws", "wss"]
 GMQTT_SCHEMES = ["mqtt", "mqtts"]  # gmqtt has no WebSocket transport

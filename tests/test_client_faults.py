@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 import pytest
@@ -21,7 +22,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from sheri_trio.mqtt import ConnectError, Will, open_client
-from sheri_trio.testing import MosquittoBroker
+
+if TYPE_CHECKING:
+    from sheri_trio.testing import MosquittoBroker
 
 
 async def test_retained_message(broker: MosquittoBroker) -> None:
@@ -56,7 +59,8 @@ async def test_properties_round_trip(broker: MosquittoBroker) -> None:
     assert m.response_topic == "t/reply"
     assert m.correlation_data == b"\x01\x02"
     assert m.user_properties == [("k", "v"), ("k", "w")]
-    assert m.message_expiry_interval is not None and 0 < m.message_expiry_interval <= 60
+    assert m.message_expiry_interval is not None
+    assert 0 < m.message_expiry_interval <= 60
 
 
 _CRASHER = """
@@ -71,26 +75,38 @@ trio.run(main)
 """
 
 
+async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    """The first line a child process writes (the rest of that chunk is dropped)."""
+    data = b""
+    while b"\n" not in data:
+        chunk = await stream.receive_some()
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
 async def test_will_published_when_client_dies(broker: MosquittoBroker) -> None:
     topic = "t/will/abrupt"
     with trio.fail_after(20):
         async with open_client(broker.tcp_url) as watcher:
             async with watcher.subscribe(topic) as messages:
-                proc = subprocess.Popen(
+                proc = await trio.lowlevel.open_process(
                     [sys.executable, "-c", _CRASHER, broker.tcp_url, topic, "crasher-1"],
                     stdout=subprocess.PIPE,
                 )
                 try:
                     assert proc.stdout is not None
-                    line = await trio.to_thread.run_sync(proc.stdout.readline)
+                    line = await _read_line(proc.stdout)
                     assert line.strip() == b"up"
                     proc.send_signal(signal.SIGKILL)
                     message = await messages.receive()
                 finally:
                     proc.kill()
-                    proc.wait()
                     assert proc.stdout is not None
-                    proc.stdout.close()
+                    with trio.CancelScope(shield=True):
+                        await proc.wait()
+                        await proc.stdout.aclose()
     assert message.payload == b"gone"
 
 
@@ -144,7 +160,8 @@ async def test_shared_subscription_splits_messages(broker: MosquittoBroker) -> N
             await done.wait()
             nursery.cancel_scope.cancel()
     assert sorted(got["a"] + got["b"], key=int) == [str(i).encode() for i in range(total)]
-    assert got["a"] and got["b"]
+    assert got["a"]
+    assert got["b"]
 
 
 async def test_wrong_password_names_reason_code(broker: MosquittoBroker) -> None:
@@ -256,7 +273,8 @@ async def test_dead_broker_detected_by_keep_alive(fresh_broker: MosquittoBroker)
         try:
             start = trio.current_time()
             with trio.fail_after(5):
-                while client.connected:
+                # polled: the client has no public "disconnected" event to wait on
+                while client.connected:  # noqa: ASYNC110
                     await trio.sleep(0.05)
             elapsed = trio.current_time() - start
         finally:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+from typing import TYPE_CHECKING
+
 import trio
 
 from sheri_trio.demo import DEMO_TASKS, LLM_TYPES, run_demo
+
+if TYPE_CHECKING:
+    import pytest
 
 
 async def test_demo_runs_every_task_type(monkeypatch: pytest.MonkeyPatch) -> None:

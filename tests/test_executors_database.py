@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 from executor_helpers import make_ctx
 
 from sheri_trio.executors import TaskConfigError, TaskPayloadError
@@ -52,7 +53,7 @@ async def test_sqlite_backup_is_a_working_copy(db: Path, tmp_path: Path) -> None
     assert result["status"] == "backed_up"
     location = Path(result["location"])
     assert location.parent == tmp_path / "state" / "backups"
-    assert result["size"] == location.stat().st_size > 0
+    assert result["size"] == (await trio.Path(location).stat()).st_size > 0
     assert result["integrity"] == "ok"
     copy = sqlite3.connect(location)
     assert copy.execute("SELECT count(*), max(body) FROM notes").fetchone() == (500, "note 99")

@@ -99,7 +99,7 @@ async def test_rollback_without_version_returns_to_the_previous(
     assert (await rollback(ctx))["version"] == "1.0.0"
     ctx, _ = make_ctx("deployment.rollback", {"service": "web"}, config=config, state=state,
                       task_id="r-3")  # fmt: skip
-    with pytest.raises(TaskConfigError, match="live version 1.0.0 and no earlier one"):
+    with pytest.raises(TaskConfigError, match=r"live version 1\.0\.0 and no earlier one"):
         await rollback(ctx)
 
     # the prototype's spelling names the version to return to

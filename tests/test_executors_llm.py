@@ -4,7 +4,6 @@ on trio, with an httpx2.MockTransport standing in for the API (no network)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx2
@@ -21,7 +20,7 @@ from sheri_trio.executors._llm import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from pathlib import Path
 
 REVIEW = {
     "approved": False,
@@ -51,8 +50,10 @@ def _sse(chunks: list[str], model: str) -> bytes:
                                  "content_block": {"type": "text", "text": ""}}),
     ]  # fmt: skip
     for chunk in chunks:
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                               "delta": {"type": "text_delta", "text": chunk}}))  # fmt: skip
+        delta = {"type": "text_delta", "text": chunk}
+        events.append(
+            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+        )
     events += [
         ("content_block_stop", {"type": "content_block_stop", "index": 0}),
         ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
@@ -93,16 +94,17 @@ class FakeAPI:
 
 
 @pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAPI]:
+def api(monkeypatch: pytest.MonkeyPatch) -> FakeAPI:
     fake = FakeAPI()
-    factory: Callable[[], Any] = lambda: httpx2.AsyncClient(
-        transport=httpx2.MockTransport(fake.handler)
-    )
+
+    def factory() -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(transport=httpx2.MockTransport(fake.handler))
+
     monkeypatch.setattr(_llm, "http_client_factory", factory)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-key-123456")
     monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
-    yield fake
+    return fake
 
 
 def _cfg(**llm: Any) -> dict[str, Any]:
@@ -181,8 +183,11 @@ async def test_rate_limited_after_all_retries(api: FakeAPI, tmp_path: Path) -> N
 async def test_401_is_a_clear_config_error(api: FakeAPI, tmp_path: Path) -> None:
     api.script = [(401, "invalid x-api-key")]
     ctx, _ = make_ctx("code.generate", {"prompt": "x"}, config=_cfg(), state=tmp_path)
-    with pytest.raises(TaskConfigError, match=r"refused the credentials \(401 "
-                       r"authentication_error: invalid x-api-key\); check ANTHROPIC_API_KEY") as info:  # fmt: skip
+    with pytest.raises(
+        TaskConfigError,
+        match=r"refused the credentials \(401 authentication_error: invalid x-api-key\); "
+        r"check ANTHROPIC_API_KEY",
+    ) as info:
         await code_generate(ctx)
     assert "sk-ant-test" not in str(info.value)
     assert len(api.requests) == 1  # not retried
@@ -234,7 +239,7 @@ async def test_docs_of_the_workspace(api: FakeAPI, tmp_path: Path) -> None:
     assert (result["status"], result["format"], result["pages"]) == ("generated", "markdown", 2)
     assert result["content"].startswith("# calc")
     assert result["files"] == ["README.md", "pkg/calc.py"]
-    assert Path(result["saved_to"]).read_text() == result["content"]
+    assert await trio.Path(result["saved_to"]).read_text() == result["content"]
     sent = api.requests[0]["messages"][0]["content"]
     assert "=== README.md ===" in sent
     assert "junk" not in sent

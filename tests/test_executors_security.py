@@ -96,7 +96,7 @@ def test_pip_audit_recorded_report_is_parsed() -> None:
 
 def test_pip_audit_that_audited_nothing_is_a_failure() -> None:
     report = {"dependencies": [{"name": "x", "skip_reason": "Dependency not found on PyPI"}]}
-    with pytest.raises(RuntimeError, match="could not audit any dependency.*reachable"):
+    with pytest.raises(RuntimeError, match=r"could not audit any dependency.*reachable"):
         parse_pip_audit(report)
     assert parse_pip_audit({"dependencies": [], "fixes": []})["status"] == "passed"
 

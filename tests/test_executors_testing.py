@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import trio
 from executor_helpers import make_ctx
 
 from sheri_trio.executors import TaskConfigError, TaskPayloadError
 from sheri_trio.executors._testing import run_coverage, run_tests
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _write(root: Path, files: dict[str, str]) -> None:
@@ -82,8 +86,9 @@ async def test_run_counts_passed_failed_skipped_and_streams_output(
     assert "test_wrong" in result["output_tail"]
     lines = rec.messages(kind="output")
     assert any("1 failed, 3 passed, 1 skipped" in line for line in lines), lines[-5:]
-    assert Path(result["log"]).is_file()
-    assert "test_wrong" in Path(result["log"]).read_text()
+    log = trio.Path(result["log"])
+    assert await log.is_file()
+    assert "test_wrong" in await log.read_text()
 
 
 async def test_seed_suite_selects_the_integration_folder(project: Path, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from ._base import TaskConfigError
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Mapping
     from pathlib import Path
+    from typing import BinaryIO
 
     from ._base import TaskContext
 
@@ -209,6 +210,11 @@ class _Output:
         return self.head.decode(errors="replace"), tail.decode(errors="replace")
 
 
+def _open_log(path: Path) -> BinaryIO:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("wb")
+
+
 async def _kill_group(process: trio.Process) -> None:
     """deliver_cancel: SIGTERM to the process group, SIGKILL after a grace period."""
     try:
@@ -229,7 +235,7 @@ async def run_command(
     *,
     cwd: Path,
     env: Mapping[str, str],
-    timeout: float | None = DEFAULT_TIMEOUT,
+    time_limit: float | None = DEFAULT_TIMEOUT,
     max_output_bytes: int = DEFAULT_MAX_OUTPUT,
     on_line: Callable[[str], Awaitable[None]] | None = None,
     log_path: Path | None = None,
@@ -241,15 +247,18 @@ async def run_command(
 
     ``on_line`` gets each output line (redacted, at most 4 KiB) as it arrives. Raises
     :class:`ToolMissing` when the executable is not there and :class:`CommandTimeout`
-    after ``timeout`` seconds (the process group is killed). The exit status is the
+    after ``time_limit`` seconds (the process group is killed). The exit status is the
     caller's to judge.
+
+    ``time_limit`` is part of the command (a failed attempt, retried), not a cancel scope
+    of the caller's: a caller's cancellation (the task was cancelled) kills the process
+    group the same way but propagates as ``Cancelled``, never as :class:`CommandTimeout`.
     """
     argv = resolve_executable([str(a) for a in argv], env, origin)
     secrets = list(secrets)
     log = None
     if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "wb")
+        log = await trio.to_thread.run_sync(_open_log, log_path)
     captured = _Output(max_output_bytes, log)
 
     async def _line(raw: bytes) -> None:
@@ -284,7 +293,7 @@ async def run_command(
             except PermissionError:
                 raise ToolMissing(f"{origin}: not executable: {argv[0]}") from None
             assert process.stdout is not None
-            with trio.move_on_after(timeout if timeout else float("inf")) as scope:
+            with trio.move_on_after(time_limit if time_limit else float("inf")) as scope:
                 pending = b""
                 async for chunk in process.stdout:
                     pending += chunk
@@ -307,7 +316,7 @@ async def run_command(
     head, tail = captured.texts()
     if timed_out:
         raise CommandTimeout(
-            f"{origin}: timed out after {timeout:g} s: {redact(' '.join(argv), secrets)[:300]}"
+            f"{origin}: timed out after {time_limit:g} s: {redact(' '.join(argv), secrets)[:300]}"
         )
     return ProcessResult(
         argv=[redact(a, secrets) for a in argv],
@@ -346,7 +355,6 @@ async def run_for_task(
     extra_env: Mapping[str, str] | None = None,
     on_line: Callable[[str], Awaitable[None]] | None = None,
     origin: str,
-    timeout: float | None = None,
     secrets: Iterable[str] = (),
 ) -> ProcessResult:
     """:func:`run_command` with the task's settings: clean env, timeout, limits, log file
@@ -358,8 +366,7 @@ async def run_for_task(
     configured_secrets = [
         str(v) for k, v in (settings.get("env") or {}).items() if SECRET_NAME_RE.search(str(k))
     ]
-    if timeout is None:
-        timeout = float(settings.get("timeout", DEFAULT_TIMEOUT)) or None
+    time_limit = float(settings.get("timeout", DEFAULT_TIMEOUT)) or None
     logs = state_dir(ctx) / "logs"
     stem = f"{ctx.task_id}.{ctx.attempt}.{ctx.try_number}"
     n = 0
@@ -369,7 +376,7 @@ async def run_for_task(
         argv,
         cwd=cwd,
         env=env,
-        timeout=timeout,
+        time_limit=time_limit,
         max_output_bytes=int(settings.get("max_output_bytes", DEFAULT_MAX_OUTPUT)),
         on_line=on_line,
         log_path=logs / f"{stem}.{n}.log",

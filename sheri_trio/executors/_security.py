@@ -8,9 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from ._base import TaskConfigError, TaskContext, TaskPayloadError
 from ._process import CommandFailed, python_tool, run_for_task
-from ._workspace import payload_path, refuse_commands, section, workspace_root
+from ._workspace import payload_path, refuse_commands, relative_names, section, workspace_root
 
 __all__ = ["audit", "parse_npm_audit", "parse_pip_audit", "scan"]
 
@@ -86,14 +88,13 @@ async def scan(ctx: TaskContext) -> dict[str, Any]:
         data = json.loads(report.read_text())
     counts = {"HIGH": 0, "MEDIUM": 0, "LOW": 0}
     findings = []
-    for item in data.get("results", []):
+    results = data.get("results", [])
+    filenames = await trio.to_thread.run_sync(
+        relative_names, [str(item.get("filename", "")) for item in results], root
+    )
+    for item, filename in zip(results, filenames, strict=True):
         sev = str(item.get("issue_severity", "LOW")).upper()
         counts[sev] = counts.get(sev, 0) + 1
-        filename = str(item.get("filename", ""))
-        try:
-            filename = str(Path(filename).resolve().relative_to(root))
-        except ValueError:
-            pass
         cwe = item.get("issue_cwe") or {}
         findings.append(
             {

@@ -15,9 +15,18 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from ._base import TaskConfigError, TaskPayloadError
 from ._process import CommandFailed, ProcessResult, python_tool, run_for_task
-from ._workspace import check_name, payload_path, refuse_commands, section, workspace_root
+from ._workspace import (
+    check_name,
+    payload_path,
+    refuse_commands,
+    relative_names,
+    section,
+    workspace_root,
+)
 
 if TYPE_CHECKING:
     from ._base import TaskContext
@@ -288,13 +297,11 @@ async def run_coverage(ctx: TaskContext) -> dict[str, Any]:
             )
         data_json = json.loads(report.read_text())
     totals = data_json.get("totals", {})
+    measured = data_json.get("files", {})
+    names = await trio.to_thread.run_sync(relative_names, list(measured), ws)
     files = []
-    for name, info in data_json.get("files", {}).items():
+    for shown, info in zip(names, measured.values(), strict=True):
         summary = info.get("summary", {})
-        try:
-            shown = str(Path(name).resolve().relative_to(ws))
-        except ValueError:
-            shown = name
         files.append(
             {
                 "file": shown,

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from ._base import TaskConfigError, TaskPayloadError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ._base import TaskContext
 
 __all__ = [
@@ -149,6 +151,18 @@ def payload_path(
     if kind == "dir" and resolved.exists() and not resolved.is_dir():
         raise TaskPayloadError(f"payload '{key}' {raw!r}: not a directory")
     return resolved
+
+
+def relative_names(names: Iterable[str], root: Path) -> list[str]:
+    """Each file name resolved and shown relative to ``root``, or as given when it is
+    outside ``root``. Blocking (it resolves paths): run it in a thread."""
+    shown = []
+    for name in names:
+        try:
+            shown.append(str(Path(name).resolve().relative_to(root)))
+        except ValueError:
+            shown.append(name)
+    return shown
 
 
 def state_dir(ctx: TaskContext) -> Path:
