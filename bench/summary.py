@@ -137,6 +137,18 @@ def summarize_fanout(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- targets
+def _limit_note(entry: dict[str, Any] | None) -> str:
+    """What held a throughput figure back, from the CPU each side used (1.00 = a core)."""
+    if not entry:
+        return ""
+    broker, client = entry.get("broker_cpu"), entry.get("client_cpu")
+    if broker is not None and broker >= 0.9:
+        return f"broker-bound: mosquitto at {broker:.2f} CPU"
+    if client is not None and client >= 0.9:
+        return f"client-bound: our process at {client:.2f} CPU (broker {broker or 0:.2f})"
+    return ""
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 5's targets, each met (True), missed (False) or not measured (None)."""
     out: list[dict[str, Any]] = []
@@ -157,7 +169,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("native WS QoS 1 vs paho-mqtt WS", "native-ws", 1, "x_best_peer", 3.0),
     ):
         value = ratio(row, qos, key)
-        add(name, f">= {goal}x", value, None if value is None else value >= goal)
+        met = None if value is None else value >= goal
+        note = _limit_note(summary.get((row, qos))) if met is False else ""
+        add(name, f">= {goal}x", value, met, note)
     rtt = next(
         (
             r
