@@ -64,7 +64,10 @@ async def test_http_and_tcp_checks(servers: dict[str, int], tmp_path: Path) -> N
         f"tcp://127.0.0.1:{closed}",
         f"http://127.0.0.1:{silent}/",
     ]
-    ctx, rec = make_ctx("monitoring.health", {"targets": targets, "timeout": 0.5}, state=tmp_path)
+    config = {"monitoring": {"allowed_hosts": ["127.0.0.1"]}}
+    ctx, rec = make_ctx(
+        "monitoring.health", {"targets": targets, "timeout": 0.5}, config=config, state=tmp_path
+    )
     result = await health(ctx)
     checks = {c["target"]: c for c in result["checks"]}
     assert [c["target"] for c in result["checks"]] == targets  # in the order given
@@ -96,13 +99,14 @@ async def test_no_targets_and_bad_targets(tmp_path: Path) -> None:
     ctx, _ = make_ctx("monitoring.health", {}, state=tmp_path)
     with pytest.raises(TaskConfigError, match=r"no targets.*\[monitoring\] targets"):
         await health(ctx)
+    anyhost = {"monitoring": {"allowed_hosts": ["*"]}}
     for targets, message in [
         (["file:///etc/passwd"], "scheme must be http, https or tcp"),
         (["tcp://localhost"], "need a port"),
         (["http://user:pw@localhost/"], "credentials"),
         ("http://x", "must be a list"),
     ]:
-        ctx, _ = make_ctx("monitoring.health", {"targets": targets}, state=tmp_path)
+        ctx, _ = make_ctx("monitoring.health", {"targets": targets}, config=anyhost, state=tmp_path)
         with pytest.raises(TaskPayloadError, match=message):
             await health(ctx)
     config = {"monitoring": {"allowed_hosts": ["127.0.0.1"]}}
@@ -111,6 +115,20 @@ async def test_no_targets_and_bad_targets(tmp_path: Path) -> None:
     )
     with pytest.raises(TaskPayloadError, match="not in \\[monitoring\\] allowed_hosts"):
         await health(ctx)
+
+
+async def test_payload_targets_are_refused_unless_allowed(
+    servers: dict[str, int], tmp_path: Path
+) -> None:
+    target = f"tcp://127.0.0.1:{servers['http']}"
+    for config in ({}, {"monitoring": {"targets": [target]}}):
+        ctx, _ = make_ctx("monitoring.health", {"targets": [target]}, config=config, state=tmp_path)
+        with pytest.raises(TaskPayloadError, match="refused unless \\[monitoring\\] allowed_hosts"):
+            await health(ctx)
+    for hosts in (["127.0.0.1"], ["*"]):
+        config = {"monitoring": {"allowed_hosts": hosts}}
+        ctx, _ = make_ctx("monitoring.health", {"targets": [target]}, config=config, state=tmp_path)
+        assert (await health(ctx))["status"] == "healthy"
 
 
 def _swarm(**over: Any) -> dict[str, Any]:
@@ -138,6 +156,7 @@ async def test_alerts_raise_and_resolve(servers: dict[str, int], tmp_path: Path)
     h, _ = make_ctx(
         "monitoring.health",
         {"targets": [f"tcp://127.0.0.1:{servers['closed']}"]},
+        config={"monitoring": {"allowed_hosts": ["127.0.0.1"]}},
         state=state,
     )
     await health(h)

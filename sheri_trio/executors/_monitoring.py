@@ -63,7 +63,13 @@ def _parse_target(raw: Any, allowed_hosts: list[str] | None) -> tuple[str, str, 
         raise TaskPayloadError(f"target {raw!r}: tcp targets need a port (tcp://host:port)")
     if parts.username or parts.password:
         raise TaskPayloadError(f"target {parts.hostname}: credentials in target URLs are refused")
-    if allowed_hosts is not None and host not in allowed_hosts:
+    if allowed_hosts is not None and host not in allowed_hosts and "*" not in allowed_hosts:
+        if not allowed_hosts:
+            raise TaskPayloadError(
+                f"target {raw!r}: targets from a task payload are refused unless "
+                "[monitoring] allowed_hosts lists the hosts agents may probe on request "
+                '("*": any host)'
+            )
         raise TaskPayloadError(
             f"target {raw!r}: host {host!r} is not in [monitoring] allowed_hosts"
         )
@@ -131,7 +137,10 @@ async def health(ctx: TaskContext) -> dict[str, Any]:
     payload = ctx.payload_dict()
     _check_keys(ctx, payload, {"targets", "timeout"})
     cfg = section(ctx, "monitoring")
-    allowed = cfg.get("allowed_hosts")
+    # Targets from the payload are untrusted (a probe from inside the network on anyone's
+    # request): only hosts in allowed_hosts, none when it is unset. Configured targets
+    # are trusted.
+    allowed = cfg.get("allowed_hosts", [])
     raw_targets = payload.get("targets", cfg.get("targets"))
     if raw_targets is None or raw_targets == []:
         raise TaskConfigError(
@@ -141,10 +150,7 @@ async def health(ctx: TaskContext) -> dict[str, Any]:
     if not isinstance(raw_targets, list) or len(raw_targets) > MAX_TARGETS:
         raise TaskPayloadError(f"payload 'targets' must be a list of at most {MAX_TARGETS} URLs")
     from_payload = "targets" in payload
-    parsed = [
-        (t, *_parse_target(t, allowed if from_payload and allowed is not None else None))
-        for t in raw_targets
-    ]
+    parsed = [(t, *_parse_target(t, allowed if from_payload else None)) for t in raw_targets]
     timeout = float(cfg.get("timeout", DEFAULT_TIMEOUT))
     if "timeout" in payload:
         timeout = min(timeout, _number(payload["timeout"], "timeout", maximum=60))
