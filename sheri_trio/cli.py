@@ -44,7 +44,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, NoReturn
 
 import trio
 from cyclopts import App, Parameter
@@ -226,8 +226,42 @@ async def _watch_signals(signals: AsyncIterator[int], shutdown: trio.Event) -> N
             _exit_now(EXIT_INTERRUPTED)
 
 
+#: Task types whose executors work on the files of the workspace.
+_WORKSPACE_TYPES: Final = (
+    "testing.run",
+    "testing.coverage",
+    "security.scan",
+    "security.audit",
+    "code.review",
+    "code.generate",
+    "documentation.generate",
+)
+
+
+def _warn_implicit_workspace(agents: Sequence[tuple[AgentConfig, str | None]]) -> None:
+    """Say once when agents will work on the current directory for want of a root."""
+    roles = sorted(
+        {
+            config.role
+            for config, _ in agents
+            if not (config.executor_config.get("workspace") or {}).get("root")
+            and (config.executor_config.get("executors") or {}).get("simulate") is not True
+            and any(config.role in roles_for(t) for t in _WORKSPACE_TYPES)
+        }
+    )
+    if roles:
+        log.warning(
+            "no [workspace] root configured: %s tasks of role(s) %s run on the current "
+            "directory %s (set [workspace] root in sheri.toml to choose)",
+            "/".join(t for t in _WORKSPACE_TYPES if any(r in roles_for(t) for r in roles)),
+            ", ".join(roles),
+            Path.cwd(),
+        )
+
+
 async def _run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
     """Run agents in one nursery until a signal asks them to leave."""
+    _warn_implicit_workspace(agents)
     shutdown = trio.Event()
 
     async def one(config: AgentConfig, label: str | None) -> None:

@@ -723,3 +723,23 @@ def test_swarm_view_follows_agents_and_tasks() -> None:
     text = console.export_text()
     assert re.search(r"a1\s.*testing\s.*online\s.*2\.0 s ago", text), text
     assert re.search(r"t1\s.*testing\.run\s.*done\s.*a1\s.*0\.25 s", text), text
+
+
+def test_agents_without_a_workspace_root_are_warned_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sheri_trio.cli import _warn_implicit_workspace
+
+    def agent(role: str, **executor_config: Any) -> tuple[AgentConfig, None]:
+        return AgentConfig(role=role, broker="mqtt://x", executor_config=executor_config), None
+
+    with caplog.at_level("WARNING", logger="sheri_trio.cli"):
+        _warn_implicit_workspace([agent("testing"), agent("general"), agent("deployment")])
+        _warn_implicit_workspace([agent("testing", workspace={"root": "/srv/app"})])
+        _warn_implicit_workspace([agent("deployment"), agent("monitoring")])
+        _warn_implicit_workspace([agent("review", executors={"simulate": True})])
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "role(s) general, testing run on the current directory" in warnings[0]
+    assert "testing.run" in warnings[0]
+    assert "deployment" not in warnings[0]
