@@ -1055,3 +1055,34 @@ async def test_alerts_see_the_agents_view_of_the_swarm(
     result = body(done)["result"]
     assert result["active_alerts"] >= 1
     assert any(a.get("agent_id") == "peer" for a in result["alerts"])
+
+
+async def test_an_oversized_result_is_published_truncated_and_stored_whole(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, tmp_path: Any
+) -> None:
+    big = {"rows": [{"n": i, "text": "é" * 50} for i in range(400)]}  # ~40 KB of JSON
+    registry = ExecutorRegistry()
+
+    async def produce(ctx: TaskContext) -> dict[str, Any]:
+        return big
+
+    registry.fallback = produce
+    config = cfg("R", max_result_bytes=4096, executor_config={"state_dir": str(tmp_path)})
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            client = bus.open("R")
+            agent = Agent(config, client, executors=registry)
+            await nursery.start(agent.run)
+            await submit(watcher, "big-1")
+            record = await wait(bus, T.tasks_complete, task_id="big-1")
+            nursery.cancel_scope.cancel()
+    result = body(record)["result"]
+    assert result["truncated"] is True
+    assert len(record.payload) < 4096 + 1024
+    stored = tmp_path / "results" / "big-1.1.json"
+    assert result["stored"] == str(stored)
+    assert json.loads(stored.read_bytes()) == big
+    assert result["size"] == stored.stat().st_size
+    assert (stored.stat().st_mode & 0o777) == 0o600
+    assert result["head"].startswith('{"rows":[{"n":0,')

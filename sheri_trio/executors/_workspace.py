@@ -168,12 +168,17 @@ def relative_names(names: Iterable[str], root: Path) -> list[str]:
 def state_dir(ctx: TaskContext) -> Path:
     """The agent's state directory (created): ``state_dir`` in the config, else
     ``~/.local/state/sheri/<agent_id>``."""
-    raw = ctx.config.get("state_dir")
+    return agent_state_dir(ctx.config, ctx.agent_id)
+
+
+def agent_state_dir(config: dict[str, Any], agent_id: str) -> Path:
+    """:func:`state_dir` from an agent's executor configuration and id."""
+    raw = config.get("state_dir")
     if isinstance(raw, str) and raw:
         path = Path(raw).expanduser()
     else:
         base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        path = Path(base) / "sheri" / ctx.agent_id
+        path = Path(base) / "sheri" / agent_id
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:

@@ -9,7 +9,6 @@ task runs in the agent's task nursery under a :class:`trio.CapacityLimiter`.
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import trio
 
 from ..executors import (
@@ -31,6 +31,7 @@ from ..executors import (
     TaskPayloadError,
     default_registry,
 )
+from ..executors._workspace import agent_state_dir
 from ..mqtt import (
     Client,
     ClientClosed,
@@ -65,6 +66,7 @@ from ._protocol import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
 __all__ = ["Agent", "AgentConfig", "DuplicateAgent", "new_agent_id", "run_agent"]
 
@@ -992,8 +994,8 @@ class Agent:
     async def _publish_complete(
         self, spec: TaskSpec, attempt: int, result: Any, duration_ms: int
     ) -> None:
+        result = await self._bounded_result(spec.task_id, attempt, result)
         self.counters["completed"] += 1
-        result = self._bounded_result(spec.task_id, result)
         self.book.mark_finished(spec.task_id, True)
         self._forget(spec.task_id)
         await self._publish(
@@ -1039,16 +1041,33 @@ class Agent:
             self._markers.discard(task_id)
             await self.client.publish(self.topics.task_pending(task_id), b"", qos=1, retain=True)
 
-    def _bounded_result(self, task_id: str, result: Any) -> Any:
+    async def _bounded_result(self, task_id: str, attempt: int, result: Any) -> Any:
+        """The result as published: whole up to ``max_result_bytes`` of JSON; beyond, a
+        marker with its head, and the whole of it in ``<state_dir>/results/``."""
         try:
-            text = json.dumps(result, default=str)
-        except (TypeError, ValueError):
+            data = orjson.dumps(result, default=str, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:
             return {"error": "result is not JSON-serialisable", "repr": repr(result)[:1000]}
         limit = self.config.max_result_bytes
-        if len(text) <= limit:
+        if len(data) <= limit:
             return result
-        self._log(logging.WARNING, "result truncated", task_id=task_id, size=len(text))
-        return {"truncated": True, "size": len(text), "head": text[: limit - 200]}
+        marker: dict[str, Any] = {
+            "truncated": True,
+            "size": len(data),
+            "head": data[: max(limit - 400, 0)].decode("utf-8", errors="ignore"),
+        }
+        path = (
+            agent_state_dir(self.config.executor_config, self.agent_id)
+            / "results"
+            / f"{task_id}.{attempt}.json"
+        )
+        try:
+            await trio.to_thread.run_sync(_write_private, path, data)
+            marker["stored"] = str(path)
+        except OSError as exc:
+            self._log(logging.ERROR, "cannot store the full result", task_id=task_id, error=exc)
+        self._log(logging.WARNING, "result truncated", task_id=task_id, size=len(data), stored=path)
+        return marker
 
     # ------------------------------------------------------------- shutdown
     async def _drain(self, tasks: trio.Nursery) -> None:
@@ -1141,6 +1160,14 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read (results may hold anything)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as f:
+        f.write(data)
 
 
 def _rss_bytes() -> int:
