@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -12,6 +13,9 @@ from executor_helpers import make_ctx
 
 from sheri_trio.executors import TaskConfigError, TaskPayloadError
 from sheri_trio.executors._database import backup, migrate
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 MIGRATE = """
 import os, sqlite3, sys
@@ -133,3 +137,67 @@ async def test_postgres_backup_without_pg_dump_is_a_clear_failure(tmp_path: Path
     with pytest.raises(TaskConfigError, match="command not found: 'sheri-no-such-pg_dump'") as info:
         await backup(ctx)
     assert "s3cret" not in str(info.value)
+
+
+def _local_postgres() -> str | None:
+    """The machine's PostgreSQL (127.0.0.1:5432, trust auth), if one answers."""
+    import shutil
+    import subprocess
+
+    if not (shutil.which("psql") and shutil.which("pg_dump")):
+        return None
+    probe = subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-tAc", "select 1"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return "postgresql://postgres@127.0.0.1:5432" if probe.stdout.strip() == "1" else None
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A throw-away database on the machine's PostgreSQL, with a table of 300 rows."""
+    import secrets
+    import subprocess
+
+    base = _local_postgres()
+    if base is None:
+        pytest.skip("no PostgreSQL with trust auth on 127.0.0.1:5432 and psql/pg_dump")
+    name = f"sheri_test_{secrets.token_hex(4)}"
+
+    def psql(db: str, sql: str) -> None:
+        subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-v", "ON_ERROR_STOP=1",
+             "-qc", sql],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+
+    psql("postgres", f"CREATE DATABASE {name}")
+    try:
+        psql(name, "CREATE TABLE notes (id serial PRIMARY KEY, body text)")
+        psql(name, "INSERT INTO notes (body) SELECT 'note ' || i FROM generate_series(1, 300) i")
+        yield f"{base}/{name}"
+    finally:
+        psql("postgres", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_postgres_backup_with_the_real_pg_dump(pg_database: str, tmp_path: Path) -> None:
+    config = {"database": {"pg": {"url": pg_database, "backup_dir": str(tmp_path / "b")}}}
+    ctx, _ = make_ctx("database.backup", {}, config=config, state=tmp_path)
+    result = await backup(ctx)
+    assert result["status"] == "backed_up"
+    assert result["kind"] == "postgresql"
+    assert result["integrity"] == "ok"
+    assert result["tables"] == ["public.notes"]
+    dump = Path(result["location"])
+    assert dump.name.startswith("pg-")
+    assert dump.suffix == ".dump"
+    assert result["size"] == (await trio.Path(dump).stat()).st_size > 0
+    assert not list(dump.parent.glob("*.partial"))
+    # the dump holds the rows: pg_restore turns it back into SQL with all 300
+    restored = await trio.run_process(
+        ["pg_restore", "--data-only", "-f", "-", str(dump)], capture_stdout=True
+    )
+    assert restored.stdout.count(b"\nnote ") + restored.stdout.count(b"\tnote ") == 300

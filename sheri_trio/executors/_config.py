@@ -213,6 +213,7 @@ DATABASE: dict[str, Check] = {
     "keep": _integer(0),
     "version_query": _string,
     "pg_dump": _strings(nonempty=True),
+    "pg_restore": _strings(nonempty=True),
 }
 
 #: the top-level tables (and keys) that belong to the executors

@@ -4,7 +4,8 @@
 ``postgresql://...``), ``migrate = [...]`` (the migration command), ``backup_dir``
 (default ``<state_dir>/backups``), ``keep`` (backups kept per database, default 10),
 ``version_query`` (SQLite: the SQL that reads the schema version after a migration;
-default ``PRAGMA user_version``), ``pg_dump`` (default ``["pg_dump"]``).
+default ``PRAGMA user_version``), ``pg_dump`` and ``pg_restore`` (defaults ``["pg_dump"]``,
+``["pg_restore"]``: the dump is read back with ``pg_restore --list``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import trio
 
 from ._base import TaskConfigError, TaskContext, TaskPayloadError
-from ._process import run_for_task
+from ._process import ToolMissing, run_for_task
 from ._workspace import check_name, config_path, refuse_commands, section, state_dir, workspace_root
 
 if TYPE_CHECKING:
@@ -293,8 +294,40 @@ async def _pg_dump(ctx: TaskContext, db: _Database, dest: Path) -> dict[str, Any
     if result.exit_code != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"pg_dump exited with {result.exit_code}: {result.tail_text(1500)}")
+    detail = await _pg_check(ctx, db, partial)
     partial.replace(dest)
-    return {"integrity": "not checked"}
+    return detail
+
+
+async def _pg_check(ctx: TaskContext, db: _Database, dump: Path) -> dict[str, Any]:
+    """Read the dump's table of contents back (``pg_restore --list``): a dump pg_restore
+    cannot read is a failed backup. Returns the tables whose data it holds."""
+    prefix = [str(a) for a in db.table.get("pg_restore", ["pg_restore"])]
+    try:
+        result = await run_for_task(
+            ctx,
+            [*prefix, "--list", str(dump)],
+            table=db.table,
+            cwd=dump.parent,
+            origin=f"database.{db.name} pg_restore --list",
+            secrets=db.secrets(),
+        )
+    except ToolMissing:  # no pg_restore here: the dump stays unchecked, and says so
+        return {"integrity": "not checked (pg_restore not found)"}
+    if result.exit_code != 0:
+        await trio.Path(dump).unlink(missing_ok=True)
+        raise RuntimeError(
+            f"pg_restore cannot read the dump ({result.exit_code}): {result.tail_text(1500)}"
+        )
+    tables = []
+    for line in result.output.splitlines():
+        # "215; 0 16390 TABLE DATA public notes postgres"
+        head, _, rest = line.partition(" TABLE DATA ")
+        if rest and not line.startswith(";") and head:
+            fields = rest.split()
+            if len(fields) >= 2:
+                tables.append(f"{fields[0]}.{fields[1]}")
+    return {"integrity": "ok", "tables": sorted(tables)}
 
 
 def _human(size: int) -> str:
