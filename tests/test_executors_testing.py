@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import textwrap
 from typing import TYPE_CHECKING
@@ -184,3 +185,26 @@ async def test_coverage_defaults_to_the_workspace(project: Path, tmp_path: Path)
     assert result["tests"]["passed"] == 1
     assert "calc.py" in {f["file"] for f in result["files"]}
     assert 0 < result["coverage"] < 100
+
+
+@pytest.mark.skipif(
+    shutil.which("npm") is None or shutil.which("node") is None, reason="needs npm and node"
+)
+async def test_npm_test_with_node_test_runner(tmp_path: Path) -> None:
+    ws = tmp_path / "js"
+    (ws / "test").mkdir(parents=True)
+    (ws / "package.json").write_text(
+        '{"name": "t", "version": "1.0.0", "private": true, "scripts": {"test": "node --test"}}'
+    )
+    (ws / "test" / "a.test.js").write_text(
+        "const test = require('node:test'); const assert = require('node:assert');\n"
+        "test('adds', () => assert.strictEqual(1 + 1, 2));\n"
+        "test('fails', () => assert.strictEqual(1 + 1, 3));\n"
+        "test('later', { skip: true }, () => {});\n"
+    )
+    ctx, rec = make_ctx("testing.run", {}, workspace=ws, state=tmp_path / "s")
+    result = await run_tests(ctx)
+    assert result["runner"] == "npm"
+    assert (result["passed"], result["failed"], result["skipped"]) == (1, 1, 1)
+    assert result["exit_code"] == 1
+    assert any("not ok" in line for line in rec.messages(kind="output"))

@@ -1,8 +1,8 @@
 """``testing.run`` and ``testing.coverage``: the workspace's tests, for real.
 
 The runner is ``[testing] command`` or detected: pytest (``sys.executable -m pytest``)
-when the workspace has a pyproject.toml, setup.cfg, pytest.ini, tox.ini or tests/
-folder; ``npm test`` when it has a package.json. ``test_suite`` selects
+when the workspace has a pyproject.toml, setup.cfg, pytest.ini or tox.ini, or a tests/
+(test/) folder and no package.json; else ``npm test`` when it has a package.json. ``test_suite`` selects
 ``[testing.suites] <name> = [args...]``, else the folder ``tests/<name>``.
 """
 
@@ -33,9 +33,19 @@ if TYPE_CHECKING:
 
 __all__ = ["run_coverage", "run_tests"]
 
-PYTEST_MARKERS = ("pyproject.toml", "setup.cfg", "pytest.ini", "tox.ini", "tests", "test")
+#: files that make a Python project; a bare tests/ or test/ folder counts only without a
+#: package.json (JavaScript projects keep their tests in test/ too)
+PYTHON_MARKERS = ("pyproject.toml", "setup.cfg", "pytest.ini", "tox.ini")
+TEST_FOLDERS = ("tests", "test")
 RUN_KEYS = {"test_suite", "path"}
 DEFAULT_PROGRESS_LINES = 500
+#: npm without its background calls to the registry (update check, funding, audit).
+NPM_ENV = {
+    "NPM_CONFIG_UPDATE_NOTIFIER": "false",
+    "NPM_CONFIG_FUND": "false",
+    "NPM_CONFIG_AUDIT": "false",
+}
+
 SUMMARY_RE = re.compile(
     r"(\d+)\s+(passed|passing|failed|failing|skipped|pending|errors?|xfailed|xpassed)\b",
     re.IGNORECASE,
@@ -72,9 +82,12 @@ def _runner(ctx: TaskContext, ws: Path) -> _Runner:
     if command:
         kind = "pytest" if any(str(a).endswith("pytest") for a in command[:3]) else "custom"
         return _Runner([str(a) for a in command], kind, "testing.command")
-    if any((ws / marker).exists() for marker in PYTEST_MARKERS):
+    npm = (ws / "package.json").is_file()
+    if any((ws / marker).exists() for marker in PYTHON_MARKERS) or (
+        not npm and any((ws / folder).is_dir() for folder in TEST_FOLDERS)
+    ):
         return _Runner(python_tool("pytest", "pytest", extra="test"), "pytest", "pytest")
-    if (ws / "package.json").is_file():
+    if npm:
         return _Runner(["npm", "test"], "npm", "npm test")
     raise TaskConfigError(
         f"no test runner for {ws}: set [testing] command in sheri.toml, or give the "
@@ -142,10 +155,25 @@ def _junit_counts(path: Path) -> dict[str, int] | None:
     }
 
 
+#: TAP summary lines, as ``node --test`` and tap print them: "# pass 3", "# fail 1".
+TAP_SUMMARY_RE = re.compile(r"^# (pass|fail|skipped|todo|cancelled) (\d+)\s*$", re.MULTILINE)
+_TAP_KEYS = {
+    "pass": "passed", "fail": "failed", "skipped": "skipped", "todo": "skipped",
+    "cancelled": "errors",
+}  # fmt: skip
+
+
 def _summary_counts(text: str) -> dict[str, int] | None:
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    tail = text[-4000:]
+    tap = TAP_SUMMARY_RE.findall(tail)
+    if tap:
+        for word, number in tap:
+            counts[_TAP_KEYS[word]] += int(number)
+        counts["total"] = sum(counts.values())
+        return counts
     found = False
-    for number, word in SUMMARY_RE.findall(text[-4000:]):
+    for number, word in SUMMARY_RE.findall(tail):
         word = word.lower()
         key = {
             "passing": "passed",
@@ -214,7 +242,7 @@ async def run_tests(ctx: TaskContext) -> dict[str, Any]:
             cwd=ws,
             on_line=_line_streamer(ctx),
             origin=runner.origin,
-            extra_env={"SHERI_TASK_ID": ctx.task_id},
+            extra_env={"SHERI_TASK_ID": ctx.task_id, **(NPM_ENV if runner.kind == "npm" else {})},
         )
         counts = _junit_counts(junit) if runner.kind == "pytest" else None
     if counts is None:
