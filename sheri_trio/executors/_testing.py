@@ -1,9 +1,10 @@
 """``testing.run`` and ``testing.coverage``: the workspace's tests, for real.
 
 The runner is ``[testing] command`` or detected: pytest (``sys.executable -m pytest``)
-when the workspace has a pyproject.toml, setup.cfg, pytest.ini or tox.ini, or a tests/
-(test/) folder and no package.json; else ``npm test`` when it has a package.json. ``test_suite`` selects
-``[testing.suites] <name> = [args...]``, else the folder ``tests/<name>``.
+when the workspace has a pyproject.toml, setup.cfg, pytest.ini or tox.ini, or a
+tests/ (test/) folder and no package.json; else ``npm test`` for a package.json.
+``test_suite`` selects ``[testing.suites] <name> = [args...]``, else the folder
+``tests/<name>``.
 """
 
 from __future__ import annotations
