@@ -36,6 +36,7 @@ class Settings:
     messages: int
     reps: int
     tasks: int
+    lone_tasks: int
     agents: int
     fanout_messages: int
     latency_round_trips: int
@@ -53,6 +54,7 @@ def settings(args: argparse.Namespace) -> Settings:
         messages=args.messages or (20_000 if quick else 100_000),
         reps=args.reps or (1 if quick else 3),
         tasks=args.tasks or (1_000 if quick else 5_000),
+        lone_tasks=50 if quick else 200,
         agents=args.agents,
         fanout_messages=5_000 if quick else 20_000,
         latency_round_trips=500 if quick else 2_000,
@@ -229,6 +231,8 @@ def tasks(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
                 str(s.agents),
                 "--tasks",
                 str(s.tasks),
+                "--lone",
+                str(s.lone_tasks),
                 "--timeout",
                 str(60 + s.tasks / 50),
                 timeout=180 + s.tasks / 20,

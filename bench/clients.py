@@ -679,7 +679,9 @@ def run_tasks(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
     from bench.tasks import task_rate
 
     result = trio.run(
-        lambda: task_rate(url_text, agents=args.agents, tasks=args.tasks, max_wait=args.timeout)
+        lambda: task_rate(
+            url_text, agents=args.agents, tasks=args.tasks, max_wait=args.timeout, lone=args.lone
+        )
     )
     return {"kind": "tasks", **result}
 
@@ -995,6 +997,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=100, help="latency: untimed round trips first")
     p.add_argument("--agents", type=int, default=9, help="tasks: agents")
     p.add_argument("--tasks", type=int, default=1000, help="tasks: tasks")
+    p.add_argument(
+        "--lone", type=int, default=0, help="tasks: then this many, one at a time (latency)"
+    )
     p.add_argument("--counts", default="1,100,1000", help="memory: agent counts")
     p.add_argument(
         "--swarm-size", type=int, default=9, help="memory: agents per swarm (0: all in one)"

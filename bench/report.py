@@ -120,7 +120,8 @@ def task_rows(results: dict[str, Any]) -> list[list[str]]:
     t = results.get("tasks")
     if not t or "tasks_per_s" not in t:
         errs = [r.get("error") for r in (t or {}).get("runs", []) if "error" in r]
-        return [["error", errs[0][:100] if errs else "not run"] + [""] * 8] if t else []
+        pad = [""] * (len(TASK_HEAD) - 2)
+        return [["error", errs[0][:100] if errs else "not run", *pad]] if t else []
     rate = t["tasks_per_s"]
     return [
         [
@@ -135,8 +136,15 @@ def task_rows(results: dict[str, Any]) -> list[list[str]]:
             _n(t.get("bound_tasks_per_s")),
             _n(t.get("fraction_of_bound"), 2),
             _n(t.get("bound_broker_core_tasks_per_s")),
+            _lone(t),
         ]
     ]
+
+
+def _lone(t: dict[str, Any]) -> str:
+    if not t.get("lone_tasks"):
+        return "-"
+    return f"{_n(t['lone_latency_p50_ms'], 2)} / {_n(t['lone_latency_p99_ms'], 2)}"
 
 
 TASK_HEAD = [
@@ -151,6 +159,7 @@ TASK_HEAD = [
     "bound tasks/s",
     "fraction of bound",
     "bound if the broker had a core",
+    "lone task p50 / p99 ms",
 ]
 
 

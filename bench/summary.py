@@ -234,6 +234,9 @@ def summarize_tasks(results: list[dict[str, Any]], agents: int, tasks: int) -> d
             duplicates=sum(r["duplicates"] for r in ok),
             losses=sum(r["losses"] for r in ok),
             deliveries_per_task=round(statistics.median(r["deliveries_per_task"] for r in ok), 2),
+            lone_latency_p50_ms=_median(ok, "lone_latency_p50_ms"),
+            lone_latency_p99_ms=_median(ok, "lone_latency_p99_ms"),
+            lone_tasks=sum(r.get("lone_tasks", 0) for r in ok),
             broker_cpu_per_task_us=_per(ok, "broker_cpu_s", "completed"),
         )
     return summary

@@ -35,11 +35,15 @@ async def task_rate(
     tasks: int = 2000,
     max_tasks: int = 16,
     max_wait: float | None = None,
+    lone: int = 0,
 ) -> dict[str, Any]:
     """Submit ``tasks`` no-op tasks of an unknown type (any general agent may take them).
 
     With ``max_wait`` (seconds from the first submission), waiting for outcomes stops
-    then and the tasks without one are counted as lost.
+    then and the tasks without one are counted as lost. Then, with ``lone``, that many
+    more tasks one at a time, each submitted when the previous one completed: the
+    latency of a task in an idle swarm (submission to ``tasks/complete`` at the
+    submitter), which the burst's latencies (mostly queueing) do not show.
     """
     swarm = f"bench-{time.monotonic_ns() % 10**9}"
     executions: Counter[str] = Counter()
@@ -53,6 +57,7 @@ async def task_rate(
     roles = [NINE_ROLES[i % len(NINE_ROLES)] for i in range(agents)]
     submitted: dict[str, float] = {}
     latencies: list[float] = []
+    lone_latencies: list[float] = []
     finals: Counter[str] = Counter()
     running: list[Agent] = []
     async with trio.open_nursery() as nursery:
@@ -102,6 +107,17 @@ async def task_rate(
                     a.client.statistics()["messages_received"] - b
                     for a, b in zip(running, base, strict=True)
                 )
+                for i in range(lone if len(finals) == tasks else 0):
+                    task_id = f"lone-{i}"
+                    body = {"payload": {"task_id": task_id, "type": "bench.noop"}}
+                    sent = time.perf_counter()
+                    await client.publish(f"{swarm}/tasks/new", json.dumps(body).encode(), qos=1)
+                    with trio.fail_after(10):
+                        while True:
+                            m = await msgs.receive()
+                            if json.loads(m.payload)["payload"]["task_id"] == task_id:
+                                break
+                    lone_latencies.append(time.perf_counter() - sent)
         stop.set()
     # Leave no retained agent status behind (task states expire by themselves).
     async with open_client(url, client_id=f"{swarm}-cleaner") as client:
@@ -121,4 +137,16 @@ async def task_rate(
         + sum(n - 1 for n in finals.values() if n > 1),
         "losses": tasks - min(len(executions), len(finals)),
         "deliveries_per_task": round(deliveries / tasks, 2),
+        **_lone_summary(lone_latencies),
+    }
+
+
+def _lone_summary(latencies: list[float]) -> dict[str, Any]:
+    if not latencies:
+        return {}
+    latencies.sort()
+    return {
+        "lone_tasks": len(latencies),
+        "lone_latency_p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "lone_latency_p99_ms": round(latencies[max(int(len(latencies) * 0.99) - 1, 0)] * 1000, 2),
     }
