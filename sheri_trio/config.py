@@ -199,6 +199,7 @@ AGENT_KEYS: Final[dict[str, Callable[[Any], Any]]] = {
     "broker": _broker_url,
     "max_tasks": _integer(1),
     "queue_limit": _integer(1),
+    "preference_window": _integer(0),
     "heartbeat_interval": _number(0, exclusive=True),
     "lease_time": _number(0, exclusive=True),
     "grace_period": _number(0),

@@ -22,7 +22,7 @@ import trio.testing
 
 from sheri_trio.executors import ExecutorRegistry, TaskContext, TaskPayloadError
 from sheri_trio.mqtt import ClientClosed, Will
-from sheri_trio.swarm._agent import Agent, AgentConfig
+from sheri_trio.swarm._agent import Agent, AgentConfig, rendezvous_score
 from sheri_trio.swarm._claims import ClaimBook
 from sheri_trio.swarm._protocol import (
     BadMessage,
@@ -1086,3 +1086,36 @@ async def test_an_oversized_result_is_published_truncated_and_stored_whole(
     assert result["size"] == stored.stat().st_size
     assert (stored.stat().st_mode & 0o777) == 0o600
     assert result["head"].startswith('{"rows":[{"n":0,')
+
+
+async def test_a_busy_peers_tasks_wait_at_most_the_preference_window(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    """B is online but stuck; A (one slot) keeps getting new tasks. The tasks B ranks
+    first must not wait behind every newer task A prefers: each goes before the tasks
+    submitted more than ``preference_window`` (4) after it."""
+    window = 4
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("A", max_tasks=1, preference_window=window), script)
+            await start(nursery, bus, cfg("B", max_tasks=1, preference_window=window), script)
+            await submit(watcher, "stuck", assigned_to="B", payload={"hang": True})
+            await wait(bus, T.tasks_progress, task_id="stuck", event="start")
+            await blocker(bus, watcher, "A", 1)
+            burst = [f"w-{i}" for i in range(24)]
+            for task_id in burst:
+                await submit(watcher, task_id, payload={"sleep": 1})
+            for task_id in burst:
+                await wait(bus, T.tasks_complete, task_id=task_id)
+            nursery.cancel_scope.cancel()
+    # rendezvous hashing, as the agents rank (docs/protocol.md, claim rule 2)
+    prefers_b = {t for t in burst if rendezvous_score(f"{t}/B") > rendezvous_score(f"{t}/A")}
+    started = [c.task_id for c in script.calls if c.agent_id == "A" and c.task_id in burst]
+    assert sorted(started) == sorted(burst)  # A ran them all, B never freed up
+    assert prefers_b, "no task ranks B first: pick other ids"
+    for task_id in prefers_b:
+        position = burst.index(task_id)
+        later = {t for t in burst[position + window + 1 :] if t not in prefers_b}
+        ran_before = set(started[: started.index(task_id)])
+        assert not (later & ran_before), (task_id, sorted(later & ran_before))

@@ -8,13 +8,13 @@ task runs in the agent's task nursery under a :class:`trio.CapacityLimiter`.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import math
 import os
 import random
 import secrets
-import zlib
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -92,6 +92,9 @@ class AgentConfig:
     max_tasks: int = 4
     queue_limit: int = 1000
     overflow_limit: int = 100_000
+    #: how many later submissions may go before a task this agent does not rank first for
+    #: (rendezvous hashing; 0: plain arrival order)
+    preference_window: int = 256
     heartbeat_interval: float = 10.0
     lease_time: float = 30.0
     grace_period: float = 10.0
@@ -178,7 +181,7 @@ class Agent:
         self._overflow: deque[tuple[str, int]] = deque()  # beyond queue_limit, in order
         self._cand_ranks: dict[str, int] = {}
         self._rank_counts = [0, 0, 0]  # candidates per priority rank (high, medium, low)
-        self._heap: list[tuple[int, int, int, str]] = []  # rank, not preferred, seq, id
+        self._heap: list[tuple[int, int, int, str]] = []  # rank, order, seq, id
         self._seq = 0
         self._outstanding: dict[str, int] = {}  # our claims awaiting the broker's order
         self._running: dict[str, _Running] = {}
@@ -565,7 +568,10 @@ class Agent:
             self._cand_ranks[task_id] = spec.rank
         self._candidates[task_id] = attempt
         self._seq += 1
-        heapq.heappush(self._heap, (spec.rank, not self._preferred(spec), self._seq, task_id))
+        order = self._seq
+        if self.config.preference_window and not self._preferred(spec):
+            order += self.config.preference_window
+        heapq.heappush(self._heap, (spec.rank, order, self._seq, task_id))
         if self._slots_free() <= 0 and log.isEnabledFor(logging.DEBUG):
             self._log(
                 logging.DEBUG, "busy: task queued", task_id=task_id, queued=len(self._candidates)
@@ -576,21 +582,23 @@ class Agent:
         """Whether we rank first for this task among the online agents that may take it
         (rendezvous hashing on task id and agent id: every agent computes the same answer).
 
-        Within a priority, an agent claims its preferred tasks first, so agents of one
-        role draining the same burst take disjoint tasks instead of racing for the
-        oldest one; claim conflicts stay correct (first claim wins) but become rare.
+        Within a priority, an agent claims its preferred tasks up to ``preference_window``
+        submissions ahead of the others, so agents of one role draining the same burst
+        take disjoint tasks instead of racing for the oldest one (claim conflicts stay
+        correct, first claim wins, but become rare), while a task whose preferred agent
+        is busy or gone waits at most that many newer submissions.
         """
         if spec.assigned_to is not None:
             return True
         roles = None if spec.type == INVALID_TASK_TYPE else roles_for(spec.type)
         task = spec.task_id + "/"
-        mine = zlib.crc32((task + self.agent_id).encode())
+        mine = rendezvous_score(task + self.agent_id)
         for agent_id, peer in self.peers.items():
             if (
                 peer.online
                 and (roles is None or peer.role in roles)
                 and agent_id != self.agent_id
-                and zlib.crc32((task + agent_id).encode()) > mine
+                and rendezvous_score(task + agent_id) > mine
             ):
                 return False
         return True
@@ -1160,6 +1168,12 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def rendezvous_score(key: str) -> int:
+    """The weight of ``"{task_id}/{agent_id}"`` in the claim preference (a real hash:
+    crc32 is linear, so ids that differ in one character would all rank alike)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
 def _write_private(path: Path, data: bytes) -> None:
