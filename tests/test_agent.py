@@ -8,6 +8,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import trio
+from childproc import read_line
 
 from sheri_trio.mqtt import open_client
 from sheri_trio.swarm._agent import AgentConfig, run_agent
@@ -233,17 +234,6 @@ trio.run(main)
 """
 
 
-async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
-    """The first line a child process writes (the rest of that chunk is dropped)."""
-    data = b""
-    while b"\n" not in data:
-        chunk = await stream.receive_some()
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\n", 1)[0]
-
-
 async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroker) -> None:
     import signal
     import subprocess
@@ -261,7 +251,7 @@ async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroke
                 )
                 try:
                     assert proc.stdout is not None
-                    assert (await _read_line(proc.stdout)).strip() == b"online"
+                    assert (await read_line(proc.stdout)).strip() == b"online"
                     body = {
                         "payload": {
                             "task_id": "slow-1",

@@ -197,6 +197,16 @@ async def submit(
     await client.publish(T.tasks_new, submission(task_id, task_type, **fields), qos=1)
 
 
+async def run_burst(
+    bus: MemoryBus, client: MemoryClient, task_ids: list[str], **fields: Any
+) -> None:
+    """Submit every task at once, then wait until each has completed."""
+    for task_id in task_ids:
+        await submit(client, task_id, **fields)
+    for task_id in task_ids:
+        await wait(bus, T.tasks_complete, task_id=task_id)
+
+
 def body(record: BusRecord) -> dict[str, Any]:
     payload: dict[str, Any] = record.json()["payload"]
     return payload
@@ -766,10 +776,7 @@ async def test_agents_of_one_role_drain_a_burst_without_racing_for_the_same_task
             await blocker(bus, watcher, "A", 1)
             await blocker(bus, watcher, "B", 1)
             burst = [f"burst-{i}" for i in range(40)]
-            for task_id in burst:
-                await submit(watcher, task_id, payload={"sleep": 1})
-            for task_id in burst:
-                await wait(bus, T.tasks_complete, task_id=task_id)
+            await run_burst(bus, watcher, burst, payload={"sleep": 1})
             nursery.cancel_scope.cancel()
     claims = Counter(body(r)["task_id"] for r in bus.records(T.tasks_assigned))
     runs = Counter(c.task_id for c in script.calls)
@@ -1104,10 +1111,7 @@ async def test_a_busy_peers_tasks_wait_at_most_the_preference_window(
             await wait(bus, T.tasks_progress, task_id="stuck", event="start")
             await blocker(bus, watcher, "A", 1)
             burst = [f"w-{i}" for i in range(24)]
-            for task_id in burst:
-                await submit(watcher, task_id, payload={"sleep": 1})
-            for task_id in burst:
-                await wait(bus, T.tasks_complete, task_id=task_id)
+            await run_burst(bus, watcher, burst, payload={"sleep": 1})
             nursery.cancel_scope.cancel()
     # rendezvous hashing, as the agents rank (docs/protocol.md, claim rule 2)
     prefers_b = {t for t in burst if rendezvous_score(f"{t}/B") > rendezvous_score(f"{t}/A")}

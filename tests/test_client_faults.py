@@ -17,6 +17,7 @@ import paho.mqtt.client as paho
 import pytest
 import trio
 import trio.lowlevel
+from childproc import read_line
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -75,17 +76,6 @@ trio.run(main)
 """
 
 
-async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
-    """The first line a child process writes (the rest of that chunk is dropped)."""
-    data = b""
-    while b"\n" not in data:
-        chunk = await stream.receive_some()
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\n", 1)[0]
-
-
 async def test_will_published_when_client_dies(broker: MosquittoBroker) -> None:
     topic = "t/will/abrupt"
     with trio.fail_after(20):
@@ -97,7 +87,7 @@ async def test_will_published_when_client_dies(broker: MosquittoBroker) -> None:
                 )
                 try:
                     assert proc.stdout is not None
-                    line = await _read_line(proc.stdout)
+                    line = await read_line(proc.stdout)
                     assert line.strip() == b"up"
                     proc.send_signal(signal.SIGKILL)
                     message = await messages.receive()
