@@ -39,3 +39,36 @@ async def test_round_trip(
                     await client.publish(topic, f"m{i}".encode(), qos=qos)
                 got = [(await messages.receive()).payload for _ in range(20)]
     assert got == [f"m{i}".encode() for i in range(20)]
+
+
+@pytest.mark.parametrize("take", [0, 7], ids=["writer-only", "partial-writes"])
+async def test_direct_writes_that_the_socket_only_partly_takes(
+    broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch, take: int
+) -> None:
+    """The reader writes acks and window refills straight to the socket; what the
+    socket does not take goes through the writer task, in order. Forced here: the socket
+    takes nothing (take=0) or 7 bytes per direct write."""
+    from sheri_trio.mqtt import _streams
+
+    direct = _streams._TrioStream.send_nowait
+    calls = []
+
+    def stingy(self: _streams._TrioStream, data: bytes) -> int:
+        calls.append(len(data))
+        return direct(self, data[:take]) if take else 0
+
+    monkeypatch.setattr(_streams._TrioStream, "send_nowait", stingy)
+    n = 2000
+    with trio.fail_after(30):
+        async with (
+            open_client(broker.tcp_url, client_id=f"stingy-sub-{take}") as sub,
+            open_client(broker.tcp_url, client_id=f"stingy-pub-{take}") as pub,
+            sub.subscribe(f"t/stingy/{take}", qos=1) as messages,
+        ):
+            for i in range(n):
+                await pub.publish(f"t/stingy/{take}", b"%d" % i, qos=1, wait_ack=False)
+            got = [int((await messages.receive()).payload) for _ in range(n)]
+            await pub.aclose()  # waits for every PUBACK
+            assert pub.statistics()["inflight"] == 0
+    assert got == list(range(n))
+    assert calls  # the direct path was taken (acks and refills of QoS 1)
