@@ -730,7 +730,7 @@ async def tasks_cmd(
     from rich.table import Table
 
     table = Table(title=f"tasks in {conn.swarm}" + (f" ({state})" if state else ""))
-    for column in ("task", "state", "agent", "attempt", "at", "detail"):
+    for column in ("task", "type", "state", "agent", "attempt", "at", "detail"):
         table.add_column(column, no_wrap=column != "detail", overflow="fold")
     for row in rows:
         detail = row.get("error") or (
@@ -738,6 +738,7 @@ async def tasks_cmd(
         )
         table.add_row(
             str(row.get("task_id")),
+            _state_type(row) or "?",
             _styled_state(str(row.get("state", "?"))),
             str(row.get("agent_id", "")),
             str(row.get("attempt", "")),
@@ -749,6 +750,14 @@ async def tasks_cmd(
     if not rows:
         console.print("no tasks" + (f" in state {state}" if state else ""))
     return EXIT_OK
+
+
+def _state_type(p: dict[str, Any]) -> str | None:
+    """The task type of a progress or retained state payload: its own ``type``, or that of
+    the submission kept with ``claimed`` (states from before ``type`` was added)."""
+    submitted = p.get("task")
+    kind = p.get("type") or (submitted.get("type") if isinstance(submitted, dict) else None)
+    return str(kind) if kind else None
 
 
 _STATE_STYLES = {
@@ -870,6 +879,7 @@ class SwarmView:
             if not known and not message.retain:
                 return  # progress of a task we never saw start: ignore
             task = self._task(task_id)
+            task.type = _state_type(p) or task.type
             if attempt >= task.attempt and task.state not in self.FINAL - {"released"}:
                 task.attempt = attempt
                 task.state = str(p.get("state", task.state))

@@ -743,3 +743,29 @@ def test_agents_without_a_workspace_root_are_warned_once(
     assert "role(s) general, testing run on the current directory" in warnings[0]
     assert "testing.run" in warnings[0]
     assert "deployment" not in warnings[0]
+
+
+def test_swarm_view_learns_the_type_from_retained_states() -> None:
+    """``sheri monitor --once`` sees only retained states: their type comes from the
+    state's own ``type`` or from the submission kept with ``claimed``."""
+    import mqtt5
+
+    topics = Topics("view")
+
+    def state(task_id: str, payload: dict[str, Any]) -> Message:
+        data = encode("a1", "testing", {"task_id": task_id, "attempt": 1, **payload})
+        return Message(
+            mqtt5.PublishPacket(f"view/tasks/state/{task_id}", payload=data, retain=True)
+        )
+
+    view = SwarmView(topics)
+    view.feed(state("t1", {"state": "failed", "type": "code.generate"}), 1.0)
+    view.feed(
+        state("t2", {"state": "claimed", "task": {"task_id": "t2", "type": "testing.run"}}), 1.0
+    )
+    view.feed(state("t3", {"state": "done"}), 1.0)  # an older agent's state: no type
+    assert [view.tasks[t].type for t in ("t1", "t2", "t3")] == [
+        "code.generate",
+        "testing.run",
+        None,
+    ]

@@ -972,10 +972,12 @@ class Agent:
         change = Lifecycle.fire(record, trigger, **detail)
         record.changes.clear()
         self._log(logging.DEBUG, f"{change.source} -> {change.dest}", task_id=record.task_id)
+        running = self._running.get(record.task_id)
         payload: dict[str, Any] = {
             "task_id": record.task_id,
             "agent_id": self.agent_id,
             "role": self.role,
+            "type": running.spec.type if running is not None else None,
             "attempt": record.attempt,
             "try": record.tries,
             "state": change.dest,
@@ -986,7 +988,6 @@ class Agent:
         }
         await self._publish(self.topics.tasks_progress, payload, wait_ack=False)
         if change.dest == "claimed" or record.final:
-            running = self._running.get(record.task_id)
             if change.dest == "claimed" and running is not None:
                 # newcomers read this retained state to take over from a dead holder
                 payload["task"] = running.spec.to_wire()
