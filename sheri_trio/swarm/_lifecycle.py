@@ -61,9 +61,6 @@ TRANSITIONS: Final[list[dict[str, Any]]] = [
 ]
 
 
-TRIGGERS: Final = frozenset(t["trigger"] for t in TRANSITIONS)
-
-
 class InvalidTransition(RuntimeError):
     """A trigger that the lifecycle table does not allow from the current state."""
 
