@@ -128,6 +128,13 @@ class Lifecycle:
     def __init__(self) -> None:
         self._records: dict[str, TaskRecord] = {}
 
+    @staticmethod
+    def new_record(task_id: str, attempt: int = 1) -> TaskRecord:
+        """A record in the initial state, tracked by nobody but its caller."""
+        record = TaskRecord(task_id, attempt)
+        _MACHINE.set_state(STATES[0], model=record)
+        return record
+
     def add(self, task_id: str, attempt: int = 1) -> TaskRecord:
         if task_id in self._records:
             raise InvalidTransition(f"task {task_id} is already tracked")

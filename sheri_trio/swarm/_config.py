@@ -1,0 +1,61 @@
+"""An agent's settings (:class:`AgentConfig`): plain data and its checks, no runtime.
+
+``sheri_trio.config`` builds one from sheri.toml, the environment and flags; the agent
+and its scheduler read it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._protocol import AGENT_ID_RE, DEFAULT_SWARM, MAX_MESSAGE_BYTES, ROLES, Topics
+
+__all__ = ["AgentConfig", "new_agent_id"]
+
+
+def new_agent_id() -> str:
+    return f"sheri-ml-{secrets.token_hex(4)}"
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    role: str = "general"
+    agent_id: str = field(default_factory=new_agent_id)
+    swarm: str = DEFAULT_SWARM
+    broker: str = "mqtt://localhost:1883"
+    max_tasks: int = 4
+    queue_limit: int = 1000
+    overflow_limit: int = 100_000
+    #: how many later submissions may go before a task this agent does not rank first for
+    #: (rendezvous hashing; 0: plain arrival order)
+    preference_window: int = 256
+    heartbeat_interval: float = 10.0
+    lease_time: float = 30.0
+    grace_period: float = 10.0
+    max_retries: int = 3
+    retry_initial_delay: float = 1.0
+    retry_max_delay: float = 60.0
+    default_timeout: float | None = 600.0
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_result_bytes: int = 64 * 1024
+    state_retention: int = 86_400
+    session_expiry: int = 3600
+    keep_alive: int = 30
+    check_duplicate: bool = True
+    client_options: dict[str, Any] = field(default_factory=dict)
+    executor_config: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}: choose one of {', '.join(ROLES)}")
+        Topics(self.swarm)  # validates the name
+        if not AGENT_ID_RE.fullmatch(self.agent_id):
+            raise ValueError(
+                f"invalid agent id {self.agent_id!r}: 1-128 of letters, digits, '.', '_', '-'"
+            )
+        if self.max_tasks < 1:
+            raise ValueError("max_tasks must be at least 1")
+        if self.heartbeat_interval <= 0 or self.lease_time <= self.heartbeat_interval:
+            raise ValueError("lease_time must be longer than heartbeat_interval (> 0)")

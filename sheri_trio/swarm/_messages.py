@@ -1,0 +1,175 @@
+"""Builders of every payload an agent publishes (the envelope's ``payload``). No I/O.
+
+docs/protocol.md lists the fields; tests/test_protocol.py keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._protocol import CAPABILITIES, PROTOCOL_VERSION, now_iso, task_types_for
+
+if TYPE_CHECKING:
+    from ._lifecycle import StateChange, TaskRecord
+    from ._protocol import TaskSpec
+
+__all__ = ["Messages", "version"]
+
+
+def version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class Messages:
+    """The payloads of one agent (its id and role are in every one)."""
+
+    def __init__(self, agent_id: str, role: str) -> None:
+        self.agent_id = agent_id
+        self.role = role
+
+    # ------------------------------------------------------------ presence
+    def register(self, max_tasks: int) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "status": "online",
+            "capabilities": list(CAPABILITIES[self.role]),
+            "task_types": task_types_for(self.role) + (["*"] if self.role == "general" else []),
+            "timestamp": now_iso(),
+            "version": version(),
+            "protocol": PROTOCOL_VERSION,
+            "max_tasks": max_tasks,
+        }
+
+    def status(self, status: str, reason: str | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "status": status,
+            "timestamp": now_iso(),
+            "version": version(),
+        }
+        if reason:
+            payload["reason"] = reason
+        return payload
+
+    def will(self) -> dict[str, Any]:
+        """The retained status the broker publishes if the connection is lost."""
+        return {
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "status": "offline",
+            "reason": "connection lost",
+        }
+
+    def heartbeat(
+        self, *, uptime: float, rss: int, running: list[str], capacity: int, queued: int
+    ) -> dict[str, Any]:
+        return {
+            "status": "alive",
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "uptime": round(uptime, 3),
+            "memory": {"rss": rss},
+            "running": running,
+            "running_tasks": len(running),
+            "capacity": capacity,
+            "queued": queued,
+        }
+
+    def shutdown(self, uptime: float) -> dict[str, Any]:
+        return {"reason": "graceful", "agent_id": self.agent_id, "uptime": round(uptime, 3)}
+
+    # --------------------------------------------------------------- tasks
+    def claim(self, task_id: str, attempt: int) -> dict[str, Any]:
+        return {
+            "task_id": task_id,
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "claimed_at": now_iso(),
+            "attempt": attempt,
+        }
+
+    def released(self, task_id: str, attempt: int) -> dict[str, Any]:
+        return {
+            "task_id": task_id,
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "attempt": attempt,
+            "released_at": now_iso(),
+        }
+
+    def state_change(
+        self, record: TaskRecord, change: StateChange, task_type: str | None
+    ) -> dict[str, Any]:
+        """A lifecycle step, on ``tasks/progress`` (and, for ``claimed`` and the final
+        states, as the retained ``tasks/state/{id}``)."""
+        return {
+            "task_id": record.task_id,
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "type": task_type,
+            "attempt": record.attempt,
+            "try": record.tries,
+            "state": change.dest,
+            "previous": change.source,
+            "event": change.trigger,
+            "at": now_iso(),
+            **{k: v for k, v in change.detail.items() if isinstance(v, str | int | float | bool)},
+        }
+
+    def progress(self, record: TaskRecord, message: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """An executor's own progress report."""
+        return {
+            "task_id": record.task_id,
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "attempt": record.attempt,
+            "try": record.tries,
+            "state": record.state,
+            "message": message[:4096],
+            **fields,
+        }
+
+    def complete(
+        self, spec: TaskSpec, attempt: int, result: Any, duration_ms: int
+    ) -> dict[str, Any]:
+        return {
+            "task_id": spec.task_id,
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "status": "success",
+            "type": spec.type,
+            "result": result,
+            "duration": duration_ms,
+            "completed_at": now_iso(),
+            "attempt": attempt,
+        }
+
+    def failed(self, spec: TaskSpec, attempt: int, error: str, reason: str) -> dict[str, Any]:
+        return {
+            "task_id": spec.task_id,
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "status": "failed",
+            "type": spec.type,
+            "error": error[:4096],
+            "reason": reason,
+            "failed_at": now_iso(),
+            "attempt": attempt,
+        }
+
+    def error_report(
+        self, topic: str, reason: str, size: int, task_id: str | None
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "error": reason,
+            "topic": topic,
+            "size": size,
+            "reported_by": self.agent_id,
+        }
+        if task_id:
+            payload["task_id"] = task_id
+        return payload

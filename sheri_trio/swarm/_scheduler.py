@@ -1,0 +1,679 @@
+"""The agent's decisions, sans-IO: messages and the time in, commands out.
+
+:class:`Scheduler` holds one :class:`Entry` per task the agent knows and may take (its
+spec, a :class:`Phase`, the attempt, whether a retained pending marker exists), the
+claim book, the peer table and the claim queue. Every input is a method call with
+``now`` passed in (``receive(topic, payload, now)`` for a message off the broker, or the
+``on_*`` methods for one already parsed); it returns the :data:`Command` objects the trio
+shell (:mod:`._agent`) carries out. ``claims()`` hands out the claims for the free slots.
+
+Nothing here imports trio, reads a clock or touches the network; it only logs.
+
+The phases of one entry::
+
+    QUEUED ──claims()──▶ CLAIMING ──first in broker order──▶ RUNNING ──stop──▶ STOPPING
+      ▲  │                  │ lost                             │ on_ended()     │
+      │  └──claimed by──▶ HELD ◀───────────────────────────────┴────────────────┘
+      └──holder gone─────┘      (watching another holder; taken over when it dies)
+
+A slot is busy from ``claims()`` until ``on_ended()``: CLAIMING, RUNNING and STOPPING
+entries count against ``max_tasks``, so a won task holds its slot before the shell has
+started anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._claims import ClaimBook, ClaimVerdict
+from ._lifecycle import FINAL_STATES
+from ._presence import PeerTable, PresenceKind
+from ._protocol import (
+    TYPE_RE,
+    BadMessage,
+    Claim,
+    Envelope,
+    Outcome,
+    TaskSpec,
+    Topics,
+    check_task_id,
+    decode_envelope,
+    parse_claim,
+    parse_outcome,
+    parse_task,
+    roles_for,
+)
+from ._queue import ClaimQueue, Placed
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ._config import AgentConfig
+
+__all__ = [
+    "ClearPending",
+    "Command",
+    "Entry",
+    "FailReason",
+    "Phase",
+    "ReportError",
+    "Scheduler",
+    "SendClaim",
+    "SendFailed",
+    "SendPending",
+    "SendRelease",
+    "StartTask",
+    "StopReason",
+    "StopTask",
+]
+
+log = logging.getLogger("sheri_trio.agent")
+
+
+class Phase(enum.Enum):
+    QUEUED = "queued"  # a candidate (claim queue or overflow) for ``attempt``
+    CLAIMING = "claiming"  # our claim for ``attempt`` is out; the broker's order decides
+    RUNNING = "running"  # we hold ``attempt``; the shell runs it
+    STOPPING = "stopping"  # asked to stop (``Entry.stop`` says why); still ending
+    HELD = "held"  # another agent holds it (or nobody wants it now): watched for takeover
+
+
+_HOLDING = frozenset({Phase.RUNNING, Phase.STOPPING})  # ours: the shell has it
+
+
+class StopReason(enum.Enum):
+    CANCEL = "cancel"  # a cancel request: the task ends as cancelled
+    RELEASE = "release"  # shutdown: given back for another agent to take
+    FENCED = "fenced"  # a newer attempt or a final outcome exists elsewhere: stop silently
+
+
+class FailReason(enum.StrEnum):
+    """The ``reason`` of a ``tasks/failed`` message (docs/protocol.md)."""
+
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    INVALID_PAYLOAD = "invalid_payload"
+    INVALID_TASK = "invalid_task"
+    NOT_CONFIGURED = "not_configured"
+    UNKNOWN_TYPE = "unknown_type"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One task the agent knows and may take."""
+
+    spec: TaskSpec
+    #: why the submission is invalid (it is claimed by any role and fails once), or None
+    invalid: str | None = None
+    phase: Phase = Phase.HELD
+    attempt: int = 0  # the attempt queued, claimed or held by us
+    marker: bool = False  # a retained pending marker exists for it
+    stop: StopReason | None = None
+
+    @property
+    def task_id(self) -> str:
+        return self.spec.task_id
+
+    def roles(self) -> tuple[str, ...] | None:
+        """The roles that may take it (None: any, for an invalid submission)."""
+        return None if self.invalid is not None else roles_for(self.spec.type)
+
+
+# ------------------------------------------------------------------ commands
+@dataclass(frozen=True, slots=True)
+class SendClaim:
+    """Publish our claim for ``attempt`` on ``tasks/assigned``."""
+
+    task_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartTask:
+    """We won ``attempt``: run it (its slot is already counted)."""
+
+    entry: Entry
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopTask:
+    """Stop the running task (``entry.stop`` says why)."""
+
+    entry: Entry
+    reason: StopReason
+
+
+@dataclass(frozen=True, slots=True)
+class SendRelease:
+    """Give ``attempt`` back on ``tasks/released`` without running it."""
+
+    task_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendFailed:
+    """Publish a final ``tasks/failed`` for a task that never ran here."""
+
+    spec: TaskSpec
+    attempt: int
+    error: str
+    reason: FailReason
+    clear_marker: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SendPending:
+    """Keep a submission nobody online can take as a retained pending marker."""
+
+    task_id: str
+    submission: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ClearPending:
+    """Clear the retained pending marker of a finished task."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReportError:
+    """Report a refused message on ``{swarm}/errors``."""
+
+    topic: str
+    reason: str
+    size: int
+    task_id: str | None
+
+
+Command = (
+    SendClaim | StartTask | StopTask | SendRelease | SendFailed | SendPending | ClearPending
+) | ReportError
+
+
+class Scheduler:
+    """One agent's view of the swarm and its tasks, and what it decides to do."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.me = config.agent_id
+        self.role = config.role
+        self.topics = Topics(config.swarm)
+        self._pending_prefix = self.topics.task_pending("")
+        self.book = ClaimBook()
+        self.peers = PeerTable(self.me)
+        self.queue = ClaimQueue(config.queue_limit, config.overflow_limit, config.preference_window)
+        self.entries: dict[str, Entry] = {}
+        #: entries whose slot is busy running (RUNNING or STOPPING), in start order
+        self.running: dict[str, Entry] = {}
+        self._claiming = 0
+        self.accepting = True
+        self.counters: dict[str, int] = {
+            "received": 0,
+            "claimed": 0,
+            "won": 0,
+            "lost": 0,
+            "completed": 0,
+            "failed": 0,
+            "bad_messages": 0,
+            "released": 0,
+        }
+        #: final outcomes seen in the swarm (ours included), for monitoring.alerts
+        self.swarm_outcomes: dict[str, int] = {"completed": 0, "failed": 0}
+
+    # ---------------------------------------------------------------- queries
+    def free_slots(self) -> int:
+        return self.config.max_tasks - self._claiming - len(self.running)
+
+    @property
+    def claiming(self) -> int:
+        """Our claims still waiting for the broker's order."""
+        return self._claiming
+
+    def can_claim(self) -> bool:
+        return self.accepting and self.free_slots() > 0 and len(self.queue) > 0
+
+    def swarm_view(self, now: float) -> dict[str, Any]:
+        """What this agent knows of the swarm (for monitoring.alerts)."""
+        return {"agents": self.peers.view(now), "outcomes": dict(self.swarm_outcomes)}
+
+    # ---------------------------------------------------------------- intake
+    def receive(self, topic: str, payload: bytes, now: float) -> list[Command]:
+        """One message off the agent's subscription."""
+        t = self.topics
+        if not payload and topic.startswith(self._pending_prefix):
+            return []  # a cleared marker
+        try:
+            env = decode_envelope(payload, max_bytes=self.config.max_message_bytes)
+            if topic == t.tasks_new:
+                return self.on_task(env, now)
+            if topic == t.tasks_assigned:
+                return self.on_claim(parse_claim(env), now)
+            if topic == t.tasks_complete:
+                return self.on_outcome(parse_outcome(env, success=True))
+            if topic == t.tasks_failed:
+                return self.on_outcome(parse_outcome(env, success=False))
+            if topic == t.tasks_released:
+                return self.on_released(parse_claim(env))  # same fields as a claim
+            if topic == t.tasks_cancel:
+                return self.on_cancel(check_task_id(env.payload.get("task_id")))
+            if topic.startswith(self._pending_prefix):
+                return self.on_task(env, now, marker=True)
+            if topic == t.broadcast:
+                log_event(logging.INFO, "broadcast", self.me, message=str(env.payload)[:200])
+                return []
+            return self.on_presence(topic, env, now)
+        except BadMessage as exc:
+            return self.on_bad_message(topic, exc, len(payload))
+
+    def on_bad_message(self, topic: str, exc: BadMessage, size: int) -> list[Command]:
+        self.counters["bad_messages"] += 1
+        log_event(
+            logging.WARNING,
+            "refused message",
+            self.me,
+            topic=topic,
+            reason=exc.reason,
+            task_id=exc.task_id,
+        )
+        if topic != self.topics.errors and self.peers.is_reporter():
+            return [ReportError(topic, exc.reason, size, exc.task_id)]
+        return []
+
+    def on_task(self, env: Envelope, now: float, *, marker: bool = False) -> list[Command]:
+        """A submission (``tasks/new``) or a retained pending marker."""
+        self.counters["received"] += 1
+        invalid: str | None = None
+        try:
+            spec = parse_task(env.payload, default_max_retries=self.config.max_retries)
+        except BadMessage as exc:
+            if exc.task_id is None:
+                raise
+            # A usable task id but invalid task fields: it is claimed like any task
+            # (by any role) and fails once, so exactly one tasks/failed reports it.
+            raw = env.payload.get("type")
+            task_type = raw if isinstance(raw, str) and TYPE_RE.fullmatch(raw) else "invalid"
+            spec = TaskSpec(exc.task_id, task_type, env.payload, max_retries=0)
+            invalid = exc.reason
+            log_event(logging.WARNING, "invalid task", self.me, task_id=exc.task_id, reason=invalid)
+        spec.submitted_by = env.agent_id
+        spec.received_at = now
+        task_id = spec.task_id
+        if self.book.is_finished(task_id):
+            log_event(logging.INFO, "already finished: not run again", self.me, task_id=task_id)
+            return []
+        known = self.entries.get(task_id)
+        if known is not None or self.book.holder(task_id) is not None:
+            if known is not None and marker:
+                known.marker = True
+            log_event(logging.DEBUG, "duplicate submission ignored", self.me, task_id=task_id)
+            return []
+        entry = Entry(spec, invalid, marker=marker)
+        if not self._eligible(entry):
+            log_event(
+                logging.DEBUG, "skipped: not our role", self.me, task_id=task_id, type=spec.type
+            )
+            return [] if marker else self._pending_if_nobody(entry, env.payload)
+        self.entries[task_id] = entry
+        self._enqueue(entry, 1)
+        return []
+
+    def on_state(self, payload: dict[str, Any], now: float) -> None:
+        """A retained ``tasks/state/{id}`` read at start: finished ids are never run
+        again; tasks held by a holder that may be gone are taken over when its lease
+        runs out (at once when the holder was an earlier life of this agent id)."""
+        task_id = check_task_id(payload.get("task_id"))
+        state = payload.get("state")
+        if state in FINAL_STATES and state != "released":
+            self.book.mark_finished(task_id, state == "done")
+            return
+        task, holder, attempt = (
+            payload.get("task"),
+            payload.get("agent_id"),
+            payload.get("attempt", 1),
+        )
+        if (
+            not isinstance(task, dict)
+            or not isinstance(holder, str)
+            or not isinstance(attempt, int)
+            or isinstance(attempt, bool)
+        ):
+            return
+        spec = parse_task(task)
+        spec.received_at = now
+        self.book.observe_claim(Claim(task_id, holder, attempt, None), now)
+        entry = Entry(spec)
+        if not self._eligible(entry):
+            return
+        self.entries[task_id] = entry
+        if holder == self.me:
+            # held by an earlier life of this agent id, which is gone: run it again
+            log_event(
+                logging.WARNING, "resuming a task of our previous run", self.me, task_id=task_id
+            )
+            self._enqueue(entry, attempt + 1)
+
+    # ------------------------------------------------------------ claiming
+    def claims(self) -> list[SendClaim]:
+        """The claims to publish now: the most urgent candidates, one per free slot."""
+        out: list[SendClaim] = []
+        while self.accepting and self.free_slots() > 0:
+            got = self.queue.pop(self._still_wanted)
+            if got is None:
+                break
+            task_id, attempt = got
+            entry = self.entries[task_id]
+            entry.attempt = attempt
+            self._set_phase(entry, Phase.CLAIMING)
+            self.counters["claimed"] += 1
+            out.append(SendClaim(task_id, attempt))
+        return out
+
+    def on_claim(self, claim: Claim, now: float) -> list[Command]:
+        """A claim on ``tasks/assigned``, in the broker's order (ours included)."""
+        task_id = claim.task_id
+        verdict = self.book.observe_claim(claim, now)
+        entry = self.entries.get(task_id)
+        if entry is None:
+            return []
+        mine = claim.agent_id == self.me
+        ours = entry.attempt if entry.phase is Phase.CLAIMING else None
+        if verdict is ClaimVerdict.WON:
+            self.queue.discard(task_id)
+            if mine and ours == claim.attempt:
+                self.counters["won"] += 1
+                if not self.accepting:
+                    # won while shutting down: given straight back, never started
+                    self._set_phase(entry, Phase.HELD)
+                    log_event(
+                        logging.INFO, "won while shutting down: released", self.me, task_id=task_id
+                    )
+                    self.counters["released"] += 1
+                    return [SendRelease(task_id, claim.attempt)]
+                self._set_phase(entry, Phase.RUNNING)
+                return [StartTask(entry, claim.attempt)]
+            if ours is not None and ours <= claim.attempt:
+                self.counters["lost"] += 1
+                self._set_phase(entry, Phase.HELD)
+                log_event(
+                    logging.DEBUG,
+                    "skipped: lost the claim",
+                    self.me,
+                    task_id=task_id,
+                    winner=claim.agent_id,
+                )
+                return []
+            if entry.phase is Phase.RUNNING and entry.attempt < claim.attempt:
+                # We were presumed dead and the task was taken over: stop, say nothing.
+                return [self._stop(entry, StopReason.FENCED)]
+            if entry.phase is Phase.QUEUED:
+                self._set_phase(entry, Phase.HELD)
+        elif mine and ours == claim.attempt:
+            self.counters["lost"] += 1
+            if verdict is ClaimVerdict.FINISHED:
+                self._forget(entry)
+            else:
+                self._set_phase(entry, Phase.HELD)
+        return []
+
+    def on_released(self, claim: Claim) -> list[Command]:
+        """A holder gave ``claim.attempt`` back: take it over with the next attempt."""
+        if self.book.release(claim.task_id, claim.attempt):
+            entry = self.entries.get(claim.task_id)
+            if entry is not None and claim.agent_id != self.me and self.accepting:
+                log_event(
+                    logging.INFO, "task released: taking over", self.me, task_id=claim.task_id
+                )
+                self._enqueue(entry, claim.attempt + 1)
+        return []
+
+    def on_outcome(self, outcome: Outcome) -> list[Command]:
+        """A final outcome on ``tasks/complete`` or ``tasks/failed``."""
+        kind = "completed" if outcome.success else "failed"
+        if not self.book.observe_outcome(outcome):
+            if outcome.agent_id == self.me:
+                self.swarm_outcomes[kind] += 1  # our own, marked finished before it went out
+            return []
+        self.swarm_outcomes[kind] += 1
+        entry = self.entries.get(outcome.task_id)
+        if entry is None:
+            return []
+        if entry.phase is Phase.RUNNING:
+            return [self._stop(entry, StopReason.FENCED)]
+        if entry.phase is not Phase.STOPPING:
+            self._forget(entry)
+        return []
+
+    def on_cancel(self, task_id: str) -> list[Command]:
+        """A cancel request: a running task stops; one nobody claimed never starts."""
+        entry = self.entries.get(task_id)
+        if entry is None:
+            return []
+        if entry.phase is Phase.RUNNING:
+            return [self._stop(entry, StopReason.CANCEL)]
+        if entry.phase is Phase.STOPPING or self.book.holder(task_id) is not None:
+            return []
+        # Not claimed by anyone yet: it will never start. One agent says so.
+        reporter = self.peers.is_reporter(entry.roles(), entry.spec.assigned_to)
+        self._forget(entry)
+        self.book.mark_finished(task_id, False)
+        if not reporter:
+            return []
+        self.counters["failed"] += 1
+        return [
+            SendFailed(
+                entry.spec, 1, "cancelled before it started", FailReason.CANCELLED, entry.marker
+            )
+        ]
+
+    # ------------------------------------------------------------ presence
+    def on_presence(self, topic: str, env: Envelope, now: float) -> list[Command]:
+        t = self.topics
+        p = env.payload
+        agent_id = env.agent_id or (
+            p.get("agent_id") if isinstance(p.get("agent_id"), str) else None
+        )
+        role = p.get("role", env.role)
+        role = role if isinstance(role, str) else None
+        if topic == t.agents_heartbeat or topic == t.agents_register:
+            if agent_id:
+                self.peers.observe(agent_id, PresenceKind.ALIVE, now, role=role)
+            return []
+        if topic == t.agents_shutdown:
+            if agent_id and self.peers.observe(agent_id, PresenceKind.LEFT, now):
+                self.check_leases(now)
+            return []
+        status_of = t.status_agent_id(topic)
+        if status_of is None:
+            return []
+        online = p.get("status") == "online"
+        if self.peers.observe(status_of, PresenceKind.STATUS, now, role=role, online=online):
+            self.check_leases(now)
+        return []
+
+    def check_leases(self, now: float) -> None:
+        """Take over tasks whose holder is offline or silent for the lease time."""
+        if not self.accepting:
+            return
+        lease = self.config.lease_time
+        for task_id, holder in list(self.book.holders.items()):
+            if holder.agent_id == self.me:
+                continue
+            entry = self.entries.get(task_id)
+            if entry is None or entry.phase not in (Phase.QUEUED, Phase.HELD):
+                continue
+            if self.queue.attempt(task_id) > holder.attempt:
+                continue  # already queued for the takeover
+            if self.peers.lease_expired(holder.agent_id, holder.since, now, lease):
+                log_event(
+                    logging.WARNING,
+                    "holder lost: taking over",
+                    self.me,
+                    task_id=task_id,
+                    holder=holder.agent_id,
+                    attempt=holder.attempt + 1,
+                )
+                self._enqueue(entry, holder.attempt + 1)
+
+    # --------------------------------------------------------------- endings
+    def finish(self, entry: Entry, success: bool) -> list[Command]:
+        """We are about to publish ``entry``'s final outcome: it is finished here first,
+        so its echo from the broker is recognised as ours."""
+        self.counters["completed" if success else "failed"] += 1
+        self.book.mark_finished(entry.task_id, success)
+        self.queue.discard(entry.task_id)
+        return [ClearPending(entry.task_id)] if entry.marker else []
+
+    def released(self, entry: Entry) -> None:
+        """We gave ``entry``'s attempt back (``tasks/released``)."""
+        self.counters["released"] += 1
+
+    def on_ended(self, entry: Entry) -> None:
+        """The shell's run of ``entry`` is over: its slot is free."""
+        if self.running.get(entry.task_id) is not entry:
+            return
+        if self.book.is_finished(entry.task_id):
+            self._forget(entry)
+        else:
+            entry.stop = None
+            self._set_phase(entry, Phase.HELD)
+
+    def stop_accepting(self) -> None:
+        """Shutdown begins: claim nothing more; queued tasks are left to other agents."""
+        self.accepting = False
+        self.queue.clear()
+        for entry in self.entries.values():
+            if entry.phase is Phase.QUEUED:
+                entry.phase = Phase.HELD
+
+    def release_running(self) -> list[Command]:
+        """Shutdown's grace period is over: stop what still runs, to give it back."""
+        return [
+            self._stop(entry, StopReason.RELEASE)
+            for entry in list(self.running.values())
+            if entry.phase is Phase.RUNNING
+        ]
+
+    # --------------------------------------------------------------- helpers
+    def iter_running(self) -> Iterator[Entry]:
+        return iter(self.running.values())
+
+    def _eligible(self, entry: Entry) -> bool:
+        spec = entry.spec
+        if spec.assigned_to is not None and spec.assigned_to != self.me:
+            return False
+        roles = entry.roles()
+        return roles is None or self.role in roles
+
+    def _pending_if_nobody(self, entry: Entry, submission: dict[str, Any]) -> list[Command]:
+        """Nobody online can take this task: keep it as a retained pending marker."""
+        roles = entry.roles()
+        if roles is None or self.peers.anyone_eligible(roles, entry.spec.assigned_to):
+            return []
+        if not self.peers.is_reporter():
+            return []
+        log_event(
+            logging.WARNING,
+            "no eligible agent online: task kept as pending",
+            self.me,
+            task_id=entry.task_id,
+            roles=",".join(roles),
+        )
+        return [SendPending(entry.task_id, submission)]
+
+    def _enqueue(self, entry: Entry, attempt: int) -> None:
+        if entry.phase not in (Phase.QUEUED, Phase.HELD):
+            return  # ours already: claiming, running or stopping
+        spec = entry.spec
+        preferred = (
+            not self.config.preference_window
+            or spec.assigned_to is not None
+            or self.peers.preferred(spec.task_id, entry.roles())
+        )
+        placed = self.queue.push(
+            spec.task_id, attempt, spec.rank, spec.received_at, preferred=preferred
+        )
+        if placed is Placed.QUEUED or placed is Placed.OVERFLOW:
+            entry.attempt = attempt
+            entry.phase = Phase.QUEUED
+        if placed is Placed.OVERFLOW and len(self.queue.overflow) == 1:
+            log_event(
+                logging.WARNING,
+                "busy: claim queue full, further tasks wait in overflow",
+                self.me,
+                queue_limit=self.config.queue_limit,
+            )
+        elif placed is Placed.QUEUED and self.free_slots() <= 0 and log.isEnabledFor(logging.DEBUG):
+            log_event(
+                logging.DEBUG,
+                "busy: task queued",
+                self.me,
+                task_id=spec.task_id,
+                queued=len(self.queue),
+            )
+        if self.queue.dropped:
+            for task_id in self.queue.dropped:
+                dropped = self.entries.pop(task_id, None)
+                if dropped is not None:
+                    dropped.phase = Phase.HELD
+                log_event(
+                    logging.ERROR,
+                    "queue and overflow full: leaving task to other agents",
+                    self.me,
+                    task_id=task_id,
+                    limit=self.config.overflow_limit,
+                )
+            self.queue.dropped.clear()
+
+    def _still_wanted(self, task_id: str, attempt: int) -> bool:
+        entry = self.entries.get(task_id)
+        if entry is None or entry.phase is not Phase.QUEUED:
+            return False
+        if self.book.is_finished(task_id) or self.book.attempt(task_id) >= attempt:
+            entry.phase = Phase.HELD  # someone else got there first
+            return False
+        return True
+
+    def _stop(self, entry: Entry, reason: StopReason) -> StopTask:
+        entry.stop = reason
+        self._set_phase(entry, Phase.STOPPING)
+        return StopTask(entry, reason)
+
+    def _forget(self, entry: Entry) -> None:
+        """Drop an entry that is not running (its task is finished or left to others)."""
+        self.queue.discard(entry.task_id)
+        self._set_phase(entry, Phase.HELD)
+        self.entries.pop(entry.task_id, None)
+
+    def _set_phase(self, entry: Entry, phase: Phase) -> None:
+        old = entry.phase
+        if old is phase:
+            return
+        if old is Phase.CLAIMING:
+            self._claiming -= 1
+        elif old in _HOLDING and phase not in _HOLDING:
+            self.running.pop(entry.task_id, None)
+        if phase is Phase.CLAIMING:
+            self._claiming += 1
+        elif phase in _HOLDING and old not in _HOLDING:
+            self.running[entry.task_id] = entry
+        entry.phase = phase
+
+
+def log_event(level: int, event: str, agent_id: str, **fields: Any) -> None:
+    """``event key=value ...`` on the agent logger, with the agent id first."""
+    if not log.isEnabledFor(level):
+        return
+    parts = [f"agent={agent_id}"]
+    parts.extend(f"{k}={v}" for k, v in fields.items() if v is not None)
+    extra: dict[str, Any] = {"agent_id": agent_id}
+    if "task_id" in fields:
+        extra["task_id"] = fields["task_id"]
+    log.log(level, "%s %s", event, " ".join(parts), extra=extra)
