@@ -1,0 +1,448 @@
+"""The sans-IO scheduler: messages and times in, commands out. No bus, no clock, no trio.
+
+Each test feeds :class:`Scheduler.receive` the bytes an agent's subscription would
+deliver (in the broker's order) with an explicit ``now``, and asserts the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sheri_trio.swarm._config import AgentConfig
+from sheri_trio.swarm._presence import rendezvous_score
+from sheri_trio.swarm._protocol import Topics, encode
+from sheri_trio.swarm._scheduler import (
+    ClearPending,
+    Command,
+    FailReason,
+    Phase,
+    ReportError,
+    Scheduler,
+    SendClaim,
+    SendFailed,
+    SendPending,
+    SendRelease,
+    StartTask,
+    StopReason,
+    StopTask,
+)
+
+SWARM = "s"
+T = Topics(SWARM)
+
+
+def make(agent_id: str = "me", role: str = "testing", **kw: Any) -> Scheduler:
+    options: dict[str, Any] = {"swarm": SWARM, "max_tasks": 2, "lease_time": 30.0}
+    options.update(kw)
+    s = Scheduler(AgentConfig(role=role, agent_id=agent_id, **options))
+    alive(s, agent_id, role, 0.0)
+    return s
+
+
+def env(payload: dict[str, Any], agent_id: str | None = None, role: str | None = None) -> bytes:
+    return encode(agent_id, role, payload)
+
+
+def task(
+    s: Scheduler, task_id: str, now: float = 0.0, task_type: str = "testing.run", **fields: Any
+) -> list[Command]:
+    body = {"task_id": task_id, "type": task_type, "payload": {}, **fields}
+    return s.receive(T.tasks_new, env(body), now)
+
+
+def claim(s: Scheduler, task_id: str, agent_id: str, attempt: int = 1, now: float = 0.0) -> Any:
+    body = {"task_id": task_id, "agent_id": agent_id, "attempt": attempt}
+    return s.receive(T.tasks_assigned, env(body, agent_id), now)
+
+
+def outcome(s: Scheduler, task_id: str, agent_id: str, attempt: int = 1, ok: bool = True) -> Any:
+    body = {"task_id": task_id, "agent_id": agent_id, "attempt": attempt}
+    return s.receive(T.tasks_complete if ok else T.tasks_failed, env(body, agent_id), 0.0)
+
+
+def alive(s: Scheduler, agent_id: str, role: str, now: float) -> list[Command]:
+    return s.receive(T.agents_heartbeat, env({"agent_id": agent_id, "role": role}), now)
+
+
+def offline(s: Scheduler, agent_id: str, now: float) -> list[Command]:
+    status = env({"agent_id": agent_id, "status": "offline"})
+    return s.receive(T.agent_status(agent_id), status, now)
+
+
+def win(s: Scheduler, task_id: str, attempt: int = 1) -> StartTask:
+    (start,) = claim(s, task_id, s.me, attempt)
+    assert isinstance(start, StartTask)
+    return start
+
+
+# ------------------------------------------------------------------ claiming
+def test_a_submission_is_claimed_for_attempt_one_up_to_the_free_slots() -> None:
+    s = make()
+    for i in range(3):
+        assert task(s, f"t{i}") == []
+    assert s.claims() == [SendClaim("t0", 1), SendClaim("t1", 1)]
+    assert s.free_slots() == 0
+    assert s.claims() == []  # both slots are busy while the claims are out
+    assert s.entries["t0"].phase is Phase.CLAIMING
+
+
+def test_a_won_claim_starts_the_task_and_holds_its_slot_until_it_ends() -> None:
+    s = make(max_tasks=1)
+    task(s, "a")
+    task(s, "b")
+    assert s.claims() == [SendClaim("a", 1)]
+    start = win(s, "a")
+    assert (start.entry.task_id, start.attempt) == ("a", 1)
+    assert s.entries["a"].phase is Phase.RUNNING
+    assert s.free_slots() == 0
+    assert s.claims() == []
+    assert s.finish(start.entry, success=True) == []
+    s.on_ended(start.entry)
+    assert "a" not in s.entries
+    assert s.book.is_finished("a")
+    assert s.claims() == [SendClaim("b", 1)]
+
+
+def test_a_claim_lost_to_an_earlier_one_frees_the_slot_and_watches_the_holder() -> None:
+    s = make(max_tasks=1)
+    alive(s, "other", "testing", 0.0)
+    task(s, "a")
+    assert s.claims() == [SendClaim("a", 1)]
+    assert claim(s, "a", "other") == []  # first in the broker's order: other wins
+    assert claim(s, "a", "me") == []  # ours comes second: lost
+    assert s.entries["a"].phase is Phase.HELD
+    assert s.counters["lost"] == 1
+    assert s.free_slots() == 1
+    assert s.claims() == []
+
+
+def test_a_silent_holder_is_taken_over_with_the_next_attempt_after_its_lease() -> None:
+    s = make(lease_time=30.0)
+    alive(s, "other", "testing", 0.0)
+    task(s, "a")
+    claim(s, "a", "other", now=1.0)
+    s.check_leases(30.9)  # holder seen at 1.0: the lease runs to 31.0
+    assert s.claims() == []
+    s.check_leases(31.0)
+    assert s.claims() == [SendClaim("a", 2)]
+
+
+def test_a_holder_that_goes_offline_is_taken_over_at_once() -> None:
+    s = make()
+    alive(s, "other", "testing", 0.0)
+    task(s, "a")
+    claim(s, "a", "other", now=1.0)
+    assert offline(s, "other", 2.0) == []
+    assert s.claims() == [SendClaim("a", 2)]
+
+
+def test_a_release_is_taken_over_with_the_next_attempt() -> None:
+    s = make()
+    task(s, "a")
+    claim(s, "a", "other")
+    body = {"task_id": "a", "agent_id": "other", "attempt": 1}
+    assert s.receive(T.tasks_released, env(body, "other"), 5.0) == []
+    assert s.claims() == [SendClaim("a", 2)]
+
+
+def test_claims_go_by_priority_then_arrival() -> None:
+    s = make(max_tasks=3, preference_window=0)
+    task(s, "low", priority="low")
+    task(s, "medium")
+    task(s, "high", priority="high")
+    assert [c.task_id for c in s.claims()] == ["high", "medium", "low"]
+
+
+def test_an_agent_claims_the_tasks_it_is_preferred_for_first() -> None:
+    s = make(max_tasks=1, preference_window=4)
+    alive(s, "peer", "testing", 0.0)
+    ids = [f"t{i}" for i in range(12)]
+    for task_id in ids:
+        task(s, task_id)
+    mine = [t for t in ids if rendezvous_score(f"{t}/me") > rendezvous_score(f"{t}/peer")]
+    assert mine
+    assert len(mine) < len(ids)
+    (first,) = s.claims()
+    assert first.task_id == mine[0]
+
+
+def test_queue_overflow_keeps_the_burst_and_drops_only_beyond_its_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = make(max_tasks=1, queue_limit=2, overflow_limit=1, preference_window=0)
+    for task_id in ("a", "b", "c", "d"):
+        task(s, task_id)
+    assert "d" not in s.entries  # beyond queue + overflow: left to other agents
+    assert "queue and overflow full" in caplog.text
+    claimed = []
+    for _ in range(3):
+        (c,) = s.claims()
+        claimed.append(c.task_id)
+        start = win(s, c.task_id)
+        s.finish(start.entry, success=True)
+        s.on_ended(start.entry)
+    assert claimed == ["a", "b", "c"]
+
+
+def test_a_more_urgent_task_takes_a_full_queue_place_and_the_least_urgent_waits() -> None:
+    s = make(max_tasks=1, queue_limit=2, preference_window=0)
+    task(s, "low-1", priority="low")
+    task(s, "low-2", priority="low")
+    task(s, "high", priority="high")  # low-2 moves to the overflow
+    order = []
+    for _ in range(3):
+        (c,) = s.claims()
+        order.append(c.task_id)
+        start = win(s, c.task_id)
+        s.finish(start.entry, success=True)
+        s.on_ended(start.entry)
+    assert order == ["high", "low-1", "low-2"]
+
+
+def test_an_assigned_task_is_taken_only_by_its_agent() -> None:
+    s = make()
+    task(s, "x", assigned_to="someone-else")
+    task(s, "y", assigned_to="me")
+    assert s.claims() == [SendClaim("y", 1)]
+
+
+# ----------------------------------------------------------------- endings
+def test_a_newer_claim_while_running_fences_our_run() -> None:
+    s = make()
+    task(s, "a")
+    s.claims()
+    start = win(s, "a")
+    # we were presumed dead and somebody took over with attempt 2
+    (stop,) = claim(s, "a", "other", attempt=2)
+    assert stop == StopTask(start.entry, StopReason.FENCED)
+    assert start.entry.phase is Phase.STOPPING
+    assert claim(s, "a", "third", attempt=2) == []  # a later claim for it: lost, nothing to do
+
+
+def test_a_forged_outcome_in_our_name_stops_our_run_too() -> None:
+    """We book our own outcome before it goes out, so one the book accepts while we
+    still run was not ours: the task is final for every observer, so ours stops."""
+    s = make()
+    task(s, "a")
+    s.claims()
+    start = win(s, "a")
+    assert outcome(s, "a", "me") == [StopTask(start.entry, StopReason.FENCED)]
+
+
+def test_a_newer_outcome_while_running_stops_the_run_silently() -> None:
+    s = make()
+    alive(s, "other", "testing", 0.0)
+    task(s, "a")
+    claim(s, "a", "other")
+    s.check_leases(100.0)
+    s.claims()
+    start = win(s, "a", attempt=2)
+    # the old holder was not dead after all, and its outcome arrives: stale, ignored
+    assert outcome(s, "a", "other", attempt=1) == []
+    assert start.entry.phase is Phase.RUNNING
+    # a final outcome of the current attempt by somebody else: stop ours
+    (stop,) = outcome(s, "a", "intruder", attempt=2)
+    assert stop == StopTask(start.entry, StopReason.FENCED)
+    s.on_ended(start.entry)
+    assert "a" not in s.entries
+    assert s.free_slots() == 2
+
+
+def test_a_cancel_stops_a_running_task() -> None:
+    s = make()
+    task(s, "a")
+    s.claims()
+    start = win(s, "a")
+    (stop,) = s.receive(T.tasks_cancel, env({"task_id": "a"}), 1.0)
+    assert stop == StopTask(start.entry, StopReason.CANCEL)
+
+
+def test_a_cancel_of_an_unclaimed_task_fails_it_once_by_the_reporter() -> None:
+    a, b = make("a-agent"), make("b-agent")
+    for s in (a, b):
+        alive(s, "a-agent", "testing", 0.0)
+        alive(s, "b-agent", "testing", 0.0)
+        task(s, "q")
+    (failed,) = a.receive(T.tasks_cancel, env({"task_id": "q"}), 1.0)
+    assert isinstance(failed, SendFailed)
+    assert (failed.reason, failed.attempt) == (FailReason.CANCELLED, 1)
+    assert b.receive(T.tasks_cancel, env({"task_id": "q"}), 1.0) == []
+    assert a.claims() == []
+    assert b.claims() == []
+
+
+def test_a_finished_task_is_not_run_again_when_resubmitted() -> None:
+    s = make()
+    task(s, "a")
+    s.claims()
+    start = win(s, "a")
+    s.finish(start.entry, success=True)
+    s.on_ended(start.entry)
+    assert task(s, "a") == []
+    assert s.claims() == []
+
+
+def test_a_duplicate_submission_is_ignored() -> None:
+    s = make()
+    task(s, "a")
+    task(s, "a")
+    assert s.claims() == [SendClaim("a", 1)]
+    assert s.claims() == []
+
+
+# ----------------------------------------------------------- pending markers
+def test_a_task_for_a_role_nobody_has_is_kept_as_a_pending_marker() -> None:
+    s = make()
+    (pending,) = task(s, "d", task_type="deployment.deploy")
+    assert pending == SendPending("d", {"task_id": "d", "type": "deployment.deploy", "payload": {}})
+    alive(s, "deployer", "deployment", 1.0)
+    assert task(s, "e", task_type="deployment.deploy") == []  # someone can take it now
+
+
+def test_a_marker_is_cleared_when_its_task_finishes_here() -> None:
+    s = make()
+    marker = env({"task_id": "m", "type": "testing.run", "payload": {}})
+    assert s.receive(T.task_pending("m"), marker, 0.0) == []
+    assert s.receive(T.task_pending("m"), b"", 0.0) == []  # a cleared marker: nothing
+    s.claims()
+    start = win(s, "m")
+    assert s.finish(start.entry, success=False) == [ClearPending("m")]
+
+
+# --------------------------------------------------------------- bad input
+def test_a_bad_message_is_reported_by_the_reporter_only() -> None:
+    a, b = make("a-agent"), make("b-agent")
+    for s in (a, b):
+        alive(s, "a-agent", "testing", 0.0)
+        alive(s, "b-agent", "testing", 0.0)
+    (report,) = a.receive(T.tasks_new, b"{not json", 0.0)
+    assert isinstance(report, ReportError)
+    assert (report.topic, report.size) == (T.tasks_new, 9)
+    assert b.receive(T.tasks_new, b"{not json", 0.0) == []
+    assert a.counters["bad_messages"] == b.counters["bad_messages"] == 1
+    assert a.receive(T.errors, b"[]", 0.0) == []  # never a report about a report
+
+
+def test_an_invalid_task_with_an_id_is_claimed_by_any_role_to_fail_once() -> None:
+    s = make(role="monitoring")
+    assert task(s, "bad", priority="urgent") == []
+    entry = s.entries["bad"]
+    assert entry.invalid is not None
+    assert "priority" in entry.invalid
+    assert s.claims() == [SendClaim("bad", 1)]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"null",
+        b"[1, 2]",
+        json.dumps({"payload": {"task_id": 5}}).encode(),
+        json.dumps({"payload": {"task_id": "a", "agent_id": "x", "attempt": "one"}}).encode(),
+    ],
+)
+def test_malformed_claims_are_refused_not_raised(payload: bytes) -> None:
+    s = make()
+    s.receive(T.tasks_assigned, payload, 0.0)
+    assert s.counters["bad_messages"] == 1
+
+
+# ---------------------------------------------------------------- shutdown
+def test_shutdown_claims_nothing_more_and_releases_a_claim_it_still_wins() -> None:
+    s = make()
+    task(s, "a")
+    task(s, "b")
+    assert s.claims() == [SendClaim("a", 1), SendClaim("b", 1)]
+    start = win(s, "a")
+    s.stop_accepting()
+    assert s.claims() == []
+    assert claim(s, "b", "me") == [SendRelease("b", 1)]
+    assert s.release_running() == [StopTask(start.entry, StopReason.RELEASE)]
+    s.on_ended(start.entry)
+    assert s.running == {}
+    assert s.free_slots() == 2
+
+
+# -------------------------------------------------------------- task states
+def test_retained_states_mark_finished_tasks_and_resume_our_own() -> None:
+    s = make()
+    s.on_state({"task_id": "done-1", "state": "done"}, 0.0)
+    spec = {"task_id": "mine", "type": "testing.run", "payload": {}}
+    s.on_state({"task_id": "mine", "state": "claimed", "agent_id": "me", "task": spec}, 0.0)
+    theirs = {"task_id": "theirs", "type": "testing.run", "payload": {}}
+    s.on_state(
+        {"task_id": "theirs", "state": "claimed", "agent_id": "x", "attempt": 3, "task": theirs},
+        0.0,
+    )
+    assert s.book.is_finished("done-1")
+    assert s.claims() == [SendClaim("mine", 2)]  # our earlier life's task: run it again
+    s.check_leases(30.0)  # x was never heard of: silent since we read its claim
+    assert s.claims() == [SendClaim("theirs", 4)]
+
+
+# ---------------------------------------------------------------- properties
+_IDS = st.sampled_from(["a", "b", "c", "d"])
+_AGENTS = st.sampled_from(["me", "p1", "p2"])
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> tuple[str, bytes]:
+    kind = draw(st.sampled_from(["new", "claim", "done", "failed", "released", "cancel", "junk"]))
+    task_id, agent = draw(_IDS), draw(_AGENTS)
+    attempt = draw(st.integers(1, 3))
+    if kind == "new":
+        body = {"task_id": task_id, "type": "testing.run", "payload": {}}
+        return T.tasks_new, env(body)
+    if kind == "cancel":
+        return T.tasks_cancel, env({"task_id": task_id})
+    if kind == "junk":
+        topic = draw(st.sampled_from([T.tasks_new, T.tasks_assigned, T.agents_heartbeat]))
+        return topic, draw(st.binary(max_size=40))
+    topic = {
+        "claim": T.tasks_assigned,
+        "done": T.tasks_complete,
+        "failed": T.tasks_failed,
+        "released": T.tasks_released,
+    }[kind]
+    return topic, env({"task_id": task_id, "agent_id": agent, "attempt": attempt}, agent)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_messages(), st.booleans(), st.booleans()), max_size=60))
+def test_any_message_sequence_keeps_slots_and_starts_consistent(
+    steps: list[tuple[tuple[str, bytes], bool, bool]],
+) -> None:
+    """Whatever arrives, in whatever order: no exception, never more than max_tasks
+    busy slots, each (task, attempt) claimed and started at most once by us."""
+    s = make(max_tasks=2)
+    claimed: set[tuple[str, int]] = set()
+    started: set[tuple[str, int]] = set()
+    now = 0.0
+    for (topic, payload), tick, end_one in steps:
+        now += 1.0
+        for command in s.receive(topic, payload, now):
+            if isinstance(command, StartTask):
+                key = (command.entry.task_id, command.attempt)
+                assert key in claimed
+                assert key not in started
+                started.add(key)
+        if tick:
+            s.check_leases(now + 100.0)
+        for c in s.claims():
+            assert (c.task_id, c.attempt) not in claimed
+            claimed.add((c.task_id, c.attempt))
+        if end_one and s.running:
+            entry = next(iter(s.running.values()))
+            s.finish(entry, success=True)
+            s.on_ended(entry)
+        assert 0 <= s.claiming
+        assert s.claiming + len(s.running) <= 2
+        assert s.free_slots() >= 0
+        for entry in s.running.values():
+            assert entry.phase in (Phase.RUNNING, Phase.STOPPING)
