@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ._lifecycle import StateChange, TaskRecord
     from ._protocol import TaskSpec
 
-__all__ = ["Messages", "version"]
+__all__ = ["Messages"]
 
 
 def version() -> str:
