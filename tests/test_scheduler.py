@@ -80,6 +80,18 @@ def win(s: Scheduler, task_id: str, attempt: int = 1) -> StartTask:
     return start
 
 
+def run_one_by_one(s: Scheduler) -> list[str]:
+    """Claim, win and finish one task at a time until none is left; the order."""
+    order = []
+    while claims := s.claims():
+        (c,) = claims
+        order.append(c.task_id)
+        start = win(s, c.task_id)
+        s.finish(start.entry, success=True)
+        s.on_ended(start.entry)
+    return order
+
+
 # ------------------------------------------------------------------ claiming
 def test_a_submission_is_claimed_for_attempt_one_up_to_the_free_slots() -> None:
     s = make()
@@ -179,14 +191,8 @@ def test_queue_overflow_keeps_the_burst_and_drops_only_beyond_its_limit(
         task(s, task_id)
     assert "d" not in s.entries  # beyond queue + overflow: left to other agents
     assert "queue and overflow full" in caplog.text
-    claimed = []
-    for _ in range(3):
-        (c,) = s.claims()
-        claimed.append(c.task_id)
-        start = win(s, c.task_id)
-        s.finish(start.entry, success=True)
-        s.on_ended(start.entry)
-    assert claimed == ["a", "b", "c"]
+    assert run_one_by_one(s) == ["a", "b", "c"]
+    assert s.entries == {}
 
 
 def test_a_more_urgent_task_takes_a_full_queue_place_and_the_least_urgent_waits() -> None:
@@ -194,14 +200,7 @@ def test_a_more_urgent_task_takes_a_full_queue_place_and_the_least_urgent_waits(
     task(s, "low-1", priority="low")
     task(s, "low-2", priority="low")
     task(s, "high", priority="high")  # low-2 moves to the overflow
-    order = []
-    for _ in range(3):
-        (c,) = s.claims()
-        order.append(c.task_id)
-        start = win(s, c.task_id)
-        s.finish(start.entry, success=True)
-        s.on_ended(start.entry)
-    assert order == ["high", "low-1", "low-2"]
+    assert run_one_by_one(s) == ["high", "low-1", "low-2"]
 
 
 def test_an_assigned_task_is_taken_only_by_its_agent() -> None:
