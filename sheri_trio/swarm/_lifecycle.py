@@ -39,17 +39,15 @@ STATES: Final = (
     "failed",  # final: out of retries, invalid payload, or not runnable
     "cancelled",  # final: a cancel request stopped it
     "timed_out",  # an attempt exceeded its timeout (then retrying or failed)
-    "skipped",  # final here: another agent holds it, or it already finished
     "expired",  # final: its expires_at passed before it started
     "released",  # given back (graceful shutdown or lost lease); another agent may take it
 )
 
-FINAL_STATES: Final = frozenset({"done", "failed", "cancelled", "skipped", "expired", "released"})
+FINAL_STATES: Final = frozenset({"done", "failed", "cancelled", "expired", "released"})
 
 #: trigger, source(s), dest. The single source of truth for the task lifecycle.
 TRANSITIONS: Final[list[dict[str, Any]]] = [
     {"trigger": "claim", "source": "received", "dest": "claimed"},
-    {"trigger": "skip", "source": ["received", "claimed"], "dest": "skipped"},
     {"trigger": "expire", "source": ["claimed", "retrying"], "dest": "expired"},
     {"trigger": "start", "source": ["claimed", "retrying"], "dest": "running"},
     {"trigger": "succeed", "source": "running", "dest": "done"},
@@ -75,7 +73,7 @@ class StateChange:
 
 
 class TaskRecord:
-    """The model: one task's state and the changes not yet published."""
+    """The model: one task's state and its last change (for the agent to publish)."""
 
     state: str
 
@@ -83,22 +81,16 @@ class TaskRecord:
         self.task_id = task_id
         self.attempt = attempt  # claim generation: the fencing token
         self.tries = 0  # executions within this attempt
-        self.changes: list[StateChange] = []
+        self.last: StateChange | None = None
 
     def _record(self, event: Any) -> None:
-        self.changes.append(
-            StateChange(
-                self.task_id,
-                event.transition.source,
-                event.transition.dest,
-                event.event.name,
-                dict(event.kwargs),
-            )
+        self.last = StateChange(
+            self.task_id,
+            event.transition.source,
+            event.transition.dest,
+            event.event.name,
+            dict(event.kwargs),
         )
-
-    def take_changes(self) -> list[StateChange]:
-        changes, self.changes = self.changes, []
-        return changes
 
     @property
     def final(self) -> bool:
@@ -108,8 +100,8 @@ class TaskRecord:
         return f"TaskRecord({self.task_id!r}, state={self.state!r}, attempt={self.attempt})"
 
 
-#: The Machine behind every Lifecycle. It holds no models (records are passed to each
-#: event), so one instance serves all agents of a process.
+#: The Machine behind every task. It holds no models (records are passed to each event),
+#: so one instance serves all agents of a process.
 _MACHINE: Final = Machine(
     model=None,
     states=list(STATES),
@@ -123,37 +115,14 @@ _MACHINE: Final = Machine(
 
 
 class Lifecycle:
-    """One Machine for many tasks. ``fire(record, trigger, **detail)`` moves a task."""
-
-    def __init__(self) -> None:
-        self._records: dict[str, TaskRecord] = {}
+    """The table's two operations: a new record, and a trigger applied to one."""
 
     @staticmethod
     def new_record(task_id: str, attempt: int = 1) -> TaskRecord:
-        """A record in the initial state, tracked by nobody but its caller."""
+        """A record in the initial state (``received``)."""
         record = TaskRecord(task_id, attempt)
         _MACHINE.set_state(STATES[0], model=record)
         return record
-
-    def add(self, task_id: str, attempt: int = 1) -> TaskRecord:
-        if task_id in self._records:
-            raise InvalidTransition(f"task {task_id} is already tracked")
-        record = TaskRecord(task_id, attempt)
-        _MACHINE.set_state(STATES[0], model=record)
-        self._records[task_id] = record
-        return record
-
-    def remove(self, record: TaskRecord) -> None:
-        self._records.pop(record.task_id, None)
-
-    def get(self, task_id: str) -> TaskRecord | None:
-        return self._records.get(task_id)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __iter__(self) -> Any:
-        return iter(list(self._records.values()))
 
     @staticmethod
     def fire(record: TaskRecord, trigger: str, **detail: Any) -> StateChange:
@@ -167,17 +136,8 @@ class Lifecycle:
             raise InvalidTransition(
                 f"task {record.task_id}: cannot {trigger!r} from state {record.state!r}"
             ) from None
-        return record.changes[-1]
-
-    @staticmethod
-    def allowed(state: str) -> list[str]:
-        """The triggers the table allows from ``state``."""
-        out = []
-        for t in TRANSITIONS:
-            sources = t["source"] if isinstance(t["source"], list) else [t["source"]]
-            if state in sources:
-                out.append(t["trigger"])
-        return out
+        assert record.last is not None
+        return record.last
 
 
 def mermaid() -> str:
