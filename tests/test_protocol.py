@@ -376,8 +376,7 @@ def test_topics() -> None:
     assert t.status_agent_id("org/team/agents/a1/status") == "a1"
     assert t.status_agent_id("org/team/agents/a/b/status") is None
     assert t.status_agent_id("other/agents/a1/status") is None
-    assert t.last_level_id("org/team/tasks/state/t1") == "t1"
-    assert t.last_level_id("org/team/tasks/state/a+b") is None
+    assert t.sync_marker("a1", "ff00") == "org/team/agents/a1/sync/ff00"
 
 
 @pytest.mark.parametrize("swarm", ["", "a/b/c/d/e", "a//b", "a/+", "#", "a b", "/a", "x" * 65])

@@ -174,7 +174,7 @@ class Agent:
 
     async def _load_task_states(self) -> None:
         """Read the retained task states once (see :meth:`Scheduler.on_state`)."""
-        sync = f"{self.topics.swarm}/agents/{self.agent_id}/sync/{secrets.token_hex(4)}"
+        sync = self.topics.sync_marker(self.agent_id, secrets.token_hex(4))
         now = trio.current_time()
         loaded = 0
         for message in await read_retained(self.client, sync, self.topics.tasks_state_all):
@@ -486,7 +486,7 @@ async def read_retained(
 async def check_duplicate(config: AgentConfig) -> None:
     """Refuse to start if the swarm's retained status says this agent id is online."""
     topics = Topics(config.swarm)
-    probe_topic = f"{config.swarm}/agents/{config.agent_id}/probe/{secrets.token_hex(4)}"
+    probe_topic = topics.sync_marker(config.agent_id, secrets.token_hex(4))
     status: dict[str, Any] | None = None
     async with open_client(
         config.broker,

@@ -82,9 +82,6 @@ class ClaimBook:
         h = self.holders.get(task_id)
         return h.attempt if h else 0
 
-    def held_by(self, agent_id: str) -> list[str]:
-        return [t for t, h in self.holders.items() if h.agent_id == agent_id]
-
     def release(self, task_id: str, attempt: int) -> bool:
         """The holder gave the task back; True if ``attempt`` is current (so it is free)."""
         h = self.holders.get(task_id)

@@ -132,9 +132,11 @@ class Topics:
                 return agent_id
         return None
 
-    def last_level_id(self, topic: str) -> str | None:
-        tail = topic.rsplit("/", 1)[-1]
-        return tail if TASK_ID_RE.fullmatch(tail) else None
+    def sync_marker(self, owner: str, nonce: str) -> str:
+        """A private topic whose marker, published after subscribing, comes back once
+        the broker has sent a subscription's retained messages (``owner``: an agent id,
+        or ``cli``)."""
+        return f"{self.swarm}/agents/{owner}/sync/{nonce}"
 
 
 class _Clock:
