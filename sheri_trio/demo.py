@@ -280,7 +280,11 @@ def _gist(result: Any, limit: int = 90) -> str:
         text = " ".join(
             f"{k}={v}"
             for k, v in result.items()
-            if not isinstance(v, dict | list | str) or ("\n" not in v and len(v) <= 60)
+            if (
+                "\n" not in v and len(v) <= 60
+                if isinstance(v, str)
+                else not isinstance(v, dict | list)
+            )
         )
     text = _scrub(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
