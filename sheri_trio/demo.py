@@ -622,6 +622,7 @@ async def _run_swarm(
             async with trio.open_nursery() as starting:
                 for config, label in agents:
                     starting.start_soon(swarm_nursery.start, agent, config, label)
+        if not stopper.requested.is_set():
             labels = ", ".join(label for _, label in agents)
             _say(console, f"{len(agents)} agents online in swarm {swarm}: {labels}")
             code = await _submit_and_watch(options, console, conn, agents, stopper)
@@ -630,7 +631,8 @@ async def _run_swarm(
                 _say(console, line)
             await stopper.requested.wait()
         if stopper.requested.is_set():
-            _say(console, "stopping: the agents leave, then the broker")
+            then = ", then the broker" if client_config is not None else ""
+            _say(console, f"stopping: the agents leave{then}")
         stop.set()
     return code
 
@@ -668,7 +670,7 @@ async def _submit_and_watch(
         with Live(
             progress.render(0.0), console=console, auto_refresh=False, transient=False
         ) as live:
-            with trio.move_on_after(options.timeout) as deadline:
+            with trio.move_on_after(options.timeout) as deadline, stopper.phase():
                 async with trio.open_nursery() as nursery:
 
                     async def refresh() -> None:
