@@ -84,10 +84,8 @@ __all__ = [
 log = logging.getLogger("sheri_trio.demo")
 
 DEFAULT_SWARM: Final = "sheri-demo"
-INSTALL_HINT: Final = (
-    "mosquitto not found on PATH: install it (Debian/Ubuntu: "
-    "sudo apt-get install mosquitto mosquitto-clients), or give --broker URL"
-)
+_INSTALL: Final = "Debian/Ubuntu: sudo apt-get install mosquitto mosquitto-clients"
+INSTALL_HINT: Final = f"mosquitto not found on PATH: install it ({_INSTALL}), or give --broker URL"
 
 #: payloads beyond the empty one, where a type needs an input
 _INPUTS: dict[str, dict[str, Any]] = {
@@ -556,9 +554,17 @@ async def _run(
     conn = options.connection
     if conn is None:
         broker = MosquittoBroker(workdir / "mosquitto", tls=False)
-        with stopper.phase():
+        try:
             await trio.to_thread.run_sync(_start_broker, broker)
-        if not broker.running:  # interrupted while it started
+        except RuntimeError as exc:  # no mosquitto_passwd, or mosquitto would not start
+            first = str(exc).splitlines()[0]
+            if "not found" in first:
+                why = f"{first}; install it ({_INSTALL}), or give --broker URL"
+            else:
+                why = f"{first} (its log: {broker.log_path}); or give --broker URL"
+            print(f"sheri: error: {why}", file=sys.stderr, flush=True)
+            return EXIT_FAILURE
+        if stopper.requested.is_set():  # interrupted while it started
             await trio.to_thread.run_sync(broker.stop)
             return EXIT_INTERRUPTED
         stopper.on_exit = broker.kill

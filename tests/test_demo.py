@@ -247,6 +247,29 @@ async def test_demo_without_mosquitto_says_how_to_install_it(tmp_path: Path) -> 
     assert done.stdout == b""
 
 
+async def test_demo_whose_mosquitto_will_not_start_says_so(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "mosquitto"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [*SHERI, "demo"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=tmp_path,
+            env=_env(PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"),
+        )
+    assert done.returncode == 1, done
+    assert re.match(
+        rb"sheri: error: mosquitto exited with status 3 \(its log: /\S+/mosquitto.log\)",
+        done.stderr,
+    ), done.stderr
+    assert b"Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
