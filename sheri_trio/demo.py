@@ -514,10 +514,13 @@ def _keep_lines(
     conn: Connection, swarm: str, config: Path | None, dashboard: Dashboard | None
 ) -> list[str]:
     """What ``--keep`` prints once the tasks are done: how to reach the swarm."""
-    where = f"--config {config}" if config else f"--broker {conn.display()} --swarm {swarm}"
+    if config is not None:  # our private broker: its URL and password are in the file
+        where, what, note = f"--config {config}", "swarm and broker stay", f" (login in {config})"
+    else:
+        where, what, note = f"--broker URL --swarm {swarm}", "swarm stays", ""
     lines = [
-        "swarm and broker stay up until Ctrl+C (or SIGTERM)",
-        f"  broker     {conn.display()}" + (f" (user and password in {config})" if config else ""),
+        f"the {what} up until Ctrl+C (or SIGTERM)",
+        f"  broker     {conn.display()}{note}",
         f"  swarm      {swarm}",
         f"  submit     sheri submit database.backup {where} --wait",
         f"  watch      sheri monitor {where}",

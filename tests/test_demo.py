@@ -31,6 +31,8 @@ from sheri_trio.swarm._protocol import Topics, encode
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from sheri_trio.testing import MosquittoBroker
+
 SHERI = [sys.executable, "-m", "sheri_trio"]
 LABELS = [
     "general-1",
@@ -200,7 +202,7 @@ async def test_demo_keep_stays_up_until_a_signal_then_exits_0(
             port = int((await run.expect(r"^broker mqtt://\S+:(\d+) \(private"))[1])
             await run.expect(r"^11 tasks, 10 successful, 1 failed as expected, 0 unexpected")
             config = (await run.expect(r"^  submit +sheri submit .* --config (\S+) --wait"))[1]
-            await run.expect(r"stay up until Ctrl\+C")
+            await run.expect(r"^the swarm and broker stay up until Ctrl\+C")
             # what it prints works: the swarm takes more tasks after the summary
             submitted = await trio.run_process(
                 [*SHERI, "submit", "database.backup", "--config", config, "--wait"],
@@ -226,6 +228,29 @@ async def test_demo_keep_stays_up_until_a_signal_then_exits_0(
     assert re.search(rf"^\[database-1\] .* info: completed .*task_id={task_id} ", log, re.M)
     with pytest.raises(OSError, match="refused"):  # the private broker is gone too
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+async def test_demo_on_a_broker_of_ours_never_shows_its_password(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    url = broker.url("mqtt", credentials=False)
+    with trio.fail_after(90):
+        async with demo(
+            "--broker",
+            url,
+            "--username",
+            broker.username,
+            cwd=tmp_path,
+            SHERI_PASSWORD=broker.password,
+        ) as run:
+            code = await run.proc.wait()
+            await run.expect(r"^\d+ tasks, ")
+    assert code == 0, run.text
+    assert run.lines[0].startswith(f"broker {url} (given with --broker)"), run.text
+    assert re.match(r"11 tasks, 10 successful, 1 failed as expected, 0 unexpected", run.lines[-1])
+    assert broker.password not in run.text
+    log = _check_logs(run)
+    assert broker.password not in log
 
 
 async def test_demo_without_mosquitto_says_how_to_install_it(tmp_path: Path) -> None:
