@@ -7,6 +7,7 @@ Commands (``sheri COMMAND --help`` for the details)::
     sheri submit  TYPE [--payload JSON] [--wait]                   publish a task
     sheri tasks   [--state failed]                                 recent tasks, final states
     sheri monitor                                                  live table of agents, tasks
+    sheri demo    [--keep] [--llm] [--broker URL]                  a local swarm at work
 
 The TypeScript prototype's spelling keeps working unchanged::
 
@@ -996,6 +997,15 @@ async def monitor_cmd(
                     view.feed(message, trio.current_time())
             live.update(view.render(trio.current_time()), refresh=True)
     return EXIT_OK
+
+
+# -------------------------------------------------------------------------- demo
+# The command lives in sheri_trio/demo.py, imported only when it runs (it imports us).
+app.command(
+    "sheri_trio.demo:demo_cmd",
+    name="demo",
+    help="A private mosquitto, 9 agents and a mix of tasks, shown live (needs no API key).",
+)
 
 
 # -------------------------------------------------------------------------- main
