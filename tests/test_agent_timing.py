@@ -1030,15 +1030,22 @@ async def test_seed_message_counts_by_kind(
 
 
 async def test_alerts_see_the_agents_view_of_the_swarm(
-    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script, tmp_path: Any
 ) -> None:
     """monitoring.alerts gets the agent's view: a peer whose will fired is an alert."""
     from sheri_trio.executors import default_registry
 
+    # The executor keeps its state in SQLite through worker threads; with a threshold of
+    # 0 the clock would jump past every deadline while a thread runs (all tasks wait).
+    autojump_clock.autojump_threshold = 0.05
+
     with trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
             watcher = bus.open("watcher")
-            config = {"monitoring": {"alerts": {"offline": True, "heartbeat_max_age": 30}}}
+            config = {
+                "state_dir": str(tmp_path),
+                "monitoring": {"alerts": {"offline": True, "heartbeat_max_age": 30}},
+            }
             mon_cfg = cfg("mon", role="monitoring")
             mon_cfg.executor_config = config
             async with bus.connect("peer", will=None) as peer:
@@ -1068,6 +1075,7 @@ async def test_an_oversized_result_is_published_truncated_and_stored_whole(
     autojump_clock: trio.testing.MockClock, bus: MemoryBus, tmp_path: Any
 ) -> None:
     big = {"rows": [{"n": i, "text": "é" * 50} for i in range(400)]}  # ~40 KB of JSON
+    autojump_clock.autojump_threshold = 0.05  # the result is written in a worker thread
     registry = ExecutorRegistry()
 
     async def produce(ctx: TaskContext) -> dict[str, Any]:
