@@ -231,7 +231,9 @@ def test_executors_have_no_known_violations() -> None:
         ("if TYPE_CHECKING:\n    from ._base import X", ("sheri_trio.executors._base", "X")),
     ],
 )
-def test_imports_are_resolved(tmp_path: Path, source: str, expected: tuple[str, str | None]) -> None:
+def test_imports_are_resolved(
+    tmp_path: Path, source: str, expected: tuple[str, str | None]
+) -> None:
     path = tmp_path / "_probe.py"
     path.write_text(source + "\n")
     (imp,) = _imports_of("sheri_trio.executors._probe", path)
