@@ -12,33 +12,22 @@ without a version returns to the version deployed before the current one.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._base import TaskConfigError, TaskContext, TaskPayloadError
+from ._payload import VERSION_RE, check_keys, check_name
 from ._process import run_for_task
-from ._workspace import check_name, config_path, open_db, refuse_commands, section, state_dir
+from ._workspace import config_path, open_db, section, state_dir, workspace_root
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = ["deploy", "history", "rollback"]
 
-VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _locks: dict[tuple[str, str], trio.Lock] = {}
-
-
-def _check_keys(ctx: TaskContext, payload: dict[str, Any], known: set[str]) -> None:
-    refuse_commands(ctx, payload)
-    unknown = sorted(str(k) for k in payload if k not in known)
-    if unknown:
-        raise TaskPayloadError(
-            f"{ctx.type}: unknown payload key(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(known))})"
-        )
 
 
 def _version(value: Any, key: str) -> str:
@@ -201,8 +190,6 @@ async def _run(
     argv = [_fill(str(a), values) for a in command]
     cwd = config_path(ctx, str(table["cwd"])) if table.get("cwd") else None
     if cwd is None:
-        from ._workspace import workspace_root
-
         cwd = workspace_root(ctx)
     if not cwd.is_dir():
         raise TaskConfigError(f"deploy.{service}.cwd: no such directory: {cwd}")
@@ -224,7 +211,7 @@ async def _run(
 async def deploy(ctx: TaskContext) -> dict[str, Any]:
     """deployment.deploy {service, version} -> {status: "deployed", url?, version, ...}."""
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"service", "version"})
+    check_keys(ctx, payload, {"service", "version"})
     service, table = _service(ctx, payload)
     if "version" not in payload:
         raise TaskPayloadError("payload needs 'version' (the version to deploy)")
@@ -295,7 +282,7 @@ async def rollback(ctx: TaskContext) -> dict[str, Any]:
     """deployment.rollback {service, version? | previous_version?} ->
     {status: "rolled_back", version, ...}. Without a version: the one before the live one."""
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"service", "version", "previous_version"})
+    check_keys(ctx, payload, {"service", "version", "previous_version"})
     service, table = _service(ctx, payload)
     raw = payload.get("version", payload.get("previous_version"))
     wanted = _version(raw, "version") if raw is not None else None
