@@ -185,17 +185,16 @@ async def health(ctx: TaskContext) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ storage
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS health (at REAL, task_id TEXT, target TEXT, ok INTEGER,"
+    " latency_ms REAL, detail TEXT)",
+    "CREATE TABLE IF NOT EXISTS alerts (key TEXT PRIMARY KEY, kind TEXT, severity TEXT,"
+    " message TEXT, since REAL, data TEXT)",
+)
+
+
 def _db(path: Any) -> Any:
-    conn = open_db(path / "monitoring.sqlite3")
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS health (at REAL, task_id TEXT, target TEXT, ok INTEGER,"
-        " latency_ms REAL, detail TEXT)"
-    )
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS alerts (key TEXT PRIMARY KEY, kind TEXT, severity TEXT,"
-        " message TEXT, since REAL, data TEXT)"
-    )
-    return conn
+    return open_db(path / "monitoring.sqlite3", SCHEMA)
 
 
 def _record_health(path: Any, task_id: str, checks: list[dict[str, Any]]) -> None:

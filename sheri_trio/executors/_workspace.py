@@ -139,10 +139,13 @@ def agent_state_dir(config: dict[str, Any], agent_id: str) -> Path:
     return path
 
 
-def open_db(path: Path) -> Any:
-    """A connection to one of the agent's own SQLite files (history, alert state)."""
+def open_db(path: Path, schema: Iterable[str] = ()) -> Any:
+    """A connection to one of the agent's own SQLite files (history, alert state), with
+    the ``CREATE TABLE IF NOT EXISTS`` statements of ``schema`` run."""
     conn = sqlite3.connect(path, timeout=10, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.row_factory = sqlite3.Row
+    for statement in schema:
+        conn.execute(statement)
     return conn
