@@ -21,6 +21,7 @@ __all__ = [
     "NAME_RE",
     "Check",
     "Invalid",
+    "Spec",
     "TableOf",
     "boolean",
     "check_table",
@@ -35,7 +36,7 @@ __all__ = [
     "strings",
 ]
 
-#: a service, database, suite or agent-side name: no leading symbol, so never an option
+#: a service, database or suite name: no leading symbol, so it never reads as an option
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
