@@ -7,10 +7,11 @@ once, without retries), :class:`TaskConfigError` when the agent is not configure
 the task (likewise once); any other exception is a failed attempt that is retried.
 
 The real executors live in one module per domain (``_testing``, ``_security``,
-``_monitoring``, ``_deployment``, ``_database``, ``_llm``); ``_workspace`` keeps payload
-paths inside the workspace and ``_process`` runs configured commands. ``_registry``
-maps task types to them; ``_simulated`` holds the placeholders that
-``[executors] simulate = true`` runs instead.
+``_monitoring``, ``_deployment``, ``_database``, ``_llm``); ``_payload`` holds the checks
+every payload goes through, ``_workspace`` keeps payload paths inside the workspace and
+``_process`` runs configured commands. ``_registry`` maps task types to them;
+``_simulated`` holds the placeholders that ``[executors] simulate = true`` runs instead;
+``_config`` checks the executors' tables of ``sheri.toml``.
 """
 
 from ._base import Executor as Executor
