@@ -71,6 +71,7 @@ class Import:
     module: str  # the module imported, or that the name is imported from
     name: str | None  # the name imported from ``module``; None: the module itself
     line: int
+    scope: str = "top"  # "top": at the module's top; "function": inside one; else "block"
 
     @property
     def named(self) -> str:
@@ -92,11 +93,17 @@ MODULES = _modules()
 
 def _imports_of(module: str, path: Path) -> list[Import]:
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), str(path))
+    scopes = {id(node): "top" for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            scopes.update((id(inner), "function") for inner in ast.walk(node))
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
+        scope = scopes.get(id(node), "block")
         if isinstance(node, ast.Import):
             found += [
-                Import(module, a.name, None, node.lineno)
+                Import(module, a.name, None, node.lineno, scope)
                 for a in node.names
                 if a.name == PACKAGE or a.name.startswith(PACKAGE + ".")
             ]
@@ -114,9 +121,9 @@ def _imports_of(module: str, path: Path) -> list[Import]:
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 if sub in MODULES:
-                    found.append(Import(module, sub, None, node.lineno))
+                    found.append(Import(module, sub, None, node.lineno, scope))
                 else:
-                    found.append(Import(module, base, alias.name, node.lineno))
+                    found.append(Import(module, base, alias.name, node.lineno, scope))
     return found
 
 
@@ -216,6 +223,25 @@ def test_executors_have_no_known_violations() -> None:
     assert mine == []
 
 
+#: modules already tidy: nothing imported at the top is imported again in a function
+TIDY = (f"{PACKAGE}.executors", f"{PACKAGE}.config", f"{PACKAGE}._checks")
+
+
+def test_no_module_imported_at_the_top_is_imported_again_in_a_function() -> None:
+    tidy = [m for m in MODULES if m in TIDY or m.startswith(f"{PACKAGE}.executors.")]
+    assert len(tidy) > 10
+    again = [
+        f"{_where(i.importer, i.module)}: {i.named}"
+        for i in IMPORTS
+        if i.importer in tidy
+        and i.scope == "function"
+        and any(
+            t.importer == i.importer and t.module == i.module and t.scope == "top" for t in IMPORTS
+        )
+    ]
+    assert not again, "imported again inside a function:\n" + "\n".join(again)
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
@@ -227,14 +253,15 @@ def test_executors_have_no_known_violations() -> None:
         ("import sheri_trio.swarm._agent", ("sheri_trio.swarm._agent", None)),
         ("from sheri_trio import mqtt", ("sheri_trio.mqtt", None)),
         ("from . import Executor", ("sheri_trio.executors", "Executor")),
-        ("def f():\n    from ._base import X", ("sheri_trio.executors._base", "X")),
-        ("if TYPE_CHECKING:\n    from ._base import X", ("sheri_trio.executors._base", "X")),
+        ("def f():\n    from ._base import X", ("sheri_trio.executors._base", "X", "function")),
+        (
+            "if TYPE_CHECKING:\n    from ._base import X",
+            ("sheri_trio.executors._base", "X", "block"),
+        ),
     ],
 )
-def test_imports_are_resolved(
-    tmp_path: Path, source: str, expected: tuple[str, str | None]
-) -> None:
+def test_imports_are_resolved(tmp_path: Path, source: str, expected: tuple[str, ...]) -> None:
     path = tmp_path / "_probe.py"
     path.write_text(source + "\n")
     (imp,) = _imports_of("sheri_trio.executors._probe", path)
-    assert (imp.module, imp.name) == expected
+    assert (imp.module, imp.name, imp.scope)[: len(expected)] == expected
