@@ -33,21 +33,30 @@ whose message names the file, the key and the reason, e.g.
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .executors import validate_executor_config
-from .executors._config import EXECUTOR_TABLES
+from ._checks import (
+    Check,
+    Invalid,
+    boolean,
+    check_table,
+    choice,
+    integer,
+    number,
+    shown,
+    string,
+)
+from .executors import EXECUTOR_TABLES, validate_executor_config
 from .mqtt import BrokerURL, LocalProtocolError, TLSOptions
 from .swarm._agent import AgentConfig, new_agent_id
 from .swarm._protocol import AGENT_ID_RE, DEFAULT_SWARM, ROLES, SWARM_RE
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
 
 __all__ = [
     "DEFAULT_BROKER",
@@ -91,108 +100,48 @@ class ConfigError(ValueError):
     """Invalid configuration: the message names where the value came from and why."""
 
 
-class _Invalid(ValueError):
-    """A value check failed; the message is the reason (``must be ..., got ...``)."""
-
-
 # ------------------------------------------------------------------- value checks
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
-    if maximum is None:
-        expected = f"an integer >= {minimum}"
-    else:
-        expected = f"an integer within {minimum}..{maximum}"
-
-    def check(value: Any) -> int:
-        if isinstance(value, str):  # from the environment
-            try:
-                value = int(value.strip())
-            except ValueError:
-                raise _Invalid(f"must be {expected}, got {_shown(value)}") from None
-        if (
-            not isinstance(value, int)
-            or isinstance(value, bool)
-            or value < minimum
-            or (maximum is not None and value > maximum)
-        ):
-            raise _Invalid(f"must be {expected}, got {_shown(value)}")
-        return value
-
-    return check
-
-
-def _number(minimum: float, *, exclusive: bool = False) -> Callable[[Any], float]:
-    expected = f"a number {'>' if exclusive else '>='} {minimum:g}"
-
-    def check(value: Any) -> float:
-        if (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or value < minimum
-            or (exclusive and value == minimum)
-        ):
-            raise _Invalid(f"must be {expected}, got {_shown(value)}")
-        return float(value)
-
-    return check
+def _integer(low: int, high: int | None = None) -> Check:
+    """An integer, or a string of one (from the environment, or the file)."""
+    return integer(low, high, parse_text=True)
 
 
 def _timeout(value: Any) -> float | None:
     """A positive number of seconds; 0 means no timeout (TOML has no null)."""
-    seconds = _number(0)(value)
+    seconds: float = number(0)(value)
     return seconds or None
 
 
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"must be a string, got {_shown(value)}")
-    return value
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"must be true or false, got {_shown(value)}")
-    return value
-
-
-def _role(value: Any) -> str:
-    if not isinstance(value, str) or value not in ROLES:
-        raise _Invalid(f"must be one of {', '.join(ROLES)}, got {_shown(value)}")
-    return value
+_role = choice(*ROLES)
 
 
 def _agent_id(value: Any) -> str:
     if not isinstance(value, str) or not AGENT_ID_RE.fullmatch(value):
-        raise _Invalid(f"must be 1-128 of letters, digits, '.', '_', '-', got {_shown(value)}")
+        raise Invalid(f"must be 1-128 of letters, digits, '.', '_', '-', got {shown(value)}")
     return value
 
 
 def _swarm(value: Any) -> str:
     if not isinstance(value, str) or not SWARM_RE.fullmatch(value):
-        raise _Invalid(
+        raise Invalid(
             "must be 1-4 '/'-separated levels of letters, digits, '.', '_', '-', "
-            f"got {_shown(value)}"
+            f"got {shown(value)}"
         )
     return value
 
 
 def _broker_url(value: Any) -> str:
     if not isinstance(value, str):
-        raise _Invalid(f"must be a URL string such as 'mqtt://host:1883', got {_shown(value)}")
+        raise Invalid(f"must be a URL string such as 'mqtt://host:1883', got {shown(value)}")
     try:
         BrokerURL.parse(value)
     except LocalProtocolError as exc:
         # the parser's message already hides any password
-        raise _Invalid(str(exc).removeprefix("bad broker URL ")) from None
+        raise Invalid(str(exc).removeprefix("bad broker URL ")) from None
     return value
 
 
-AGENT_KEYS: Final[dict[str, Callable[[Any], Any]]] = {
+AGENT_KEYS: Final[dict[str, Check]] = {
     "role": _role,
     "agent_id": _agent_id,
     "swarm": _swarm,
@@ -200,12 +149,12 @@ AGENT_KEYS: Final[dict[str, Callable[[Any], Any]]] = {
     "max_tasks": _integer(1),
     "queue_limit": _integer(1),
     "preference_window": _integer(0),
-    "heartbeat_interval": _number(0, exclusive=True),
-    "lease_time": _number(0, exclusive=True),
-    "grace_period": _number(0),
+    "heartbeat_interval": number(0, exclusive=True),
+    "lease_time": number(0, exclusive=True),
+    "grace_period": number(0),
     "max_retries": _integer(0, 100),
-    "retry_initial_delay": _number(0),
-    "retry_max_delay": _number(0),
+    "retry_initial_delay": number(0),
+    "retry_max_delay": number(0),
     "default_timeout": _timeout,
     "max_message_bytes": _integer(1024),
     "max_result_bytes": _integer(1024),
@@ -214,15 +163,15 @@ AGENT_KEYS: Final[dict[str, Callable[[Any], Any]]] = {
     "keep_alive": _integer(0, 65535),
 }
 
-BROKER_KEYS: Final[dict[str, Callable[[Any], Any]]] = {
+BROKER_KEYS: Final[dict[str, Check]] = {
     "url": _broker_url,
-    "username": _string,
-    "password": _string,
-    "ca_file": _string,
-    "cert_file": _string,
-    "key_file": _string,
-    "insecure": _boolean,
-    "connect_timeout": _number(0, exclusive=True),
+    "username": string,
+    "password": string,
+    "ca_file": string,
+    "cert_file": string,
+    "key_file": string,
+    "insecure": boolean,
+    "connect_timeout": number(0, exclusive=True),
 }
 
 _FILE_KEYS: Final = ("ca_file", "cert_file", "key_file")
@@ -279,20 +228,11 @@ def parse_config(
     base = path.parent if path is not None else Path.cwd()
     for key, value in data.items():
         if key in ("agent", "broker"):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{name}: {key}: must be a table ([{key}]), got {_shown(value)}")
             keys = AGENT_KEYS if key == "agent" else BROKER_KEYS
-            target = agent if key == "agent" else broker
-            for sub, raw in value.items():
-                check = keys.get(sub)
-                if check is None:
-                    raise ConfigError(
-                        f"{name}: {key}.{sub}: unknown key (known: {', '.join(keys)})"
-                    )
-                try:
-                    target[sub] = check(raw)
-                except _Invalid as exc:
-                    raise ConfigError(f"{name}: {key}.{sub}: {exc}") from None
+            try:
+                (agent if key == "agent" else broker).update(check_table(value, key, keys))
+            except Invalid as exc:
+                raise ConfigError(f"{name}: {exc}") from None
         elif isinstance(value, dict) or key in EXECUTOR_TABLES:
             extra[key] = value  # the executors' (checked below), or another tool's table
         else:
@@ -333,7 +273,7 @@ def _pick(
     setting: str,
     overrides: Mapping[str, Any],
     env: Mapping[str, str],
-    check: Callable[[Any], Any],
+    check: Check,
     file_value: Any = _MISSING,
 ) -> tuple[bool, Any]:
     """(found, value) for one setting: flag > environment > file. Checks the winner."""
@@ -341,13 +281,13 @@ def _pick(
     if flag is not None:
         try:
             return True, check(flag)
-        except _Invalid as exc:
+        except Invalid as exc:
             raise ConfigError(f"{FLAGS.get(setting, setting)}: {exc}") from None
     var = ENV_VARS.get(setting)
     if var is not None and env.get(var):
         try:
             return True, check(env[var])
-        except _Invalid as exc:
+        except Invalid as exc:
             raise ConfigError(f"{var}: {exc}") from None
     if file_value is not _MISSING:
         return True, file_value  # checked when the file was loaded
@@ -392,8 +332,8 @@ def connection_settings(
     options: dict[str, Any] = {}
     parsed = BrokerURL.parse(url)
     b = file_config.broker
-    got_user, user = _pick("username", overrides, env, _string)
-    got_pass, secret = _pick("password", overrides, env, _string)
+    got_user, user = _pick("username", overrides, env, string)
+    got_pass, secret = _pick("password", overrides, env, string)
     if got_user or got_pass:
         if got_user:
             options["username"] = user

@@ -14,24 +14,18 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import pytest
 import trio
 
 from sheri_trio.cli import SwarmView, rewrite_prototype_argv
-from sheri_trio.config import (
-    ConfigError,
-    FileConfig,
-    build_agent_config,
-    connection_settings,
-    load_config,
-)
-from sheri_trio.mqtt import Message, TLSOptions, open_client
+from sheri_trio.mqtt import Message, open_client
 from sheri_trio.swarm._agent import AgentConfig, run_agent
 from sheri_trio.swarm._protocol import Topics, encode
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from pathlib import Path
+
+    import pytest
 
     from sheri_trio.testing import MosquittoBroker
 
@@ -518,107 +512,6 @@ def _write(tmp_path: Path, text: str, name: str = "sheri.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def test_config_precedence_flag_env_file_default(tmp_path: Path) -> None:
-    _write(tmp_path, '[agent]\nrole = "testing"\nmax_tasks = 2\nswarm = "from-file"\n')
-    file_config = load_config(cwd=tmp_path)
-    env = {"SHERI_ROLE": "deployment", "SHERI_MAX_TASKS": "5"}
-    flagged = build_agent_config(file_config, env=env, role="review", max_tasks=7)
-    assert (flagged.role, flagged.max_tasks, flagged.swarm) == ("review", 7, "from-file")
-    from_env = build_agent_config(file_config, env=env, role=None)
-    assert (from_env.role, from_env.max_tasks) == ("deployment", 5)
-    from_file = build_agent_config(file_config, env={})
-    assert (from_file.role, from_file.max_tasks) == ("testing", 2)
-    default = build_agent_config(load_config(cwd=tmp_path / "nowhere"), env={})
-    assert (default.role, default.max_tasks, default.swarm) == ("general", 4, "opencto-dev")
-    assert default.broker == "mqtt://localhost:1883"
-    assert re.fullmatch(r"sheri-ml-[0-9a-f]{8}", default.agent_id)
-    env_swarm = build_agent_config(file_config, env={"SHERI_SWARM": "env-swarm"})
-    assert env_swarm.swarm == "env-swarm"
-
-
-def test_config_broker_tls_credentials_and_executor_tables(tmp_path: Path) -> None:
-    (tmp_path / "ca.pem").write_text("")
-    _write(
-        tmp_path,
-        """
-[agent]
-heartbeat_interval = 0.5
-default_timeout = 0
-
-[broker]
-url = "mqtts://broker.example:8883"
-username = "file-user"
-password = "file-pass"
-ca_file = "ca.pem"
-connect_timeout = 3
-
-[deploy.api]
-command = ["make", "deploy"]
-
-[testing]
-command = ["pytest", "-q"]
-""",
-    )
-    fc = load_config(cwd=tmp_path)
-    config = build_agent_config(fc, env={})
-    assert config.broker == "mqtts://broker.example:8883"
-    assert config.heartbeat_interval == 0.5
-    assert config.default_timeout is None
-    assert config.client_options == {
-        "username": "file-user",
-        "password": "file-pass",
-        "tls": TLSOptions(ca_file=str(tmp_path / "ca.pem")),
-        "connect_timeout": 3.0,
-    }
-    assert config.executor_config == {
-        "deploy": {"api": {"command": ["make", "deploy"]}},
-        "testing": {"command": ["pytest", "-q"]},
-    }
-    # credentials in the URL win over the file's; --username/--password over both
-    in_url = connection_settings(fc, env={}, broker="mqtt://u:p@h:1883")
-    assert "username" not in in_url.client_options
-    assert "password" not in in_url.client_options
-    flags = connection_settings(fc, env={}, username="flag-user", password="flag-pass")
-    assert flags.client_options["username"] == "flag-user"
-    assert flags.client_options["password"] == "flag-pass"
-    assert flags.display() == "mqtts://broker.example:8883"
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("[agent]\nmax_task = 3\n", "sheri.toml: agent.max_task: unknown key"),
-        ('[agent]\nmax_tasks = "x"\n', "sheri.toml: agent.max_tasks: must be an integer >= 1, got 'x'"),  # noqa: E501
-        ("[agent]\nmax_tasks = 0\n", "sheri.toml: agent.max_tasks: must be an integer >= 1, got 0"),
-        ('[agent]\nrole = "boss"\n', "sheri.toml: agent.role: must be one of general, deployment"),
-        ("[agent]\nheartbeat_interval = -1\n", "sheri.toml: agent.heartbeat_interval: must be a number > 0"),  # noqa: E501
-        ('[agent]\nbroker = "http://x"\n', "sheri.toml: agent.broker: 'http://x': scheme must be"),
-        ("[broker]\ninsecure = 1\n", "sheri.toml: broker.insecure: must be true or false, got 1"),
-        ('[broker]\nca_file = "missing.pem"\n', "sheri.toml: broker.ca_file: no such file"),
-        ("[broker]\nport = 1883\n", "sheri.toml: broker.port: unknown key"),
-        ('swarm = "x"\n', "sheri.toml: swarm: unknown top-level key"),
-        ("[agent\n", "sheri.toml: not valid TOML"),
-        ('[deploy.web]\ncommand = "make"\n', "sheri.toml: deploy.web.command: must be a list of"),
-        ("[executors]\nsimulate = 1\n", "sheri.toml: executors.simulate: must be true or false"),
-        ("[agent]\nheartbeat_interval = 5\nlease_time = 2\n", "sheri.toml: agent.lease_time: must be longer"),  # noqa: E501
-    ],
-)  # fmt: skip
-def test_invalid_config_names_file_key_and_reason(tmp_path: Path, text: str, message: str) -> None:
-    _write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_config(cwd=tmp_path)
-    assert str(info.value).startswith(message), str(info.value)
-
-
-def test_invalid_env_and_flag_values_name_their_source() -> None:
-    with pytest.raises(ConfigError, match=r"^SHERI_MAX_TASKS: must be an integer >= 1, got 'x'$"):
-        build_agent_config(FileConfig(), env={"SHERI_MAX_TASKS": "x"})
-    with pytest.raises(ConfigError, match=r"^--role: must be one of"):
-        build_agent_config(FileConfig(), env={}, role="boss")
-    with pytest.raises(ConfigError, match=r"^--agent-id: must be 1-128 of"):
-        build_agent_config(FileConfig(), env={}, agent_id="a/b")
 
 
 async def test_cli_rejects_invalid_config_file(tmp_path: Path) -> None:

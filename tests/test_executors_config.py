@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from executor_helpers import make_ctx
 
 from sheri_trio.config import parse_config
-from sheri_trio.executors import validate_executor_config
+from sheri_trio.executors import default_registry, validate_executor_config
 
 DOC = Path(__file__).parent.parent / "docs" / "configuration.md"
 
@@ -32,8 +33,9 @@ def test_every_executor_has_an_example() -> None:
 def test_doc_examples_are_valid(example: str, tmp_path: Path) -> None:
     example = example.replace("/srv/checkout/myapp", str(tmp_path))
     data = tomllib.loads(example)
-    validate_executor_config(data, source="sheri.toml")
-    parse_config(data)  # the agent's loader accepts the file as well
+    assert validate_executor_config(data, source="sheri.toml") is None
+    # the agent's loader accepts the file as well, and hands every table to the executors
+    assert parse_config(data).extra == data
 
 
 @pytest.mark.parametrize(
@@ -75,14 +77,14 @@ def test_invalid_settings_name_file_key_and_reason(config: dict[str, Any], messa
 
 
 def test_other_tables_are_left_alone() -> None:
-    validate_executor_config({"agent": {"role": 1}, "dashboard": {"x": 1}}, source="f")
+    others = {"agent": {"role": 1}, "dashboard": {"x": 1}}
+    assert validate_executor_config(others, source="f") is None
+    # the same entry in one of the executors' tables is refused
+    with pytest.raises(ValueError, match=r"^f: testing\.x: unknown key"):
+        validate_executor_config({**others, "testing": {"x": 1}}, source="f")
 
 
 async def test_the_complete_example_deploys_the_seed_service(tmp_path: Path) -> None:
-    from executor_helpers import make_ctx
-
-    from sheri_trio.executors import default_registry
-
     complete = _examples()[-1]
     assert complete.startswith("state_dir")
     text = complete.replace("/srv/checkout/myapp", str(tmp_path)).replace(

@@ -7,8 +7,11 @@ once, without retries), :class:`TaskConfigError` when the agent is not configure
 the task (likewise once); any other exception is a failed attempt that is retried.
 
 The real executors live in one module per domain (``_testing``, ``_security``,
-``_monitoring``, ``_deployment``, ``_database``, ``_llm``); ``_workspace`` keeps payload
-paths inside the workspace and ``_process`` runs configured commands.
+``_monitoring``, ``_deployment``, ``_database``, ``_llm``); ``_payload`` holds the checks
+every payload goes through, ``_workspace`` keeps payload paths inside the workspace and
+``_process`` runs configured commands. ``_registry`` maps task types to them;
+``_simulated`` holds the placeholders that ``[executors] simulate = true`` runs instead;
+``_config`` checks the executors' tables of ``sheri.toml``.
 """
 
 from ._base import Executor as Executor
@@ -16,6 +19,8 @@ from ._base import ExecutorRegistry as ExecutorRegistry
 from ._base import TaskConfigError as TaskConfigError
 from ._base import TaskContext as TaskContext
 from ._base import TaskPayloadError as TaskPayloadError
-from ._base import default_registry as default_registry
-from ._base import simulated_registry as simulated_registry
+from ._config import EXECUTOR_TABLES as EXECUTOR_TABLES
 from ._config import validate_executor_config as validate_executor_config
+from ._registry import default_registry as default_registry
+from ._registry import simulated_registry as simulated_registry
+from ._workspace import agent_state_dir as agent_state_dir

@@ -1,4 +1,4 @@
-"""The executor interface and the registry that maps task types to executors."""
+"""The executor interface: the task context, the errors, and the registry type."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ __all__ = [
     "TaskConfigError",
     "TaskContext",
     "TaskPayloadError",
-    "default_registry",
-    "simulated_registry",
 ]
 
 
@@ -80,26 +78,3 @@ class ExecutorRegistry:
 
     def types(self) -> list[str]:
         return sorted(self._executors)
-
-
-def simulated_registry() -> ExecutorRegistry:
-    """The placeholders: validate the payload, return the prototype's fields marked
-    ``"simulated": true`` (``simulate_seconds``, ``simulate_failure`` in the payload).
-    For tests of the swarm's mechanics; any other type is simulated as well."""
-    from ._builtin import BUILTIN, unknown_type
-
-    registry = ExecutorRegistry(BUILTIN)
-    registry.fallback = unknown_type
-    return registry
-
-
-def default_registry() -> ExecutorRegistry:
-    """The real executors of the 13 task types; other types have none (the agent fails
-    them with reason ``unknown_type``).
-
-    With ``[executors] simulate = true`` in the agent's configuration every task runs
-    its placeholder instead (see :func:`simulated_registry`).
-    """
-    from ._registry import real_executors
-
-    return ExecutorRegistry(real_executors())

@@ -20,15 +20,15 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import trio
 
 from ._base import TaskConfigError, TaskContext, TaskPayloadError
+from ._payload import VERSION_RE, check_keys, check_name
 from ._process import ToolMissing, run_for_task
-from ._workspace import check_name, config_path, refuse_commands, section, state_dir, workspace_root
+from ._workspace import config_path, section, state_dir, workspace_root
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = ["backup", "migrate"]
 
-VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 OUTPUT_VERSION_RE = re.compile(r"^\s*(?:schema\s+)?version\s*[:=]\s*(\S+)\s*$", re.I | re.M)
 DEFAULT_KEEP = 10
 
@@ -82,16 +82,6 @@ class _Database:
         return []
 
 
-def _check_keys(ctx: TaskContext, payload: dict[str, Any], known: set[str]) -> None:
-    refuse_commands(ctx, payload)
-    unknown = sorted(str(k) for k in payload if k not in known)
-    if unknown:
-        raise TaskPayloadError(
-            f"{ctx.type}: unknown payload key(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(known))})"
-        )
-
-
 def _database(ctx: TaskContext, payload: dict[str, Any]) -> _Database:
     tables = {k: v for k, v in section(ctx, "database").items() if isinstance(v, dict)}
     names = ", ".join(sorted(tables)) or "none"
@@ -137,7 +127,7 @@ async def migrate(ctx: TaskContext) -> dict[str, Any]:
     target (``SHERI_TARGET_VERSION``, empty for the latest).
     """
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"database", "version"})
+    check_keys(ctx, payload, {"database", "version"})
     db = _database(ctx, payload)
     target = payload.get("version")
     if target is not None:
@@ -239,7 +229,7 @@ def _prune(folder: Path, prefix: str, keep: int) -> list[str]:
 async def backup(ctx: TaskContext) -> dict[str, Any]:
     """database.backup {database?} -> {status: "backed_up", size, location, ...}."""
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"database"})
+    check_keys(ctx, payload, {"database"})
     db = _database(ctx, payload)
     raw_dir = db.table.get("backup_dir")
     folder = config_path(ctx, str(raw_dir)) if raw_dir else state_dir(ctx) / "backups"

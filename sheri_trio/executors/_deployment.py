@@ -12,33 +12,22 @@ without a version returns to the version deployed before the current one.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._base import TaskConfigError, TaskContext, TaskPayloadError
+from ._payload import VERSION_RE, check_keys, check_name
 from ._process import run_for_task
-from ._workspace import check_name, config_path, open_db, refuse_commands, section, state_dir
+from ._workspace import config_path, open_db, section, state_dir, workspace_root
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = ["deploy", "history", "rollback"]
 
-VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _locks: dict[tuple[str, str], trio.Lock] = {}
-
-
-def _check_keys(ctx: TaskContext, payload: dict[str, Any], known: set[str]) -> None:
-    refuse_commands(ctx, payload)
-    unknown = sorted(str(k) for k in payload if k not in known)
-    if unknown:
-        raise TaskPayloadError(
-            f"{ctx.type}: unknown payload key(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(known))})"
-        )
 
 
 def _version(value: Any, key: str) -> str:
@@ -74,15 +63,16 @@ def _fill(text: str, values: dict[str, str]) -> str:
 
 
 # ------------------------------------------------------------------ history
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS deployments (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " service TEXT NOT NULL, version TEXT NOT NULL, action TEXT NOT NULL,"
+    " status TEXT NOT NULL, task_id TEXT, started_at REAL, finished_at REAL,"
+    " exit_code INTEGER, rolled_back INTEGER NOT NULL DEFAULT 0, detail TEXT)",
+)
+
+
 def _db(path: Path) -> Any:
-    conn = open_db(path / "deployments.sqlite3")
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS deployments (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-        " service TEXT NOT NULL, version TEXT NOT NULL, action TEXT NOT NULL,"
-        " status TEXT NOT NULL, task_id TEXT, started_at REAL, finished_at REAL,"
-        " exit_code INTEGER, rolled_back INTEGER NOT NULL DEFAULT 0, detail TEXT)"
-    )
-    return conn
+    return open_db(path / "deployments.sqlite3", SCHEMA)
 
 
 def _current(conn: Any, service: str) -> Any:
@@ -190,6 +180,9 @@ def history(path: Path, service: str, limit: int = 20) -> list[dict[str, Any]]:
 # --------------------------------------------------------------- executors
 async def _run(
     ctx: TaskContext,
+    path: Path,
+    row_id: int,
+    status: str,
     service: str,
     table: dict[str, Any],
     command: list[Any],
@@ -197,34 +190,45 @@ async def _run(
     extra_env: dict[str, str],
     origin: str,
 ) -> Any:
+    """Run ``command`` for ``service`` and record the outcome in the history's row
+    ``row_id``: ``status`` when it exits with 0, else (an error, a cancellation
+    included) ``failed``."""
     values = {"service": service, "version": version, "task_id": ctx.task_id}
     argv = [_fill(str(a), values) for a in command]
-    cwd = config_path(ctx, str(table["cwd"])) if table.get("cwd") else None
-    if cwd is None:
-        from ._workspace import workspace_root
-
-        cwd = workspace_root(ctx)
-    if not cwd.is_dir():
-        raise TaskConfigError(f"deploy.{service}.cwd: no such directory: {cwd}")
-
-    async def on_line(line: str) -> None:
-        await ctx.progress(line, kind="output")
-
     env = {
         "SHERI_SERVICE": service,
         "SHERI_VERSION": version,
         "SHERI_TASK_ID": ctx.task_id,
         **extra_env,
     }
-    return await run_for_task(
-        ctx, argv, table=table, cwd=cwd, extra_env=env, on_line=on_line, origin=origin
-    )
+
+    async def on_line(line: str) -> None:
+        await ctx.progress(line, kind="output")
+
+    try:
+        cwd = config_path(ctx, str(table["cwd"])) if table.get("cwd") else workspace_root(ctx)
+        if not cwd.is_dir():
+            raise TaskConfigError(f"deploy.{service}.cwd: no such directory: {cwd}")
+        result = await run_for_task(
+            ctx, argv, table=table, cwd=cwd, extra_env=env, on_line=on_line, origin=origin
+        )
+    except BaseException as exc:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_finish, path, row_id, "failed", None, str(exc))
+        raise
+    if result.exit_code != 0:
+        await trio.to_thread.run_sync(
+            _finish, path, row_id, "failed", result.exit_code, result.tail_text(2000)
+        )
+        raise RuntimeError(f"{origin} exited with {result.exit_code}: {result.tail_text(1500)}")
+    await trio.to_thread.run_sync(_finish, path, row_id, status, 0, "")
+    return result
 
 
 async def deploy(ctx: TaskContext) -> dict[str, Any]:
     """deployment.deploy {service, version} -> {status: "deployed", url?, version, ...}."""
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"service", "version"})
+    check_keys(ctx, payload, {"service", "version"})
     service, table = _service(ctx, payload)
     if "version" not in payload:
         raise TaskPayloadError("payload needs 'version' (the version to deploy)")
@@ -243,23 +247,10 @@ async def deploy(ctx: TaskContext) -> dict[str, Any]:
         await ctx.progress(
             f"deploying {service} {version} (live: {previous or 'none'})", kind="start"
         )
-        try:
-            result = await _run(
-                ctx, service, table, table["command"], version,
-                {"SHERI_PREVIOUS_VERSION": previous or ""}, f"deploy.{service}.command",
-            )  # fmt: skip
-        except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_finish, path, row_id, "failed", None, str(exc))
-            raise
-        if result.exit_code != 0:
-            await trio.to_thread.run_sync(
-                _finish, path, row_id, "failed", result.exit_code, result.tail_text(2000)
-            )
-            raise RuntimeError(
-                f"deploy.{service}.command exited with {result.exit_code}: {result.tail_text(1500)}"
-            )
-        await trio.to_thread.run_sync(_finish, path, row_id, "deployed", 0, "")
+        result = await _run(
+            ctx, path, row_id, "deployed", service, table, table["command"], version,
+            {"SHERI_PREVIOUS_VERSION": previous or ""}, f"deploy.{service}.command",
+        )  # fmt: skip
     out = _deploy_result(table, service, version, previous)
     out.update(
         duration=round(result.duration * 1000),
@@ -295,7 +286,7 @@ async def rollback(ctx: TaskContext) -> dict[str, Any]:
     """deployment.rollback {service, version? | previous_version?} ->
     {status: "rolled_back", version, ...}. Without a version: the one before the live one."""
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"service", "version", "previous_version"})
+    check_keys(ctx, payload, {"service", "version", "previous_version"})
     service, table = _service(ctx, payload)
     raw = payload.get("version", payload.get("previous_version"))
     wanted = _version(raw, "version") if raw is not None else None
@@ -317,21 +308,10 @@ async def rollback(ctx: TaskContext) -> dict[str, Any]:
         await ctx.progress(f"rolling {service} back from {from_version} to {version}", kind="start")
         command = table.get("rollback") or table["command"]
         origin = f"deploy.{service}.{'rollback' if table.get('rollback') else 'command'}"
-        try:
-            result = await _run(
-                ctx, service, table, command, version,
-                {"SHERI_ROLLBACK": "1", "SHERI_PREVIOUS_VERSION": from_version or ""}, origin,
-            )  # fmt: skip
-        except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_finish, path, row_id, "failed", None, str(exc))
-            raise
-        if result.exit_code != 0:
-            await trio.to_thread.run_sync(
-                _finish, path, row_id, "failed", result.exit_code, result.tail_text(2000)
-            )
-            raise RuntimeError(f"{origin} exited with {result.exit_code}: {result.tail_text(1500)}")
-        await trio.to_thread.run_sync(_finish, path, row_id, "rolled_back", 0, "")
+        result = await _run(
+            ctx, path, row_id, "rolled_back", service, table, command, version,
+            {"SHERI_ROLLBACK": "1", "SHERI_PREVIOUS_VERSION": from_version or ""}, origin,
+        )  # fmt: skip
         await trio.to_thread.run_sync(
             _mark_rolled_back, path, service, target["id"] if target else None
         )

@@ -18,9 +18,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._checks import NAME_RE
 from ._base import TaskConfigError, TaskContext, TaskPayloadError
+from ._payload import check_keys
 from ._process import redact, secret_values
-from ._workspace import NAME_RE, payload_path, refuse_commands, section, workspace_root
+from ._workspace import payload_path, section, state_dir, workspace_root
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -78,16 +80,6 @@ def _credentials(settings: dict[str, Any]) -> dict[str, str]:
         f"no Anthropic API key: set {settings['api_key_env']} in the agent's environment "
         "(LLM tasks: code.review, code.generate, documentation.generate)"
     )
-
-
-def _check_keys(ctx: TaskContext, payload: dict[str, Any], known: set[str]) -> None:
-    refuse_commands(ctx, payload)
-    unknown = sorted(str(k) for k in payload if k not in known)
-    if unknown:
-        raise TaskPayloadError(
-            f"{ctx.type}: unknown payload key(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(known))})"
-        )
 
 
 def _text(payload: dict[str, Any], key: str, limit: int | None = None) -> str | None:
@@ -271,8 +263,6 @@ def _status_error(exc: Any, settings: dict[str, Any], secrets: list[str]) -> Exc
 
 def _keep(ctx: TaskContext, suffix: str, text: str) -> str:
     """Keep the full output in ``<state_dir>/output/`` (the wire result may be cut)."""
-    from ._workspace import state_dir
-
     folder = state_dir(ctx) / "output"
     folder.mkdir(exist_ok=True)
     path = folder / f"{ctx.task_id}.{ctx.attempt}.{suffix}"
@@ -367,7 +357,7 @@ async def code_review(ctx: TaskContext) -> dict[str, Any]:
     """code.review {code? | diff? | files?, language?, instructions?} ->
     {approved, comments[], suggestions[], summary, usage, model}."""
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"code", "diff", "files", "language", "instructions"})
+    check_keys(ctx, payload, {"code", "diff", "files", "language", "instructions"})
     settings = _settings(ctx)
     inputs = _Inputs(settings["max_input_bytes"])
     language = _language(payload, None)
@@ -410,7 +400,7 @@ async def code_generate(ctx: TaskContext) -> dict[str, Any]:
     """code.generate {prompt, language?, files?} -> {code, language, usage, model}."""
     payload = ctx.payload_dict()
     keys = {"prompt", "description", "spec", "language", "files", "max_tokens"}
-    _check_keys(ctx, payload, keys)
+    check_keys(ctx, payload, keys)
     settings = _settings(ctx)
     prompt = next(
         (t for k in ("prompt", "description", "spec") if (t := _text(payload, k, 20_000))), None
@@ -464,7 +454,7 @@ async def documentation_generate(ctx: TaskContext) -> dict[str, Any]:
     ``max_input_bytes``).
     """
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"path", "files", "code", "format", "topic", "language"})
+    check_keys(ctx, payload, {"path", "files", "code", "format", "topic", "language"})
     settings = _settings(ctx)
     fmt = payload.get("format", "markdown")
     if fmt not in FORMATS:

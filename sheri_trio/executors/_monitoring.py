@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import trio
 
 from ._base import TaskConfigError, TaskContext, TaskPayloadError
-from ._workspace import open_db, refuse_commands, section, state_dir
+from ._payload import check_keys
+from ._workspace import open_db, section, state_dir
 
 __all__ = ["alerts", "health"]
 
@@ -30,16 +31,6 @@ DEFAULT_RULES: dict[str, Any] = {
     "latency_ms": None,
     "health_max_age": 3600.0,
 }
-
-
-def _check_keys(ctx: TaskContext, payload: dict[str, Any], known: set[str]) -> None:
-    refuse_commands(ctx, payload)
-    unknown = sorted(str(k) for k in payload if k not in known)
-    if unknown:
-        raise TaskPayloadError(
-            f"{ctx.type}: unknown payload key(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(known)) or 'none'})"
-        )
 
 
 def _parse_target(raw: Any, allowed_hosts: list[str] | None) -> tuple[str, str, int]:
@@ -135,7 +126,7 @@ async def health(ctx: TaskContext) -> dict[str, Any]:
     An unhealthy target makes an unhealthy *result*, not a failed task.
     """
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"targets", "timeout"})
+    check_keys(ctx, payload, {"targets", "timeout"})
     cfg = section(ctx, "monitoring")
     # Targets from the payload are untrusted (a probe from inside the network on anyone's
     # request): only hosts in allowed_hosts, none when it is unset. Configured targets
@@ -194,17 +185,16 @@ async def health(ctx: TaskContext) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ storage
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS health (at REAL, task_id TEXT, target TEXT, ok INTEGER,"
+    " latency_ms REAL, detail TEXT)",
+    "CREATE TABLE IF NOT EXISTS alerts (key TEXT PRIMARY KEY, kind TEXT, severity TEXT,"
+    " message TEXT, since REAL, data TEXT)",
+)
+
+
 def _db(path: Any) -> Any:
-    conn = open_db(path / "monitoring.sqlite3")
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS health (at REAL, task_id TEXT, target TEXT, ok INTEGER,"
-        " latency_ms REAL, detail TEXT)"
-    )
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS alerts (key TEXT PRIMARY KEY, kind TEXT, severity TEXT,"
-        " message TEXT, since REAL, data TEXT)"
-    )
-    return conn
+    return open_db(path / "monitoring.sqlite3", SCHEMA)
 
 
 def _record_health(path: Any, task_id: str, checks: list[dict[str, Any]]) -> None:
@@ -354,7 +344,7 @@ async def alerts(ctx: TaskContext) -> dict[str, Any]:
     """monitoring.alerts -> {active_alerts, resolved, alerts[]}: thresholds of
     ``[monitoring.alerts]`` against the swarm view and the latest health results."""
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, set())
+    check_keys(ctx, payload, set())
     rules = _rules(ctx)
     path = state_dir(ctx)
     rows = await trio.to_thread.run_sync(_latest_health, path, float(rules["health_max_age"]))

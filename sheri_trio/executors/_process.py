@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._base import TaskConfigError
+from ._workspace import state_dir
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -359,8 +360,6 @@ async def run_for_task(
 ) -> ProcessResult:
     """:func:`run_command` with the task's settings: clean env, timeout, limits, log file
     ``<state_dir>/logs/<task_id>.<n>.log``, secrets of the agent's environment redacted."""
-    from ._workspace import state_dir
-
     settings = _merged(ctx, table)
     env = clean_env(settings, extra_env)
     configured_secrets = [

@@ -1,15 +1,21 @@
-"""task type -> real executor, with the ``[executors] simulate = true`` switch."""
+"""The two registries: the real executors (with the ``[executors] simulate = true``
+switch) and the simulated placeholders."""
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import _builtin
+from ._base import ExecutorRegistry
+from ._simulated import SIMULATED, unknown_type
 
 if TYPE_CHECKING:
     from ._base import Executor, TaskContext
 
-#: task type -> "module:function" of its real executor (imported on first use)
+__all__ = ["REAL", "default_registry", "simulated", "simulated_registry"]
+
+#: task type -> "module:function" of its real executor (imported on first use, so that
+#: agents that never run an LLM task do not import anthropic)
 REAL: dict[str, str] = {
     "testing.run": "_testing:run_tests",
     "testing.coverage": "_testing:run_coverage",
@@ -28,19 +34,18 @@ REAL: dict[str, str] = {
 
 
 def simulated(ctx: TaskContext) -> bool:
+    """Whether the agent's configuration says ``[executors] simulate = true``."""
     table = ctx.config.get("executors")
     return isinstance(table, dict) and table.get("simulate") is True
 
 
 def _switch(task_type: str, target: str | None) -> Executor:
-    placeholder = _builtin.BUILTIN[task_type]
+    placeholder = SIMULATED[task_type]
 
     async def run(ctx: TaskContext) -> dict[str, Any]:
         if target is None or simulated(ctx):
             return await placeholder(ctx)
         module_name, _, function = target.partition(":")
-        import importlib
-
         module = importlib.import_module(f"{__package__}.{module_name}")
         executor: Executor = getattr(module, function)
         return await executor(ctx)
@@ -49,5 +54,20 @@ def _switch(task_type: str, target: str | None) -> Executor:
     return run
 
 
-def real_executors() -> dict[str, Executor]:
-    return {t: _switch(t, REAL.get(t)) for t in _builtin.BUILTIN}
+def default_registry() -> ExecutorRegistry:
+    """The real executors of the 13 task types; other types have none (the agent fails
+    them with reason ``unknown_type``).
+
+    With ``[executors] simulate = true`` in the agent's configuration every task runs
+    its placeholder instead (see :func:`simulated_registry`).
+    """
+    return ExecutorRegistry({t: _switch(t, REAL.get(t)) for t in SIMULATED})
+
+
+def simulated_registry() -> ExecutorRegistry:
+    """The placeholders: validate the payload, return the prototype's fields marked
+    ``"simulated": true`` (``simulate_seconds``, ``simulate_failure`` in the payload).
+    For tests of the swarm's mechanics; any other type is simulated as well."""
+    registry = ExecutorRegistry(SIMULATED)
+    registry.fallback = unknown_type
+    return registry

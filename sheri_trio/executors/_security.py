@@ -11,8 +11,9 @@ from typing import Any
 import trio
 
 from ._base import TaskConfigError, TaskContext, TaskPayloadError
+from ._payload import check_keys
 from ._process import CommandFailed, python_tool, run_for_task
-from ._workspace import payload_path, refuse_commands, relative_names, section, workspace_root
+from ._workspace import payload_path, relative_names, section, workspace_root
 
 __all__ = ["audit", "parse_npm_audit", "parse_pip_audit", "scan"]
 
@@ -25,16 +26,6 @@ NETWORK_ERROR_RE = re.compile(
     r"timed out|ENOTFOUND|EAI_AGAIN|ECONNREFUSED|getaddrinfo",
     re.IGNORECASE,
 )
-
-
-def _check_keys(ctx: TaskContext, payload: dict[str, Any], known: set[str]) -> None:
-    refuse_commands(ctx, payload)
-    unknown = sorted(str(k) for k in payload if k not in known)
-    if unknown:
-        raise TaskPayloadError(
-            f"{ctx.type}: unknown payload key(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(known))})"
-        )
 
 
 def _level(payload: dict[str, Any], key: str) -> str | None:
@@ -55,7 +46,7 @@ async def scan(ctx: TaskContext) -> dict[str, Any]:
     (minimum levels to report).
     """
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"path", "severity", "confidence"})
+    check_keys(ctx, payload, {"path", "severity", "confidence"})
     root = workspace_root(ctx)
     target = payload_path(root, payload["path"]) if "path" in payload else root
     severity, confidence = _level(payload, "severity"), _level(payload, "confidence")
@@ -235,7 +226,7 @@ async def audit(ctx: TaskContext) -> dict[str, Any]:
     when it is unreachable the task fails and says so.
     """
     payload = ctx.payload_dict()
-    _check_keys(ctx, payload, {"path"})
+    check_keys(ctx, payload, {"path"})
     root = workspace_root(ctx)
     ws = payload_path(root, payload["path"], kind="dir") if "path" in payload else root
     cfg = section(ctx, "security", "audit")

@@ -19,15 +19,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._base import TaskConfigError, TaskPayloadError
+from ._payload import check_keys, check_name
 from ._process import CommandFailed, ProcessResult, python_tool, run_for_task
-from ._workspace import (
-    check_name,
-    payload_path,
-    refuse_commands,
-    relative_names,
-    section,
-    workspace_root,
-)
+from ._workspace import payload_path, relative_names, section, workspace_root
 
 if TYPE_CHECKING:
     from ._base import TaskContext
@@ -58,16 +52,6 @@ class _Runner:
         self.argv = argv
         self.kind = kind  # "pytest", "npm" or "custom"
         self.origin = origin
-
-
-def _unknown_keys(ctx: TaskContext, payload: dict[str, Any], known: set[str]) -> None:
-    refuse_commands(ctx, payload)
-    unknown = sorted(str(k) for k in payload if k not in known)
-    if unknown:
-        raise TaskPayloadError(
-            f"{ctx.type}: unknown payload key(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(known))})"
-        )
 
 
 def _workspace(ctx: TaskContext, payload: dict[str, Any]) -> Path:
@@ -221,7 +205,7 @@ def _zero() -> dict[str, int]:
 async def run_tests(ctx: TaskContext) -> dict[str, Any]:
     """testing.run -> {passed, failed, skipped, duration, exit_code, output_tail, ...}."""
     payload = ctx.payload_dict()
-    _unknown_keys(ctx, payload, RUN_KEYS)
+    check_keys(ctx, payload, RUN_KEYS)
     ws = _workspace(ctx, payload)
     runner = _runner(ctx, ws)
     suite, args = _suite_args(ctx, ws, payload)
@@ -267,7 +251,7 @@ async def run_tests(ctx: TaskContext) -> dict[str, Any]:
 async def run_coverage(ctx: TaskContext) -> dict[str, Any]:
     """testing.coverage -> {coverage, lines, uncovered, ...}: coverage.py over pytest."""
     payload = ctx.payload_dict()
-    _unknown_keys(ctx, payload, RUN_KEYS)
+    check_keys(ctx, payload, RUN_KEYS)
     ws = _workspace(ctx, payload)
     runner = _runner(ctx, ws)
     if runner.kind != "pytest":

@@ -12,7 +12,7 @@ the workspace root.
 from __future__ import annotations
 
 import os
-import re
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,39 +24,17 @@ if TYPE_CHECKING:
     from ._base import TaskContext
 
 __all__ = [
-    "COMMAND_KEYS",
-    "check_name",
+    "agent_state_dir",
     "config_path",
+    "open_db",
     "payload_path",
-    "refuse_commands",
+    "relative_names",
     "section",
     "state_dir",
     "workspace_root",
 ]
 
 MAX_PATH_CHARS = 4096
-
-#: payload keys that smell of a command: refused everywhere (commands come from config)
-COMMAND_KEYS = frozenset(
-    {
-        "command",
-        "commands",
-        "cmd",
-        "args",
-        "argv",
-        "exec",
-        "executable",
-        "program",
-        "run",
-        "script",
-        "shell",
-        "runner",
-        "env",
-        "environment_variables",
-    }
-)
-
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def section(ctx: TaskContext, *keys: str) -> dict[str, Any]:
@@ -67,31 +45,6 @@ def section(ctx: TaskContext, *keys: str) -> dict[str, Any]:
         if table is None:
             return {}
     return table if isinstance(table, dict) else {}
-
-
-def refuse_commands(ctx: TaskContext, payload: dict[str, Any]) -> None:
-    """A payload never carries commands: refuse keys that look like one."""
-    found = sorted(k for k in payload if isinstance(k, str) and k.lower() in COMMAND_KEYS)
-    if found:
-        raise TaskPayloadError(
-            f"{ctx.type} payloads cannot carry commands or environment ({', '.join(found)}): "
-            "every command comes from the agent's sheri.toml"
-        )
-
-
-def check_name(value: Any, what: str) -> str:
-    """A service, database or suite name: letters, digits, '.', '_', '-' (no options)."""
-    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
-        raise TaskPayloadError(
-            f"payload '{what}' must be 1-128 of letters, digits, '.', '_', '-' "
-            f"(not starting with one of '._-'), got {_shown(value)}"
-        )
-    return value
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def workspace_root(ctx: TaskContext) -> Path:
@@ -186,12 +139,13 @@ def agent_state_dir(config: dict[str, Any], agent_id: str) -> Path:
     return path
 
 
-def open_db(path: Path) -> Any:
-    """A connection to one of the agent's own SQLite files (history, alert state)."""
-    import sqlite3
-
+def open_db(path: Path, schema: Iterable[str] = ()) -> Any:
+    """A connection to one of the agent's own SQLite files (history, alert state), with
+    the ``CREATE TABLE IF NOT EXISTS`` statements of ``schema`` run."""
     conn = sqlite3.connect(path, timeout=10, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.row_factory = sqlite3.Row
+    for statement in schema:
+        conn.execute(statement)
     return conn

@@ -1,4 +1,4 @@
-"""Placeholder handlers for the 13 task types, for exercising the swarm without tools.
+"""The simulated placeholders of the 13 task types, for exercising the swarm without tools.
 
 They run when the agent's configuration says ``[executors] simulate = true`` (or with
 :func:`~sheri_trio.executors.simulated_registry`). Each validates its payload and returns
@@ -98,7 +98,8 @@ async def unknown_type(ctx: TaskContext) -> dict[str, Any]:
     return await _sim(ctx, status="done", type=ctx.type)
 
 
-BUILTIN: dict[str, Executor] = {
+#: task type -> its placeholder
+SIMULATED: dict[str, Executor] = {
     "code.review": code_review,
     "code.generate": code_generate,
     "deployment.deploy": deploy,
