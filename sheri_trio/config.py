@@ -52,8 +52,7 @@ from ._checks import (
 )
 from .executors import EXECUTOR_TABLES, validate_executor_config
 from .mqtt import BrokerURL, LocalProtocolError, TLSOptions
-from .swarm._agent import AgentConfig, new_agent_id
-from .swarm._protocol import AGENT_ID_RE, DEFAULT_SWARM, ROLES, SWARM_RE
+from .swarm import AGENT_ID_RE, DEFAULT_SWARM, ROLES, SWARM_RE, AgentConfig, new_agent_id
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

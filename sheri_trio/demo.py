@@ -56,8 +56,15 @@ from .cli import (
 )
 from .config import Connection, FileConfig, connection_settings
 from .mqtt import BrokerURL, open_client
-from .swarm._agent import AgentConfig, run_agent
-from .swarm._protocol import TASK_ROLES, BadMessage, Topics, decode_envelope, encode
+from .swarm import (
+    TASK_ROLES,
+    AgentConfig,
+    BadMessage,
+    Topics,
+    decode_envelope,
+    encode,
+    run_agent,
+)
 from .testing import MosquittoBroker
 
 if TYPE_CHECKING:

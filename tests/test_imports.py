@@ -51,12 +51,13 @@ KNOWN_PRIVATE: frozenset[tuple[str, str]] = frozenset(
         ("sheri_trio.cli", "sheri_trio.swarm._agent"),
         ("sheri_trio.cli", "sheri_trio.swarm._claims"),
         ("sheri_trio.cli", "sheri_trio.swarm._protocol"),
-        ("sheri_trio.config", "sheri_trio.swarm._agent"),
-        ("sheri_trio.config", "sheri_trio.swarm._protocol"),
-        ("sheri_trio.demo", "sheri_trio.swarm._agent"),
-        ("sheri_trio.demo", "sheri_trio.swarm._protocol"),
-        # the agent reads its state directory: `from ..executors import agent_state_dir`
-        ("sheri_trio.swarm._agent", "sheri_trio.executors._workspace"),
+        # `sheri demo` shares the CLI's log format, secret scrubbing and exit helpers:
+        # they become public names when cli.py becomes a package of command modules
+        ("sheri_trio.demo", "sheri_trio.cli._LineFormatter"),
+        ("sheri_trio.demo", "sheri_trio.cli._agent_label"),
+        ("sheri_trio.demo", "sheri_trio.cli._exit_now"),
+        ("sheri_trio.demo", "sheri_trio.cli._remember_secrets"),
+        ("sheri_trio.demo", "sheri_trio.cli._scrub"),
         # testing.py's scripted broker uses the session module and its filter check
         ("sheri_trio.testing", "sheri_trio.mqtt._session"),
         ("sheri_trio.testing", "sheri_trio.mqtt._session._check_filter"),

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from ..executors import ExecutorRegistry, default_registry
-from ..executors._workspace import agent_state_dir
+from ..executors import ExecutorRegistry, agent_state_dir, default_registry
 from ..mqtt import (
     Client,
     ClientClosed,
