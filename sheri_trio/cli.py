@@ -67,7 +67,6 @@ from .mqtt import (
     MQTTError,
     open_client,
 )
-from .swarm._agent import AgentConfig, DuplicateAgent, read_retained, run_agent
 from .swarm._claims import ClaimBook, ClaimVerdict
 from .swarm._protocol import (
     AGENT_ID_RE,
@@ -83,6 +82,7 @@ from .swarm._protocol import (
     parse_outcome,
     roles_for,
 )
+from .swarm._startup import DuplicateAgent, StartupError, read_retained, run_agent
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -91,6 +91,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from .mqtt import Client
+    from .swarm._agent import AgentConfig
 
 __all__ = ["app", "main", "rewrite_prototype_argv"]
 
@@ -267,7 +268,11 @@ async def _run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
     async def one(config: AgentConfig, label: str | None) -> None:
         if label is not None:
             _agent_label.set(label)
-        await run_agent(config, shutdown=shutdown)
+        try:
+            await run_agent(config, shutdown=shutdown)
+        except BaseException:
+            shutdown.set()  # the others leave gracefully, then the error is told
+            raise
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
@@ -1033,7 +1038,7 @@ def explain(exc: BaseException) -> tuple[int, str] | None:
             known.append((EXIT_USAGE, str(leaf)))
         elif isinstance(leaf, LocalProtocolError):
             known.append((EXIT_USAGE, f"{leaf}; check --broker, SHERI_BROKER or sheri.toml"))
-        elif isinstance(leaf, DuplicateAgent):
+        elif isinstance(leaf, DuplicateAgent | StartupError):
             known.append((EXIT_FAILURE, str(leaf)))
         elif isinstance(leaf, ConnectError):
             if leaf.reason_code in AUTH_REFUSED:

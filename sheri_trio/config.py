@@ -15,13 +15,15 @@ The file (``./sheri.toml``, or the path given with ``--config``)::
     swarm = "opencto-dev"
     max_tasks = 4
     heartbeat_interval = 10.0
+    startup_timeout = 10         # each start-up step (default: [broker] connect_timeout)
 
     [broker]
     url = "mqtts://broker.example:8883"
     username = "sheri"
     password = "..."
     ca_file = "ca.pem"           # relative paths are relative to the file
-    connect_timeout = 10
+    connect_timeout = 10         # also bounds the CLI's waits for the broker's answers
+    close_timeout = 5            # flushing and DISCONNECT when a client closes
 
     [deploy.api]                 # every other table goes to the executors, checked by
     command = ["make", "deploy"] # sheri_trio.executors.validate_executor_config
@@ -212,6 +214,7 @@ AGENT_KEYS: Final[dict[str, Callable[[Any], Any]]] = {
     "state_retention": _integer(1),
     "session_expiry": _integer(0),
     "keep_alive": _integer(0, 65535),
+    "startup_timeout": _number(0, exclusive=True),
 }
 
 BROKER_KEYS: Final[dict[str, Callable[[Any], Any]]] = {
@@ -223,6 +226,7 @@ BROKER_KEYS: Final[dict[str, Callable[[Any], Any]]] = {
     "key_file": _string,
     "insecure": _boolean,
     "connect_timeout": _number(0, exclusive=True),
+    "close_timeout": _number(0, exclusive=True),
 }
 
 _FILE_KEYS: Final = ("ca_file", "cert_file", "key_file")
@@ -411,8 +415,9 @@ def connection_settings(
             key_file=b.get("key_file"),
             insecure=b.get("insecure", False),
         )
-    if "connect_timeout" in b:
-        options["connect_timeout"] = b["connect_timeout"]
+    for key in ("connect_timeout", "close_timeout"):
+        if key in b:
+            options[key] = b[key]
     return Connection(url, swarm_name, options)
 
 

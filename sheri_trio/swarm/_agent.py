@@ -16,7 +16,7 @@ import os
 import random
 import secrets
 from collections import deque
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -35,12 +35,9 @@ from ..executors._workspace import agent_state_dir
 from ..mqtt import (
     Client,
     ClientClosed,
-    ConnectError,
     Message,
     MQTTError,
     Subscription,
-    Will,
-    open_client,
 )
 from ._claims import ClaimBook, ClaimVerdict
 from ._lifecycle import Lifecycle, StateChange, TaskRecord
@@ -63,9 +60,14 @@ from ._protocol import (
     roles_for,
     task_types_for,
 )
+from ._startup import DuplicateAgent as DuplicateAgent
+from ._startup import Startup, StartupStep, read_retained
+from ._startup import agent_connection as agent_connection
+from ._startup import check_duplicate as check_duplicate
+from ._startup import run_agent as run_agent
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import Callable
     from pathlib import Path
 
 __all__ = ["Agent", "AgentConfig", "DuplicateAgent", "new_agent_id", "run_agent"]
@@ -77,10 +79,6 @@ INVALID_TASK_TYPE = "__invalid__"
 
 def new_agent_id() -> str:
     return f"sheri-ml-{secrets.token_hex(4)}"
-
-
-class DuplicateAgent(RuntimeError):
-    """An agent with this id is already online in the swarm."""
 
 
 @dataclass(slots=True)
@@ -107,6 +105,8 @@ class AgentConfig:
     state_retention: int = 86_400
     session_expiry: int = 3600
     keep_alive: int = 30
+    #: the bound of each start-up step (None: the client's connect_timeout)
+    startup_timeout: float | None = None
     check_duplicate: bool = True
     client_options: dict[str, Any] = field(default_factory=dict)
     executor_config: dict[str, Any] = field(default_factory=dict)
@@ -214,8 +214,15 @@ class Agent:
             **self.counters,
         }
 
-    async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
-        """Subscribe, announce, work until shutdown is requested, then leave cleanly."""
+    async def run(
+        self,
+        *,
+        startup: Startup | None = None,
+        task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Subscribe, load task states, announce (start-up steps, bounded by ``startup``'s
+        scope if it has one), work until shutdown is requested, then leave cleanly."""
+        startup = startup if startup is not None else Startup(self.agent_id)
         t = self.topics
         self.started_at = trio.current_time()
         filters = (
@@ -232,32 +239,39 @@ class Agent:
             t.agents_shutdown,
             t.broadcast,
         )
-        async with trio.open_nursery() as root:
-            # One subscription for every topic: the broker's order is kept across them.
-            async with self.client.subscribe(*filters, qos=1) as messages:
-                await self._load_task_states()
+        async with trio.open_nursery() as root, AsyncExitStack() as stack:
+            with startup.step(StartupStep.SUBSCRIBE):
+                # One subscription for every topic: the broker's order is kept across them.
+                messages = await stack.enter_async_context(self.client.subscribe(*filters, qos=1))
+            with startup.step(StartupStep.LOAD_TASK_STATES):
+                await self._load_task_states(progress=startup.renew)
+            with startup.step(StartupStep.ANNOUNCE):
                 await self._announce()
-                root.start_soon(self._intake, messages)
-                root.start_soon(self._heartbeat_loop)
-                root.start_soon(self._lease_loop)
-                root.start_soon(self._claimer)
-                self._log(logging.INFO, "online", max_tasks=self.config.max_tasks)
-                task_status.started(self)
-                async with trio.open_nursery() as tasks:
-                    self._tasks_nursery = tasks
-                    await self._shutdown.wait()
-                    await self._drain(tasks)
-                self._tasks_nursery = None
-                await self._leave()
-                root.cancel_scope.cancel()
+            root.start_soon(self._intake, messages)
+            root.start_soon(self._heartbeat_loop)
+            root.start_soon(self._lease_loop)
+            root.start_soon(self._claimer)
+            self._log(logging.INFO, "online", max_tasks=self.config.max_tasks)
+            task_status.started(self)
+            async with trio.open_nursery() as tasks:
+                self._tasks_nursery = tasks
+                await self._shutdown.wait()
+                await self._drain(tasks)
+            self._tasks_nursery = None
+            await self._leave()
+            root.cancel_scope.cancel()
 
-    async def _load_task_states(self) -> None:
+    async def _load_task_states(self, progress: Callable[[], object] | None = None) -> None:
         """Read the retained task states once: finished ids (no re-runs) and held tasks
-        whose holder may be gone (taken over when its lease runs out)."""
+        whose holder may be gone (taken over when its lease runs out). ``progress`` is
+        called on every message that arrives (see :func:`read_retained`)."""
         sync = f"{self.topics.swarm}/agents/{self.agent_id}/sync/{secrets.token_hex(4)}"
         now = trio.current_time()
         loaded = 0
-        for message in await read_retained(self.client, sync, self.topics.tasks_state_all):
+        retained = await read_retained(
+            self.client, sync, self.topics.tasks_state_all, progress=progress
+        )
+        for message in retained:
             try:
                 self._adopt_state(decode_envelope(message.payload).payload, now)
                 loaded += 1
@@ -1193,120 +1207,3 @@ def _rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# ------------------------------------------------------------------ running one
-async def read_retained(
-    client: Client, sync_topic: str, *filters: str, into: list[Message] | None = None
-) -> list[Message]:
-    """The retained (non-empty) messages on ``filters``.
-
-    Subscribes to them and to ``sync_topic``, then publishes on ``sync_topic``: the broker
-    sends a subscription's retained messages before it handles our later publish, so they
-    have all arrived when the marker comes back. ``into`` collects them as they arrive (so a
-    caller's timeout keeps what came).
-    """
-    found = [] if into is None else into
-    async with client.subscribe(*filters, sync_topic, qos=1) as messages:
-        await client.publish(sync_topic, b"sync", qos=1)
-        async for message in messages:
-            if message.topic == sync_topic:
-                break
-            if message.payload:
-                found.append(message)
-    return found
-
-
-async def check_duplicate(config: AgentConfig) -> None:
-    """Refuse to start if the swarm's retained status says this agent id is online."""
-    topics = Topics(config.swarm)
-    probe_topic = f"{config.swarm}/agents/{config.agent_id}/probe/{secrets.token_hex(4)}"
-    status: dict[str, Any] | None = None
-    async with open_client(
-        config.broker,
-        client_id=f"{config.agent_id}.probe.{secrets.token_hex(3)}",
-        clean_start=True,
-        **_connection_options(config),
-    ) as probe:
-        for m in await read_retained(probe, probe_topic, topics.agent_status(config.agent_id)):
-            try:
-                status = decode_envelope(m.payload).payload
-            except BadMessage:
-                status = None
-    if status and status.get("status") == "online":
-        raise DuplicateAgent(
-            f"an agent with id {config.agent_id!r} is already online in swarm "
-            f"{config.swarm!r} (since {status.get('timestamp', '?')}); choose another --agent-id "
-            "(if it crashed, its last will marks it offline within 1.5x its keep-alive)"
-        )
-
-
-def _connection_options(config: AgentConfig) -> dict[str, Any]:
-    options = {"keep_alive": config.keep_alive}
-    options.update(config.client_options)
-    return options
-
-
-@asynccontextmanager
-async def agent_connection(config: AgentConfig) -> AsyncIterator[Client]:
-    """The agent's persistent MQTT session, with its last will."""
-    topics = Topics(config.swarm)
-    will_payload = encode(
-        config.agent_id,
-        config.role,
-        {
-            "agent_id": config.agent_id,
-            "role": config.role,
-            "status": "offline",
-            "reason": "connection lost",
-        },
-    )
-    async with open_client(
-        config.broker,
-        client_id=config.agent_id,
-        clean_start=False,  # mosquitto 2.0.11 only persists sessions begun this way
-        session_expiry_interval=config.session_expiry,
-        will=Will(topics.agent_status(config.agent_id), will_payload, qos=1, retain=True),
-        **_connection_options(config),
-    ) as client:
-        try:
-            yield client
-        finally:
-            if hasattr(client, "disconnect"):
-                # Leaving for good: the broker need not keep our session.
-                await client.disconnect(0, session_expiry_interval=0)
-
-
-async def run_agent(
-    config: AgentConfig,
-    *,
-    executors: ExecutorRegistry | None = None,
-    shutdown: trio.Event | None = None,
-    task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Connect, run one agent until ``shutdown`` is set (or it is cancelled), leave."""
-    config.validate()
-    try:
-        if config.check_duplicate:
-            await check_duplicate(config)
-        async with agent_connection(config) as client:
-            agent = Agent(config, client, executors=executors)
-            async with trio.open_nursery() as nursery:
-                if shutdown is not None:
-
-                    async def relay() -> None:
-                        await shutdown.wait()
-                        agent.request_shutdown()
-
-                    nursery.start_soon(relay)
-
-                async def main(task_status: trio.TaskStatus[Agent]) -> None:
-                    await agent.run(task_status=task_status)  # returns after a graceful exit
-                    nursery.cancel_scope.cancel()
-
-                await nursery.start(main)
-                task_status.started(agent)
-    except ConnectError as exc:
-        raise ConnectError(
-            f"agent {config.agent_id}: {exc}", reason_code=exc.reason_code, retryable=exc.retryable
-        ) from None
