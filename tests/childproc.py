@@ -97,13 +97,18 @@ def freezing_sheri(pid: int, pattern: str) -> list[str]:
 
 
 def sheri_freezing_main() -> None:
-    """``python -c ... PID PATTERN ARGS...``: ``sheri ARGS...`` with a :class:`FreezeBroker`.
+    """``python -c ... PID PATTERN ARGS...``: ``sheri ARGS...`` with a :class:`FreezeBroker`
+    (which says ``froze broker PID`` on stderr when it has).
 
     Its handler sits on the ``sheri_trio`` logger (the CLI sets up the root's), and the
     client's logger is let through at INFO even when the CLI logs only warnings.
     """
     pid, pattern, *args = sys.argv[1:]
-    logging.getLogger("sheri_trio").addHandler(FreezeBroker(int(pid), pattern))
+
+    def said() -> None:
+        print(f"froze broker {pid}", file=sys.stderr, flush=True)
+
+    logging.getLogger("sheri_trio").addHandler(FreezeBroker(int(pid), pattern, said))
     logging.getLogger("sheri_trio.mqtt").setLevel(logging.INFO)
     from sheri_trio.cli import main
 
