@@ -262,18 +262,25 @@ def _warn_implicit_workspace(agents: Sequence[tuple[AgentConfig, str | None]]) -
 
 
 async def _run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
-    """Run agents in one nursery until a signal asks them to leave."""
+    """Run agents in one nursery until a signal asks them to leave.
+
+    When one fails (at start-up, or later), the others leave gracefully, as on a signal;
+    then its error is raised (several: a group).
+    """
     _warn_implicit_workspace(agents)
     shutdown = trio.Event()
+    errors: list[Exception] = []
 
     async def one(config: AgentConfig, label: str | None) -> None:
         if label is not None:
             _agent_label.set(label)
         try:
             await run_agent(config, shutdown=shutdown)
-        except BaseException:
-            shutdown.set()  # the others leave gracefully, then the error is told
-            raise
+        except Exception as exc:  # not Cancelled: the nursery would cancel the others
+            errors.append(exc)
+            if len(agents) > 1:  # say which one (the command's error line tells one)
+                log.error("stopped: %s", exc)
+            shutdown.set()
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
@@ -282,6 +289,10 @@ async def _run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
                 for config, label in agents:
                     nursery.start_soon(one, config, label)
             outer.cancel_scope.cancel()  # every agent has left: stop watching signals
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ExceptionGroup("agents failed", errors)
     return EXIT_OK
 
 
@@ -1041,25 +1052,31 @@ async def monitor_cmd(
             trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
             Live(view.render(0), console=console, auto_refresh=False) as live,
         ):
-            async with (
-                client.subscribe(topics.all, qos=1) as messages,
-                trio.open_nursery() as nursery,
-            ):
+            with trio.move_on_after(_answer_bound(conn)) as answer:  # lifted once subscribed
+                async with (
+                    client.subscribe(topics.all, qos=1) as messages,
+                    trio.open_nursery() as nursery,
+                ):
+                    answer.deadline = math.inf
 
-                async def stop_on_signal() -> None:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
+                    async def stop_on_signal() -> None:
+                        async for _ in signals:
+                            nursery.cancel_scope.cancel()
 
-                async def refresh() -> None:
-                    while True:
-                        live.update(view.render(trio.current_time()), refresh=True)
-                        await trio.sleep(0.25)
+                    async def refresh() -> None:
+                        while True:
+                            live.update(view.render(trio.current_time()), refresh=True)
+                            await trio.sleep(0.25)
 
-                nursery.start_soon(stop_on_signal)
-                nursery.start_soon(refresh)
-                async for message in messages:
-                    view.feed(message, trio.current_time())
+                    nursery.start_soon(stop_on_signal)
+                    nursery.start_soon(refresh)
+                    async for message in messages:
+                        view.feed(message, trio.current_time())
             live.update(view.render(trio.current_time()), refresh=True)
+        if answer.cancelled_caught:
+            raise NoAnswer(
+                _answer_bound(conn), f"subscribing to {topics.all} (waiting for the SUBACK)"
+            )
     return EXIT_OK
 
 

@@ -878,6 +878,13 @@ async def test_swarm_start_up_on_a_frozen_broker_fails_or_stops_on_sigterm(
         rf"sheri: error: agent {swarm}-\S+: start-up step 'probe' did not finish within 1 s ",
         _error_line(err),
     ), err
+    for label in labels:  # each failed, or left because another failed
+        assert re.search(
+            rf"^\[{label}\] .*(error: stopped: agent {swarm}-{label}: start-up step 'probe' "
+            rf"did not finish|info: start-up interrupted: .* step=probe$)",
+            err,
+            re.MULTILINE,
+        ), err
     assert "Traceback" not in err
 
     (tmp_path / "sheri.toml").write_text(_frozen_toml(startup_timeout=60))
@@ -907,8 +914,9 @@ async def test_swarm_start_up_on_a_frozen_broker_fails_or_stops_on_sigterm(
          "subscribing to the task's topics (waiting for the SUBACK)"),
         (("tasks",), "reading the retained task states ({swarm}/tasks/state/+)"),
         (("monitor", "--once"), "reading the swarm's retained messages ({swarm}/#)"),
+        (("monitor",), "subscribing to {swarm}/# (waiting for the SUBACK)"),
     ],
-    ids=["submit", "submit-wait", "tasks", "monitor-once"],
+    ids=["submit", "submit-wait", "tasks", "monitor-once", "monitor"],
 )  # fmt: skip
 async def test_cli_waits_on_a_frozen_broker_are_bounded_and_say_what_they_waited_for(
     fresh_broker: MosquittoBroker, tmp_path: Path, args: tuple[str, ...], waiting_for: str

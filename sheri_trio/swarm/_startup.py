@@ -72,8 +72,8 @@ class StartupStep(enum.Enum):
 
 
 _WAITING_FOR = {
-    StartupStep.PROBE: "the duplicate-id probe (a connection of its own, then our retained "
-    "status and a sync marker)",
+    StartupStep.PROBE: "the duplicate-id probe: its own connection, our retained status "
+    "and its sync marker",
     StartupStep.CONNECT: "the CONNACK of the agent's persistent session",
     StartupStep.SUBSCRIBE: "the SUBACK of the agent's subscription to the swarm's topics",
     StartupStep.LOAD_TASK_STATES: "the retained task states and our sync marker behind them",
