@@ -960,3 +960,27 @@ def test_config_start_up_and_close_bounds(tmp_path: Path) -> None:
         _write(tmp_path, text)
         with pytest.raises(ConfigError, match=rf"^sheri\.toml: {re.escape(message)}$"):
             load_config(cwd=tmp_path)
+
+
+async def test_when_one_agent_of_a_swarm_fails_the_others_leave_gracefully(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``_run_agents``: a failure is not a cancellation of the others (which would skip
+    their leaving: no release, no offline status); they get the shutdown, then it raises."""
+    import sheri_trio.cli as cli
+
+    left: list[str] = []
+
+    async def fake_run_agent(config: AgentConfig, *, shutdown: trio.Event) -> None:
+        if config.agent_id == "bad":
+            await trio.sleep(0.1)
+            raise RuntimeError("bad agent")
+        await shutdown.wait()
+        await trio.sleep(0.1)  # leaving: release, agents/shutdown, offline status
+        left.append(config.agent_id)  # not reached if it is cancelled
+
+    monkeypatch.setattr(cli, "run_agent", fake_run_agent)
+    configs = [AgentConfig(agent_id=i, role="review", broker="mqtt://x") for i in ("a", "bad", "b")]
+    with trio.fail_after(5), pytest.raises(RuntimeError, match=r"^bad agent$"):
+        await cli._run_agents([(c, c.agent_id) for c in configs])
+    assert sorted(left) == ["a", "b"]
