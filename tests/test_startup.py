@@ -17,7 +17,7 @@ import pytest
 import trio
 from childproc import freeze_broker_on
 
-from sheri_trio.mqtt import ConnectError, open_client
+from sheri_trio.mqtt import ConnectError, PublishError, open_client
 from sheri_trio.swarm._agent import AgentConfig
 from sheri_trio.swarm._protocol import Topics, encode
 from sheri_trio.swarm._startup import (
@@ -28,9 +28,10 @@ from sheri_trio.swarm._startup import (
     run_agent,
     startup_timeout,
 )
+from sheri_trio.testing import MosquittoBroker
 
 if TYPE_CHECKING:
-    from sheri_trio.testing import MosquittoBroker
+    from pathlib import Path
 
 STEPS = list(StartupStep)
 
@@ -256,3 +257,22 @@ async def test_leaving_before_start_up_finished_lets_the_will_say_offline(
             async with agent_connection(config, startup) as client:
                 await client.publish(topic, online, qos=1, retain=True)
             assert await _retained_status(broker, config) == expected
+
+
+async def test_a_refused_request_is_a_start_up_error_naming_the_step(tmp_path: Path) -> None:
+    """mosquitto grants SUBSCRIBEs its ACL denies (and delivers nothing); it refuses
+    the publish of our sync marker: ``load task states`` fails, saying why."""
+    acl = tmp_path / "acl"
+    acl.write_text("user sheri\ntopic readwrite elsewhere/#\n")  # nothing of the swarm
+    with MosquittoBroker(tmp_path / "mosquitto", tls=False, extra_config=f"acl_file {acl}") as b:
+        config = _config(b, "refused-1", check_duplicate=False)
+        with trio.fail_after(10), pytest.raises(StartupError) as info:
+            await run_agent(config)
+    assert info.value.step is StartupStep.LOAD_TASK_STATES
+    assert isinstance(info.value.cause, PublishError)
+    text = str(info.value)
+    assert text.startswith(
+        "agent refused-1: start-up step 'load task states' failed: broker refused publish to "
+        f"'{config.swarm}/agents/refused-1/sync/"
+    ), text
+    assert text.endswith("': NOT_AUTHORIZED (0x87)"), text

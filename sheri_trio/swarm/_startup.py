@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..mqtt import ClientOptions, ConnectError, Will, open_client
+from ..mqtt import ClientOptions, ConnectError, MQTTError, Will, open_client
 from ._protocol import BadMessage, Topics, decode_envelope, encode
 
 if TYPE_CHECKING:
@@ -96,22 +96,36 @@ class DuplicateAgent(RuntimeError):
 
 
 class StartupError(RuntimeError):
-    """A start-up step did not finish within its bound.
+    """A start-up step did not finish within its bound, or failed with ``cause``.
 
     ``str()`` names the agent, the step, the bound, what the step waited for and the likely
     cause, e.g. ``agent a1: start-up step 'subscribe' did not finish within 10 s (waiting
-    for the SUBACK of ...): the broker accepted the connection but does not answer ...``.
+    for the SUBACK of ...): the broker accepted the connection but does not answer ...``;
+    or, with a cause (an MQTT error other than ``ConnectError``, which keeps its type):
+    ``agent a1: start-up step 'subscribe' failed: subscription refused (...)``.
     """
 
-    def __init__(self, agent_id: str, step: StartupStep, seconds: float) -> None:
-        super().__init__(
-            f"agent {agent_id}: start-up step {step.value!r} did not finish within "
-            f"{seconds:g} s (waiting for {step.waiting_for}): {step.likely_cause}; "
-            "the bound is [agent] startup_timeout (default: [broker] connect_timeout)"
-        )
+    def __init__(
+        self,
+        agent_id: str,
+        step: StartupStep,
+        seconds: float | None,
+        *,
+        cause: BaseException | None = None,
+    ) -> None:
+        if cause is not None:
+            text = f"agent {agent_id}: start-up step {step.value!r} failed: {cause}"
+        else:
+            text = (
+                f"agent {agent_id}: start-up step {step.value!r} did not finish within "
+                f"{seconds:g} s (waiting for {step.waiting_for}): {step.likely_cause}; "
+                "the bound is [agent] startup_timeout (default: [broker] connect_timeout)"
+            )
+        super().__init__(text)
         self.agent_id = agent_id
         self.step = step
         self.seconds = seconds
+        self.cause = cause
 
 
 class Startup:
@@ -339,13 +353,17 @@ async def run_agent(
                     # the agent's own steps, then its life; returns after a graceful exit
                     await agent.run(startup=startup, task_status=task_status)
                 nursery.cancel_scope.cancel()  # the relay
-    except ConnectError as exc:
+    except ConnectError as exc:  # keeps its type: the CLI's hints depend on its reason code
         step = f" (start-up step {startup.current.value!r})" if startup.current else ""
         raise ConnectError(
             f"agent {config.agent_id}{step}: {exc}",
             reason_code=exc.reason_code,
             retryable=exc.retryable,
         ) from None
+    except MQTTError as exc:  # e.g. a refused SUBSCRIBE, a connection lost
+        if startup.current is None:  # online: not a start-up error
+            raise
+        raise StartupError(config.agent_id, startup.current, startup.timeout, cause=exc) from exc
 
 
 @contextmanager
