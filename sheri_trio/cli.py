@@ -68,6 +68,7 @@ from .mqtt import (
     MQTTError,
     open_client,
 )
+from .swarm import DuplicateAgent, StartupError, read_retained, run_agent
 from .swarm._claims import ClaimBook, ClaimVerdict
 from .swarm._protocol import (
     AGENT_ID_RE,
@@ -83,7 +84,6 @@ from .swarm._protocol import (
     parse_outcome,
     roles_for,
 )
-from .swarm._startup import DuplicateAgent, StartupError, read_retained, run_agent
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence

@@ -18,14 +18,13 @@ import trio
 from childproc import freeze_broker_on
 
 from sheri_trio.mqtt import ConnectError, PublishError, open_client
-from sheri_trio.swarm._agent import AgentConfig
+from sheri_trio.swarm._agent import AgentConfig, run_agent
 from sheri_trio.swarm._protocol import Topics, encode
 from sheri_trio.swarm._startup import (
     Startup,
     StartupError,
     StartupStep,
     agent_connection,
-    run_agent,
     startup_timeout,
 )
 from sheri_trio.testing import MosquittoBroker

@@ -60,17 +60,20 @@ from ._protocol import (
     roles_for,
     task_types_for,
 )
-from ._startup import DuplicateAgent as DuplicateAgent
-from ._startup import Startup, StartupStep, read_retained
-from ._startup import agent_connection as agent_connection
-from ._startup import check_duplicate as check_duplicate
-from ._startup import run_agent as run_agent
+from ._startup import (
+    Startup,
+    StartupStep,
+    agent_connection,
+    check_duplicate,
+    read_retained,
+    startup_timeout,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-__all__ = ["Agent", "AgentConfig", "DuplicateAgent", "new_agent_id", "run_agent"]
+__all__ = ["Agent", "AgentConfig", "new_agent_id", "run_agent"]
 
 log = logging.getLogger("sheri_trio.agent")
 
@@ -1207,3 +1210,36 @@ def _rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------ running one
+async def run_agent(
+    config: AgentConfig,
+    *,
+    executors: ExecutorRegistry | None = None,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Probe, connect, run one agent until ``shutdown`` is set (or it is cancelled), leave.
+
+    Each start-up step is bounded by :func:`startup_timeout` (a :class:`StartupError`
+    names the step). A ``shutdown`` set during start-up stops it there: this returns
+    without calling ``task_status.started()``. Once online the agent leaves gracefully.
+    """
+    config.validate()
+    startup = Startup(config.agent_id, startup_timeout(config))
+    agent: Agent | None = None
+
+    def leave() -> None:
+        if agent is not None:
+            agent.request_shutdown()
+
+    async with startup.guard(shutdown, leave):
+        if config.check_duplicate:
+            with startup.step(StartupStep.PROBE):
+                await check_duplicate(config)
+        async with AsyncExitStack() as stack:
+            with startup.step(StartupStep.CONNECT):
+                client = await stack.enter_async_context(agent_connection(config, startup))
+            agent = Agent(config, client, executors=executors)
+            await agent.run(startup=startup, task_status=task_status)  # after a graceful exit

@@ -11,8 +11,9 @@ step and its likely cause. A shutdown requested before the agent is online
 (:meth:`Startup.interrupt`) cancels the start-up where it is: nothing was claimed, so
 nothing is released.
 
-:func:`run_agent` puts it together: the probe, the connection, :class:`~._agent.Agent`,
-and the relay of a shutdown event, started before the probe.
+:meth:`Startup.guard` relays a shutdown event from the first step on;
+:func:`~._agent.run_agent` puts it together with the probe, the connection and the agent.
+Nothing here knows the agent itself.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import enum
 import logging
 import math
 import secrets
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,9 +33,8 @@ from ._protocol import BadMessage, Topics, decode_envelope, encode
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
-    from ..executors import ExecutorRegistry
     from ..mqtt import Client, Message
-    from ._agent import Agent, AgentConfig
+    from ._agent import AgentConfig
 
 __all__ = [
     "DuplicateAgent",
@@ -44,7 +44,6 @@ __all__ = [
     "agent_connection",
     "check_duplicate",
     "read_retained",
-    "run_agent",
     "startup_timeout",
 ]
 
@@ -184,6 +183,45 @@ class Startup:
         elapsed = trio.current_time() - started
         self._log(logging.DEBUG, f"start-up: {step.value} done", seconds=f"{elapsed:.3f}")
 
+    @asynccontextmanager
+    async def guard(
+        self, shutdown: trio.Event | None, on_shutdown: Callable[[], object]
+    ) -> AsyncIterator[Startup]:
+        """The start-up and the life after it, in :meth:`bounded`'s scope, with ``shutdown``
+        relayed from the first step on: set before every step finished, it interrupts the
+        start-up (the block is left quietly); after, it calls ``on_shutdown`` (the agent's
+        graceful way out).
+
+        Errors come out as themselves, not in groups. An MQTT error during a step becomes
+        a :class:`StartupError` naming it; a ``ConnectError`` keeps its type (the CLI's
+        hints depend on its reason code), its message names the step.
+        """
+        try:
+            with self.bounded(), _single_error():
+                async with trio.open_nursery() as nursery:
+                    if shutdown is not None:
+                        nursery.start_soon(self._relay, shutdown, on_shutdown)
+                    yield self
+                    nursery.cancel_scope.cancel()  # the relay
+        except ConnectError as exc:
+            step = f" (start-up step {self.current.value!r})" if self.current else ""
+            raise ConnectError(
+                f"agent {self.agent_id}{step}: {exc}",
+                reason_code=exc.reason_code,
+                retryable=exc.retryable,
+            ) from None
+        except MQTTError as exc:  # e.g. a refused publish or subscription, a lost connection
+            if self.current is None:  # online: not a start-up error
+                raise
+            raise StartupError(self.agent_id, self.current, self.timeout, cause=exc) from exc
+
+    async def _relay(self, shutdown: trio.Event, on_shutdown: Callable[[], object]) -> None:
+        await shutdown.wait()
+        if self.finished:
+            on_shutdown()
+        else:
+            self.interrupt()
+
     def renew(self) -> None:
         """The current step made progress: give it its whole bound again from now."""
         if self._scope is not None and self.timeout is not None and self.current is not None:
@@ -203,6 +241,24 @@ class Startup:
             if value is not None:
                 parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
         log.log(level, "%s %s", event, " ".join(parts), extra={"agent_id": self.agent_id})
+
+
+@contextmanager
+def _single_error() -> Iterator[None]:
+    """Raise the one real error of a nursery's group as itself (Cancelled left out)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if len(real) == 1:
+            raise real[0] from None
+        raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def startup_timeout(config: AgentConfig) -> float:
@@ -309,77 +365,3 @@ async def agent_connection(
                 # Leaving for good: the broker need not keep our session.
                 reason = 0x04 if startup is not None and not startup.finished else 0
                 await client.disconnect(reason, session_expiry_interval=0)
-
-
-# ------------------------------------------------------------------ running one
-async def run_agent(
-    config: AgentConfig,
-    *,
-    executors: ExecutorRegistry | None = None,
-    shutdown: trio.Event | None = None,
-    task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Probe, connect, run one agent until ``shutdown`` is set (or it is cancelled), leave.
-
-    Each start-up step is bounded by :func:`startup_timeout` (:class:`StartupError`). A
-    ``shutdown`` set during start-up stops it there and returns without calling
-    ``task_status.started()``; once the agent is online it leaves gracefully.
-    """
-    from ._agent import Agent  # _agent imports this module
-
-    config.validate()
-    startup = Startup(config.agent_id, startup_timeout(config))
-    agent: Agent | None = None
-    try:
-        with startup.bounded(), _one_error():
-            async with trio.open_nursery() as nursery:
-                if shutdown is not None:
-
-                    async def relay() -> None:
-                        await shutdown.wait()
-                        if startup.finished and agent is not None:
-                            agent.request_shutdown()  # online: the graceful way out
-                        else:
-                            startup.interrupt()
-
-                    nursery.start_soon(relay)
-                if config.check_duplicate:
-                    with startup.step(StartupStep.PROBE):
-                        await check_duplicate(config)
-                async with AsyncExitStack() as stack:
-                    with startup.step(StartupStep.CONNECT):
-                        client = await stack.enter_async_context(agent_connection(config, startup))
-                    agent = Agent(config, client, executors=executors)
-                    # the agent's own steps, then its life; returns after a graceful exit
-                    await agent.run(startup=startup, task_status=task_status)
-                nursery.cancel_scope.cancel()  # the relay
-    except ConnectError as exc:  # keeps its type: the CLI's hints depend on its reason code
-        step = f" (start-up step {startup.current.value!r})" if startup.current else ""
-        raise ConnectError(
-            f"agent {config.agent_id}{step}: {exc}",
-            reason_code=exc.reason_code,
-            retryable=exc.retryable,
-        ) from None
-    except MQTTError as exc:  # e.g. a refused SUBSCRIBE, a connection lost
-        if startup.current is None:  # online: not a start-up error
-            raise
-        raise StartupError(config.agent_id, startup.current, startup.timeout, cause=exc) from exc
-
-
-@contextmanager
-def _one_error() -> Iterator[None]:
-    """Raise the one real error of the start-up's nursery as itself (callers catch
-    ``ConnectError``, ``DuplicateAgent``, ``StartupError``, not groups)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1:
-            raise real[0] from None
-        raise
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
