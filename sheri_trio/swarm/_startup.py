@@ -139,6 +139,7 @@ class Startup:
         self.timeout = timeout
         #: the step in progress; after a failure or an interruption, the step it ended in
         self.current: StartupStep | None = None
+        self._begun: StartupStep = StartupStep.PROBE  # the last step begun
         #: every step finished: the agent is online
         self.finished = False
         self.interrupted = False
@@ -159,7 +160,7 @@ class Startup:
                 self._scope = None
         if not scope.cancelled_caught:
             return
-        step = self.current or StartupStep.PROBE
+        step = self.current or self._begun
         if self.interrupted:
             self._log(logging.INFO, "start-up interrupted: nothing to release", step=step.value)
             return
@@ -169,7 +170,7 @@ class Startup:
     @contextmanager
     def step(self, step: StartupStep) -> Iterator[Startup]:
         """Log ``step`` and bound it: the start-up scope's deadline is ``timeout`` away."""
-        self.current = step
+        self.current = self._begun = step
         started = trio.current_time()
         self._log(logging.INFO, f"start-up: {step.value}", timeout=self.timeout)
         self.renew()
