@@ -61,6 +61,7 @@ from .config import (
 )
 from .mqtt import (
     ClientClosed,
+    ClientOptions,
     ConnectError,
     ConnectionLost,
     LocalProtocolError,
@@ -68,7 +69,7 @@ from .mqtt import (
     MQTTError,
     open_client,
 )
-from .swarm._agent import AgentConfig, DuplicateAgent, read_retained, run_agent
+from .swarm import DuplicateAgent, StartupError, read_retained, run_agent
 from .swarm._claims import ClaimBook, ClaimVerdict
 from .swarm._protocol import (
     AGENT_ID_RE,
@@ -91,7 +92,8 @@ if TYPE_CHECKING:
     from cyclopts.exceptions import CycloptsError
     from rich.console import RenderableType
 
-    from .mqtt import Client
+    from .mqtt import Client, Subscription
+    from .swarm._agent import AgentConfig
 
 __all__ = ["app", "main", "rewrite_prototype_argv"]
 
@@ -261,14 +263,25 @@ def _warn_implicit_workspace(agents: Sequence[tuple[AgentConfig, str | None]]) -
 
 
 async def _run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
-    """Run agents in one nursery until a signal asks them to leave."""
+    """Run agents in one nursery until a signal asks them to leave.
+
+    When one fails (at start-up, or later), the others leave gracefully, as on a signal;
+    then its error is raised (several: a group).
+    """
     _warn_implicit_workspace(agents)
     shutdown = trio.Event()
+    errors: list[Exception] = []
 
     async def one(config: AgentConfig, label: str | None) -> None:
         if label is not None:
             _agent_label.set(label)
-        await run_agent(config, shutdown=shutdown)
+        try:
+            await run_agent(config, shutdown=shutdown)
+        except Exception as exc:  # not Cancelled: the nursery would cancel the others
+            errors.append(exc)
+            if len(agents) > 1:  # say which one (the command's error line tells one)
+                log.error("stopped: %s", exc)
+            shutdown.set()
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
@@ -277,6 +290,10 @@ async def _run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
                 for config, label in agents:
                     nursery.start_soon(one, config, label)
             outer.cancel_scope.cancel()  # every agent has left: stop watching signals
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ExceptionGroup("agents failed", errors)
     return EXIT_OK
 
 
@@ -440,14 +457,40 @@ async def _open(conn: Connection, kind: str) -> AsyncIterator[Client]:
         yield client
 
 
+class NoAnswer(RuntimeError):
+    """The broker accepted our connection but did not answer in time (exit code 1)."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        super().__init__(
+            f"no answer from the broker within {seconds:g} s while {what}: it accepted the "
+            "connection but does not answer (stalled or overloaded?); the bound is "
+            "[broker] connect_timeout"
+        )
+
+
+def _answer_bound(conn: Connection) -> float:
+    """How long the CLI waits for each answer of the broker: the ``connect_timeout``."""
+    return float(conn.client_options.get("connect_timeout", ClientOptions().connect_timeout))
+
+
 async def _read_retained(
-    client: Client, topics: Topics, *filters: str, max_wait: float = 5.0
+    client: Client, topics: Topics, *filters: str, bound: float, what: str
 ) -> list[Message]:
-    """The retained messages on ``filters``: they all arrive before our own sync marker."""
+    """The retained messages on ``filters``: they all arrive before our own sync marker.
+
+    Each message (the first one included) must come within ``bound`` of the one before,
+    else :class:`NoAnswer` says we were reading ``what``.
+    """
     sync = f"{topics.swarm}/cli/sync/{secrets.token_hex(6)}"
     found: list[Message] = []
-    with trio.move_on_after(max_wait):
-        await read_retained(client, sync, *filters, into=found)
+    with trio.move_on_after(bound) as scope:
+
+        def renew() -> None:
+            scope.deadline = trio.current_time() + bound
+
+        await read_retained(client, sync, *filters, into=found, progress=renew)
+    if scope.cancelled_caught:
+        raise NoAnswer(bound, f"reading {what}")
     return found
 
 
@@ -549,12 +592,16 @@ async def submit_cmd(
     conn = _connection(config, broker, swarm, username, password)
     topics = Topics(conn.swarm)
     data = encode(None, None, body)
+    bound = _answer_bound(conn)
     async with _open(conn, "submit") as client:
         if not wait:
-            await client.publish(topics.tasks_new, data, qos=1, content_type="application/json")
+            with trio.move_on_after(bound) as scope:
+                await client.publish(topics.tasks_new, data, qos=1, content_type="application/json")
+            if scope.cancelled_caught:
+                raise NoAnswer(bound, f"publishing task {body['task_id']} (waiting for its PUBACK)")
             _say(body["task_id"])
             return EXIT_OK
-        return await _submit_and_follow(client, topics, body, data, wait_timeout)
+        return await _submit_and_follow(client, topics, body, data, wait_timeout, bound)
 
 
 @dataclass(slots=True)
@@ -564,7 +611,34 @@ class _Peer:
 
 
 async def _submit_and_follow(
-    client: Client, topics: Topics, body: dict[str, Any], data: bytes, wait_timeout: float
+    client: Client,
+    topics: Topics,
+    body: dict[str, Any],
+    data: bytes,
+    wait_timeout: float,
+    bound: float,
+) -> int:
+    """Subscribe, publish (each answer of the broker within ``bound``), then follow."""
+    waiting_for = "subscribing to the task's topics (waiting for the SUBACK)"
+    with trio.move_on_after(bound) as answer:  # lifted once the task is out
+        async with client.subscribe(
+            topics.tasks_assigned,
+            topics.tasks_progress,
+            topics.tasks_complete,
+            topics.tasks_failed,
+            topics.tasks_released,
+            topics.agents_status_all,
+            qos=1,
+        ) as messages:
+            waiting_for = f"publishing task {body['task_id']} (waiting for its PUBACK)"
+            await client.publish(topics.tasks_new, data, qos=1, content_type="application/json")
+            answer.deadline = math.inf
+            return await _follow(messages, topics, body, wait_timeout)
+    raise NoAnswer(bound, waiting_for)
+
+
+async def _follow(
+    messages: Subscription, topics: Topics, body: dict[str, Any], wait_timeout: float
 ) -> int:
     task_id: str = body["task_id"]
     roles = roles_for(body["type"])
@@ -572,87 +646,76 @@ async def _submit_and_follow(
     book = ClaimBook()
     holder: tuple[str, int] | None = None  # (agent id, attempt) of the latest winning claim
     waiting_since = ""  # why we wait for a claim: "" (first claim) or what happened
-
-    async with client.subscribe(
-        topics.tasks_assigned,
-        topics.tasks_progress,
-        topics.tasks_complete,
-        topics.tasks_failed,
-        topics.tasks_released,
-        topics.agents_status_all,
-        qos=1,
-    ) as messages:
-        await client.publish(topics.tasks_new, data, qos=1, content_type="application/json")
-        _say(f"submitted {task_id} ({body['type']}, priority {body['priority']}) to {topics.swarm}")
-        deadline = trio.current_time() + wait_timeout
-        while True:
-            message: Message | None = None
-            with trio.move_on_at(deadline if holder is None else math.inf):
-                message = await messages.receive()
-            if message is None:
-                _say(
-                    _no_claim(
-                        task_id, wait_timeout, roles, body.get("assigned_to"), peers, waiting_since
+    _say(f"submitted {task_id} ({body['type']}, priority {body['priority']}) to {topics.swarm}")
+    deadline = trio.current_time() + wait_timeout
+    while True:
+        message: Message | None = None
+        with trio.move_on_at(deadline if holder is None else math.inf):
+            message = await messages.receive()
+        if message is None:
+            _say(
+                _no_claim(
+                    task_id, wait_timeout, roles, body.get("assigned_to"), peers, waiting_since
+                )
+            )
+            return EXIT_USAGE
+        env = _decode(message)
+        if env is None:
+            continue
+        p = env.payload
+        topic = message.topic
+        status_of = topics.status_agent_id(topic)
+        if status_of is not None:
+            role = p.get("role", env.role)
+            peers[status_of] = _Peer(
+                role if isinstance(role, str) else None, p.get("status") == "online"
+            )
+            if holder is not None and holder[0] == status_of and p.get("status") != "online":
+                _say(f"holder {status_of} went offline; waiting for another agent to take over")
+                waiting_since = f"{status_of} went offline"
+                holder = None
+                deadline = trio.current_time() + wait_timeout
+            continue
+        if p.get("task_id") != task_id:
+            continue
+        try:
+            if topic == topics.tasks_assigned:
+                claim = parse_claim(env)
+                if book.observe_claim(claim, trio.current_time()) is ClaimVerdict.WON:
+                    holder = (claim.agent_id, claim.attempt)
+                    _say(
+                        f"claimed by {claim.agent_id} ({claim.role or '?'}), "
+                        f"attempt {claim.attempt}"
                     )
-                )
-                return EXIT_USAGE
-            env = _decode(message)
-            if env is None:
-                continue
-            p = env.payload
-            topic = message.topic
-            status_of = topics.status_agent_id(topic)
-            if status_of is not None:
-                role = p.get("role", env.role)
-                peers[status_of] = _Peer(
-                    role if isinstance(role, str) else None, p.get("status") == "online"
-                )
-                if holder is not None and holder[0] == status_of and p.get("status") != "online":
-                    _say(f"holder {status_of} went offline; waiting for another agent to take over")
-                    waiting_since = f"{status_of} went offline"
+            elif topic == topics.tasks_released:
+                claim = parse_claim(env)
+                if book.release(task_id, claim.attempt):
+                    _say(f"released by {claim.agent_id} (attempt {claim.attempt})")
+                    waiting_since = f"{claim.agent_id} released it"
                     holder = None
                     deadline = trio.current_time() + wait_timeout
-                continue
-            if p.get("task_id") != task_id:
-                continue
-            try:
-                if topic == topics.tasks_assigned:
-                    claim = parse_claim(env)
-                    if book.observe_claim(claim, trio.current_time()) is ClaimVerdict.WON:
-                        holder = (claim.agent_id, claim.attempt)
-                        _say(
-                            f"claimed by {claim.agent_id} ({claim.role or '?'}), "
-                            f"attempt {claim.attempt}"
-                        )
-                elif topic == topics.tasks_released:
-                    claim = parse_claim(env)
-                    if book.release(task_id, claim.attempt):
-                        _say(f"released by {claim.agent_id} (attempt {claim.attempt})")
-                        waiting_since = f"{claim.agent_id} released it"
-                        holder = None
-                        deadline = trio.current_time() + wait_timeout
-                elif topic == topics.tasks_progress:
-                    attempt = p.get("attempt", 1)
-                    if holder is not None and attempt == holder[1]:
-                        _say(_progress_line(p))
-                else:
-                    outcome = parse_outcome(env, success=topic == topics.tasks_complete)
-                    if not book.observe_outcome(outcome):
-                        continue  # a stale attempt's outcome: fenced off
-                    if outcome.success:
-                        _say(
-                            f"complete: success by {outcome.agent_id}, attempt {outcome.attempt}, "
-                            f"{p.get('duration', '?')} ms"
-                        )
-                        _say(f"result: {_short(p.get('result'), 4000)}")
-                        return EXIT_OK
+            elif topic == topics.tasks_progress:
+                attempt = p.get("attempt", 1)
+                if holder is not None and attempt == holder[1]:
+                    _say(_progress_line(p))
+            else:
+                outcome = parse_outcome(env, success=topic == topics.tasks_complete)
+                if not book.observe_outcome(outcome):
+                    continue  # a stale attempt's outcome: fenced off
+                if outcome.success:
                     _say(
-                        f"failed: {p.get('error', '?')} (reason {p.get('reason', '?')}) "
-                        f"by {outcome.agent_id or '?'}, attempt {outcome.attempt}"
+                        f"complete: success by {outcome.agent_id}, attempt {outcome.attempt}, "
+                        f"{p.get('duration', '?')} ms"
                     )
-                    return EXIT_FAILURE
-            except BadMessage:
-                continue
+                    _say(f"result: {_short(p.get('result'), 4000)}")
+                    return EXIT_OK
+                _say(
+                    f"failed: {p.get('error', '?')} (reason {p.get('reason', '?')}) "
+                    f"by {outcome.agent_id or '?'}, attempt {outcome.attempt}"
+                )
+                return EXIT_FAILURE
+        except BadMessage:
+            continue
 
 
 def _progress_line(p: dict[str, Any]) -> str:
@@ -713,7 +776,13 @@ async def tasks_cmd(
     conn = _connection(config, broker, swarm, username, password)
     topics = Topics(conn.swarm)
     async with _open(conn, "tasks") as client:
-        retained = await _read_retained(client, topics, topics.tasks_state_all)
+        retained = await _read_retained(
+            client,
+            topics,
+            topics.tasks_state_all,
+            bound=_answer_bound(conn),
+            what=f"the retained task states ({topics.tasks_state_all})",
+        )
     rows: list[dict[str, Any]] = []
     for message in retained:
         env = _decode(message)
@@ -969,7 +1038,14 @@ async def monitor_cmd(
     console = Console()
     async with _open(conn, "monitor") as client:
         if once:
-            for message in await _read_retained(client, topics, topics.all):
+            retained = await _read_retained(
+                client,
+                topics,
+                topics.all,
+                bound=_answer_bound(conn),
+                what=f"the swarm's retained messages ({topics.all})",
+            )
+            for message in retained:
                 view.feed(message, trio.current_time())
             console.print(view.render(trio.current_time()))
             return EXIT_OK
@@ -977,25 +1053,31 @@ async def monitor_cmd(
             trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
             Live(view.render(0), console=console, auto_refresh=False) as live,
         ):
-            async with (
-                client.subscribe(topics.all, qos=1) as messages,
-                trio.open_nursery() as nursery,
-            ):
+            with trio.move_on_after(_answer_bound(conn)) as answer:  # lifted once subscribed
+                async with (
+                    client.subscribe(topics.all, qos=1) as messages,
+                    trio.open_nursery() as nursery,
+                ):
+                    answer.deadline = math.inf
 
-                async def stop_on_signal() -> None:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
+                    async def stop_on_signal() -> None:
+                        async for _ in signals:
+                            nursery.cancel_scope.cancel()
 
-                async def refresh() -> None:
-                    while True:
-                        live.update(view.render(trio.current_time()), refresh=True)
-                        await trio.sleep(0.25)
+                    async def refresh() -> None:
+                        while True:
+                            live.update(view.render(trio.current_time()), refresh=True)
+                            await trio.sleep(0.25)
 
-                nursery.start_soon(stop_on_signal)
-                nursery.start_soon(refresh)
-                async for message in messages:
-                    view.feed(message, trio.current_time())
+                    nursery.start_soon(stop_on_signal)
+                    nursery.start_soon(refresh)
+                    async for message in messages:
+                        view.feed(message, trio.current_time())
             live.update(view.render(trio.current_time()), refresh=True)
+        if answer.cancelled_caught:
+            raise NoAnswer(
+                _answer_bound(conn), f"subscribing to {topics.all} (waiting for the SUBACK)"
+            )
     return EXIT_OK
 
 
@@ -1043,7 +1125,7 @@ def explain(exc: BaseException) -> tuple[int, str] | None:
             known.append((EXIT_USAGE, str(leaf)))
         elif isinstance(leaf, LocalProtocolError):
             known.append((EXIT_USAGE, f"{leaf}; check --broker, SHERI_BROKER or sheri.toml"))
-        elif isinstance(leaf, DuplicateAgent):
+        elif isinstance(leaf, DuplicateAgent | StartupError | NoAnswer):
             known.append((EXIT_FAILURE, str(leaf)))
         elif isinstance(leaf, ConnectError):
             if leaf.reason_code in AUTH_REFUSED:

@@ -15,13 +15,15 @@ The file (``./sheri.toml``, or the path given with ``--config``)::
     swarm = "opencto-dev"
     max_tasks = 4
     heartbeat_interval = 10.0
+    startup_timeout = 10         # each start-up step (default: [broker] connect_timeout)
 
     [broker]
     url = "mqtts://broker.example:8883"
     username = "sheri"
     password = "..."
     ca_file = "ca.pem"           # relative paths are relative to the file
-    connect_timeout = 10
+    connect_timeout = 10         # also bounds the CLI's waits for the broker's answers
+    close_timeout = 5            # flushing and DISCONNECT when a client closes
 
     [deploy.api]                 # every other table goes to the executors, checked by
     command = ["make", "deploy"] # sheri_trio.executors.validate_executor_config
@@ -160,6 +162,7 @@ AGENT_KEYS: Final[dict[str, Check]] = {
     "state_retention": _integer(1),
     "session_expiry": _integer(0),
     "keep_alive": _integer(0, 65535),
+    "startup_timeout": number(0, exclusive=True),
 }
 
 BROKER_KEYS: Final[dict[str, Check]] = {
@@ -171,6 +174,7 @@ BROKER_KEYS: Final[dict[str, Check]] = {
     "key_file": string,
     "insecure": boolean,
     "connect_timeout": number(0, exclusive=True),
+    "close_timeout": number(0, exclusive=True),
 }
 
 _FILE_KEYS: Final = ("ca_file", "cert_file", "key_file")
@@ -350,8 +354,9 @@ def connection_settings(
             key_file=b.get("key_file"),
             insecure=b.get("insecure", False),
         )
-    if "connect_timeout" in b:
-        options["connect_timeout"] = b["connect_timeout"]
+    for key in ("connect_timeout", "close_timeout"):
+        if key in b:
+            options[key] = b[key]
     return Connection(url, swarm_name, options)
 
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     import trio
 
 
@@ -17,3 +26,90 @@ async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
             break
         data += chunk
     return data.split(b"\n", 1)[0]
+
+
+# ------------------------------------------------------------- a broker frozen on cue
+class FreezeBroker(logging.Handler):
+    """SIGSTOP a broker process when a log record matches ``pattern`` (once).
+
+    The record is handled synchronously by the code that logs it, and the broker is
+    stopped for sure (its ``/proc`` state says so) before that code goes on: e.g. on the
+    client's ``connected ... as 'agent-1'`` line the broker has sent CONNACK and will
+    answer nothing after it. Whoever installs it must SIGCONT the broker (in a finally).
+    """
+
+    def __init__(self, pid: int, pattern: str, on_freeze: Callable[[], object] | None = None):
+        super().__init__(logging.DEBUG)
+        self.pid = pid
+        self.pattern = re.compile(pattern)
+        self.on_freeze = on_freeze
+        self.frozen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.frozen or not self.pattern.search(record.getMessage()):
+            return
+        self.frozen = True
+        os.kill(self.pid, signal.SIGSTOP)
+        wait_stopped(self.pid)
+        if self.on_freeze is not None:
+            self.on_freeze()
+
+
+def wait_stopped(pid: int, within: float = 5.0) -> None:
+    """Wait until the kernel has stopped ``pid`` (state T in ``/proc/<pid>/stat``)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        if state in ("T", "t"):
+            return
+        os.sched_yield()
+    raise RuntimeError(f"process {pid} did not stop within {within} s")
+
+
+@contextmanager
+def freeze_broker_on(
+    pid: int, pattern: str, on_freeze: Callable[[], object] | None = None
+) -> Iterator[FreezeBroker]:
+    """In this process: freeze the broker when ``sheri_trio`` logs a line matching
+    ``pattern``; always SIGCONT it on the way out."""
+    handler = FreezeBroker(pid, pattern, on_freeze)
+    logger = logging.getLogger("sheri_trio")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # the client's "connected" and the start-up steps
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        os.kill(pid, signal.SIGCONT)
+
+
+def freezing_sheri(pid: int, pattern: str) -> list[str]:
+    """The ``sheri`` command line, run so that it freezes broker ``pid`` when it logs a
+    line matching ``pattern`` (:func:`sheri_freezing_main` in the child)."""
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+        "import childproc; childproc.sheri_freezing_main()"
+    )
+    return [sys.executable, "-c", code, str(pid), pattern]
+
+
+def sheri_freezing_main() -> None:
+    """``python -c ... PID PATTERN ARGS...``: ``sheri ARGS...`` with a :class:`FreezeBroker`
+    (which says ``froze broker PID`` on stderr when it has).
+
+    Its handler sits on the ``sheri_trio`` logger (the CLI sets up the root's), and the
+    client's logger is let through at INFO even when the CLI logs only warnings.
+    """
+    pid, pattern, *args = sys.argv[1:]
+
+    def said() -> None:
+        print(f"froze broker {pid}", file=sys.stderr, flush=True)
+
+    logging.getLogger("sheri_trio").addHandler(FreezeBroker(int(pid), pattern, said))
+    logging.getLogger("sheri_trio.mqtt").setLevel(logging.INFO)
+    from sheri_trio.cli import main
+
+    main(args)

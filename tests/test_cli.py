@@ -14,7 +14,9 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import trio
+from childproc import freezing_sheri
 
 from sheri_trio.cli import SwarmView, rewrite_prototype_argv
 from sheri_trio.mqtt import Message, open_client
@@ -22,10 +24,8 @@ from sheri_trio.swarm._agent import AgentConfig, run_agent
 from sheri_trio.swarm._protocol import Topics, encode
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Sequence
     from pathlib import Path
-
-    import pytest
 
     from sheri_trio.testing import MosquittoBroker
 
@@ -120,9 +120,9 @@ class Output:
 
 
 @asynccontextmanager
-async def sheri(*args: str, cwd: Path) -> AsyncIterator[Output]:
+async def sheri(*args: str, cwd: Path, command: Sequence[str] = SHERI) -> AsyncIterator[Output]:
     proc = await trio.lowlevel.open_process(
-        [*SHERI, *args],
+        [*command, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -146,9 +146,11 @@ async def sheri(*args: str, cwd: Path) -> AsyncIterator[Output]:
             await proc.stdout.aclose()
 
 
-async def sheri_run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[bytes]:
+async def sheri_run(
+    *args: str, cwd: Path, command: Sequence[str] = SHERI, **env: str
+) -> subprocess.CompletedProcess[bytes]:
     return await trio.run_process(
-        [*SHERI, *args],
+        [*command, *args],
         capture_stdout=True,
         capture_stderr=True,
         stdin=subprocess.DEVNULL,
@@ -662,3 +664,198 @@ def test_swarm_view_learns_the_type_from_retained_states() -> None:
         "testing.run",
         None,
     ]
+
+
+# ------------------------------------------------- start-up against a frozen broker
+#: each start-up step's bound (or the CLI's wait for an answer), and a client's close
+BOUND, CLOSE = 1.0, 0.3
+
+
+def _frozen_toml(**agent: float) -> str:
+    """sheri.toml for runs against a broker that will freeze: short bounds."""
+    keys = {"heartbeat_interval": 0.5, "grace_period": 2.0, "startup_timeout": BOUND, **agent}
+    lines = "".join(f"{k} = {v}\n" for k, v in keys.items())
+    return (
+        f"[executors]\nsimulate = true\n\n[agent]\n{lines}\n"
+        f"[broker]\nconnect_timeout = {BOUND}\nclose_timeout = {CLOSE}\n"
+    )
+
+
+def _error_line(text: str) -> str:
+    errors = [line for line in text.splitlines() if line.startswith("sheri: error:")]
+    assert len(errors) == 1, text
+    return errors[0]
+
+
+async def test_agent_start_up_on_a_frozen_broker_fails_naming_the_step(
+    fresh_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The issue's case: connected, then the broker answers nothing (SIGSTOP after CONNACK)."""
+    pid = fresh_broker.pid
+    assert pid is not None
+    (tmp_path / "sheri.toml").write_text(_frozen_toml())
+    flags = ["--broker", fresh_broker.tcp_url, "--swarm", _swarm("frozen")]
+    command = freezing_sheri(pid, r"^connected to .* as 'cold-01'")
+    try:
+        with trio.fail_after(30):
+            async with sheri(
+                "agent", "--role", "monitoring", "--agent-id", "cold-01", *flags,
+                cwd=tmp_path, command=command,
+            ) as out:  # fmt: skip
+                await out.expect(r"froze broker")
+                await out.expect(r"info: start-up: subscribe agent=cold-01 timeout=1$")
+                began = trio.current_time()
+                assert await out.proc.wait() == 1
+                took = trio.current_time() - began
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    error = _error_line(out.text)
+    assert error.startswith(
+        "sheri: error: agent cold-01: start-up step 'subscribe' did not finish within 1 s "
+        "(waiting for the SUBACK of the agent's subscription to the swarm's topics): the "
+        "broker accepted the connection but does not answer"
+    ), error
+    assert "Traceback" not in out.text
+    assert not re.search(r"\binfo: online\b", out.text)
+    # the bound, then the unsubscribe and the close against a broker that answers nothing
+    assert BOUND - 0.2 <= took <= BOUND + 2 * CLOSE + 1.0, took
+
+
+async def test_sigterm_during_start_up_stops_the_agent_within_the_grace_period(
+    fresh_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    pid = fresh_broker.pid
+    assert pid is not None
+    (tmp_path / "sheri.toml").write_text(_frozen_toml(startup_timeout=60))
+    flags = ["--broker", fresh_broker.tcp_url, "--swarm", _swarm("frozen")]
+    command = freezing_sheri(pid, r"^connected to .* as 'cold-02'")
+    try:
+        with trio.fail_after(30):
+            async with sheri(
+                "agent", "--agent-id", "cold-02", *flags, cwd=tmp_path, command=command
+            ) as out:
+                await out.expect(r"froze broker")
+                await out.expect(r"info: start-up: subscribe agent=cold-02 timeout=60$")
+                began = trio.current_time()
+                assert await stop(out, signal.SIGTERM) == 0
+                took = trio.current_time() - began
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert took <= 2.0, took  # grace_period
+    await out.expect(r"SIGTERM: shutting down gracefully")
+    await out.expect(r"start-up interrupted: nothing to release agent=cold-02 step=subscribe$")
+    assert "sheri: error" not in out.text
+    assert "Traceback" not in out.text
+
+
+async def test_swarm_start_up_on_a_frozen_broker_fails_or_stops_on_sigterm(
+    fresh_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Frozen once the first probe is connected: every agent is in its probe."""
+    pid = fresh_broker.pid
+    assert pid is not None
+    swarm = _swarm("frozen")
+    flags = ["--agents", "3", "--broker", fresh_broker.tcp_url, "--swarm", swarm]
+    labels = ["general-1", "deployment-1", "testing-1"]
+    command = freezing_sheri(pid, r"^connected to .* as '[^']*\.probe\.")
+    (tmp_path / "sheri.toml").write_text(_frozen_toml())
+    try:
+        with trio.fail_after(30):
+            failed = await sheri_run("swarm", *flags, cwd=tmp_path, command=command)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    err = failed.stderr.decode()
+    assert failed.returncode == 1, err
+    assert re.match(
+        rf"sheri: error: agent {swarm}-\S+: start-up step 'probe' did not finish within 1 s ",
+        _error_line(err),
+    ), err
+    for label in labels:  # each failed, or left because another failed
+        assert re.search(
+            rf"^\[{label}\] .*(error: stopped: agent {swarm}-{label}: start-up step 'probe' "
+            rf"did not finish|info: start-up interrupted: .* step=probe$)",
+            err,
+            re.MULTILINE,
+        ), err
+    assert "Traceback" not in err
+
+    (tmp_path / "sheri.toml").write_text(_frozen_toml(startup_timeout=60))
+    try:
+        with trio.fail_after(30):
+            async with sheri("swarm", *flags, cwd=tmp_path, command=command) as out:
+                await out.expect(r"froze broker")
+                for label in labels:
+                    await out.expect(rf"^\[{label}\] .* start-up: probe agent={swarm}-{label} ")
+                began = trio.current_time()
+                assert await stop(out, signal.SIGTERM) == 0
+                took = trio.current_time() - began
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert took <= 2.0, took  # grace_period
+    for label in labels:
+        await out.expect(rf"^\[{label}\] .*start-up interrupted: .* step=probe$")
+    assert "Traceback" not in out.text
+
+
+@pytest.mark.parametrize(
+    ("args", "waiting_for"),
+    [
+        (("submit", "testing.run", "--task-id", "cold-1"),
+         "publishing task cold-1 (waiting for its PUBACK)"),
+        (("submit", "testing.run", "--wait"),
+         "subscribing to the task's topics (waiting for the SUBACK)"),
+        (("tasks",), "reading the retained task states ({swarm}/tasks/state/+)"),
+        (("monitor", "--once"), "reading the swarm's retained messages ({swarm}/#)"),
+        (("monitor",), "subscribing to {swarm}/# (waiting for the SUBACK)"),
+    ],
+    ids=["submit", "submit-wait", "tasks", "monitor-once", "monitor"],
+)  # fmt: skip
+async def test_cli_waits_on_a_frozen_broker_are_bounded_and_say_what_they_waited_for(
+    fresh_broker: MosquittoBroker, tmp_path: Path, args: tuple[str, ...], waiting_for: str
+) -> None:
+    pid = fresh_broker.pid
+    assert pid is not None
+    (tmp_path / "sheri.toml").write_text(_frozen_toml())
+    swarm = _swarm("frozen")
+    command = freezing_sheri(pid, r"^connected to .* as 'sheri-(submit|tasks|monitor)-")
+    try:
+        with trio.fail_after(30):
+            result = await sheri_run(
+                *args, "--broker", fresh_broker.tcp_url, "--swarm", swarm,
+                cwd=tmp_path, command=command,
+            )  # fmt: skip
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert "froze broker" in err
+    assert _error_line(err) == (
+        f"sheri: error: no answer from the broker within 1 s while "
+        f"{waiting_for.format(swarm=swarm)}: it accepted the connection but does not answer "
+        "(stalled or overloaded?); the bound is [broker] connect_timeout"
+    )
+    assert "Traceback" not in err
+
+
+async def test_when_one_agent_of_a_swarm_fails_the_others_leave_gracefully(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``_run_agents``: a failure is not a cancellation of the others (which would skip
+    their leaving: no release, no offline status); they get the shutdown, then it raises."""
+    import sheri_trio.cli as cli
+
+    left: list[str] = []
+
+    async def fake_run_agent(config: AgentConfig, *, shutdown: trio.Event) -> None:
+        if config.agent_id == "bad":
+            await trio.sleep(0.1)
+            raise RuntimeError("bad agent")
+        await shutdown.wait()
+        await trio.sleep(0.1)  # leaving: release, agents/shutdown, offline status
+        left.append(config.agent_id)  # not reached if it is cancelled
+
+    monkeypatch.setattr(cli, "run_agent", fake_run_agent)
+    configs = [AgentConfig(agent_id=i, role="review", broker="mqtt://x") for i in ("a", "bad", "b")]
+    with trio.fail_after(5), pytest.raises(RuntimeError, match=r"^bad agent$"):
+        await cli._run_agents([(c, c.agent_id) for c in configs])
+    assert sorted(left) == ["a", "b"]

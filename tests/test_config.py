@@ -125,3 +125,20 @@ def test_invalid_env_and_flag_values_name_their_source() -> None:
         build_agent_config(FileConfig(), env={}, role="boss")
     with pytest.raises(ConfigError, match=r"^--agent-id: must be 1-128 of"):
         build_agent_config(FileConfig(), env={}, agent_id="a/b")
+
+
+def test_config_start_up_and_close_bounds(tmp_path: Path) -> None:
+    _write(tmp_path, "[agent]\nstartup_timeout = 2.5\n\n[broker]\nclose_timeout = 1\n")
+    config = build_agent_config(load_config(cwd=tmp_path), env={})
+    assert config.startup_timeout == 2.5
+    assert config.client_options == {"close_timeout": 1.0}
+    default = build_agent_config(FileConfig(), env={})
+    assert default.startup_timeout is None  # each step: the connect_timeout
+    assert "close_timeout" not in default.client_options  # the client's own default
+    for text, message in (
+        ("[agent]\nstartup_timeout = 0\n", "agent.startup_timeout: must be a number > 0, got 0"),
+        ("[broker]\nclose_timeout = 'x'\n", "broker.close_timeout: must be a number > 0, got 'x'"),
+    ):
+        _write(tmp_path, text)
+        with pytest.raises(ConfigError, match=rf"^sheri\.toml: {re.escape(message)}$"):
+            load_config(cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""The agent layer: protocol, scheduler (sans-IO), runner and the trio agent.
+"""The agent layer: protocol, scheduler (sans-IO), runner, start-up and the trio agent.
 
 Nothing here parses MQTT bytes; everything talks to the broker through
 :class:`sheri_trio.mqtt.Client`. The public names are re-exported here; the modules
@@ -6,10 +6,6 @@ behind them are private.
 """
 
 from ._agent import Agent as Agent
-from ._agent import DuplicateAgent as DuplicateAgent
-from ._agent import agent_connection as agent_connection
-from ._agent import check_duplicate as check_duplicate
-from ._agent import read_retained as read_retained
 from ._agent import run_agent as run_agent
 from ._claims import ClaimBook as ClaimBook
 from ._claims import ClaimVerdict as ClaimVerdict
@@ -71,3 +67,11 @@ from ._scheduler import SendRelease as SendRelease
 from ._scheduler import StartTask as StartTask
 from ._scheduler import StopReason as StopReason
 from ._scheduler import StopTask as StopTask
+from ._startup import DuplicateAgent as DuplicateAgent
+from ._startup import Startup as Startup
+from ._startup import StartupError as StartupError
+from ._startup import StartupStep as StartupStep
+from ._startup import agent_connection as agent_connection
+from ._startup import check_duplicate as check_duplicate
+from ._startup import read_retained as read_retained
+from ._startup import startup_timeout as startup_timeout

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,12 +23,8 @@ from ..executors import ExecutorRegistry, agent_state_dir, default_registry
 from ..mqtt import (
     Client,
     ClientClosed,
-    ConnectError,
-    Message,
     MQTTError,
     Subscription,
-    Will,
-    open_client,
 )
 from ._config import AgentConfig, new_agent_id
 from ._messages import Messages
@@ -48,9 +44,17 @@ from ._scheduler import (
     StopTask,
     log_event,
 )
+from ._startup import (
+    Startup,
+    StartupStep,
+    agent_connection,
+    check_duplicate,
+    read_retained,
+    startup_timeout,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import Callable
     from pathlib import Path
 
     from ._claims import ClaimBook
@@ -61,7 +65,6 @@ if TYPE_CHECKING:
 __all__ = [
     "Agent",
     "AgentConfig",
-    "DuplicateAgent",
     "Peer",
     "new_agent_id",
     "rendezvous_score",
@@ -69,10 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("sheri_trio.agent")
-
-
-class DuplicateAgent(RuntimeError):
-    """An agent with this id is already online in the swarm."""
 
 
 class Agent:
@@ -134,8 +133,15 @@ class Agent:
             **s.counters,
         }
 
-    async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
-        """Subscribe, announce, work until shutdown is requested, then leave cleanly."""
+    async def run(
+        self,
+        *,
+        startup: Startup | None = None,
+        task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Subscribe, load task states, announce (start-up steps, bounded by ``startup``'s
+        scope if it has one), work until shutdown is requested, then leave cleanly."""
+        startup = startup if startup is not None else Startup(self.agent_id)
         t = self.topics
         self.started_at = trio.current_time()
         filters = (
@@ -152,31 +158,38 @@ class Agent:
             t.agents_shutdown,
             t.broadcast,
         )
-        async with trio.open_nursery() as root:
-            # One subscription for every topic: the broker's order is kept across them.
-            async with self.client.subscribe(*filters, qos=1) as messages:
-                await self._load_task_states()
+        async with trio.open_nursery() as root, AsyncExitStack() as stack:
+            with startup.step(StartupStep.SUBSCRIBE):
+                # One subscription for every topic: the broker's order is kept across them.
+                messages = await stack.enter_async_context(self.client.subscribe(*filters, qos=1))
+            with startup.step(StartupStep.LOAD_TASK_STATES):
+                await self._load_task_states(progress=startup.renew)
+            with startup.step(StartupStep.ANNOUNCE):
                 await self._announce()
-                root.start_soon(self._intake, messages)
-                root.start_soon(self._heartbeat_loop)
-                root.start_soon(self._lease_loop)
-                root.start_soon(self._claimer)
-                self._log(logging.INFO, "online", max_tasks=self.config.max_tasks)
-                task_status.started(self)
-                async with trio.open_nursery() as tasks:
-                    self._tasks_nursery = tasks
-                    await self._shutdown.wait()
-                    await self._drain()
-                self._tasks_nursery = None
-                await self._leave()
-                root.cancel_scope.cancel()
+            root.start_soon(self._intake, messages)
+            root.start_soon(self._heartbeat_loop)
+            root.start_soon(self._lease_loop)
+            root.start_soon(self._claimer)
+            self._log(logging.INFO, "online", max_tasks=self.config.max_tasks)
+            task_status.started(self)
+            async with trio.open_nursery() as tasks:
+                self._tasks_nursery = tasks
+                await self._shutdown.wait()
+                await self._drain()
+            self._tasks_nursery = None
+            await self._leave()
+            root.cancel_scope.cancel()
 
-    async def _load_task_states(self) -> None:
-        """Read the retained task states once (see :meth:`Scheduler.on_state`)."""
+    async def _load_task_states(self, progress: Callable[[], object] | None = None) -> None:
+        """Read the retained task states once (see :meth:`Scheduler.on_state`). ``progress``
+        is called on every message that arrives (see :func:`read_retained`)."""
         sync = self.topics.sync_marker(self.agent_id, secrets.token_hex(4))
         now = trio.current_time()
         loaded = 0
-        for message in await read_retained(self.client, sync, self.topics.tasks_state_all):
+        retained = await read_retained(
+            self.client, sync, self.topics.tasks_state_all, progress=progress
+        )
+        for message in retained:
             try:
                 self.scheduler.on_state(decode_envelope(message.payload).payload, now)
                 loaded += 1
@@ -461,80 +474,6 @@ def _rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------ running one
-async def read_retained(
-    client: Client, sync_topic: str, *filters: str, into: list[Message] | None = None
-) -> list[Message]:
-    """The retained (non-empty) messages on ``filters``.
-
-    Subscribes to them and to ``sync_topic``, then publishes on ``sync_topic``: the broker
-    sends a subscription's retained messages before it handles our later publish, so they
-    have all arrived when the marker comes back. ``into`` collects them as they arrive (so a
-    caller's timeout keeps what came).
-    """
-    found = [] if into is None else into
-    async with client.subscribe(*filters, sync_topic, qos=1) as messages:
-        await client.publish(sync_topic, b"sync", qos=1)
-        async for message in messages:
-            if message.topic == sync_topic:
-                break
-            if message.payload:
-                found.append(message)
-    return found
-
-
-async def check_duplicate(config: AgentConfig) -> None:
-    """Refuse to start if the swarm's retained status says this agent id is online."""
-    topics = Topics(config.swarm)
-    probe_topic = topics.sync_marker(config.agent_id, secrets.token_hex(4))
-    status: dict[str, Any] | None = None
-    async with open_client(
-        config.broker,
-        client_id=f"{config.agent_id}.probe.{secrets.token_hex(3)}",
-        clean_start=True,
-        **_connection_options(config),
-    ) as probe:
-        for m in await read_retained(probe, probe_topic, topics.agent_status(config.agent_id)):
-            try:
-                status = decode_envelope(m.payload).payload
-            except BadMessage:
-                status = None
-    if status and status.get("status") == "online":
-        raise DuplicateAgent(
-            f"an agent with id {config.agent_id!r} is already online in swarm "
-            f"{config.swarm!r} (since {status.get('timestamp', '?')}); choose another --agent-id "
-            "(if it crashed, its last will marks it offline within 1.5x its keep-alive)"
-        )
-
-
-def _connection_options(config: AgentConfig) -> dict[str, Any]:
-    options = {"keep_alive": config.keep_alive}
-    options.update(config.client_options)
-    return options
-
-
-@asynccontextmanager
-async def agent_connection(config: AgentConfig) -> AsyncIterator[Client]:
-    """The agent's persistent MQTT session, with its last will."""
-    topics = Topics(config.swarm)
-    will_payload = encode(
-        config.agent_id, config.role, Messages(config.agent_id, config.role).will()
-    )
-    async with open_client(
-        config.broker,
-        client_id=config.agent_id,
-        clean_start=False,  # mosquitto 2.0.11 only persists sessions begun this way
-        session_expiry_interval=config.session_expiry,
-        will=Will(topics.agent_status(config.agent_id), will_payload, qos=1, retain=True),
-        **_connection_options(config),
-    ) as client:
-        try:
-            yield client
-        finally:
-            if hasattr(client, "disconnect"):
-                # Leaving for good: the broker need not keep our session.
-                await client.disconnect(0, session_expiry_interval=0)
-
-
 async def run_agent(
     config: AgentConfig,
     *,
@@ -542,29 +481,26 @@ async def run_agent(
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Connect, run one agent until ``shutdown`` is set (or it is cancelled), leave."""
+    """Probe, connect, run one agent until ``shutdown`` is set (or it is cancelled), leave.
+
+    Each start-up step is bounded by :func:`startup_timeout` (a :class:`StartupError`
+    names the step). A ``shutdown`` set during start-up stops it there: this returns
+    without calling ``task_status.started()``. Once online the agent leaves gracefully.
+    """
     config.validate()
-    try:
+    startup = Startup(config.agent_id, startup_timeout(config))
+    agent: Agent | None = None
+
+    def leave() -> None:
+        if agent is not None:
+            agent.request_shutdown()
+
+    async with startup.guard(shutdown, leave):
         if config.check_duplicate:
-            await check_duplicate(config)
-        async with agent_connection(config) as client:
+            with startup.step(StartupStep.PROBE):
+                await check_duplicate(config)
+        async with AsyncExitStack() as stack:
+            with startup.step(StartupStep.CONNECT):
+                client = await stack.enter_async_context(agent_connection(config, startup))
             agent = Agent(config, client, executors=executors)
-            async with trio.open_nursery() as nursery:
-                if shutdown is not None:
-
-                    async def relay() -> None:
-                        await shutdown.wait()
-                        agent.request_shutdown()
-
-                    nursery.start_soon(relay)
-
-                async def main(task_status: trio.TaskStatus[Agent]) -> None:
-                    await agent.run(task_status=task_status)  # returns after a graceful exit
-                    nursery.cancel_scope.cancel()
-
-                await nursery.start(main)
-                task_status.started(agent)
-    except ConnectError as exc:
-        raise ConnectError(
-            f"agent {config.agent_id}: {exc}", reason_code=exc.reason_code, retryable=exc.retryable
-        ) from None
+            await agent.run(startup=startup, task_status=task_status)  # after a graceful exit

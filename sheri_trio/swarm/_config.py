@@ -43,6 +43,8 @@ class AgentConfig:
     state_retention: int = 86_400
     session_expiry: int = 3600
     keep_alive: int = 30
+    #: the bound of each start-up step (None: the client's connect_timeout)
+    startup_timeout: float | None = None
     check_duplicate: bool = True
     client_options: dict[str, Any] = field(default_factory=dict)
     executor_config: dict[str, Any] = field(default_factory=dict)
