@@ -104,14 +104,15 @@ class ClaimQueue:
     def pop(self, wanted: Callable[[str, int], bool]) -> tuple[str, int] | None:
         """The most urgent candidate that is still ``wanted(task_id, attempt)``, taken out
         of the queue (overflow tasks move up as room appears); None when none is left."""
-        while self._heap:
+        while True:
             if self.overflow:
                 self._refill(wanted)
+            if not self._heap:
+                return None
             task_id = heapq.heappop(self._heap)[3]
             attempt = self.discard(task_id)
             if attempt is not None and wanted(task_id, attempt):
                 return task_id, attempt
-        return None
 
     def clear(self) -> None:
         self._candidates.clear()
