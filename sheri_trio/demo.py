@@ -25,10 +25,10 @@ from typing import Any
 
 import trio
 
+from ._mosquitto import MosquittoBroker
 from .mqtt import open_client
 from .swarm._agent import AgentConfig, run_agent
 from .swarm._protocol import TASK_ROLES, encode
-from .testing import MosquittoBroker
 
 NINE_ROLES = (
     "general",
