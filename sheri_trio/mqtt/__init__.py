@@ -9,6 +9,7 @@ from ._client import MQTTClient as MQTTClient
 from ._client import Subscription as Subscription
 from ._client import Will as Will
 from ._client import open_client as open_client
+from ._errors import AckTimeout as AckTimeout
 from ._errors import ClientClosed as ClientClosed
 from ._errors import ConnectError as ConnectError
 from ._errors import ConnectionLost as ConnectionLost

@@ -15,12 +15,13 @@ import random
 from collections import deque
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
 import mqtt5
 import trio
 
 from ._errors import (
+    AckTimeout,
     ClientClosed,
     ConnectError,
     ConnectionLost,
@@ -47,7 +48,11 @@ from ._session import (
 from ._streams import BrokerURL, ByteStream, TLSOptions, open_stream
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+    from contextlib import AbstractAsyncContextManager
+
+StreamFactory: TypeAlias = "Callable[[BrokerURL], AbstractAsyncContextManager[ByteStream]]"
+"""Opens one connection's byte stream (default: :func:`~._streams.open_stream`)."""
 
 __all__ = ["Client", "ClientOptions", "MQTTClient", "Subscription", "Will", "open_client"]
 
@@ -105,8 +110,14 @@ class ClientOptions:
     receive_maximum: int = 65535
     ws_max_message_size: int = 4 * 1024 * 1024
     close_timeout: float = 5.0
+    #: how long SUBSCRIBE, UNSUBSCRIBE and a waited QoS 1 PUBLISH wait for their
+    #: acknowledgement before AckTimeout (and a reconnect); None: no bound
+    ack_timeout: float | None = 10.0
     message_buffer: int = 10_000
     orphan_buffer: int = 10_000
+    #: opens each connection's byte stream instead of the URL's transport (native
+    #: backend only): e.g. ``sheri_trio.testing.ScriptedBroker.stream_factory``
+    stream_factory: StreamFactory | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -287,6 +298,9 @@ class MQTTClient:
         self._connection_ended = trio.Event()
         self._fatal: BaseException | None = None
         self._manager_scope: trio.CancelScope | None = None
+        self._connection_scope: trio.CancelScope | None = None
+        self._abort_error: MQTTError | None = None  # why we dropped the connection
+        self._connected_at = math.inf  # trio time of the current connection's CONNACK
         self.connections = 0
         self.messages_received = 0
         self.messages_dropped = 0
@@ -378,7 +392,7 @@ class MQTTClient:
             return
         done = trio.Event()
         pub.waiter = done
-        await done.wait()
+        await self._wait_ack(done, "PUBLISH", f"PUBLISH to {topic!r}", "PUBACK")
         code = pub.reason_code
         if code is not None and code >= 0x80:
             name = _PUBACK_NAMES.get(code, "UNKNOWN")
@@ -436,8 +450,10 @@ class MQTTClient:
         self._next_sub_id = self._next_sub_id % 268_000_000 + 1
         packet_id, handle = self._session.subscribe(topic_filters, subscription_id=sub_id)
         self._router.add(sub_id, sub)
+        what = "SUBSCRIBE " + ", ".join(repr(f) for f in filters)
+        acknowledged = body_failed = False
         try:
-            codes = await self._wait_request(packet_id)
+            codes = await self._wait_request(packet_id, "SUBSCRIBE", what, "SUBACK")
             sub.reason_codes = codes
             failed = [c for c in codes if c >= 0x80]
             if failed:
@@ -445,9 +461,14 @@ class MQTTClient:
                     f"{f}: {_suback_name(c)}" for f, c in zip(filters, codes, strict=False)
                 )
                 raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
+            acknowledged = True
             self._router.replay(sub)
-            async with send, receive:
-                yield sub
+            try:
+                async with send, receive:
+                    yield sub
+            except BaseException:
+                body_failed = True
+                raise
         finally:
             self._router.remove(sub_id, sub)
             if not self._closed and self._fatal is None:
@@ -456,23 +477,60 @@ class MQTTClient:
                     try:
                         upid = self._session.unsubscribe(handle)
                         self._kick()
-                        if upid is not None and self.connected:
-                            await self._wait_request(upid)
+                        if upid is not None and self.connected and acknowledged:
+                            await self._wait_request(upid, "UNSUBSCRIBE", "UN" + what, "UNSUBACK")
+                    except AckTimeout:
+                        if not body_failed:
+                            raise
                     except MQTTError:
                         pass
 
-    async def _wait_request(self, packet_id: int) -> list[int]:
+    async def _wait_request(self, packet_id: int, packet: str, what: str, ack: str) -> list[int]:
         event = trio.Event()
         slot: list[Any] = []
         self._requests[packet_id] = (event, slot)
         self._kick()
         try:
-            await event.wait()
+            await self._wait_ack(event, packet, what, ack)
         finally:
             self._requests.pop(packet_id, None)
         if slot and isinstance(slot[0], BaseException):
             raise slot[0]
         return list(slot[0]) if slot else []
+
+    async def _wait_ack(self, done: trio.Event, packet: str, what: str, ack: str) -> None:
+        """Wait for an acknowledgement, at most ``ack_timeout`` (the caller's scopes too).
+
+        When the bound is reached on a connection that was up the whole time, the
+        broker is misbehaving: the connection is dropped (and made again), then
+        AckTimeout is raised.
+        """
+        timeout = self.options.ack_timeout
+        if timeout is None:
+            await done.wait()
+            return
+        start = trio.current_time()
+        with trio.move_on_after(timeout) as scope:
+            await done.wait()
+        if not scope.cancelled_caught:
+            return
+        error = AckTimeout(
+            f"{what}: no {ack} from {self.url.display()} within {timeout:g} s",
+            packet=packet,
+            timeout=timeout,
+        )
+        if self.connected and self._connected_at <= start:
+            self._drop_connection(error)
+        raise error
+
+    def _drop_connection(self, error: MQTTError) -> None:
+        """End the current connection because of ``error``; the manager reconnects."""
+        if self._connection_scope is None or self._abort_error is not None:
+            return
+        log.warning("dropping the connection to %s: %s", self.url, error)
+        self._abort_error = error
+        self._stream = None  # not connected from now on
+        self._connection_scope.cancel()
 
     # ---------------------------------------------------------------- close
     async def aclose(self) -> None:
@@ -540,7 +598,7 @@ class MQTTClient:
                     self.last_error = str(exc)
                     self._set_fatal(exc)
                     return
-                except (ConnectionLost, RemoteProtocolError, KeepAliveTimeout) as exc:
+                except (ConnectionLost, RemoteProtocolError, KeepAliveTimeout, AckTimeout) as exc:
                     self.last_error = str(exc)
                     if self._closed:
                         return
@@ -550,6 +608,7 @@ class MQTTClient:
                     self._session.connection_lost()
                     self._unsent = b""
                     self._stream = None
+                    self._connected_at = math.inf
                     self._connected_event = trio.Event()
                     self._connection_ended.set()
                     self._space.unpark_all()
@@ -585,10 +644,15 @@ class MQTTClient:
     async def _connect_and_serve(self, task_status: trio.TaskStatus[None] | None) -> None:
         opts = self.options
         session = self._session
-        with trio.move_on_after(opts.connect_timeout) as timeout, collapse_exception_groups():
-            async with open_stream(
+        if opts.stream_factory is not None:
+            connect_stream = opts.stream_factory(self.url)
+        else:
+            connect_stream = open_stream(
                 self.url, tls=opts.tls, ws_max_message_size=opts.ws_max_message_size
-            ) as stream:
+            )
+        self._abort_error = None
+        with trio.move_on_after(opts.connect_timeout) as timeout, collapse_exception_groups():
+            async with connect_stream as stream:
                 timeout.deadline = trio.current_time() + opts.connect_timeout
                 session.start_connection(trio.current_time())
                 await stream.send_all(session.data_to_send(trio.current_time()))
@@ -611,6 +675,7 @@ class MQTTClient:
                 timeout.deadline = math.inf
                 self._stream = stream
                 self._connection_ended = trio.Event()
+                self._connected_at = trio.current_time()
                 self.connections += 1
                 log.info(
                     "connected to %s as %r (session present: %s)",
@@ -623,13 +688,19 @@ class MQTTClient:
                 self._kick()  # resent publishes and resubscriptions are waiting in the buffer
                 if task_status is not None:
                     task_status.started()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer, stream)
-                    nursery.start_soon(self._timer)
-                    for message in early:
-                        await self._deliver(message)
-                    await self._reader(stream)
-                    nursery.cancel_scope.cancel()
+                try:
+                    with trio.CancelScope() as self._connection_scope:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._writer, stream)
+                            nursery.start_soon(self._timer)
+                            for message in early:
+                                await self._deliver(message)
+                            await self._reader(stream)
+                            nursery.cancel_scope.cancel()
+                finally:
+                    self._connection_scope = None
+                if self._abort_error is not None:
+                    raise self._abort_error
         if timeout.cancelled_caught:
             raise ConnectError(
                 f"cannot connect to {self.url}: no answer within {opts.connect_timeout:g} s"

@@ -14,5 +14,17 @@ from .._mosquitto import Scheme as Scheme
 from ._bus import BusRecord as BusRecord
 from ._bus import MemoryBus as MemoryBus
 from ._bus import MemoryClient as MemoryClient
+from ._scripted import BrokerConnection as BrokerConnection
+from ._scripted import MemoryByteStream as MemoryByteStream
+from ._scripted import ScriptedBroker as ScriptedBroker
 
-__all__ = ["BusRecord", "MemoryBus", "MemoryClient", "MosquittoBroker", "Scheme"]
+__all__ = [
+    "BrokerConnection",
+    "BusRecord",
+    "MemoryBus",
+    "MemoryByteStream",
+    "MemoryClient",
+    "MosquittoBroker",
+    "Scheme",
+    "ScriptedBroker",
+]

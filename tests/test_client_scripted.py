@@ -1,0 +1,173 @@
+"""The native client over an in-memory byte stream, against a scripted broker.
+
+Every reply of the broker is written by the test (``sheri_trio.testing.ScriptedBroker``),
+and time is trio's autojump clock, so timeouts, keep-alive and backoff are asserted to
+the exact instant.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import mqtt5
+import pytest
+import trio
+import trio.testing
+
+from sheri_trio.mqtt import AckTimeout, MQTTClient, open_client
+from sheri_trio.testing import BrokerConnection, ScriptedBroker
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+URL = "mqtt://scripted-broker.invalid:1883"
+
+
+@asynccontextmanager
+async def connected(
+    broker: ScriptedBroker, **options: Any
+) -> AsyncIterator[tuple[MQTTClient, BrokerConnection]]:
+    """A native client over ``broker``, its first connection accepted (CONNACK sent)."""
+    first: list[BrokerConnection] = []
+
+    async def accept_first() -> None:
+        conn = await broker.accept()
+        await conn.handshake(**options.pop("connack", {}))
+        first.append(conn)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept_first)
+        await trio.lowlevel.checkpoint()
+        async with open_client(
+            broker.url, stream_factory=broker.stream_factory, **options
+        ) as client:
+            assert isinstance(client, MQTTClient)
+            yield client, first[0]
+
+
+async def _reconnected(broker: ScriptedBroker, **connack: Any) -> BrokerConnection:
+    conn = await broker.accept()
+    await conn.handshake(**connack)
+    return conn
+
+
+def suback(subscribe: mqtt5.SubscribePacket, code: int = 1) -> mqtt5.SubAckPacket:
+    codes = [mqtt5.SubAckReasonCode(code)] * len(subscribe.topic_filters)
+    return mqtt5.SubAckPacket(subscribe.packet_id, codes)
+
+
+# ---------------------------------------------------------------- ack_timeout
+async def test_subscribe_without_suback_times_out_and_reconnects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, ack_timeout=10) as (client, conn):
+        start = trio.current_time()
+        with pytest.raises(AckTimeout) as info:
+            async with client.subscribe("t/a", "t/b/#"):
+                pytest.fail("subscribed without a SUBACK")
+        assert trio.current_time() - start == 10
+        assert str(info.value) == (f"SUBSCRIBE 't/a', 't/b/#': no SUBACK from {URL} within 10 s")
+        assert (info.value.packet, info.value.timeout) == ("SUBSCRIBE", 10)
+        # the broker is treated as misbehaving: the connection is dropped...
+        assert not client.connected
+        (subscribe,) = await conn.wait_closed()
+        assert isinstance(subscribe, mqtt5.SubscribePacket)
+        assert trio.current_time() - start == 10
+        # ... and made again, with the usual backoff (first delay in [0.05, 0.1])
+        conn2 = await _reconnected(broker, session_present=True)
+        assert 10.05 <= trio.current_time() - start <= 10.1
+        await client.wait_connected()
+        # the pending SUBSCRIBE goes again (same id), then the UNSUBSCRIBE of the caller
+        again = await conn2.expect(mqtt5.SubscribePacket)
+        assert again.packet_id == subscribe.packet_id
+        unsubscribe = await conn2.expect(mqtt5.UnsubscribePacket)
+        assert unsubscribe.patterns == ["t/a", "t/b/#"]
+        assert client.statistics()["connections"] == 2
+        assert "no SUBACK" in (client.statistics()["last_error"] or "")
+
+
+async def test_unsubscribe_without_unsuback_times_out_and_reconnects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, ack_timeout=2) as (client, conn):
+
+        async def grant() -> None:
+            subscribe = await conn.expect(mqtt5.SubscribePacket)
+            await conn.send(suback(subscribe))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(grant)
+            with pytest.raises(AckTimeout) as info:
+                async with client.subscribe("t/u"):
+                    start = trio.current_time()
+        assert trio.current_time() - start == 2
+        assert str(info.value) == f"UNSUBSCRIBE 't/u': no UNSUBACK from {URL} within 2 s"
+        assert info.value.packet == "UNSUBSCRIBE"
+        (unsubscribe,) = await conn.wait_closed()
+        assert isinstance(unsubscribe, mqtt5.UnsubscribePacket)
+        conn2 = await _reconnected(broker, session_present=True)
+        again = await conn2.expect(mqtt5.UnsubscribePacket)
+        assert again.packet_id == unsubscribe.packet_id
+        assert len(broker.connections) == 2
+
+
+async def test_waited_publish_without_puback_times_out_and_reconnects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, ack_timeout=10) as (client, conn):
+        start = trio.current_time()
+        with pytest.raises(AckTimeout) as info:
+            await client.publish("t/p", b"x", qos=1)
+        assert trio.current_time() - start == 10
+        assert str(info.value) == f"PUBLISH to 't/p': no PUBACK from {URL} within 10 s"
+        assert info.value.packet == "PUBLISH"
+        (publish,) = await conn.wait_closed()
+        assert isinstance(publish, mqtt5.PublishPacket)
+        assert not publish.duplicate
+        # the message is not forgotten: resent, DUP, on the next connection
+        conn2 = await _reconnected(broker, session_present=True)
+        resent = await conn2.expect(mqtt5.PublishPacket)
+        assert (resent.topic, resent.payload, resent.duplicate) == ("t/p", b"x", True)
+        assert resent.packet_id == publish.packet_id
+        await conn2.send(mqtt5.PubAckPacket(resent.packet_id))
+
+
+async def test_callers_own_shorter_scope_still_wins(autojump_clock: trio.testing.MockClock) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, ack_timeout=10) as (client, _conn):
+        start = trio.current_time()
+        with trio.move_on_after(3) as scope:
+            await client.publish("t/p", b"x", qos=1)
+        assert scope.cancelled_caught
+        assert trio.current_time() - start == 3
+        assert client.connected  # a caller giving up is not the broker's fault
+        assert client.statistics()["connections"] == 1
+
+
+async def test_no_ack_timeout_waits_unbounded(autojump_clock: trio.testing.MockClock) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, ack_timeout=None, keep_alive=0) as (client, _conn):
+        with trio.move_on_after(3600) as scope:
+            await client.publish("t/p", b"x", qos=1)
+        assert scope.cancelled_caught
+        assert client.connected
+
+
+async def test_acknowledged_in_time_is_no_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, ack_timeout=10) as (client, conn):
+
+        async def answer() -> None:
+            publish = await conn.expect(mqtt5.PublishPacket)
+            await trio.sleep(9.5)
+            await conn.send(mqtt5.PubAckPacket(publish.packet_id))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            await client.publish("t/p", b"x", qos=1)
+        assert trio.current_time() == 9.5
+        assert client.connected
