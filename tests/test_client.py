@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import TYPE_CHECKING, Literal
 
 import pytest
 import trio
 
-from sheri_trio.mqtt import open_client
+from sheri_trio.mqtt import AckTimeout, open_client
 
 if TYPE_CHECKING:
     from sheri_trio.testing import MosquittoBroker
@@ -72,3 +74,45 @@ async def test_direct_writes_that_the_socket_only_partly_takes(
             assert pub.statistics()["inflight"] == 0
     assert got == list(range(n))
     assert calls  # the direct path was taken (acks and refills of QoS 1)
+
+
+@pytest.mark.parametrize("backend", ["trio", "gmqtt"])
+@pytest.mark.parametrize("request_kind", ["subscribe", "publish"])
+async def test_frozen_broker_request_times_out_and_client_reconnects(
+    fresh_broker: MosquittoBroker, backend: Literal["trio", "gmqtt"], request_kind: str
+) -> None:
+    """mosquitto SIGSTOPped after CONNACK: the request fails after ack_timeout with
+    AckTimeout, the client drops the connection, and reconnects once it is resumed."""
+    pid = fresh_broker.pid
+    assert pid is not None
+    async with open_client(
+        fresh_broker.tcp_url,
+        backend=backend,
+        ack_timeout=1,
+        connect_timeout=2,
+        reconnect_initial_delay=0.05,
+    ) as client:
+
+        async def request() -> None:
+            if request_kind == "publish":
+                await client.publish("t/frozen", b"x", qos=1)
+            else:
+                async with client.subscribe("t/frozen"):
+                    pytest.fail("subscribed to a frozen broker")
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = trio.current_time()
+            with trio.fail_after(5), pytest.raises(AckTimeout) as info:
+                await request()
+            elapsed = trio.current_time() - start
+            assert not client.connected  # dropped at once, without waiting for keep-alive
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert 1 <= elapsed < 1.5
+        ack = "PUBACK" if request_kind == "publish" else "SUBACK"
+        assert f"no {ack} from mqtt://sheri:***@127.0.0.1:" in str(info.value)
+        assert fresh_broker.password not in str(info.value)
+        with trio.fail_after(20):
+            await client.wait_connected()
+        assert client.statistics()["connections"] == 2

@@ -75,7 +75,7 @@ import random
 import ssl
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import gmqtt  # type: ignore[import-untyped]
 import mqtt5
@@ -85,6 +85,7 @@ from gmqtt.storage import PersistentStorage  # type: ignore[import-untyped]
 
 from ._client import ClientOptions, Router, Subscription, collapse_exception_groups
 from ._errors import (
+    AckTimeout,
     ClientClosed,
     ConnectError,
     ConnectionLost,
@@ -107,7 +108,7 @@ from ._streams import BrokerURL, TLSOptions, _connect_error
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from ._client import Will
 
@@ -121,6 +122,7 @@ _WRITE_HIGH_WATER: Final = 256 * 1024  # bytes in gmqtt's transport buffer befor
 _PUBACK_NAMES: Final = reason_names(mqtt5.PubAckReasonCode)
 _SUBACK_NAMES: Final = reason_names(mqtt5.SubAckReasonCode)
 _NO_WEBSOCKET: Final = "the gmqtt backend has no WebSocket support; use backend='trio'"
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------- gmqtt glue
@@ -308,6 +310,8 @@ class GMQTTClient:
         self._connected_event = trio.Event()
         self._lost = trio.Event()
         self._lost_error: MQTTError | None = None
+        self._abort_reason: MQTTError | None = None  # why we dropped the connection
+        self._connected_at = math.inf
         self._attempt_scope: trio.CancelScope | None = None
         self._manager_scope: trio.CancelScope | None = None
         self._space = trio.lowlevel.ParkingLot()
@@ -427,7 +431,7 @@ class GMQTTClient:
         record = self._send_publish(message, topic)
         if record is None or not wait_ack:
             return
-        await record.done.wait()
+        await self._ack_bound(record.done.wait, "PUBLISH", f"PUBLISH to {topic!r}", "PUBACK")
         if record.error is not None:
             raise record.error
         code = record.reason_code
@@ -612,8 +616,15 @@ class GMQTTClient:
         )
         self._records[sub_id] = record
         self._router.add(sub_id, sub)
+        what = "SUBSCRIBE " + ", ".join(repr(f) for f in filters)
+        body_failed = False
         try:
-            codes = await self._request(lambda: self._send_subscribe(record))
+            codes = await self._ack_bound(
+                lambda: self._request(lambda: self._send_subscribe(record)),
+                "SUBSCRIBE",
+                what,
+                "SUBACK",
+            )
             sub.reason_codes = codes
             if any(c >= 0x80 for c in codes):
                 names = ", ".join(
@@ -622,8 +633,12 @@ class GMQTTClient:
                 raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
             record.acknowledged = True
             self._router.replay(sub)
-            async with send, receive:
-                yield sub
+            try:
+                async with send, receive:
+                    yield sub
+            except BaseException:
+                body_failed = True
+                raise
         finally:
             self._records.pop(sub_id, None)
             self._router.remove(sub_id, sub)
@@ -632,11 +647,46 @@ class GMQTTClient:
                 with trio.move_on_after(self.options.close_timeout) as scope:
                     scope.shield = True
                     try:
-                        await self._request(
-                            lambda: int(self._gmqtt.unsubscribe(list(filters))), retry=False
+                        await self._ack_bound(
+                            lambda: self._request(
+                                lambda: int(self._gmqtt.unsubscribe(list(filters))), retry=False
+                            ),
+                            "UNSUBSCRIBE",
+                            "UN" + what,
+                            "UNSUBACK",
                         )
+                    except AckTimeout:
+                        if not body_failed:
+                            raise
                     except MQTTError:
                         pass
+
+    async def _ack_bound(
+        self, wait: Callable[[], Awaitable[T]], packet: str, what: str, ack: str
+    ) -> T:
+        """Run ``wait`` (a wait for an acknowledgement) for at most ``ack_timeout``.
+
+        As in the native client: when the bound is reached on a connection that was
+        up the whole time, the connection is dropped (and made again), then
+        AckTimeout is raised.
+        """
+        timeout = self.options.ack_timeout
+        if timeout is None:
+            return await wait()
+        start = trio.current_time()
+        with trio.move_on_after(timeout):
+            return await wait()
+        error = AckTimeout(
+            f"{what}: no {ack} from {self.url.display()} within {timeout:g} s",
+            packet=packet,
+            timeout=timeout,
+        )
+        if self._connected and self._connected_at <= start:
+            log.warning("dropping the connection to %s: %s", self.url, error)
+            self._abort_reason = error
+            self._on_disconnect(self._gmqtt, None)  # disconnected from now on
+            self._abort_transport()
+        raise error
 
     def _forget_gmqtt_subscriptions(self, record: _SubRecord) -> None:
         gsubs = record.gsubs
@@ -755,7 +805,9 @@ class GMQTTClient:
         if assigned:
             self._client_id = str(assigned)
         self._connected = True
+        self._connected_at = trio.current_time()
         self._lost_error = None
+        self._abort_reason = None
         self.connections += 1
         session_present = bool(flags)
         log.info(
@@ -784,9 +836,12 @@ class GMQTTClient:
         if not self._connected:
             return  # a refused or unfinished attempt, or our own DISCONNECT
         self._connected = False
+        self._connected_at = math.inf
         self._connected_event = trio.Event()
         error: MQTTError
-        if isinstance(packet, (bytes, bytearray)) and packet:
+        if self._abort_reason is not None:
+            error, self._abort_reason = self._abort_reason, None
+        elif isinstance(packet, (bytes, bytearray)) and packet:
             code = packet[0]
             text = disconnect_reason_name(code)
             if code == 0x8E:
@@ -989,6 +1044,8 @@ async def open_gmqtt_client(broker: BrokerURL, opts: ClientOptions) -> AsyncIter
     """
     if broker.websocket:
         raise LocalProtocolError(_NO_WEBSOCKET)
+    if opts.stream_factory is not None:
+        raise LocalProtocolError("the gmqtt backend cannot use a stream_factory")
     if broker.scheme not in ("mqtt", "mqtts"):
         raise LocalProtocolError(
             f"the gmqtt backend supports mqtt:// and mqtts://, not {broker.scheme}://"
