@@ -116,3 +116,20 @@ async def test_frozen_broker_request_times_out_and_client_reconnects(
         with trio.fail_after(20):
             await client.wait_connected()
         assert client.statistics()["connections"] == 2
+
+
+@pytest.mark.parametrize("backend", ["trio", "gmqtt"])
+async def test_publish_returns_the_puback_reason_code(
+    broker: MosquittoBroker, backend: Literal["trio", "gmqtt"]
+) -> None:
+    """mosquitto answers 0x10 (no matching subscribers) to a QoS 1 publish nobody
+    subscribes to, 0x00 when someone does; QoS 0 and wait_ack=False give None."""
+    topic = f"t/reason/{backend}"
+    with trio.fail_after(10):
+        async with open_client(broker.tcp_url, backend=backend) as client:
+            assert await client.publish(f"{topic}/nobody", b"x", qos=1) == 0x10
+            assert await client.publish(f"{topic}/nobody", b"x", qos=0) is None
+            assert await client.publish(f"{topic}/nobody", b"x", qos=1, wait_ack=False) is None
+            async with client.subscribe(topic, qos=1) as messages:
+                assert await client.publish(topic, b"y", qos=1) == 0x00
+                assert (await messages.receive()).payload == b"y"

@@ -247,7 +247,7 @@ class Client(Protocol):
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         user_properties: Sequence[tuple[str, str]] | None = None,
-    ) -> None: ...
+    ) -> int | None: ...
 
     def subscribe(
         self,
@@ -359,13 +359,16 @@ class MQTTClient:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         user_properties: Sequence[tuple[str, str]] | None = None,
-    ) -> None:
-        """Publish a message.
+    ) -> int | None:
+        """Publish a message; returns the PUBACK reason code of a waited QoS 1 publish.
 
-        QoS 0 returns once the message is buffered. QoS 1 returns once the broker
-        acknowledged it (``wait_ack=False``: once it is queued; the session still
-        resends it until acknowledged). While disconnected, messages queue up to
-        ``max_queued``; beyond that this waits (backpressure).
+        QoS 0 returns None once the message is buffered. QoS 1 returns once the broker
+        acknowledged it, with the PUBACK's reason code: 0x00 success, 0x10 "no matching
+        subscribers" (the broker accepted it, nobody got it); codes >= 0x80 raise
+        PublishError. ``wait_ack=False`` returns None once it is queued (the session
+        still resends it until acknowledged). The wait is bounded by ``ack_timeout``
+        (AckTimeout). While disconnected, messages queue up to ``max_queued``; beyond
+        that this waits (backpressure).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
@@ -389,7 +392,7 @@ class MQTTClient:
         )
         self._kick()
         if pub is None or not wait_ack:
-            return
+            return None
         done = trio.Event()
         pub.waiter = done
         await self._wait_ack(done, "PUBLISH", f"PUBLISH to {topic!r}", "PUBACK")
@@ -401,6 +404,7 @@ class MQTTClient:
                 f"broker refused publish to {topic!r}: {name} (0x{code:02X}){detail}",
                 reason_code=code,
             )
+        return code
 
     async def _wait_for_space(self) -> None:
         session = self._session

@@ -396,14 +396,16 @@ class GMQTTClient:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         user_properties: Sequence[tuple[str, str]] | None = None,
-    ) -> None:
-        """Publish a message.
+    ) -> int | None:
+        """Publish a message; returns the PUBACK reason code of a waited QoS 1 publish.
 
-        QoS 0 returns once gmqtt wrote it to its transport. QoS 1 returns once
-        the broker acknowledged it (``wait_ack=False``: once it is sent; it is
-        resent until acknowledged). While disconnected this waits for the
-        connection; it also waits while the broker's Receive Maximum of QoS 1
-        publishes are in flight, or gmqtt's write buffer is full (backpressure).
+        QoS 0 returns None once gmqtt wrote it to its transport. QoS 1 returns the
+        broker's PUBACK reason code once it acknowledged it (0x00, or 0x10 "no
+        matching subscribers"; >= 0x80 raise PublishError); ``wait_ack=False``
+        returns None once it is sent (it is resent until acknowledged). While
+        disconnected this waits for the connection; it also waits while the broker's
+        Receive Maximum of QoS 1 publishes are in flight, or gmqtt's write buffer is
+        full (backpressure).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
@@ -430,7 +432,7 @@ class GMQTTClient:
         await self._wait_for_room(need_id=qos > 0)
         record = self._send_publish(message, topic)
         if record is None or not wait_ack:
-            return
+            return None
         await self._ack_bound(record.done.wait, "PUBLISH", f"PUBLISH to {topic!r}", "PUBACK")
         if record.error is not None:
             raise record.error
@@ -440,6 +442,7 @@ class GMQTTClient:
             raise PublishError(
                 f"broker refused publish to {topic!r}: {name} (0x{code:02X})", reason_code=code
             )
+        return code
 
     def _send_publish(self, message: Any, topic: str) -> _Inflight | None:
         """Hand one message to gmqtt (synchronously: nothing can arrive in between)."""

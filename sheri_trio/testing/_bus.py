@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BusRecord", "MemoryBus", "MemoryClient"]
 
+_NO_MATCHING_SUBSCRIBERS: Final = 0x10
 _QOS_LEVELS: Final = (mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE)
 
 
@@ -263,7 +264,8 @@ class MemoryBus:
         with contextlib.suppress(ValueError):
             self._entries.remove(entry)
 
-    def _route(self, sender: MemoryClient, packet: mqtt5.PublishPacket, *, will: bool) -> None:
+    def _route(self, sender: MemoryClient, packet: mqtt5.PublishPacket, *, will: bool) -> int:
+        """Deliver to every matching subscription; returns how many matched."""
         message = Message(packet)
         topic = packet.topic
         self.messages_routed += 1
@@ -296,6 +298,7 @@ class MemoryBus:
             entry.deliver(message)
         for listener in list(self.listeners):
             listener(record)
+        return len(targets)
 
 
 class MemoryClient:
@@ -371,10 +374,15 @@ class MemoryClient:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         user_properties: Sequence[tuple[str, str]] | None = None,
-    ) -> None:
-        """Route the message at once; QoS 1 with ``wait_ack`` then yields (the "PUBACK")."""
+    ) -> int | None:
+        """Route the message at once; QoS 1 with ``wait_ack`` then yields (the "PUBACK").
+
+        Returns, as a broker's PUBACK would, 0x10 (no matching subscribers) when no
+        subscription got the message and 0 otherwise, for a waited QoS 1 publish;
+        None for QoS 0 and ``wait_ack=False``.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
-        self.publish_nowait(
+        delivered = self.publish_nowait(
             topic,
             payload,
             qos=qos,
@@ -387,6 +395,8 @@ class MemoryClient:
         )
         if qos and wait_ack:
             await trio.lowlevel.cancel_shielded_checkpoint()
+            return 0 if delivered else _NO_MATCHING_SUBSCRIBERS
+        return None
 
     def publish_nowait(
         self,
@@ -400,12 +410,12 @@ class MemoryClient:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         user_properties: Sequence[tuple[str, str]] | None = None,
-    ) -> None:
+    ) -> int:
         """Publish synchronously (test-only; not part of the Client interface).
 
         Subscribers have the message in their buffers when this returns, before any
         other task runs: e.g. from a bus listener, to land a message right behind
-        another one.
+        another one. Returns how many subscriptions matched it.
         """
         self._check_open()
         if qos not in (0, 1):
@@ -427,7 +437,7 @@ class MemoryClient:
             user_properties=list(user_properties) if user_properties else None,
         )
         self.messages_sent += 1
-        self.bus._route(self, packet, will=False)
+        return self.bus._route(self, packet, will=False)
 
     # ---------------------------------------------------------- subscribe
     @contextlib.asynccontextmanager
