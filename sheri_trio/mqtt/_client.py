@@ -110,6 +110,9 @@ class ClientOptions:
     receive_maximum: int = 65535
     ws_max_message_size: int = 4 * 1024 * 1024
     close_timeout: float = 5.0
+    #: the default of subscribe(manual_ack=...); also: messages that arrive before a
+    #: matching subscribe() (orphans) wait for its choice instead of being acked
+    manual_ack: bool = False
     #: how long SUBSCRIBE, UNSUBSCRIBE and a waited QoS 1 PUBLISH wait for their
     #: acknowledgement before AckTimeout (and a reconnect); None: no bound
     ack_timeout: float | None = 10.0
@@ -129,8 +132,12 @@ class Subscription:
         filters: tuple[str, ...],
         send: trio.MemorySendChannel[Message],
         receive: trio.MemoryReceiveChannel[Message],
+        *,
+        manual_ack: bool = False,
     ) -> None:
         self.filters = filters
+        #: QoS 1 messages wait for ``message.ack()`` before the client acknowledges them
+        self.manual_ack = manual_ack
         self.reason_codes: list[int] = []
         self._send = send
         self._receive = receive
@@ -212,20 +219,32 @@ class Router:
             log.warning("no subscription for %r and the backlog is full: dropped", message.topic)
         self.orphans.append(message)
 
-    def replay(self, sub: Subscription) -> None:
-        """Hand a new subscription the parked messages it matches (as many as fit)."""
+    def replay(self, sub: Subscription) -> list[Message]:
+        """Hand a new subscription the parked messages it matches (as many as fit).
+
+        Returns the messages handed over (the caller settles their acknowledgement).
+        """
         if not self.orphans:
-            return
+            return []
         keep: deque[Message] = deque(maxlen=self.orphans.maxlen)
+        replayed: list[Message] = []
         for message in self.orphans:
             if sub.matches(message.topic):
                 try:
                     sub._send.send_nowait(message)
                 except trio.WouldBlock:
                     keep.append(message)
+                else:
+                    replayed.append(message)
             else:
                 keep.append(message)
         self.orphans = keep
+        return replayed
+
+    @property
+    def manual(self) -> int:
+        """How many live subscriptions acknowledge manually."""
+        return sum(1 for s in self.subs if s.manual_ack)
 
 
 class Client(Protocol):
@@ -256,6 +275,7 @@ class Client(Protocol):
         no_local: bool = False,
         retain_handling: int = 0,
         buffer: int | None = None,
+        manual_ack: bool | None = None,
     ) -> Any: ...
 
     async def wait_connected(self) -> None: ...
@@ -427,11 +447,16 @@ class MQTTClient:
         no_local: bool = False,
         retain_handling: int = 0,
         buffer: int | None = None,
+        manual_ack: bool | None = None,
     ) -> AsyncIterator[Subscription]:
         """Subscribe; messages arrive on the yielded :class:`Subscription`.
 
         Leaving the block unsubscribes. A message that matches several
         subscriptions of this client is delivered to each of them.
+
+        ``manual_ack=True`` (default: the client's ``manual_ack`` option): a QoS 1
+        message is acknowledged to the broker only when the application calls
+        ``message.ack()``, e.g. once it has recorded it; see docs/transports.md.
         """
         self._check_open()
         if qos not in (0, 1, 2):
@@ -439,7 +464,8 @@ class MQTTClient:
         send, receive = trio.open_memory_channel[Message](
             self.options.message_buffer if buffer is None else buffer
         )
-        sub = Subscription(tuple(filters), send, receive)
+        manual = self.options.manual_ack if manual_ack is None else manual_ack
+        sub = Subscription(tuple(filters), send, receive, manual_ack=manual)
         topic_filters = [
             mqtt5.TopicFilter(
                 f,
@@ -452,8 +478,14 @@ class MQTTClient:
         ]
         sub_id = self._next_sub_id
         self._next_sub_id = self._next_sub_id % 268_000_000 + 1
-        packet_id, handle = self._session.subscribe(topic_filters, subscription_id=sub_id)
         self._router.add(sub_id, sub)
+        self._update_hold_acks()
+        try:
+            packet_id, handle = self._session.subscribe(topic_filters, subscription_id=sub_id)
+        except BaseException:
+            self._router.remove(sub_id, sub)
+            self._update_hold_acks()
+            raise
         what = "SUBSCRIBE " + ", ".join(repr(f) for f in filters)
         acknowledged = body_failed = False
         try:
@@ -466,7 +498,9 @@ class MQTTClient:
                 )
                 raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
             acknowledged = True
-            self._router.replay(sub)
+            for message in self._router.replay(sub):
+                self._settle(message, sub.manual_ack)
+            self._kick()
             try:
                 async with send, receive:
                     yield sub
@@ -475,6 +509,7 @@ class MQTTClient:
                 raise
         finally:
             self._router.remove(sub_id, sub)
+            self._update_hold_acks()
             if not self._closed and self._fatal is None:
                 with trio.move_on_after(self.options.close_timeout) as scope:
                     scope.shield = True
@@ -773,12 +808,38 @@ class MQTTClient:
             session.handle_timer(trio.current_time())
             self._kick()
 
+    # ---------------------------------------------------- acknowledgements
+    def _update_hold_acks(self) -> None:
+        """The session holds PUBACKs while manual acknowledgement may be wanted."""
+        self._session.hold_acks = self.options.manual_ack or self._router.manual > 0
+
+    def _settle(self, message: Message, manual: bool) -> None:
+        """Decide who acknowledges a held QoS 1 message: the application, or us now."""
+        if message.ack_id is None or message._acker is not None:
+            return
+        if manual:
+            message._acker = self._ack_message
+        else:
+            self._session.ack(message.ack_id)
+
+    def _ack_message(self, message: Message) -> None:
+        """``Message.ack()`` of a manual_ack subscription's message."""
+        ack_id = message.ack_id
+        if ack_id is not None and self._session.ack(ack_id):
+            self._kick()
+
     async def _deliver(self, message: Message) -> None:
         self.messages_received += 1
         targets = self._router.targets(message)
         if not targets:
+            # With the manual_ack option an orphan's PUBACK waits for the subscription
+            # it may belong to (replay settles it); else it is acknowledged now.
+            if not self.options.manual_ack:
+                self._settle(message, False)
             self._router.park(message)
             return
+        if message.ack_id is not None:
+            self._settle(message, any(s.manual_ack for s in targets))
         for sub in targets:
             channel = sub._send
             try:

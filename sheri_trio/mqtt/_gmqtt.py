@@ -212,7 +212,7 @@ def _first(properties: dict[str, Any], name: str) -> Any:
 
 
 def _to_message(
-    topic: str | bytes, payload: bytes, qos: int, properties: dict[str, Any]
+    topic: str | bytes, payload: bytes, qos: int, properties: dict[str, Any], mid: int = 0
 ) -> Message:
     """A gmqtt on_message call as our :class:`Message` (an ``mqtt5.PublishPacket``)."""
     if isinstance(topic, bytes):
@@ -222,9 +222,9 @@ def _to_message(
         topic,
         bytes(payload),
         qos=_QOS[qos],
-        # gmqtt does not pass the packet id on (it has acknowledged the message
-        # already); 0, never a valid id, stands in for it.
-        packet_id=0 if qos else None,
+        # gmqtt passes the packet id on to QoS 1 only (through our hook); 0, never a
+        # valid id, stands in for it otherwise.
+        packet_id=mid if qos else None,
         retain=bool(properties.get("retain")),
         duplicate=bool(properties.get("dup")),
         payload_format_indicator=_first(properties, "payload_format_id") or 0,
@@ -304,6 +304,7 @@ class GMQTTClient:
         self._gmqtt.on_subscribe = self._on_subscribe
         self._gmqtt.on_unsubscribe = self._on_unsubscribe
         self._hook_puback()
+        self._hook_qos1 = self._hook_qos1_publish()
 
         self._client_id = options.client_id
         self._connected = False
@@ -581,11 +582,13 @@ class GMQTTClient:
         no_local: bool = False,
         retain_handling: int = 0,
         buffer: int | None = None,
+        manual_ack: bool | None = None,
     ) -> AsyncIterator[Subscription]:
         """Subscribe; messages arrive on the yielded :class:`Subscription`.
 
         Leaving the block unsubscribes. A message that matches several
         subscriptions of this client is delivered to each of them.
+        ``manual_ack=True``: QoS 1 messages are acknowledged at ``message.ack()``.
         """
         self._check_open()
         if not filters:
@@ -599,7 +602,10 @@ class GMQTTClient:
         send, receive = trio.open_memory_channel[Message](
             self.options.message_buffer if buffer is None else buffer
         )
-        sub = Subscription(tuple(filters), send, receive)
+        manual = self.options.manual_ack if manual_ack is None else manual_ack
+        if manual and not self._hook_qos1:
+            raise LocalProtocolError("manual_ack is not available: gmqtt internals changed")
+        sub = Subscription(tuple(filters), send, receive, manual_ack=manual)
         sub_id = self._next_sub_id
         self._next_sub_id = self._next_sub_id % MAX_SUBSCRIPTION_ID + 1
         record = _SubRecord(
@@ -635,7 +641,8 @@ class GMQTTClient:
                 )
                 raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
             record.acknowledged = True
-            self._router.replay(sub)
+            for message in self._router.replay(sub):
+                self._settle(message, sub.manual_ack)
             try:
                 async with send, receive:
                     yield sub
@@ -746,26 +753,47 @@ class GMQTTClient:
     def _on_message(
         self, client: Any, topic: str | bytes, payload: bytes, qos: int, properties: dict[str, Any]
     ) -> int:
-        """gmqtt's message callback (asyncio side): route without blocking.
+        """gmqtt's message callback (asyncio side) for QoS 0 and 2 (QoS 1: _on_qos1).
 
-        Returns 0 (PUBACK success) at once; gmqtt already acknowledged the
-        message (optimistic acknowledgement).
+        Returns 0 (success) at once; gmqtt already acknowledged a QoS 2 message
+        (optimistic acknowledgement).
         """
+        self._receive(topic, payload, qos, properties, None)
+        return 0
+
+    def _receive(
+        self,
+        topic: str | bytes,
+        payload: bytes,
+        qos: int,
+        properties: dict[str, Any],
+        mid: int | None,
+    ) -> None:
+        """Route one message without blocking; ``mid``: a QoS 1 message whose PUBACK
+        is ours to send (now, or at ``message.ack()`` for manual_ack subscriptions)."""
         try:
-            message = _to_message(topic, payload, qos, properties)
+            message = _to_message(topic, payload, qos, properties, mid or 0)
         except Exception as exc:  # nothing may escape into gmqtt's reader
             self.messages_dropped += 1
             log.warning("dropped a message gmqtt could not hand over: %r", exc)
-            return 0
+            if mid is not None:
+                self._send_puback(mid)
+            return
+        if mid is not None:
+            message.ack_id = (self.connections, mid)
         self.messages_received += 1
         targets = self._router.targets(message)
         if not targets:
+            if not self.options.manual_ack:
+                self._settle(message, False)
             self._router.park(message)
-            return 0
+            return
+        if message.ack_id is not None:
+            self._settle(message, any(s.manual_ack for s in targets))
         if self._backlog:  # keep the order: behind what already waits
             self._backlog.append((message, targets))
             self._pause_reading()
-            return 0
+            return
         for i, sub in enumerate(targets):
             try:
                 sub._send.send_nowait(message)
@@ -775,10 +803,53 @@ class GMQTTClient:
                 self._backlog.append((message, targets[i:]))
                 self._backlog_event.set()
                 self._pause_reading()
-                return 0
+                return
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
-        return 0
+
+    # ---------------------------------------------------- acknowledgements
+    def _hook_qos1_publish(self) -> bool:
+        """Take over the PUBACK of incoming QoS 1 messages (private handler method).
+
+        gmqtt acknowledges a QoS 1 message before its callback runs (optimistic
+        acknowledgement), or after a coroutine callback; neither lets the application
+        acknowledge later. We replace the handler's QoS 1 method: it hands us the
+        packet id, and we send the PUBACK ourselves (``_send_puback``).
+        """
+        # private gmqtt API: the package handler, its QoS 1 and PUBACK methods
+        handler: Any = getattr(self._gmqtt, "_package_handler", None)
+        if not hasattr(handler, "_handle_qos_1_publish_packet") or not hasattr(
+            handler, "_send_puback"
+        ):
+            log.warning("gmqtt internals changed: manual_ack acknowledges on receipt")
+            return False
+
+        def handle_qos1(mid: int, packet: bytes, topic: str, properties: dict[str, Any]) -> None:
+            self._receive(topic, packet, 1, properties, mid)
+
+        handler._handle_qos_1_publish_packet = handle_qos1
+        return True
+
+    def _send_puback(self, mid: int) -> None:
+        # private gmqtt API: the handler's PUBACK sender
+        self._gmqtt._package_handler._send_puback(mid)
+
+    def _settle(self, message: Message, manual: bool) -> None:
+        """Who acknowledges a QoS 1 message: the application (manual), or us now."""
+        if message.ack_id is None or message._acker is not None:
+            return
+        if manual:
+            message._acker = self._ack_message
+        else:
+            self._ack_message(message)
+
+    def _ack_message(self, message: Message) -> None:
+        ack_id = message.ack_id
+        if ack_id is None:
+            return
+        connection, mid = ack_id
+        if connection == self.connections and self._connected:
+            self._send_puback(mid)
 
     async def _pump(self) -> None:
         """Deliver messages that found a subscription's buffer full (owned by the nursery)."""

@@ -66,7 +66,16 @@ class BusRecord:
 class _Entry:
     """One live ``subscribe()`` of one client, as the bus sees it."""
 
-    __slots__ = ("client", "no_local", "plain", "qos", "retain_handling", "shared", "subscription")
+    __slots__ = (
+        "client",
+        "manual_ack",
+        "no_local",
+        "plain",
+        "qos",
+        "retain_handling",
+        "shared",
+        "subscription",
+    )
 
     def __init__(
         self,
@@ -76,9 +85,11 @@ class _Entry:
         qos: int,
         no_local: bool,
         retain_handling: int,
+        manual_ack: bool = False,
     ) -> None:
         self.client = client
         self.subscription = subscription
+        self.manual_ack = manual_ack
         self.qos = qos
         self.no_local = no_local
         self.retain_handling = retain_handling
@@ -97,6 +108,10 @@ class _Entry:
     def deliver(self, message: Message) -> None:
         if message.qos > self.qos:
             message = _copy(message, qos=self.qos)
+        manual = self.manual_ack and message.qos == 1
+        if manual:
+            message = _copy(message)  # one ack() per subscription that must give one
+            message._acker = self.client._acked
         try:
             self.subscription._send.send_nowait(message)
         except trio.WouldBlock:
@@ -106,6 +121,8 @@ class _Entry:
             pass  # the subscriber stopped reading: it is leaving its subscribe() block
         else:
             self.client.messages_received += 1
+            if manual:
+                self.client.held_acks += 1
 
 
 def _copy(message: Message, *, qos: int | None = None, retain: bool | None = None) -> Message:
@@ -323,6 +340,9 @@ class MemoryClient:
         self.messages_sent = 0
         self.messages_received = 0
         self.messages_dropped = 0
+        #: manual_ack messages delivered and not yet ack()ed / ack()ed
+        self.held_acks = 0
+        self.messages_acked = 0
 
     # ------------------------------------------------------------- status
     @property
@@ -346,6 +366,8 @@ class MemoryClient:
             "messages_sent": self.messages_sent,
             "messages_received": self.messages_received,
             "messages_dropped": self.messages_dropped,
+            "held_acks": self.held_acks,
+            "messages_acked": self.messages_acked,
             "subscriptions": len(self._entries),
             "killed": self._killed,
             "last_error": self.close_reason,
@@ -448,8 +470,13 @@ class MemoryClient:
         no_local: bool = False,
         retain_handling: int = 0,
         buffer: int | None = None,
+        manual_ack: bool | None = None,
     ) -> AsyncIterator[Subscription]:
-        """Subscribe; matching retained messages are delivered first. Leaving unsubscribes."""
+        """Subscribe; matching retained messages are delivered first. Leaving unsubscribes.
+
+        ``manual_ack=True``: QoS 1 messages carry an ``ack()`` that the client counts
+        (``held_acks``, ``messages_acked``); the bus never redelivers, acked or not.
+        """
         self._check_open()
         if not filters:
             raise LocalProtocolError("subscribe needs at least one topic filter")
@@ -463,9 +490,16 @@ class MemoryClient:
         self._check_open()
         size = self.bus.default_buffer if buffer is None else buffer
         send, receive = trio.open_memory_channel[Message](size)
-        sub = Subscription(tuple(filters), send, receive)
+        sub = Subscription(tuple(filters), send, receive, manual_ack=bool(manual_ack))
         sub.reason_codes = [qos] * len(filters)
-        entry = _Entry(self, sub, qos=qos, no_local=no_local, retain_handling=retain_handling)
+        entry = _Entry(
+            self,
+            sub,
+            qos=qos,
+            no_local=no_local,
+            retain_handling=retain_handling,
+            manual_ack=bool(manual_ack),
+        )
         self._entries.append(entry)
         self.bus._add(entry)
         try:
@@ -473,6 +507,10 @@ class MemoryClient:
                 yield sub
         finally:
             self._drop(entry)
+
+    def _acked(self, message: Message) -> None:
+        self.held_acks -= 1
+        self.messages_acked += 1
 
     def _drop(self, entry: _Entry) -> None:
         self.bus._remove(entry)
