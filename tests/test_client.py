@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 import trio
@@ -12,6 +12,7 @@ import trio
 from sheri_trio.mqtt import AckTimeout, open_client
 
 if TYPE_CHECKING:
+    from sheri_trio.mqtt import Client
     from sheri_trio.testing import MosquittoBroker
 
 SCHEMES = ["mqtt", "mqtts", "ws", "wss"]
@@ -133,3 +134,91 @@ async def test_publish_returns_the_puback_reason_code(
             async with client.subscribe(topic, qos=1) as messages:
                 assert await client.publish(topic, b"y", qos=1) == 0x00
                 assert (await messages.receive()).payload == b"y"
+
+
+# ------------------------------------------------------------ manual acknowledgement
+def _persistent(client_id: str, backend: str, **options: Any) -> dict[str, Any]:
+    return {
+        "backend": backend,
+        "client_id": client_id,
+        "clean_start": False,
+        "session_expiry_interval": 60,
+        "reconnect_initial_delay": 0.05,
+        **options,
+    }
+
+
+async def _flush(client: Client) -> None:
+    """Our PUBACKs so far have reached the broker: a QoS 1 round trip behind them."""
+    assert await client.publish("t/manual/flush", b"", qos=1) == 0x10
+
+
+@pytest.mark.parametrize("backend", ["trio", "gmqtt"])
+async def test_manual_ack_unacked_message_comes_again_after_a_drop(
+    broker: MosquittoBroker, backend: Literal["trio", "gmqtt"]
+) -> None:
+    topic = f"t/manual/drop/{backend}"
+    sub_id = f"manual-drop-{backend}"
+    with trio.fail_after(20):
+        async with (
+            open_client(broker.tcp_url, **_persistent(sub_id, backend)) as sub,
+            open_client(broker.tcp_url, backend=backend) as pub,
+            sub.subscribe(topic, qos=1, manual_ack=True) as messages,
+        ):
+            await pub.publish(topic, b"m1", qos=1)
+            first = await messages.receive()
+            assert (first.payload, first.duplicate) == (b"m1", False)
+            assert first.needs_ack
+            sub.abort_connection()  # type: ignore[attr-defined]  # "killed" before ack()
+            # the broker kept it unacknowledged: redelivered (DUP) on the next connection
+            again = await messages.receive()
+            assert (again.payload, again.duplicate) == (b"m1", True)
+            assert sub.statistics()["connections"] == 2
+            first.ack()  # of an earlier connection: void, nothing is sent
+            again.ack()
+            again.ack()  # idempotent
+            assert not again.needs_ack
+            await _flush(sub)
+            sub.abort_connection()  # type: ignore[attr-defined]
+            await pub.publish(topic, b"m2", qos=1)
+            # acknowledged: not redelivered; the next message is the new one
+            nxt = await messages.receive()
+            assert nxt.payload == b"m2"
+            nxt.ack()
+
+
+@pytest.mark.parametrize("backend", ["trio", "gmqtt"])
+async def test_manual_ack_message_survives_the_client_being_replaced(
+    broker: MosquittoBroker, backend: Literal["trio", "gmqtt"]
+) -> None:
+    """A client that dies before ack(): the next client with the same id and session
+    gets the message again, even though it arrives before that client's subscribe()
+    (the manual_ack option holds such orphans)."""
+    topic = f"t/manual/new/{backend}"
+    client_id = f"manual-new-{backend}"
+    options = _persistent(client_id, backend, manual_ack=True, reconnect=False)
+    with trio.fail_after(20):
+        async with open_client(broker.tcp_url, backend=backend) as pub:
+            async with open_client(broker.tcp_url, **options) as first:
+                async with first.subscribe(topic, qos=1) as messages:
+                    await pub.publish(topic, b"task", qos=1)
+                    assert (await messages.receive()).payload == b"task"
+                    first.abort_connection()  # type: ignore[attr-defined]
+            # a new client of the same session, killed again before its ack()
+            for acks in (False, True):
+                async with open_client(broker.tcp_url, **options) as client:
+                    async with client.subscribe(topic, qos=1) as messages:
+                        message = await messages.receive()
+                        assert (message.payload, message.duplicate) == (b"task", True)
+                        if acks:
+                            message.ack()
+                            await _flush(client)
+                        client.abort_connection()  # type: ignore[attr-defined]
+            # acknowledged: the third client is not given it again
+            async with open_client(broker.tcp_url, **options) as last:
+                async with last.subscribe(topic, qos=1) as messages:
+                    await pub.publish(topic, b"last", qos=1)
+                    message = await messages.receive()
+                    assert message.payload == b"last"
+                    message.ack()
+                    await _flush(last)

@@ -171,3 +171,137 @@ async def test_acknowledged_in_time_is_no_timeout(autojump_clock: trio.testing.M
             await client.publish("t/p", b"x", qos=1)
         assert trio.current_time() == 9.5
         assert client.connected
+
+
+# ------------------------------------------------------------ manual acknowledgement
+def publish(pid: int, topic: str, sub_ids: list[int] | None = None) -> mqtt5.PublishPacket:
+    return mqtt5.PublishPacket(
+        topic,
+        b"m%d" % pid,
+        qos=mqtt5.QoS.AT_LEAST_ONCE,
+        packet_id=pid,
+        subscription_ids=sub_ids,
+    )
+
+
+async def nothing_within(conn: BrokerConnection, seconds: float) -> bool:
+    """True if the client sends nothing for ``seconds`` (of the autojump clock)."""
+    with trio.move_on_after(seconds):
+        packet = await conn.receive()
+        raise AssertionError(f"the client sent {packet!r}")
+    return True
+
+
+@asynccontextmanager
+async def granted(
+    client: MQTTClient, conn: BrokerConnection, *filters: str, **kwargs: Any
+) -> AsyncIterator[tuple[Any, int]]:
+    """subscribe(), the scripted broker granting it; yields (subscription, its id)."""
+    sub_id: list[int] = []
+
+    async def grant() -> None:
+        subscribe = await conn.expect(mqtt5.SubscribePacket)
+        sub_id.append(subscribe.subscription_id)
+        await conn.send(suback(subscribe))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(grant)
+        async with client.subscribe(*filters, **kwargs) as messages:
+            yield messages, sub_id[0]
+
+
+async def test_manual_ack_holds_the_puback_until_ack(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with (
+        connected(broker, keep_alive=0) as (client, conn),
+        granted(client, conn, "t/#", manual_ack=True) as (messages, sub_id),
+    ):
+        await conn.send(publish(5, "t/a", [sub_id]))
+        message = await messages.receive()
+        assert message.needs_ack
+        assert await nothing_within(conn, 60)
+        assert client.statistics()["held_acks"] == 1
+        message.ack()
+        ack = await conn.expect(mqtt5.PubAckPacket)
+        assert (ack.packet_id, int(ack.reason_code)) == (5, 0)
+        message.ack()  # idempotent
+        assert await nothing_within(conn, 60)
+        assert client.statistics()["held_acks"] == 0
+
+
+async def test_manual_and_auto_subscription_of_one_message_waits_for_ack(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Manual wins: the message is acknowledged at ack(), which any of its
+    subscriptions may call (it is one object, delivered to both)."""
+    broker = ScriptedBroker()
+    async with (
+        connected(broker, keep_alive=0) as (client, conn),
+        granted(client, conn, "t/#") as (auto, auto_id),
+        granted(client, conn, "t/a", manual_ack=True) as (manual, manual_id),
+    ):
+        await conn.send(publish(6, "t/a", [auto_id, manual_id]))
+        got_auto, got_manual = await auto.receive(), await manual.receive()
+        assert got_auto is got_manual
+        assert await nothing_within(conn, 60)
+        # an auto-only message is acknowledged at once meanwhile (PUBACKs follow acks,
+        # not the order of receipt)
+        await conn.send(publish(7, "t/b", [auto_id]))
+        assert (await auto.receive()).payload == b"m7"
+        assert (await conn.expect(mqtt5.PubAckPacket)).packet_id == 7
+        got_auto.ack()
+        assert (await conn.expect(mqtt5.PubAckPacket)).packet_id == 6
+
+
+async def test_orphans_acked_at_once_without_the_manual_ack_option(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, keep_alive=0) as (client, conn):
+        await conn.send(publish(8, "t/early", [99]))  # not one of ours: an orphan
+        assert (await conn.expect(mqtt5.PubAckPacket)).packet_id == 8
+        async with granted(client, conn, "t/#", manual_ack=True) as (messages, _):
+            message = await messages.receive()  # replayed from the backlog
+            assert (message.payload, message.needs_ack) == (b"m8", False)
+
+
+@pytest.mark.parametrize("manual", [True, False])
+async def test_orphans_wait_for_their_subscription_with_the_manual_ack_option(
+    autojump_clock: trio.testing.MockClock, manual: bool
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, keep_alive=0, manual_ack=True) as (client, conn):
+        await conn.send(publish(9, "t/early", [99]))
+        assert await nothing_within(conn, 60)
+        assert client.statistics()["orphans"] == 1
+        async with granted(client, conn, "t/#", manual_ack=manual) as (messages, _):
+            message = await messages.receive()
+            assert message.payload == b"m9"
+            assert message.needs_ack is manual
+            if manual:
+                assert await nothing_within(conn, 60)
+                message.ack()
+            assert (await conn.expect(mqtt5.PubAckPacket)).packet_id == 9
+
+
+async def test_ack_after_reconnect_is_void(autojump_clock: trio.testing.MockClock) -> None:
+    broker = ScriptedBroker()
+    async with (
+        connected(broker, keep_alive=0, reconnect_initial_delay=1) as (client, conn),
+        granted(client, conn, "t/#", manual_ack=True) as (messages, sub_id),
+    ):
+        await conn.send(publish(3, "t/a", [sub_id]))
+        message = await messages.receive()
+        await conn.close()
+        conn2 = await _reconnected(broker, session_present=True)
+        await client.wait_connected()
+        message.ack()  # the id belonged to the first connection: nothing is sent
+        assert not message.needs_ack
+        assert await nothing_within(conn2, 60)
+        # the broker redelivers it, DUP, and that one is acknowledged
+        await conn2.send(publish(3, "t/a", [sub_id]))
+        again = await messages.receive()
+        again.ack()
+        assert (await conn2.expect(mqtt5.PubAckPacket)).packet_id == 3

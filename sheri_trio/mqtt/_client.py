@@ -304,6 +304,7 @@ class MQTTClient:
             receive_maximum=options.receive_maximum,
             max_packet_size=options.max_packet_size,
         )
+        self._session.hold_acks = options.manual_ack
         self._stream: ByteStream | None = None
         self._wake_writer = trio.Event()
         self._unsent = b""  # the part of a direct write the socket did not take
@@ -561,6 +562,13 @@ class MQTTClient:
         if self.connected and self._connected_at <= start:
             self._drop_connection(error)
         raise error
+
+    def abort_connection(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash would (for tests).
+
+        The broker then publishes the will; the client reconnects if allowed.
+        """
+        self._drop_connection(ConnectionLost("connection aborted"))
 
     def _drop_connection(self, error: MQTTError) -> None:
         """End the current connection because of ``error``; the manager reconnects."""
