@@ -34,6 +34,12 @@ marked "private gmqtt API" below):
   ``publish(..., wait_ack=True)``, and how dropped publishes are noticed.
 * PUBACK reason codes: gmqtt 0.8 ignores them. We wrap the package handler's
   ``_package_handler._handle_puback_packet`` to read the code first.
+* Our PUBACKs of incoming QoS 1 messages: gmqtt sends them itself, before the
+  callback (``optimistic_acknowledgement``) or after a *coroutine* callback returns,
+  so an application cannot acknowledge later. We replace
+  ``_package_handler._handle_qos_1_publish_packet`` (which hands us the packet id)
+  and send the PUBACK with ``_package_handler._send_puback(mid)``: at once, or at
+  ``message.ack()`` for ``manual_ack`` subscriptions. QoS 2 stays optimistic.
 * Packet ids: gmqtt hands out ids (publishes and requests alike) only up to the
   broker's Receive Maximum, raising ``OverflowError`` beyond; we keep the
   number in use below it. gmqtt never frees the ids of requests lost with a
@@ -55,12 +61,14 @@ Limits, compared with the native client:
 * While disconnected, ``publish`` waits for the connection instead of queueing
   (``max_queued`` is not used). QoS 0 messages published in the moment a
   connection breaks, before gmqtt notices, are lost.
-* Inbound flow control: gmqtt acknowledges each QoS 1 message as it parses it
-  and has no Receive Maximum of its own (``receive_maximum`` is not sent).
+* Inbound flow control: gmqtt has no Receive Maximum of its own
+  (``receive_maximum`` is not sent), so messages held for ``message.ack()`` are
+  bounded only by the broker's own in-flight limit.
   Backpressure from a slow subscriber is soft: gmqtt parses a whole read (up
   to 64 KiB) at once, so that much may queue before reading pauses.
-* ``Message.packet.packet_id`` is 0 for QoS 1/2 messages (gmqtt does not pass
-  the id on); PUBACK reason strings are not reported, only the codes.
+* ``Message.packet.packet_id`` is 0 for QoS 2 messages (gmqtt does not pass the
+  id on); PUBACK reason strings are not reported, only the codes.
+* ``stream_factory`` is not supported (gmqtt opens its own connections).
 * The broker's Maximum Packet Size is not checked before sending.
 * gmqtt pings after 0.8 keep-alive of silence and drops the connection after
   2 keep-alives without data (the native client: 1 and 1.5).
