@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from sheri_trio.mqtt import AckTimeout, MQTTClient, open_client
+from sheri_trio.mqtt import AckTimeout, ClientClosed, MQTTClient, open_client
 from sheri_trio.testing import BrokerConnection, ScriptedBroker
 
 if TYPE_CHECKING:
@@ -204,10 +204,17 @@ async def granted(
         sub_id.append(subscribe.subscription_id)
         await conn.send(suback(subscribe))
 
+    async def answer_unsubscribe() -> None:
+        while not isinstance(packet := await conn.receive(), mqtt5.UnsubscribePacket):
+            if packet is None:
+                return
+        await conn.send(mqtt5.UnsubAckPacket(packet.packet_id, [mqtt5.UnsubAckReasonCode.SUCCESS]))
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(grant)
         async with client.subscribe(*filters, **kwargs) as messages:
             yield messages, sub_id[0]
+            nursery.start_soon(answer_unsubscribe)
 
 
 async def test_manual_ack_holds_the_puback_until_ack(
@@ -305,3 +312,178 @@ async def test_ack_after_reconnect_is_void(autojump_clock: trio.testing.MockCloc
         again = await messages.receive()
         again.ack()
         assert (await conn2.expect(mqtt5.PubAckPacket)).packet_id == 3
+
+
+# ------------------------------------------------------------------ keep-alive
+async def test_keep_alive_pings_and_declares_a_silent_broker_dead(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, keep_alive=10) as (client, conn):
+        # one keep-alive of silence: PINGREQ; answered, the next one a keep-alive later
+        await conn.expect(mqtt5.PingReqPacket)
+        assert trio.current_time() == 10
+        await conn.send(mqtt5.PingRespPacket())
+        await conn.expect(mqtt5.PingReqPacket)
+        assert trio.current_time() == 20
+        # unanswered: dead 1.5 keep-alives after the last thing heard (t=10)
+        assert await conn.wait_closed() == []
+        assert trio.current_time() == 25
+        await _reconnected(broker)
+        await client.wait_connected()
+        assert "no data from the broker for 15.0 s" in (client.statistics()["last_error"] or "")
+        assert client.statistics()["connections"] == 2
+
+
+async def test_traffic_from_the_broker_alone_does_not_stop_pings(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A ping goes out after one keep-alive without *sending*, even while the broker
+    talks (MQTT asks the client to send something within each keep-alive)."""
+    broker = ScriptedBroker()
+    async with connected(broker, keep_alive=10) as (client, conn):
+
+        async def chatter() -> None:
+            for _ in range(3):
+                await trio.sleep(4)
+                await conn.send(mqtt5.PublishPacket("t/x", b"."))  # QoS 0: no answer
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(chatter)
+            await conn.expect(mqtt5.PingReqPacket)
+            assert trio.current_time() == 10
+        assert client.connected
+
+
+# -------------------------------------------------------------------- reconnect
+async def test_reconnect_backoff_doubles_with_equal_jitter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    options = {"reconnect_initial_delay": 1, "reconnect_max_delay": 4, "keep_alive": 0}
+    async with connected(broker, **options) as (client, conn):
+        broker.refuse(times=4)
+        await conn.close()
+        lost_at = trio.current_time()
+        await _reconnected(broker)
+        await client.wait_connected()
+        attempts = broker.attempts[1:]  # the first is the initial connection
+        assert len(attempts) == 5
+        gaps = [b - a for a, b in zip([lost_at, *attempts], attempts, strict=False)]
+        # each delay drawn from [cap/2, cap], cap = 1, 2, 4, 4, 4 (reconnect_max_delay)
+        for gap, cap in zip(gaps, [1, 2, 4, 4, 4], strict=True):
+            assert cap / 2 <= gap <= cap
+        # a successful connection starts the sequence again
+        await broker.connections[-1].close()
+        lost_at = trio.current_time()
+        await _reconnected(broker)
+        assert 0.5 <= broker.attempts[-1] - lost_at <= 1
+
+
+async def test_max_reconnect_attempts_then_the_client_stops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, max_reconnect_attempts=2, keep_alive=0) as (client, conn):
+        broker.refuse()
+        await conn.close()
+        await broker.wait_attempts(2)  # disconnected, reconnecting
+        with pytest.raises(ClientClosed, match="gave up after 2 reconnects"):
+            await client.wait_connected()
+        assert len(broker.attempts) == 3  # the first connection, then 2 reconnects
+        with pytest.raises(ClientClosed):
+            await client.publish("t/x", b"late")
+
+
+# ------------------------------------------------------------------------ close
+async def test_close_waits_close_timeout_for_unacknowledged_publishes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, close_timeout=5, keep_alive=0) as (client, conn):
+        await client.publish("t/x", b"1", qos=1, wait_ack=False)
+    # the client gave up after close_timeout, without a DISCONNECT
+    assert trio.current_time() == 5
+    packets = await conn.wait_closed()
+    assert [type(p) for p in packets] == [mqtt5.PublishPacket]
+
+
+async def test_close_flushes_then_disconnects_and_waits_for_the_broker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with trio.open_nursery() as nursery:
+        async with connected(broker, close_timeout=5, keep_alive=0) as (client, conn):
+
+            async def broker_side() -> None:
+                publish = await conn.expect(mqtt5.PublishPacket)
+                await trio.sleep(2)
+                await conn.send(mqtt5.PubAckPacket(publish.packet_id))
+                disconnect = await conn.expect(mqtt5.DisconnectPacket)
+                assert int(disconnect.reason_code) == 0  # normal: the will is discarded
+                assert trio.current_time() == 2
+                await trio.sleep(1)
+                await conn.close()
+
+            nursery.start_soon(broker_side)
+            await client.publish("t/x", b"1", qos=1, wait_ack=False)
+        assert trio.current_time() == 3  # closed when the broker closed, not at 5
+
+
+# ---------------------------------------------------------------------- routing
+async def test_messages_are_routed_by_subscription_id_then_by_topic(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with (
+        connected(broker, keep_alive=0) as (client, conn),
+        granted(client, conn, "t/#") as (wide, wide_id),
+        granted(client, conn, "t/a") as (narrow, narrow_id),
+    ):
+        assert wide_id != narrow_id
+        await conn.send(mqtt5.PublishPacket("t/a", b"by-id", subscription_ids=[narrow_id]))
+        await conn.send(mqtt5.PublishPacket("t/a", b"by-topic"))  # ids lost: topic fallback
+        assert [(await narrow.receive()).payload for _ in range(2)] == [b"by-id", b"by-topic"]
+        assert (await wide.receive()).payload == b"by-topic"
+        assert client.statistics()["messages_received"] == 2
+
+
+async def test_orphans_wait_in_a_bounded_backlog_and_are_replayed_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, keep_alive=0, orphan_buffer=2) as (client, conn):
+        for i in range(3):
+            await conn.send(mqtt5.PublishPacket("t/x", b"%d" % i))
+        await conn.send(mqtt5.PublishPacket("other/y", b"o"))
+        # the messages are read only when the reader runs: wait on a round trip
+        async with granted(client, conn, "nothing/here"):
+            pass
+        stats = client.statistics()
+        assert (stats["orphans"], stats["messages_dropped"]) == (2, 2)  # 0 and 1 pushed out
+        async with granted(client, conn, "t/#") as (messages, _):
+            assert messages.receive_nowait().payload == b"2"
+            with pytest.raises(trio.WouldBlock):
+                messages.receive_nowait()
+        assert client.statistics()["orphans"] == 1
+        async with granted(client, conn, "other/#") as (messages, _):
+            assert messages.receive_nowait().payload == b"o"
+        assert client.statistics()["orphans"] == 0
+
+
+async def test_wait_connected_survives_failed_reconnect_attempts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: each failed attempt used to replace the event wait_connected() was
+    parked on, so it never returned even after the client reconnected."""
+    broker = ScriptedBroker()
+    async with connected(broker, keep_alive=0) as (client, conn):
+        broker.refuse(times=3)
+        await conn.close()
+        await broker.wait_attempts(2)  # disconnected; the first reconnect was refused
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_reconnected, broker)
+            with trio.fail_after(100):
+                await client.wait_connected()
+        assert len(broker.attempts) == 5
+        assert client.connected

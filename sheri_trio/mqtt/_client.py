@@ -629,10 +629,10 @@ class MQTTClient:
         started = False
         with trio.CancelScope() as self._manager_scope:
             while not self._closed:
+                connections = self.connections
                 try:
                     await self._connect_and_serve(task_status if not started else None)
                     started = True
-                    attempt = 0
                 except ConnectError as exc:
                     self.last_error = str(exc)
                     if not started or not exc.retryable:
@@ -656,9 +656,13 @@ class MQTTClient:
                     self._unsent = b""
                     self._stream = None
                     self._connected_at = math.inf
-                    self._connected_event = trio.Event()
+                    if self._connected_event.is_set():
+                        # (only then: replacing an unset event would strand its waiters)
+                        self._connected_event = trio.Event()
                     self._connection_ended.set()
                     self._space.unpark_all()
+                if self.connections > connections:
+                    attempt = 0  # a connection was made: the next outage backs off afresh
                 if self._closed:
                     return
                 if not opts.reconnect:

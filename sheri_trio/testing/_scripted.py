@@ -32,7 +32,7 @@ import mqtt5
 import trio
 import trio.testing
 
-from ..mqtt._errors import ConnectionLost
+from ..mqtt._errors import ConnectError, ConnectionLost
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -164,23 +164,40 @@ class ScriptedBroker:
 
     Pass :meth:`stream_factory` as the client's ``stream_factory`` option; each
     connection attempt of the client then shows up at :meth:`accept`, in order.
-    ``refuse`` set to a ConnectError makes the next attempts fail with it (as an
-    unreachable broker would).
+    :meth:`refuse` makes attempts fail (as an unreachable broker would);
+    ``attempts`` keeps the trio time of every attempt, refused ones included.
     """
 
     url = "mqtt://scripted-broker.invalid:1883"
 
     def __init__(self) -> None:
         self.connections: list[BrokerConnection] = []
-        self.refuse: Exception | None = None
+        self.attempts: list[float] = []
+        self._refusals: float = 0
+        self._refusal: Exception | None = None
         self._send, self._receive = trio.open_memory_channel[BrokerConnection](math.inf)
+        self._attempted = trio.lowlevel.ParkingLot()
+
+    async def wait_attempts(self, count: int) -> None:
+        """Wait until the client has tried to connect ``count`` times in all."""
+        while len(self.attempts) < count:
+            await self._attempted.park()
+        await trio.lowlevel.checkpoint()
+
+    def refuse(self, times: float = math.inf, error: Exception | None = None) -> None:
+        """Fail the next ``times`` connection attempts with ``error`` (a ConnectError)."""
+        self._refusals = times
+        self._refusal = error or ConnectError(f"cannot connect to {self.url}: refused (scripted)")
 
     @asynccontextmanager
     async def stream_factory(self, url: BrokerURL) -> AsyncIterator[ByteStream]:
         """The client's side of a new connection (the ``stream_factory`` option)."""
         await trio.lowlevel.checkpoint()
-        if self.refuse is not None:
-            raise self.refuse
+        self.attempts.append(trio.current_time())
+        self._attempted.unpark_all()
+        if self._refusals > 0 and self._refusal is not None:
+            self._refusals -= 1
+            raise self._refusal
         client_end, broker_end = trio.testing.memory_stream_pair()
         conn = BrokerConnection(broker_end, len(self.connections) + 1)
         self.connections.append(conn)
