@@ -794,7 +794,7 @@ def test_message_ack_calls_its_acker_once() -> None:
     (message,) = send_packets(s, _qos1(3))
     assert isinstance(message, Message)
     calls: list[Message] = []
-    message._acker = calls.append
+    message.wait_for_ack(calls.append)
     assert message.needs_ack
     message.ack()
     message.ack()

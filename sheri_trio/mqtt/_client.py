@@ -1,10 +1,10 @@
-"""``open_client()``: the sans-IO session driven over a byte stream, inside a nursery.
+"""The native trio backend: the sans-IO session driven over a byte stream, in a nursery.
 
 The client owns one nursery. In it run the connection manager (connect,
-reconnect with backoff) and, per connection, a reader, a writer and a
-keep-alive timer. Publishes are encoded into the session's buffer and the
-writer sends everything buffered in one ``send_all``; the reader parses every
-complete packet of each receive.
+reconnect with backoff: :mod:`._reconnect`) and, per connection, a reader, a
+writer and a keep-alive timer. Publishes are encoded into the session's buffer
+and the writer sends everything buffered in one ``send_all``; the reader parses
+every complete packet of each receive.
 """
 
 from __future__ import annotations
@@ -12,28 +12,33 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import deque
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import mqtt5
 import trio
 
+from ._api import (
+    ClientOptions,
+    Subscription,
+    ack_timeout_error,
+    broker_disconnected,
+    collapse_exception_groups,
+    publish_refused,
+    subscribe_refused,
+)
 from ._errors import (
     AckTimeout,
     ClientClosed,
     ConnectError,
     ConnectionLost,
-    KeepAliveTimeout,
     LocalProtocolError,
     MQTTError,
-    PublishError,
-    RemoteProtocolError,
-    SessionTakenOver,
-    SubscribeError,
 )
+from ._reconnect import run_reconnecting
+from ._routing import Router
 from ._session import (
+    QOS_LEVELS,
     Connected,
     Disconnected,
     Message,
@@ -41,248 +46,17 @@ from ._session import (
     Session,
     SubscribeAcked,
     UnsubscribeAcked,
-    disconnect_reason_name,
-    reason_names,
-    topic_matches,
 )
-from ._streams import BrokerURL, ByteStream, TLSOptions, open_stream
+from ._streams import BrokerURL, ByteStream, open_stream
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-    from contextlib import AbstractAsyncContextManager
+    from collections.abc import AsyncIterator, Callable, Sequence
 
-StreamFactory: TypeAlias = "Callable[[BrokerURL], AbstractAsyncContextManager[ByteStream]]"
-"""Opens one connection's byte stream (default: :func:`~._streams.open_stream`)."""
-
-__all__ = ["Client", "ClientOptions", "MQTTClient", "Subscription", "Will", "open_client"]
+__all__ = ["MQTTClient", "open_trio_client"]
 
 log = logging.getLogger("sheri_trio.mqtt")
 
-_QOS = (mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE)
 _OUT_HIGH_WATER = 256 * 1024  # bytes buffered for the writer before publishers wait
-
-
-@dataclass(frozen=True, slots=True)
-class Will:
-    """The last will: published by the broker if we vanish without a normal DISCONNECT."""
-
-    topic: str
-    payload: bytes = b""
-    qos: int = 1
-    retain: bool = False
-    delay_interval: int = 0
-    message_expiry_interval: int | None = None
-    content_type: str | None = None
-    user_properties: Sequence[tuple[str, str]] = ()
-
-    def to_packet(self) -> mqtt5.Will:
-        return mqtt5.Will(
-            self.topic,
-            payload=self.payload,
-            qos=_QOS[self.qos],
-            retain=self.retain,
-            will_delay_interval=self.delay_interval,
-            message_expiry_interval=self.message_expiry_interval,
-            content_type=self.content_type,
-            user_properties=list(self.user_properties),
-        )
-
-
-@dataclass(slots=True)
-class ClientOptions:
-    """Everything ``open_client`` accepts besides the URL."""
-
-    client_id: str = ""
-    username: str | None = None
-    password: str | None = None
-    keep_alive: int = 30
-    clean_start: bool = True
-    session_expiry_interval: int = 0
-    will: Will | None = None
-    tls: TLSOptions | None = None
-    connect_timeout: float = 10.0
-    reconnect: bool = True
-    reconnect_initial_delay: float = 0.1
-    reconnect_max_delay: float = 30.0
-    max_reconnect_attempts: int | None = None
-    max_queued: int = 10_000
-    max_packet_size: int = 1024 * 1024
-    receive_maximum: int = 65535
-    ws_max_message_size: int = 4 * 1024 * 1024
-    close_timeout: float = 5.0
-    #: the default of subscribe(manual_ack=...); also: messages that arrive before a
-    #: matching subscribe() (orphans) wait for its choice instead of being acked
-    manual_ack: bool = False
-    #: how long SUBSCRIBE, UNSUBSCRIBE and a waited QoS 1 PUBLISH wait for their
-    #: acknowledgement before AckTimeout (and a reconnect); None: no bound
-    ack_timeout: float | None = 10.0
-    message_buffer: int = 10_000
-    orphan_buffer: int = 10_000
-    #: opens each connection's byte stream instead of the URL's transport (native
-    #: backend only): e.g. ``sheri_trio.testing.ScriptedBroker.stream_factory``
-    stream_factory: StreamFactory | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Subscription:
-    """Messages of one ``subscribe()`` call: ``async for message in subscription``."""
-
-    def __init__(
-        self,
-        filters: tuple[str, ...],
-        send: trio.MemorySendChannel[Message],
-        receive: trio.MemoryReceiveChannel[Message],
-        *,
-        manual_ack: bool = False,
-    ) -> None:
-        self.filters = filters
-        #: QoS 1 messages wait for ``message.ack()`` before the client acknowledges them
-        self.manual_ack = manual_ack
-        self.reason_codes: list[int] = []
-        self._send = send
-        self._receive = receive
-        self._streak = 0
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Message:
-        try:
-            return await self.receive()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-
-    async def receive(self) -> Message:
-        """The next message; raises trio.EndOfChannel once the subscription is closed.
-
-        Messages already delivered are taken without a trip through the scheduler (a
-        burst of one read costs one pass, not one per message); every 64th call, and
-        whenever none is waiting, this is a full checkpoint, so other tasks still run
-        and cancellation is always seen.
-        """
-        if self._streak < 64:
-            try:
-                message = self._receive.receive_nowait()
-            except trio.WouldBlock:
-                pass
-            else:
-                self._streak += 1
-                await trio.lowlevel.checkpoint_if_cancelled()
-                return message
-        self._streak = 0
-        return await self._receive.receive()
-
-    def receive_nowait(self) -> Message:
-        return self._receive.receive_nowait()
-
-    def matches(self, topic: str) -> bool:
-        return any(topic_matches(f, topic) for f in self.filters)
-
-
-class Router:
-    """Which subscriptions a message goes to, and the messages that have none yet.
-
-    Messages are routed by their subscription identifiers, or by topic when they carry
-    none of ours (mosquitto 2.0.11 loses the ids of messages it queued across a
-    restart). A message no subscription wants waits in a bounded backlog (``orphans``)
-    for the ``subscribe()`` it may belong to: after a reconnect, queued messages can
-    arrive before our resubscription is confirmed. Shared by every backend.
-    """
-
-    def __init__(self, orphan_buffer: int) -> None:
-        self.by_id: dict[int, Subscription] = {}
-        self.subs: list[Subscription] = []
-        self.orphans: deque[Message] = deque(maxlen=max(orphan_buffer, 1))
-        self.dropped = 0  # orphans pushed out of a full backlog
-
-    def add(self, sub_id: int, sub: Subscription) -> None:
-        self.by_id[sub_id] = sub
-        self.subs.append(sub)
-
-    def remove(self, sub_id: int, sub: Subscription) -> None:
-        self.by_id.pop(sub_id, None)
-        self.subs.remove(sub)
-
-    def targets(self, message: Message) -> list[Subscription]:
-        ids = message.packet.subscription_ids
-        if ids:
-            by_id = self.by_id
-            targets = [by_id[i] for i in ids if i in by_id]
-            if targets:
-                return targets
-        return [s for s in self.subs if s.matches(message.topic)]
-
-    def park(self, message: Message) -> None:
-        """Keep a message that no subscription wants (the oldest goes when full)."""
-        if len(self.orphans) == self.orphans.maxlen:
-            self.dropped += 1
-            log.warning("no subscription for %r and the backlog is full: dropped", message.topic)
-        self.orphans.append(message)
-
-    def replay(self, sub: Subscription) -> list[Message]:
-        """Hand a new subscription the parked messages it matches (as many as fit).
-
-        Returns the messages handed over (the caller settles their acknowledgement).
-        """
-        if not self.orphans:
-            return []
-        keep: deque[Message] = deque(maxlen=self.orphans.maxlen)
-        replayed: list[Message] = []
-        for message in self.orphans:
-            if sub.matches(message.topic):
-                try:
-                    sub._send.send_nowait(message)
-                except trio.WouldBlock:
-                    keep.append(message)
-                else:
-                    replayed.append(message)
-            else:
-                keep.append(message)
-        self.orphans = keep
-        return replayed
-
-    @property
-    def manual(self) -> int:
-        """How many live subscriptions acknowledge manually."""
-        return sum(1 for s in self.subs if s.manual_ack)
-
-
-class Client(Protocol):
-    """What every backend implements (native trio, gmqtt through trio-asyncio)."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes | str = b"",
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        wait_ack: bool = True,
-        message_expiry_interval: int | None = None,
-        content_type: str | None = None,
-        response_topic: str | None = None,
-        correlation_data: bytes | None = None,
-        user_properties: Sequence[tuple[str, str]] | None = None,
-    ) -> int | None: ...
-
-    def subscribe(
-        self,
-        *filters: str,
-        qos: int = 1,
-        no_local: bool = False,
-        retain_handling: int = 0,
-        buffer: int | None = None,
-        manual_ack: bool | None = None,
-    ) -> Any: ...
-
-    async def wait_connected(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-    def statistics(self) -> dict[str, Any]: ...
 
 
 class MQTTClient:
@@ -419,12 +193,7 @@ class MQTTClient:
         await self._wait_ack(done, "PUBLISH", f"PUBLISH to {topic!r}", "PUBACK")
         code = pub.reason_code
         if code is not None and code >= 0x80:
-            name = _PUBACK_NAMES.get(code, "UNKNOWN")
-            detail = f": {pub.reason_string}" if pub.reason_string else ""
-            raise PublishError(
-                f"broker refused publish to {topic!r}: {name} (0x{code:02X}){detail}",
-                reason_code=code,
-            )
+            raise publish_refused(topic, code, pub.reason_string)
         return code
 
     async def _wait_for_space(self) -> None:
@@ -470,7 +239,7 @@ class MQTTClient:
         topic_filters = [
             mqtt5.TopicFilter(
                 f,
-                max_qos=_QOS[qos],
+                max_qos=QOS_LEVELS[qos],
                 no_local=no_local,
                 retain_as_published=True,
                 retain_handling=mqtt5.RetainHandling(retain_handling),
@@ -492,12 +261,9 @@ class MQTTClient:
         try:
             codes = await self._wait_request(packet_id, "SUBSCRIBE", what, "SUBACK")
             sub.reason_codes = codes
-            failed = [c for c in codes if c >= 0x80]
-            if failed:
-                names = ", ".join(
-                    f"{f}: {_suback_name(c)}" for f, c in zip(filters, codes, strict=False)
-                )
-                raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
+            refused = subscribe_refused(filters, codes)
+            if refused is not None:
+                raise refused
             acknowledged = True
             for message in self._router.replay(sub):
                 self._settle(message, sub.manual_ack)
@@ -554,11 +320,7 @@ class MQTTClient:
             await done.wait()
         if not scope.cancelled_caught:
             return
-        error = AckTimeout(
-            f"{what}: no {ack} from {self.url.display()} within {timeout:g} s",
-            packet=packet,
-            timeout=timeout,
-        )
+        error = ack_timeout_error(packet, what, ack, self.url, timeout)
         if self.connected and self._connected_at <= start:
             self._drop_connection(error)
         raise error
@@ -624,63 +386,34 @@ class MQTTClient:
     # ------------------------------------------------------- connection loop
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and reconnect with backoff until closed. Owned by the client nursery."""
-        opts = self.options
-        attempt = 0
-        started = False
         with trio.CancelScope() as self._manager_scope:
-            while not self._closed:
-                connections = self.connections
-                try:
-                    await self._connect_and_serve(task_status if not started else None)
-                    started = True
-                except ConnectError as exc:
-                    self.last_error = str(exc)
-                    if not started or not exc.retryable:
-                        self._set_fatal(exc)
-                        if not started:
-                            raise
-                        return
-                    log.warning("%s (attempt %d)", exc, attempt + 1)
-                except SessionTakenOver as exc:
-                    self.last_error = str(exc)
-                    self._set_fatal(exc)
-                    return
-                except (ConnectionLost, RemoteProtocolError, KeepAliveTimeout, AckTimeout) as exc:
-                    self.last_error = str(exc)
-                    if self._closed:
-                        return
-                    started = True
-                    log.warning("MQTT connection to %s lost: %s", self.url, exc)
-                finally:
-                    self._session.connection_lost()
-                    self._unsent = b""
-                    self._stream = None
-                    self._connected_at = math.inf
-                    if self._connected_event.is_set():
-                        # (only then: replacing an unset event would strand its waiters)
-                        self._connected_event = trio.Event()
-                    self._connection_ended.set()
-                    self._space.unpark_all()
-                if self.connections > connections:
-                    attempt = 0  # a connection was made: the next outage backs off afresh
-                if self._closed:
-                    return
-                if not opts.reconnect:
-                    self._set_fatal(ConnectionLost(self.last_error or "connection lost"))
-                    return
-                attempt += 1
-                if (
-                    opts.max_reconnect_attempts is not None
-                    and attempt > opts.max_reconnect_attempts
-                ):
-                    self._set_fatal(ConnectionLost(f"gave up after {attempt - 1} reconnects"))
-                    return
-                cap = min(
-                    opts.reconnect_max_delay, opts.reconnect_initial_delay * 2 ** (attempt - 1)
-                )
-                delay = random.uniform(cap / 2, cap)  # "equal jitter": never zero, never in step
-                log.info("reconnecting to %s in %.2f s (attempt %d)", self.url, delay, attempt)
-                await trio.sleep(delay)
+            await run_reconnecting(
+                self._serve_once,
+                self.options,
+                self.url,
+                is_closed=lambda: self._closed,
+                on_error=self._on_error,
+                set_fatal=self._set_fatal,
+                task_status=task_status,
+            )
+
+    def _on_error(self, text: str) -> None:
+        self.last_error = text
+
+    async def _serve_once(self, on_connected: Callable[[], None]) -> None:
+        """One connection, from connecting to its end (the reconnect loop's callable)."""
+        try:
+            await self._connect_and_serve(on_connected)
+        finally:
+            self._session.connection_lost()
+            self._unsent = b""
+            self._stream = None
+            self._connected_at = math.inf
+            if self._connected_event.is_set():
+                # (only then: replacing an unset event would strand its waiters)
+                self._connected_event = trio.Event()
+            self._connection_ended.set()
+            self._space.unpark_all()
 
     def _set_fatal(self, exc: BaseException) -> None:
         self._fatal = exc
@@ -690,9 +423,9 @@ class MQTTClient:
             slot.append(ClientClosed(f"client stopped: {exc}"))
             event.set()
         for sub in self._router.subs:
-            sub._send.close()
+            sub.close()
 
-    async def _connect_and_serve(self, task_status: trio.TaskStatus[None] | None) -> None:
+    async def _connect_and_serve(self, on_connected: Callable[[], None]) -> None:
         opts = self.options
         session = self._session
         if opts.stream_factory is not None:
@@ -737,8 +470,7 @@ class MQTTClient:
                 self._connected_event.set()
                 self._space.unpark_all()
                 self._kick()  # resent publishes and resubscriptions are waiting in the buffer
-                if task_status is not None:
-                    task_status.started()
+                on_connected()
                 try:
                     with trio.CancelScope() as self._connection_scope:
                         async with trio.open_nursery() as nursery:
@@ -827,10 +559,10 @@ class MQTTClient:
 
     def _settle(self, message: Message, manual: bool) -> None:
         """Decide who acknowledges a held QoS 1 message: the application, or us now."""
-        if message.ack_id is None or message._acker is not None:
+        if message.ack_id is None or message.needs_ack:
             return
         if manual:
-            message._acker = self._ack_message
+            message.wait_for_ack(self._ack_message)
         else:
             self._session.ack(message.ack_id)
 
@@ -853,13 +585,10 @@ class MQTTClient:
         if message.ack_id is not None:
             self._settle(message, any(s.manual_ack for s in targets))
         for sub in targets:
-            channel = sub._send
             try:
-                channel.send_nowait(message)
+                sub.deliver_nowait(message)
             except trio.WouldBlock:
-                await channel.send(message)  # backpressure: stop reading the socket
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
+                await sub.deliver(message)  # backpressure: stop reading the socket
 
     def _dispatch(self, event: object) -> None:
         if isinstance(event, PublishAcked):
@@ -873,81 +602,16 @@ class MQTTClient:
                 entry[1].append(event.reason_codes)
                 entry[0].set()
         elif isinstance(event, Disconnected):
-            text = disconnect_reason_name(event.reason_code)
-            if event.reason_string:
-                text += f": {event.reason_string}"
-            if event.reason_code == 0x8E:
-                raise SessionTakenOver(
-                    f"broker disconnected us: {text} (another client uses id {self.client_id!r})",
-                    reason_code=event.reason_code,
-                )
-            raise ConnectionLost(f"broker disconnected us: {text}", reason_code=event.reason_code)
-
-
-_PUBACK_NAMES = reason_names(mqtt5.PubAckReasonCode)
-_SUBACK_NAMES = reason_names(mqtt5.SubAckReasonCode)
-
-
-def _suback_name(code: int) -> str:
-    return f"{_SUBACK_NAMES.get(code, 'UNKNOWN')} (0x{code:02X})"
-
-
-@contextmanager
-def collapse_exception_groups() -> Iterator[None]:
-    """Raise the one real error of a nursery's exception group as itself.
-
-    Cancellations that only accompany it are dropped; several errors of ours (the
-    same broken connection seen by two loops) surface as the first; any other
-    mixture is left as a group.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1:
-            raise real[0] from None
-        if real and all(isinstance(e, MQTTError) for e in real):
-            # e.g. reader and writer both saw the connection break: one error, told once
-            raise real[0] from None
-        raise
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-def _new_client_id() -> str:
-    return f"sheri-{random.getrandbits(48):012x}"
+            raise broker_disconnected(event.reason_code, event.reason_string, self.client_id)
 
 
 @asynccontextmanager
-async def open_client(
-    url: str,
-    *,
-    backend: Literal["trio", "gmqtt"] = "trio",
-    **options: Any,
-) -> AsyncIterator[Client]:
-    """Connect to the broker at ``url`` and yield a client; close it on exit.
+async def open_trio_client(broker: BrokerURL, opts: ClientOptions) -> AsyncIterator[MQTTClient]:
+    """Connect with the native client, in a nursery of its own, and yield it.
 
-    ``mqtt://`` TCP, ``mqtts://`` TLS, ``ws://`` / ``wss://`` WebSocket (path from
-    the URL, ``/mqtt`` by default). Options are the fields of
-    :class:`ClientOptions`. Raises :class:`ConnectError` if the first
-    connection fails; later losses reconnect with backoff.
+    Raises :class:`ConnectError` if the first connection fails; later losses
+    reconnect with backoff. Reached through :func:`~._open.open_client`.
     """
-    opts = ClientOptions(**options)
-    if not opts.client_id:
-        opts.client_id = _new_client_id()
-    broker = BrokerURL.parse(url)
-    if backend == "gmqtt":
-        from ._gmqtt import open_gmqtt_client
-
-        async with open_gmqtt_client(broker, opts) as gclient:
-            yield gclient
-        return
-    if backend != "trio":
-        raise LocalProtocolError(f"unknown backend {backend!r} (use 'trio' or 'gmqtt')")
     client = MQTTClient(broker, opts)
     with collapse_exception_groups():  # users see our errors, not groups (as trio-websocket)
         async with trio.open_nursery() as nursery:

@@ -91,7 +91,15 @@ import trio
 import trio_asyncio  # type: ignore[import-untyped]
 from gmqtt.storage import PersistentStorage  # type: ignore[import-untyped]
 
-from ._client import ClientOptions, Router, Subscription, collapse_exception_groups
+from ._api import (
+    ClientOptions,
+    Subscription,
+    ack_timeout_error,
+    broker_disconnected,
+    collapse_exception_groups,
+    publish_refused,
+    subscribe_refused,
+)
 from ._errors import (
     AckTimeout,
     ClientClosed,
@@ -99,36 +107,32 @@ from ._errors import (
     ConnectionLost,
     LocalProtocolError,
     MQTTError,
-    PublishError,
-    SessionTakenOver,
-    SubscribeError,
 )
+from ._reconnect import run_reconnecting
+from ._routing import Router
 from ._session import (
     FATAL_CONNACK_CODES,
     MAX_SUBSCRIPTION_ID,
+    QOS_LEVELS,
     Message,
-    _check_filter,
+    check_topic_filter,
+    check_topic_name,
     connack_reason_name,
-    disconnect_reason_name,
-    reason_names,
 )
-from ._streams import BrokerURL, TLSOptions, _connect_error
+from ._streams import BrokerURL, TLSOptions, connect_error
 
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-    from ._client import Will
+    from ._api import Will
 
 __all__ = ["GMQTTClient", "open_gmqtt_client"]
 
 log = logging.getLogger("sheri_trio.mqtt.gmqtt")
 _gmqtt_log = logging.getLogger("sheri_trio.mqtt.gmqtt.lib")  # gmqtt's own messages
 
-_QOS: Final = (mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE)
 _WRITE_HIGH_WATER: Final = 256 * 1024  # bytes in gmqtt's transport buffer before publishers wait
-_PUBACK_NAMES: Final = reason_names(mqtt5.PubAckReasonCode)
-_SUBACK_NAMES: Final = reason_names(mqtt5.SubAckReasonCode)
 _NO_WEBSOCKET: Final = "the gmqtt backend has no WebSocket support; use backend='trio'"
 T = TypeVar("T")
 
@@ -229,7 +233,7 @@ def _to_message(
     packet = mqtt5.PublishPacket(
         topic,
         bytes(payload),
-        qos=_QOS[qos],
+        qos=QOS_LEVELS[qos],
         # gmqtt passes the packet id on to QoS 1 only (through our hook); 0, never a
         # valid id, stands in for it otherwise.
         packet_id=mid if qos else None,
@@ -257,15 +261,6 @@ def _will_message(will: Will) -> Any:
     if will.user_properties:
         props["user_property"] = list(will.user_properties)
     return gmqtt.Message(will.topic, will.payload, qos=will.qos, retain=will.retain, **props)
-
-
-def _check_topic_name(topic: str) -> None:
-    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
-        raise LocalProtocolError(f"invalid topic name for publishing: {topic!r}")
-
-
-def _suback_name(code: int) -> str:
-    return f"{_SUBACK_NAMES.get(code, 'UNKNOWN')} (0x{code:02X})"
 
 
 # ------------------------------------------------------------------------ client
@@ -420,7 +415,7 @@ class GMQTTClient:
         self._check_open()
         if qos not in (0, 1):
             raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
-        _check_topic_name(topic)
+        check_topic_name(topic)
         if isinstance(payload, str):
             payload = payload.encode()
         props: dict[str, Any] = {}
@@ -447,10 +442,7 @@ class GMQTTClient:
             raise record.error
         code = record.reason_code
         if code >= 0x80:
-            name = _PUBACK_NAMES.get(code, "UNKNOWN")
-            raise PublishError(
-                f"broker refused publish to {topic!r}: {name} (0x{code:02X})", reason_code=code
-            )
+            raise publish_refused(topic, code)
         return code
 
     def _send_publish(self, message: Any, topic: str) -> _Inflight | None:
@@ -602,7 +594,7 @@ class GMQTTClient:
         if not filters:
             raise LocalProtocolError("subscribe needs at least one topic filter")
         for pattern in filters:
-            _check_filter(pattern)
+            check_topic_filter(pattern)
         if qos not in (0, 1, 2):
             raise LocalProtocolError(f"invalid QoS {qos}")
         if retain_handling not in (0, 1, 2):
@@ -643,11 +635,9 @@ class GMQTTClient:
                 "SUBACK",
             )
             sub.reason_codes = codes
-            if any(c >= 0x80 for c in codes):
-                names = ", ".join(
-                    f"{f}: {_suback_name(c)}" for f, c in zip(filters, codes, strict=False)
-                )
-                raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
+            refused = subscribe_refused(filters, codes)
+            if refused is not None:
+                raise refused
             record.acknowledged = True
             for message in self._router.replay(sub):
                 self._settle(message, sub.manual_ack)
@@ -694,11 +684,7 @@ class GMQTTClient:
         start = trio.current_time()
         with trio.move_on_after(timeout):
             return await wait()
-        error = AckTimeout(
-            f"{what}: no {ack} from {self.url.display()} within {timeout:g} s",
-            packet=packet,
-            timeout=timeout,
-        )
+        error = ack_timeout_error(packet, what, ack, self.url, timeout)
         if self._connected and self._connected_at <= start:
             log.warning("dropping the connection to %s: %s", self.url, error)
             self._abort_reason = error
@@ -804,7 +790,7 @@ class GMQTTClient:
             return
         for i, sub in enumerate(targets):
             try:
-                sub._send.send_nowait(message)
+                sub.deliver_nowait(message)
             except trio.WouldBlock:
                 # A slow subscriber: the pump delivers with backpressure, and the
                 # socket is not read meanwhile.
@@ -812,8 +798,6 @@ class GMQTTClient:
                 self._backlog_event.set()
                 self._pause_reading()
                 return
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
 
     # ---------------------------------------------------- acknowledgements
     def _hook_qos1_publish(self) -> bool:
@@ -844,10 +828,10 @@ class GMQTTClient:
 
     def _settle(self, message: Message, manual: bool) -> None:
         """Who acknowledges a QoS 1 message: the application (manual), or us now."""
-        if message.ack_id is None or message._acker is not None:
+        if message.ack_id is None or message.needs_ack:
             return
         if manual:
-            message._acker = self._ack_message
+            message.wait_for_ack(self._ack_message)
         else:
             self._ack_message(message)
 
@@ -867,10 +851,7 @@ class GMQTTClient:
             while self._backlog:
                 message, targets = self._backlog[0]
                 for sub in targets:
-                    try:
-                        await sub._send.send(message)
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        pass
+                    await sub.deliver(message)
                 self._backlog.popleft()
             self._resume_reading()
 
@@ -924,15 +905,7 @@ class GMQTTClient:
         if self._abort_reason is not None:
             error, self._abort_reason = self._abort_reason, None
         elif isinstance(packet, (bytes, bytearray)) and packet:
-            code = packet[0]
-            text = disconnect_reason_name(code)
-            if code == 0x8E:
-                error = SessionTakenOver(
-                    f"broker disconnected us: {text} (another client uses id {self._client_id!r})",
-                    reason_code=code,
-                )
-            else:
-                error = ConnectionLost(f"broker disconnected us: {text}", reason_code=code)
+            error = broker_disconnected(packet[0], None, self._client_id)
         else:
             error = ConnectionLost("connection lost")
         self._lost_error = error
@@ -1004,7 +977,7 @@ class GMQTTClient:
                 else:
                     error = ConnectError(f"cannot connect to {where}: {exc}")
             except OSError as exc:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
-                error = _connect_error(where, exc)
+                error = connect_error(where, exc)
             except Exception as exc:  # gmqtt or asyncio internals: never leak them
                 error = ConnectError(f"cannot connect to {where}: {type(exc).__name__}: {exc}")
             finally:
@@ -1023,61 +996,37 @@ class GMQTTClient:
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and reconnect with backoff until closed. Owned by the client nursery."""
-        opts = self.options
-        attempt = 0
-        started = False
         with trio.CancelScope() as self._manager_scope:
-            while not self._closed:
-                self._lost = trio.Event()
-                try:
-                    await self._connect_once()
-                except ConnectError as exc:
-                    self.last_error = str(exc)
-                    if not started or not exc.retryable:
-                        self._set_fatal(exc)
-                        if not started:
-                            raise
-                        return
-                    log.warning("%s (attempt %d)", exc, attempt + 1)
-                else:
-                    if not started:
-                        started = True
-                        task_status.started()
-                    attempt = 0
-                    await self._lost.wait()
-                    if self._closed:
-                        return
-                    error = self._lost_error or ConnectionLost("connection lost")
-                    self.last_error = str(error)
-                    self._abort_transport()
-                    if isinstance(error, SessionTakenOver):
-                        self._set_fatal(error)
-                        return
-                    log.warning("MQTT connection to %s lost: %s", self.url, error)
-                if self._closed:
-                    return
-                if not opts.reconnect:
-                    self._set_fatal(ConnectionLost(self.last_error or "connection lost"))
-                    return
-                attempt += 1
-                if (
-                    opts.max_reconnect_attempts is not None
-                    and attempt > opts.max_reconnect_attempts
-                ):
-                    self._set_fatal(ConnectionLost(f"gave up after {attempt - 1} reconnects"))
-                    return
-                cap = min(
-                    opts.reconnect_max_delay, opts.reconnect_initial_delay * 2 ** (attempt - 1)
-                )
-                delay = random.uniform(cap / 2, cap)
-                log.info("reconnecting to %s in %.2f s (attempt %d)", self.url, delay, attempt)
-                await trio.sleep(delay)
+            await run_reconnecting(
+                self._serve_once,
+                self.options,
+                self.url,
+                is_closed=lambda: self._closed,
+                on_error=self._on_error,
+                set_fatal=self._set_fatal,
+                task_status=task_status,
+            )
+
+    def _on_error(self, text: str) -> None:
+        self.last_error = text
+
+    async def _serve_once(self, on_connected: Callable[[], None]) -> None:
+        """One connection, from connecting to its end (the reconnect loop's callable)."""
+        self._lost = trio.Event()
+        await self._connect_once()
+        on_connected()
+        await self._lost.wait()
+        if self._closed:
+            return
+        error = self._lost_error or ConnectionLost("connection lost")
+        self._abort_transport()
+        raise error
 
     def _set_fatal(self, exc: BaseException) -> None:
         self._fatal = exc
         self._fail_waiters(ClientClosed(f"client stopped: {exc}"))
         for sub in self._router.subs:
-            sub._send.close()
+            sub.close()
 
     def _fail_waiters(self, error: MQTTError) -> None:
         self._connected_event.set()

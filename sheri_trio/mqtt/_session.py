@@ -44,7 +44,8 @@ __all__ = [
 DEFAULT_MAX_PACKET_SIZE: Final = 1024 * 1024
 MAX_PACKET_ID: Final = 0xFFFF
 MAX_SUBSCRIPTION_ID: Final = 268_435_455
-_QOS: Final = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
+#: our QoS numbers as the codec's values (the one table: every module uses this)
+QOS_LEVELS: Final = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
 
 #: CONNACK reason codes after which retrying with the same settings cannot succeed.
 FATAL_CONNACK_CODES: Final = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x95, 0x9A, 0x9B})
@@ -110,6 +111,10 @@ class Message:
         if acker is not None:
             self._acker = None
             acker(self)
+
+    def wait_for_ack(self, acker: Callable[[Message], None]) -> None:
+        """Make :meth:`ack` call ``acker(self)`` once (for backends, not applications)."""
+        self._acker = acker
 
     @property
     def needs_ack(self) -> bool:
@@ -476,8 +481,7 @@ class Session:
             raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
         if self.state is SessionState.CLOSING:
             raise LocalProtocolError("session is closing")
-        if not topic or "+" in topic or "#" in topic or "\x00" in topic:
-            raise LocalProtocolError(f"invalid topic name for publishing: {topic!r}")
+        check_topic_name(topic)
         if retain and not self.retain_available:
             raise LocalProtocolError("the broker does not support retained messages")
         if qos > self.broker_max_qos:
@@ -486,7 +490,7 @@ class Session:
             packet = mqtt5.PublishPacket(
                 topic,
                 payload,
-                qos=_QOS[qos],
+                qos=QOS_LEVELS[qos],
                 retain=retain,
                 packet_id=1 if qos else None,
                 message_expiry_interval=message_expiry_interval,
@@ -535,7 +539,7 @@ class Session:
         if not filters:
             raise LocalProtocolError("subscribe needs at least one topic filter")
         for f in filters:
-            _check_filter(f.pattern)
+            check_topic_filter(f.pattern)
             if f.pattern.startswith("$share/") and not self.shared_subscriptions_available:
                 raise LocalProtocolError("the broker does not support shared subscriptions")
         if subscription_id is not None and not 1 <= subscription_id <= MAX_SUBSCRIPTION_ID:
@@ -828,7 +832,14 @@ def _packet_id_offset(data: bytes | bytearray) -> int:
     return offset + 2 + ((data[offset] << 8) | data[offset + 1])
 
 
-def _check_filter(pattern: str) -> None:
+def check_topic_name(topic: str) -> None:
+    """Refuse a topic name that cannot be published to (empty, wildcards, NUL)."""
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        raise LocalProtocolError(f"invalid topic name for publishing: {topic!r}")
+
+
+def check_topic_filter(pattern: str) -> None:
+    """Refuse a malformed topic filter (wildcard placement, shared-subscription form)."""
     if not pattern or "\x00" in pattern:
         raise LocalProtocolError(f"invalid topic filter {pattern!r}")
     levels = pattern.split("/")

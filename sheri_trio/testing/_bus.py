@@ -26,7 +26,7 @@ import mqtt5
 import trio
 
 from ..mqtt import ClientClosed, LocalProtocolError, Message, Subscription, Will, topic_matches
-from ..mqtt._session import _check_filter
+from ..mqtt._session import QOS_LEVELS, check_topic_filter, check_topic_name
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["BusRecord", "MemoryBus", "MemoryClient"]
 
 _NO_MATCHING_SUBSCRIBERS: Final = 0x10
-_QOS_LEVELS: Final = (mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +110,15 @@ class _Entry:
         manual = self.manual_ack and message.qos == 1
         if manual:
             message = _copy(message)  # one ack() per subscription that must give one
-            message._acker = self.client._acked
+            message.wait_for_ack(self.client._acked)
         try:
-            self.subscription._send.send_nowait(message)
+            delivered = self.subscription.deliver_nowait(message)
         except trio.WouldBlock:
             self.client.messages_dropped += 1
             self.client.bus.messages_dropped += 1
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the subscriber stopped reading: it is leaving its subscribe() block
-        else:
+            return
+        # not delivered: the subscriber stopped reading, it is leaving its subscribe() block
+        if delivered:
             self.client.messages_received += 1
             if manual:
                 self.client.held_acks += 1
@@ -132,7 +131,7 @@ def _copy(message: Message, *, qos: int | None = None, retain: bool | None = Non
         mqtt5.PublishPacket(
             p.topic,
             p.payload,
-            qos=_QOS_LEVELS[q],
+            qos=QOS_LEVELS[q],
             retain=p.retain if retain is None else retain,
             packet_id=(p.packet_id or 1) if q else None,
             payload_format_indicator=p.payload_format_indicator,
@@ -442,14 +441,13 @@ class MemoryClient:
         self._check_open()
         if qos not in (0, 1):
             raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
-        if not topic or "+" in topic or "#" in topic or "\x00" in topic:
-            raise LocalProtocolError(f"invalid topic name for publishing: {topic!r}")
+        check_topic_name(topic)
         if isinstance(payload, str):
             payload = payload.encode()
         packet = mqtt5.PublishPacket(
             topic,
             payload,
-            qos=_QOS_LEVELS[qos],
+            qos=QOS_LEVELS[qos],
             retain=retain,
             packet_id=next(self._packet_ids) if qos else None,
             message_expiry_interval=message_expiry_interval,
@@ -485,7 +483,7 @@ class MemoryClient:
         if retain_handling not in (0, 1, 2):
             raise LocalProtocolError(f"invalid retain handling {retain_handling}")
         for f in filters:
-            _check_filter(f)
+            check_topic_filter(f)
         await trio.lowlevel.checkpoint()  # the SUBSCRIBE / SUBACK round trip
         self._check_open()
         size = self.bus.default_buffer if buffer is None else buffer
@@ -548,7 +546,7 @@ class MemoryClient:
         self.close_reason = reason
         for entry in list(self._entries):
             self._drop(entry)
-            entry.subscription._send.close()
+            entry.subscription.close()
         if self.bus._clients.get(self._client_id) is self:
             del self.bus._clients[self._client_id]
         will = self.will
@@ -556,7 +554,7 @@ class MemoryClient:
             packet = mqtt5.PublishPacket(
                 will.topic,
                 will.payload,
-                qos=_QOS_LEVELS[will.qos],
+                qos=QOS_LEVELS[will.qos],
                 retain=will.retain,
                 packet_id=next(self._packet_ids) if will.qos else None,
                 message_expiry_interval=will.message_expiry_interval,

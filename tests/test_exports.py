@@ -1,0 +1,67 @@
+"""The public names exist where users import them, and the MQTT layer's layout rules hold."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import sheri_trio.mqtt
+import sheri_trio.testing
+
+MQTT = Path(sheri_trio.mqtt.__file__).parent
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "AckTimeout",
+        "Client",
+        "ClientOptions",
+        "MQTTClient",
+        "Message",
+        "Subscription",
+        "Will",
+        "open_client",
+        "PublishError",
+        "SubscribeError",
+    ],
+)
+def test_mqtt_exports(name: str) -> None:
+    assert hasattr(sheri_trio.mqtt, name)
+
+
+def test_testing_exports_every_name_of_its_all() -> None:
+    for name in sheri_trio.testing.__all__:
+        assert hasattr(sheri_trio.testing, name), name
+    from sheri_trio._mosquitto import MosquittoBroker
+
+    assert sheri_trio.testing.MosquittoBroker is MosquittoBroker
+
+
+def _imported_names(module: Path) -> list[tuple[str, str]]:
+    tree = ast.parse(module.read_text())
+    return [
+        (node.module or "", alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1
+        for alias in node.names
+    ]
+
+
+def test_gmqtt_uses_no_private_names_of_the_native_modules() -> None:
+    private = [
+        (module, name)
+        for module, name in _imported_names(MQTT / "_gmqtt.py")
+        if name.startswith("_") or module == "_client"
+    ]
+    assert private == []
+
+
+def test_only_open_knows_both_backends() -> None:
+    for path in MQTT.glob("*.py"):
+        modules = {module for module, _ in _imported_names(path)}
+        if path.name != "_open.py":
+            assert not {"_client", "_gmqtt"} <= modules, path.name
+        assert "_gmqtt" not in modules or path.name == "_open.py", path.name
