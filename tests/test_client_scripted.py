@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from sheri_trio.mqtt import AckTimeout, ClientClosed, MQTTClient, open_client
+from sheri_trio.mqtt import AckTimeout, ClientClosed, ConnectError, MQTTClient, open_client
 from sheri_trio.testing import BrokerConnection, ScriptedBroker
 
 if TYPE_CHECKING:
@@ -487,3 +487,23 @@ async def test_wait_connected_survives_failed_reconnect_attempts(
                 await client.wait_connected()
         assert len(broker.attempts) == 5
         assert client.connected
+
+
+async def test_protocol_violation_before_the_first_connack_fails_open_client(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: open_client used to wait forever (the loop took the violation for
+    the loss of an established connection and never reported itself started)."""
+    broker = ScriptedBroker()
+
+    async def misbehave() -> None:
+        conn = await broker.accept()
+        await conn.expect(mqtt5.ConnectPacket)
+        await conn.send(suback(mqtt5.SubscribePacket(5, [mqtt5.TopicFilter("t")])))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(misbehave)
+        with pytest.raises(ConnectError, match="SUBACK for unknown packet id 5"):
+            async with open_client(broker.url, stream_factory=broker.stream_factory):
+                pytest.fail("connected")
+    assert len(broker.attempts) == 1

@@ -41,7 +41,9 @@ def backoff_delay(options: ClientOptions, attempt: int) -> float:
     The cap doubles from ``reconnect_initial_delay`` up to ``reconnect_max_delay``; the
     delay is drawn from [cap/2, cap] ("equal jitter"): never zero, never in step.
     """
-    cap = min(options.reconnect_max_delay, options.reconnect_initial_delay * 2 ** (attempt - 1))
+    # (the exponent is bounded: 2.0 ** 1024 overflows, after ~8 h of a 30 s cap)
+    doubling = 2.0 ** min(attempt - 1, 64)
+    cap = min(options.reconnect_max_delay, options.reconnect_initial_delay * doubling)
     return random.uniform(cap / 2, cap)
 
 
