@@ -507,3 +507,20 @@ async def test_protocol_violation_before_the_first_connack_fails_open_client(
             async with open_client(broker.url, stream_factory=broker.stream_factory):
                 pytest.fail("connected")
     assert len(broker.attempts) == 1
+
+
+async def test_an_orphan_acknowledged_on_arrival_stays_settled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With a manual subscription live (acks held) but no manual_ack option, an orphan
+    is acknowledged on arrival; the manual subscription that later takes it owes no ack."""
+    broker = ScriptedBroker()
+    async with (
+        connected(broker, keep_alive=0) as (client, conn),
+        granted(client, conn, "a/#", manual_ack=True),
+    ):
+        await conn.send(publish(11, "b/x", [99]))
+        assert (await conn.expect(mqtt5.PubAckPacket)).packet_id == 11
+        async with granted(client, conn, "b/#", manual_ack=True) as (messages, _):
+            message = messages.receive_nowait()
+            assert (message.payload, message.needs_ack) == (b"m11", False)

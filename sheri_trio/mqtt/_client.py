@@ -565,6 +565,7 @@ class MQTTClient:
             message.wait_for_ack(self._ack_message)
         else:
             self._session.ack(message.ack_id)
+            message.ack_id = None  # settled: a later subscription cannot take it over
 
     def _ack_message(self, message: Message) -> None:
         """``Message.ack()`` of a manual_ack subscription's message."""

@@ -834,6 +834,7 @@ class GMQTTClient:
             message.wait_for_ack(self._ack_message)
         else:
             self._ack_message(message)
+            message.ack_id = None  # settled: a later subscription cannot take it over
 
     def _ack_message(self, message: Message) -> None:
         ack_id = message.ack_id
