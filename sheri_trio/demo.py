@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 import trio
 from cyclopts import Parameter
 
+from ._mosquitto import MosquittoBroker
 from .cli import (
     DEFAULT_SWARM_ROLES,
     EXIT_FAILURE,
@@ -65,7 +66,6 @@ from .swarm import (
     encode,
     run_agent,
 )
-from .testing import MosquittoBroker
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator

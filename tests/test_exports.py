@@ -1,14 +1,24 @@
-"""The public names of each package (as trio's test_exports does): every name a private
-module lists in ``__all__`` is re-exported by its package, and resolves there."""
+"""The public names exist where users import them (as trio's test_exports does): every
+name a private module lists in ``__all__`` is re-exported by its package; and the MQTT
+layer's layout rules hold."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
+from pathlib import Path
 
 import pytest
 
-PACKAGES = ["sheri_trio.swarm"]  # sheri_trio.mqtt joins once its layout (issue 12) lands
+import sheri_trio.mqtt
+import sheri_trio.testing
+
+MQTT = Path(sheri_trio.mqtt.__file__).parent
+
+
+#: mqtt/ is left out: its modules list names shared between its backends in __all__
+PACKAGES = ["sheri_trio.swarm"]
 
 
 def _private_modules(package_name: str) -> list[str]:
@@ -39,3 +49,57 @@ def test_the_swarm_names_the_cli_and_the_bench_use_are_public() -> None:
 
     for attr in ("Agent", "AgentConfig", "run_agent", "read_retained", "Scheduler", "Topics"):
         assert hasattr(swarm, attr), attr
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "AckTimeout",
+        "Client",
+        "ClientOptions",
+        "MQTTClient",
+        "Message",
+        "Subscription",
+        "Will",
+        "open_client",
+        "PublishError",
+        "SubscribeError",
+    ],
+)
+def test_mqtt_exports(name: str) -> None:
+    assert hasattr(sheri_trio.mqtt, name)
+
+
+def test_testing_exports_every_name_of_its_all() -> None:
+    for name in sheri_trio.testing.__all__:
+        assert hasattr(sheri_trio.testing, name), name
+    from sheri_trio._mosquitto import MosquittoBroker
+
+    assert sheri_trio.testing.MosquittoBroker is MosquittoBroker
+
+
+def _imported_names(module: Path) -> list[tuple[str, str]]:
+    tree = ast.parse(module.read_text())
+    return [
+        (node.module or "", alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1
+        for alias in node.names
+    ]
+
+
+def test_gmqtt_uses_no_private_names_of_the_native_modules() -> None:
+    private = [
+        (module, name)
+        for module, name in _imported_names(MQTT / "_gmqtt.py")
+        if name.startswith("_") or module == "_client"
+    ]
+    assert private == []
+
+
+def test_only_open_knows_both_backends() -> None:
+    for path in MQTT.glob("*.py"):
+        modules = {module for module, _ in _imported_names(path)}
+        if path.name != "_open.py":
+            assert not {"_client", "_gmqtt"} <= modules, path.name
+        assert "_gmqtt" not in modules or path.name == "_open.py", path.name

@@ -34,13 +34,7 @@ ROOT = Path(sheri_trio.__file__).resolve().parent
 PACKAGE = "sheri_trio"
 
 #: Imports that close a cycle: (importer, imported module). Outside executors/ only.
-KNOWN_CYCLES: frozenset[tuple[str, str]] = frozenset(
-    {
-        # open_client(backend="gmqtt") imports the gmqtt backend lazily, which imports
-        # ClientOptions, Router, Subscription from _client (mqtt/ is being split up)
-        ("sheri_trio.mqtt._client", "sheri_trio.mqtt._gmqtt"),
-    }
-)
+KNOWN_CYCLES: frozenset[tuple[str, str]] = frozenset()
 
 #: Imports of another package's private module, or of a private name:
 #: (importer, "module" or "module.name"). Outside executors/ only.
@@ -58,12 +52,6 @@ KNOWN_PRIVATE: frozenset[tuple[str, str]] = frozenset(
         ("sheri_trio.demo", "sheri_trio.cli._exit_now"),
         ("sheri_trio.demo", "sheri_trio.cli._remember_secrets"),
         ("sheri_trio.demo", "sheri_trio.cli._scrub"),
-        # testing.py's scripted broker uses the session module and its filter check
-        ("sheri_trio.testing", "sheri_trio.mqtt._session"),
-        ("sheri_trio.testing", "sheri_trio.mqtt._session._check_filter"),
-        # private helpers shared between the native and the gmqtt backend
-        ("sheri_trio.mqtt._gmqtt", "sheri_trio.mqtt._session._check_filter"),
-        ("sheri_trio.mqtt._gmqtt", "sheri_trio.mqtt._streams._connect_error"),
     }
 )
 

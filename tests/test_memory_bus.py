@@ -261,3 +261,33 @@ async def test_listeners_act_between_two_messages() -> None:
         await a.publish("after", b"", qos=1)
         assert topics(drain(sub)) == ["ping", "pong", "after"]
         assert [r.sender for r in bus.history] == ["a", "a", "a"]
+
+
+async def test_publish_returns_a_reason_code_like_a_broker() -> None:
+    bus = MemoryBus()
+    async with bus.connect("a") as a, bus.connect("b") as b:
+        assert await a.publish("t/x", b"1", qos=1) == 0x10  # no matching subscribers
+        assert await a.publish("t/x", b"1", qos=0) is None
+        assert await a.publish("t/x", b"1", qos=1, wait_ack=False) is None
+        async with b.subscribe("t/#"):
+            assert await a.publish("t/x", b"2", qos=1) == 0
+
+
+async def test_manual_ack_is_accepted_and_counted() -> None:
+    bus = MemoryBus()
+    async with (
+        bus.connect("a") as a,
+        bus.connect("b") as b,
+        b.subscribe("t/#", manual_ack=True) as manual,
+        b.subscribe("t/#") as auto,
+    ):
+        await a.publish("t/x", b"1", qos=1)
+        await a.publish("t/x", b"0", qos=0)
+        one, zero = await manual.receive(), await manual.receive()
+        assert (one.needs_ack, zero.needs_ack) == (True, False)
+        assert not (await auto.receive()).needs_ack
+        assert b.statistics()["held_acks"] == 1
+        one.ack()
+        one.ack()  # idempotent
+        zero.ack()  # a no-op for QoS 0
+        assert (b.statistics()["held_acks"], b.statistics()["messages_acked"]) == (0, 1)

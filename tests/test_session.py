@@ -714,6 +714,103 @@ def test_incoming_qos1_is_acknowledged() -> None:
     assert int(ack.reason_code) == 0
 
 
+# ----------------------------------------------------- held acknowledgements
+def _qos1(pid: int, topic: str = "a", *, dup: bool = False) -> mqtt5.PublishPacket:
+    return mqtt5.PublishPacket(
+        topic, b"m%d" % pid, qos=QoS.AT_LEAST_ONCE, packet_id=pid, duplicate=dup
+    )
+
+
+def test_held_puback_waits_for_ack() -> None:
+    s, peer = connected_pair()
+    s.hold_acks = True
+    (message,) = send_packets(s, _qos1(42))
+    assert isinstance(message, Message)
+    assert message.ack_id == (1, 42)
+    assert transfer(s, peer) == []  # no PUBACK yet
+    assert s.held_acks == 1
+    assert s.statistics()["held_acks"] == 1
+    assert s.ack((1, 42)) is True
+    (ack,) = transfer(s, peer)
+    assert isinstance(ack, mqtt5.PubAckPacket)
+    assert (ack.packet_id, int(ack.reason_code)) == (42, 0)
+    assert s.held_acks == 0
+    # idempotent: a second ack sends nothing
+    assert s.ack((1, 42)) is False
+    assert transfer(s, peer) == []
+
+
+def test_held_pubacks_go_out_in_ack_order() -> None:
+    s, peer = connected_pair()
+    s.hold_acks = True
+    messages = send_packets(s, _qos1(1), _qos1(2), _qos1(3))
+    assert [m.ack_id for m in messages if isinstance(m, Message)] == [(1, 1), (1, 2), (1, 3)]
+    assert transfer(s, peer) == []
+    assert s.ack((1, 3))
+    assert s.ack((1, 1))
+    assert [p.packet_id for p in transfer(s, peer)] == [3, 1]  # the application's order
+    assert s.ack((1, 2))
+    assert [p.packet_id for p in transfer(s, peer)] == [2]
+
+
+def test_held_ack_of_an_earlier_connection_is_void() -> None:
+    s, peer = connected_pair()
+    s.hold_acks = True
+    (message,) = send_packets(s, _qos1(7))
+    assert isinstance(message, Message)
+    s.connection_lost()
+    assert s.held_acks == 0
+    assert s.ack((1, 7)) is False  # not connected
+    s.start_connection(1.0)
+    transfer(s, peer, 1.0)
+    send_packets(s, mqtt5.ConnAckPacket(session_present=True), now=1.0)
+    assert s.ack((1, 7)) is False  # the old id means nothing on connection 2
+    assert transfer(s, peer, 1.0) == []
+    # the broker redelivers it (DUP): a new message, held again, acked on this connection
+    (again,) = send_packets(s, _qos1(7, dup=True), now=1.0)
+    assert isinstance(again, Message)
+    assert again.duplicate
+    assert again.ack_id == (2, 7)
+    assert s.ack((2, 7)) is True
+    assert [p.packet_id for p in only(transfer(s, peer, 1.0), mqtt5.PubAckPacket)] == [7]
+
+
+def test_hold_acks_only_holds_qos1() -> None:
+    s, peer = connected_pair()
+    s.hold_acks = True
+    (m0,) = send_packets(s, mqtt5.PublishPacket("a", b"0"))
+    assert isinstance(m0, Message)
+    assert m0.ack_id is None
+    m0.ack()  # a no-op for QoS 0
+    (m2,) = send_packets(s, mqtt5.PublishPacket("a", b"2", qos=QoS.EXACTLY_ONCE, packet_id=5))
+    assert isinstance(m2, Message)
+    assert m2.ack_id is None
+    assert [type(p) for p in transfer(s, peer)] == [mqtt5.PubRecPacket]
+
+
+def test_message_ack_calls_its_acker_once() -> None:
+    s, _peer = connected_pair()
+    s.hold_acks = True
+    (message,) = send_packets(s, _qos1(3))
+    assert isinstance(message, Message)
+    calls: list[Message] = []
+    message.wait_for_ack(calls.append)
+    assert message.needs_ack
+    message.ack()
+    message.ack()
+    assert calls == [message]
+    assert not message.needs_ack
+
+
+def test_without_hold_acks_puback_is_immediate_and_ack_is_a_no_op() -> None:
+    s, peer = connected_pair()
+    (message,) = send_packets(s, _qos1(4))
+    assert isinstance(message, Message)
+    assert message.ack_id is None
+    message.ack()
+    assert [p.packet_id for p in transfer(s, peer)] == [4]
+
+
 def test_incoming_qos2_flow() -> None:
     s, peer = connected_pair()
     pub = mqtt5.PublishPacket("a", b"2", qos=QoS.EXACTLY_ONCE, packet_id=9)

@@ -13,7 +13,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-import sheri_trio.testing as testing_mod
+import sheri_trio._mosquitto as testing_mod
 from sheri_trio.testing import MosquittoBroker
 
 if TYPE_CHECKING:

@@ -79,5 +79,25 @@ class SubscribeError(MQTTError):
         self.reason_codes = reason_codes
 
 
+class AckTimeout(MQTTError):
+    """The broker did not acknowledge a request within ``ack_timeout``.
+
+    Raised by ``subscribe()`` (no SUBACK), leaving a subscription (no UNSUBACK) and a
+    QoS 1 ``publish()`` waiting for its PUBACK. The message names the packet, the broker
+    (without password) and the time waited. The client then treats the broker as
+    misbehaving: it drops the connection (when that connection had the whole bound) and
+    reconnects with its usual backoff. Nothing is forgotten: an unacknowledged QoS 1
+    publish is resent on the next connection, a pending SUBSCRIBE too (followed by the
+    UNSUBSCRIBE of the subscribe() that gave up).
+    """
+
+    def __init__(self, message: str, *, packet: str, timeout: float) -> None:
+        super().__init__(message)
+        #: "SUBSCRIBE", "UNSUBSCRIBE" or "PUBLISH"
+        self.packet = packet
+        #: seconds waited
+        self.timeout = timeout
+
+
 class ClientClosed(MQTTError):
     """The client was closed; no more operations are possible."""

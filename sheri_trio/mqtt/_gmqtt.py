@@ -34,6 +34,12 @@ marked "private gmqtt API" below):
   ``publish(..., wait_ack=True)``, and how dropped publishes are noticed.
 * PUBACK reason codes: gmqtt 0.8 ignores them. We wrap the package handler's
   ``_package_handler._handle_puback_packet`` to read the code first.
+* Our PUBACKs of incoming QoS 1 messages: gmqtt sends them itself, before the
+  callback (``optimistic_acknowledgement``) or after a *coroutine* callback returns,
+  so an application cannot acknowledge later. We replace
+  ``_package_handler._handle_qos_1_publish_packet`` (which hands us the packet id)
+  and send the PUBACK with ``_package_handler._send_puback(mid)``: at once, or at
+  ``message.ack()`` for ``manual_ack`` subscriptions. QoS 2 stays optimistic.
 * Packet ids: gmqtt hands out ids (publishes and requests alike) only up to the
   broker's Receive Maximum, raising ``OverflowError`` beyond; we keep the
   number in use below it. gmqtt never frees the ids of requests lost with a
@@ -55,12 +61,14 @@ Limits, compared with the native client:
 * While disconnected, ``publish`` waits for the connection instead of queueing
   (``max_queued`` is not used). QoS 0 messages published in the moment a
   connection breaks, before gmqtt notices, are lost.
-* Inbound flow control: gmqtt acknowledges each QoS 1 message as it parses it
-  and has no Receive Maximum of its own (``receive_maximum`` is not sent).
+* Inbound flow control: gmqtt has no Receive Maximum of its own
+  (``receive_maximum`` is not sent), so messages held for ``message.ack()`` are
+  bounded only by the broker's own in-flight limit.
   Backpressure from a slow subscriber is soft: gmqtt parses a whole read (up
   to 64 KiB) at once, so that much may queue before reading pauses.
-* ``Message.packet.packet_id`` is 0 for QoS 1/2 messages (gmqtt does not pass
-  the id on); PUBACK reason strings are not reported, only the codes.
+* ``Message.packet.packet_id`` is 0 for QoS 2 messages (gmqtt does not pass the
+  id on); PUBACK reason strings are not reported, only the codes.
+* ``stream_factory`` is not supported (gmqtt opens its own connections).
 * The broker's Maximum Packet Size is not checked before sending.
 * gmqtt pings after 0.8 keep-alive of silence and drops the connection after
   2 keep-alives without data (the native client: 1 and 1.5).
@@ -75,7 +83,7 @@ import random
 import ssl
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import gmqtt  # type: ignore[import-untyped]
 import mqtt5
@@ -83,44 +91,50 @@ import trio
 import trio_asyncio  # type: ignore[import-untyped]
 from gmqtt.storage import PersistentStorage  # type: ignore[import-untyped]
 
-from ._client import ClientOptions, Router, Subscription, collapse_exception_groups
+from ._api import (
+    ClientOptions,
+    Subscription,
+    ack_timeout_error,
+    broker_disconnected,
+    collapse_exception_groups,
+    publish_refused,
+    subscribe_refused,
+)
 from ._errors import (
+    AckTimeout,
     ClientClosed,
     ConnectError,
     ConnectionLost,
     LocalProtocolError,
     MQTTError,
-    PublishError,
-    SessionTakenOver,
-    SubscribeError,
 )
+from ._reconnect import run_reconnecting
+from ._routing import Router
 from ._session import (
     FATAL_CONNACK_CODES,
     MAX_SUBSCRIPTION_ID,
+    QOS_LEVELS,
     Message,
-    _check_filter,
+    check_topic_filter,
+    check_topic_name,
     connack_reason_name,
-    disconnect_reason_name,
-    reason_names,
 )
-from ._streams import BrokerURL, TLSOptions, _connect_error
+from ._streams import BrokerURL, TLSOptions, connect_error
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-    from ._client import Will
+    from ._api import Will
 
 __all__ = ["GMQTTClient", "open_gmqtt_client"]
 
 log = logging.getLogger("sheri_trio.mqtt.gmqtt")
 _gmqtt_log = logging.getLogger("sheri_trio.mqtt.gmqtt.lib")  # gmqtt's own messages
 
-_QOS: Final = (mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE)
 _WRITE_HIGH_WATER: Final = 256 * 1024  # bytes in gmqtt's transport buffer before publishers wait
-_PUBACK_NAMES: Final = reason_names(mqtt5.PubAckReasonCode)
-_SUBACK_NAMES: Final = reason_names(mqtt5.SubAckReasonCode)
 _NO_WEBSOCKET: Final = "the gmqtt backend has no WebSocket support; use backend='trio'"
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------- gmqtt glue
@@ -210,7 +224,7 @@ def _first(properties: dict[str, Any], name: str) -> Any:
 
 
 def _to_message(
-    topic: str | bytes, payload: bytes, qos: int, properties: dict[str, Any]
+    topic: str | bytes, payload: bytes, qos: int, properties: dict[str, Any], mid: int = 0
 ) -> Message:
     """A gmqtt on_message call as our :class:`Message` (an ``mqtt5.PublishPacket``)."""
     if isinstance(topic, bytes):
@@ -219,10 +233,10 @@ def _to_message(
     packet = mqtt5.PublishPacket(
         topic,
         bytes(payload),
-        qos=_QOS[qos],
-        # gmqtt does not pass the packet id on (it has acknowledged the message
-        # already); 0, never a valid id, stands in for it.
-        packet_id=0 if qos else None,
+        qos=QOS_LEVELS[qos],
+        # gmqtt passes the packet id on to QoS 1 only (through our hook); 0, never a
+        # valid id, stands in for it otherwise.
+        packet_id=mid if qos else None,
         retain=bool(properties.get("retain")),
         duplicate=bool(properties.get("dup")),
         payload_format_indicator=_first(properties, "payload_format_id") or 0,
@@ -247,15 +261,6 @@ def _will_message(will: Will) -> Any:
     if will.user_properties:
         props["user_property"] = list(will.user_properties)
     return gmqtt.Message(will.topic, will.payload, qos=will.qos, retain=will.retain, **props)
-
-
-def _check_topic_name(topic: str) -> None:
-    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
-        raise LocalProtocolError(f"invalid topic name for publishing: {topic!r}")
-
-
-def _suback_name(code: int) -> str:
-    return f"{_SUBACK_NAMES.get(code, 'UNKNOWN')} (0x{code:02X})"
 
 
 # ------------------------------------------------------------------------ client
@@ -302,12 +307,15 @@ class GMQTTClient:
         self._gmqtt.on_subscribe = self._on_subscribe
         self._gmqtt.on_unsubscribe = self._on_unsubscribe
         self._hook_puback()
+        self._hook_qos1 = self._hook_qos1_publish()
 
         self._client_id = options.client_id
         self._connected = False
         self._connected_event = trio.Event()
         self._lost = trio.Event()
         self._lost_error: MQTTError | None = None
+        self._abort_reason: MQTTError | None = None  # why we dropped the connection
+        self._connected_at = math.inf
         self._attempt_scope: trio.CancelScope | None = None
         self._manager_scope: trio.CancelScope | None = None
         self._space = trio.lowlevel.ParkingLot()
@@ -392,20 +400,22 @@ class GMQTTClient:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         user_properties: Sequence[tuple[str, str]] | None = None,
-    ) -> None:
-        """Publish a message.
+    ) -> int | None:
+        """Publish a message; returns the PUBACK reason code of a waited QoS 1 publish.
 
-        QoS 0 returns once gmqtt wrote it to its transport. QoS 1 returns once
-        the broker acknowledged it (``wait_ack=False``: once it is sent; it is
-        resent until acknowledged). While disconnected this waits for the
-        connection; it also waits while the broker's Receive Maximum of QoS 1
-        publishes are in flight, or gmqtt's write buffer is full (backpressure).
+        QoS 0 returns None once gmqtt wrote it to its transport. QoS 1 returns the
+        broker's PUBACK reason code once it acknowledged it (0x00, or 0x10 "no
+        matching subscribers"; >= 0x80 raise PublishError); ``wait_ack=False``
+        returns None once it is sent (it is resent until acknowledged). While
+        disconnected this waits for the connection; it also waits while the broker's
+        Receive Maximum of QoS 1 publishes are in flight, or gmqtt's write buffer is
+        full (backpressure).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
         if qos not in (0, 1):
             raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
-        _check_topic_name(topic)
+        check_topic_name(topic)
         if isinstance(payload, str):
             payload = payload.encode()
         props: dict[str, Any] = {}
@@ -426,16 +436,14 @@ class GMQTTClient:
         await self._wait_for_room(need_id=qos > 0)
         record = self._send_publish(message, topic)
         if record is None or not wait_ack:
-            return
-        await record.done.wait()
+            return None
+        await self._ack_bound(record.done.wait, "PUBLISH", f"PUBLISH to {topic!r}", "PUBACK")
         if record.error is not None:
             raise record.error
         code = record.reason_code
         if code >= 0x80:
-            name = _PUBACK_NAMES.get(code, "UNKNOWN")
-            raise PublishError(
-                f"broker refused publish to {topic!r}: {name} (0x{code:02X})", reason_code=code
-            )
+            raise publish_refused(topic, code)
+        return code
 
     def _send_publish(self, message: Any, topic: str) -> _Inflight | None:
         """Hand one message to gmqtt (synchronously: nothing can arrive in between)."""
@@ -574,17 +582,19 @@ class GMQTTClient:
         no_local: bool = False,
         retain_handling: int = 0,
         buffer: int | None = None,
+        manual_ack: bool | None = None,
     ) -> AsyncIterator[Subscription]:
         """Subscribe; messages arrive on the yielded :class:`Subscription`.
 
         Leaving the block unsubscribes. A message that matches several
         subscriptions of this client is delivered to each of them.
+        ``manual_ack=True``: QoS 1 messages are acknowledged at ``message.ack()``.
         """
         self._check_open()
         if not filters:
             raise LocalProtocolError("subscribe needs at least one topic filter")
         for pattern in filters:
-            _check_filter(pattern)
+            check_topic_filter(pattern)
         if qos not in (0, 1, 2):
             raise LocalProtocolError(f"invalid QoS {qos}")
         if retain_handling not in (0, 1, 2):
@@ -592,7 +602,10 @@ class GMQTTClient:
         send, receive = trio.open_memory_channel[Message](
             self.options.message_buffer if buffer is None else buffer
         )
-        sub = Subscription(tuple(filters), send, receive)
+        manual = self.options.manual_ack if manual_ack is None else manual_ack
+        if manual and not self._hook_qos1:
+            raise LocalProtocolError("manual_ack is not available: gmqtt internals changed")
+        sub = Subscription(tuple(filters), send, receive, manual_ack=manual)
         sub_id = self._next_sub_id
         self._next_sub_id = self._next_sub_id % MAX_SUBSCRIPTION_ID + 1
         record = _SubRecord(
@@ -612,18 +625,28 @@ class GMQTTClient:
         )
         self._records[sub_id] = record
         self._router.add(sub_id, sub)
+        what = "SUBSCRIBE " + ", ".join(repr(f) for f in filters)
+        body_failed = False
         try:
-            codes = await self._request(lambda: self._send_subscribe(record))
+            codes = await self._ack_bound(
+                lambda: self._request(lambda: self._send_subscribe(record)),
+                "SUBSCRIBE",
+                what,
+                "SUBACK",
+            )
             sub.reason_codes = codes
-            if any(c >= 0x80 for c in codes):
-                names = ", ".join(
-                    f"{f}: {_suback_name(c)}" for f, c in zip(filters, codes, strict=False)
-                )
-                raise SubscribeError(f"subscription refused ({names})", reason_codes=codes)
+            refused = subscribe_refused(filters, codes)
+            if refused is not None:
+                raise refused
             record.acknowledged = True
-            self._router.replay(sub)
-            async with send, receive:
-                yield sub
+            for message in self._router.replay(sub):
+                self._settle(message, sub.manual_ack)
+            try:
+                async with send, receive:
+                    yield sub
+            except BaseException:
+                body_failed = True
+                raise
         finally:
             self._records.pop(sub_id, None)
             self._router.remove(sub_id, sub)
@@ -632,11 +655,42 @@ class GMQTTClient:
                 with trio.move_on_after(self.options.close_timeout) as scope:
                     scope.shield = True
                     try:
-                        await self._request(
-                            lambda: int(self._gmqtt.unsubscribe(list(filters))), retry=False
+                        await self._ack_bound(
+                            lambda: self._request(
+                                lambda: int(self._gmqtt.unsubscribe(list(filters))), retry=False
+                            ),
+                            "UNSUBSCRIBE",
+                            "UN" + what,
+                            "UNSUBACK",
                         )
+                    except AckTimeout:
+                        if not body_failed:
+                            raise
                     except MQTTError:
                         pass
+
+    async def _ack_bound(
+        self, wait: Callable[[], Awaitable[T]], packet: str, what: str, ack: str
+    ) -> T:
+        """Run ``wait`` (a wait for an acknowledgement) for at most ``ack_timeout``.
+
+        As in the native client: when the bound is reached on a connection that was
+        up the whole time, the connection is dropped (and made again), then
+        AckTimeout is raised.
+        """
+        timeout = self.options.ack_timeout
+        if timeout is None:
+            return await wait()
+        start = trio.current_time()
+        with trio.move_on_after(timeout):
+            return await wait()
+        error = ack_timeout_error(packet, what, ack, self.url, timeout)
+        if self._connected and self._connected_at <= start:
+            log.warning("dropping the connection to %s: %s", self.url, error)
+            self._abort_reason = error
+            self._on_disconnect(self._gmqtt, None)  # disconnected from now on
+            self._abort_transport()
+        raise error
 
     def _forget_gmqtt_subscriptions(self, record: _SubRecord) -> None:
         gsubs = record.gsubs
@@ -693,39 +747,102 @@ class GMQTTClient:
     def _on_message(
         self, client: Any, topic: str | bytes, payload: bytes, qos: int, properties: dict[str, Any]
     ) -> int:
-        """gmqtt's message callback (asyncio side): route without blocking.
+        """gmqtt's message callback (asyncio side) for QoS 0 and 2 (QoS 1: _on_qos1).
 
-        Returns 0 (PUBACK success) at once; gmqtt already acknowledged the
-        message (optimistic acknowledgement).
+        Returns 0 (success) at once; gmqtt already acknowledged a QoS 2 message
+        (optimistic acknowledgement).
         """
+        self._receive(topic, payload, qos, properties, None)
+        return 0
+
+    def _receive(
+        self,
+        topic: str | bytes,
+        payload: bytes,
+        qos: int,
+        properties: dict[str, Any],
+        mid: int | None,
+    ) -> None:
+        """Route one message without blocking; ``mid``: a QoS 1 message whose PUBACK
+        is ours to send (now, or at ``message.ack()`` for manual_ack subscriptions)."""
         try:
-            message = _to_message(topic, payload, qos, properties)
+            message = _to_message(topic, payload, qos, properties, mid or 0)
         except Exception as exc:  # nothing may escape into gmqtt's reader
             self.messages_dropped += 1
             log.warning("dropped a message gmqtt could not hand over: %r", exc)
-            return 0
+            if mid is not None:
+                self._send_puback(mid)
+            return
+        if mid is not None:
+            message.ack_id = (self.connections, mid)
         self.messages_received += 1
         targets = self._router.targets(message)
         if not targets:
+            if not self.options.manual_ack:
+                self._settle(message, False)
             self._router.park(message)
-            return 0
+            return
+        if message.ack_id is not None:
+            self._settle(message, any(s.manual_ack for s in targets))
         if self._backlog:  # keep the order: behind what already waits
             self._backlog.append((message, targets))
             self._pause_reading()
-            return 0
+            return
         for i, sub in enumerate(targets):
             try:
-                sub._send.send_nowait(message)
+                sub.deliver_nowait(message)
             except trio.WouldBlock:
                 # A slow subscriber: the pump delivers with backpressure, and the
                 # socket is not read meanwhile.
                 self._backlog.append((message, targets[i:]))
                 self._backlog_event.set()
                 self._pause_reading()
-                return 0
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
-        return 0
+                return
+
+    # ---------------------------------------------------- acknowledgements
+    def _hook_qos1_publish(self) -> bool:
+        """Take over the PUBACK of incoming QoS 1 messages (private handler method).
+
+        gmqtt acknowledges a QoS 1 message before its callback runs (optimistic
+        acknowledgement), or after a coroutine callback; neither lets the application
+        acknowledge later. We replace the handler's QoS 1 method: it hands us the
+        packet id, and we send the PUBACK ourselves (``_send_puback``).
+        """
+        # private gmqtt API: the package handler, its QoS 1 and PUBACK methods
+        handler: Any = getattr(self._gmqtt, "_package_handler", None)
+        if not hasattr(handler, "_handle_qos_1_publish_packet") or not hasattr(
+            handler, "_send_puback"
+        ):
+            log.warning("gmqtt internals changed: manual_ack acknowledges on receipt")
+            return False
+
+        def handle_qos1(mid: int, packet: bytes, topic: str, properties: dict[str, Any]) -> None:
+            self._receive(topic, packet, 1, properties, mid)
+
+        handler._handle_qos_1_publish_packet = handle_qos1
+        return True
+
+    def _send_puback(self, mid: int) -> None:
+        # private gmqtt API: the handler's PUBACK sender
+        self._gmqtt._package_handler._send_puback(mid)
+
+    def _settle(self, message: Message, manual: bool) -> None:
+        """Who acknowledges a QoS 1 message: the application (manual), or us now."""
+        if message.ack_id is None or message.needs_ack:
+            return
+        if manual:
+            message.wait_for_ack(self._ack_message)
+        else:
+            self._ack_message(message)
+            message.ack_id = None  # settled: a later subscription cannot take it over
+
+    def _ack_message(self, message: Message) -> None:
+        ack_id = message.ack_id
+        if ack_id is None:
+            return
+        connection, mid = ack_id
+        if connection == self.connections and self._connected:
+            self._send_puback(mid)
 
     async def _pump(self) -> None:
         """Deliver messages that found a subscription's buffer full (owned by the nursery)."""
@@ -735,10 +852,7 @@ class GMQTTClient:
             while self._backlog:
                 message, targets = self._backlog[0]
                 for sub in targets:
-                    try:
-                        await sub._send.send(message)
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        pass
+                    await sub.deliver(message)
                 self._backlog.popleft()
             self._resume_reading()
 
@@ -755,7 +869,9 @@ class GMQTTClient:
         if assigned:
             self._client_id = str(assigned)
         self._connected = True
+        self._connected_at = trio.current_time()
         self._lost_error = None
+        self._abort_reason = None
         self.connections += 1
         session_present = bool(flags)
         log.info(
@@ -784,18 +900,13 @@ class GMQTTClient:
         if not self._connected:
             return  # a refused or unfinished attempt, or our own DISCONNECT
         self._connected = False
+        self._connected_at = math.inf
         self._connected_event = trio.Event()
         error: MQTTError
-        if isinstance(packet, (bytes, bytearray)) and packet:
-            code = packet[0]
-            text = disconnect_reason_name(code)
-            if code == 0x8E:
-                error = SessionTakenOver(
-                    f"broker disconnected us: {text} (another client uses id {self._client_id!r})",
-                    reason_code=code,
-                )
-            else:
-                error = ConnectionLost(f"broker disconnected us: {text}", reason_code=code)
+        if self._abort_reason is not None:
+            error, self._abort_reason = self._abort_reason, None
+        elif isinstance(packet, (bytes, bytearray)) and packet:
+            error = broker_disconnected(packet[0], None, self._client_id)
         else:
             error = ConnectionLost("connection lost")
         self._lost_error = error
@@ -867,7 +978,7 @@ class GMQTTClient:
                 else:
                     error = ConnectError(f"cannot connect to {where}: {exc}")
             except OSError as exc:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
-                error = _connect_error(where, exc)
+                error = connect_error(where, exc)
             except Exception as exc:  # gmqtt or asyncio internals: never leak them
                 error = ConnectError(f"cannot connect to {where}: {type(exc).__name__}: {exc}")
             finally:
@@ -886,61 +997,37 @@ class GMQTTClient:
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and reconnect with backoff until closed. Owned by the client nursery."""
-        opts = self.options
-        attempt = 0
-        started = False
         with trio.CancelScope() as self._manager_scope:
-            while not self._closed:
-                self._lost = trio.Event()
-                try:
-                    await self._connect_once()
-                except ConnectError as exc:
-                    self.last_error = str(exc)
-                    if not started or not exc.retryable:
-                        self._set_fatal(exc)
-                        if not started:
-                            raise
-                        return
-                    log.warning("%s (attempt %d)", exc, attempt + 1)
-                else:
-                    if not started:
-                        started = True
-                        task_status.started()
-                    attempt = 0
-                    await self._lost.wait()
-                    if self._closed:
-                        return
-                    error = self._lost_error or ConnectionLost("connection lost")
-                    self.last_error = str(error)
-                    self._abort_transport()
-                    if isinstance(error, SessionTakenOver):
-                        self._set_fatal(error)
-                        return
-                    log.warning("MQTT connection to %s lost: %s", self.url, error)
-                if self._closed:
-                    return
-                if not opts.reconnect:
-                    self._set_fatal(ConnectionLost(self.last_error or "connection lost"))
-                    return
-                attempt += 1
-                if (
-                    opts.max_reconnect_attempts is not None
-                    and attempt > opts.max_reconnect_attempts
-                ):
-                    self._set_fatal(ConnectionLost(f"gave up after {attempt - 1} reconnects"))
-                    return
-                cap = min(
-                    opts.reconnect_max_delay, opts.reconnect_initial_delay * 2 ** (attempt - 1)
-                )
-                delay = random.uniform(cap / 2, cap)
-                log.info("reconnecting to %s in %.2f s (attempt %d)", self.url, delay, attempt)
-                await trio.sleep(delay)
+            await run_reconnecting(
+                self._serve_once,
+                self.options,
+                self.url,
+                is_closed=lambda: self._closed,
+                on_error=self._on_error,
+                set_fatal=self._set_fatal,
+                task_status=task_status,
+            )
+
+    def _on_error(self, text: str) -> None:
+        self.last_error = text
+
+    async def _serve_once(self, on_connected: Callable[[], None]) -> None:
+        """One connection, from connecting to its end (the reconnect loop's callable)."""
+        self._lost = trio.Event()
+        await self._connect_once()
+        on_connected()
+        await self._lost.wait()
+        if self._closed:
+            return
+        error = self._lost_error or ConnectionLost("connection lost")
+        self._abort_transport()
+        raise error
 
     def _set_fatal(self, exc: BaseException) -> None:
         self._fatal = exc
         self._fail_waiters(ClientClosed(f"client stopped: {exc}"))
         for sub in self._router.subs:
-            sub._send.close()
+            sub.close()
 
     def _fail_waiters(self, error: MQTTError) -> None:
         self._connected_event.set()
@@ -989,6 +1076,8 @@ async def open_gmqtt_client(broker: BrokerURL, opts: ClientOptions) -> AsyncIter
     """
     if broker.websocket:
         raise LocalProtocolError(_NO_WEBSOCKET)
+    if opts.stream_factory is not None:
+        raise LocalProtocolError("the gmqtt backend cannot use a stream_factory")
     if broker.scheme not in ("mqtt", "mqtts"):
         raise LocalProtocolError(
             f"the gmqtt backend supports mqtt:// and mqtts://, not {broker.scheme}://"

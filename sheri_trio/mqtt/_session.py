@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import mqtt5
 from mqtt5 import QoS
@@ -25,6 +25,9 @@ from ._errors import (
     PacketTooLarge,
     RemoteProtocolError,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "Connected",
@@ -41,7 +44,8 @@ __all__ = [
 DEFAULT_MAX_PACKET_SIZE: Final = 1024 * 1024
 MAX_PACKET_ID: Final = 0xFFFF
 MAX_SUBSCRIPTION_ID: Final = 268_435_455
-_QOS: Final = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
+#: our QoS numbers as the codec's values (the one table: every module uses this)
+QOS_LEVELS: Final = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
 
 #: CONNACK reason codes after which retrying with the same settings cannot succeed.
 FATAL_CONNACK_CODES: Final = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x95, 0x9A, 0x9B})
@@ -76,9 +80,14 @@ class Message:
 
     A thin view over the decoded PUBLISH packet: the common fields are plain
     attributes, the MQTT v5 properties are read from ``packet``.
+
+    ``ack_id`` is set by the session when it holds this QoS 1 message's PUBACK
+    (``Session.hold_acks``): ``(connection number, packet id)``, for
+    :meth:`Session.ack`. The client decides who acknowledges: it hangs an acker on
+    the messages of ``manual_ack`` subscriptions, which :meth:`ack` calls.
     """
 
-    __slots__ = ("packet", "payload", "qos", "retain", "topic")
+    __slots__ = ("_acker", "ack_id", "packet", "payload", "qos", "retain", "topic")
 
     def __init__(self, packet: mqtt5.PublishPacket) -> None:
         self.packet = packet
@@ -86,6 +95,31 @@ class Message:
         self.payload: bytes = packet.payload
         self.qos: int = int(packet.qos)
         self.retain: bool = packet.retain
+        self.ack_id: tuple[int, int] | None = None
+        self._acker: Callable[[Message], None] | None = None
+
+    def ack(self) -> None:
+        """Acknowledge (PUBACK) a message of a ``manual_ack`` subscription.
+
+        Call it once the message is safely recorded: until then the broker keeps it
+        and redelivers it (DUP set) on the next connection of a persistent session.
+        Idempotent; a no-op for QoS 0, for messages acknowledged automatically, and
+        for a message received on an earlier connection (its packet id is no longer
+        valid: the broker redelivers it instead).
+        """
+        acker = self._acker
+        if acker is not None:
+            self._acker = None
+            acker(self)
+
+    def wait_for_ack(self, acker: Callable[[Message], None]) -> None:
+        """Make :meth:`ack` call ``acker(self)`` once (for backends, not applications)."""
+        self._acker = acker
+
+    @property
+    def needs_ack(self) -> bool:
+        """True until :meth:`ack` of a message that waits for one (manual_ack)."""
+        return self._acker is not None
 
     @property
     def duplicate(self) -> bool:
@@ -290,6 +324,10 @@ class Session:
         self._subscriptions: dict[int, _Subscription] = {}  # keyed by a local handle
         self._next_handle = 1
         self._incoming_qos2: set[int] = set()
+        #: While True, the PUBACK of each QoS 1 PUBLISH received is held until
+        #: :meth:`ack` (the driver sets it while manual acknowledgement is in use).
+        self.hold_acks = False
+        self._held: set[int] = set()  # packet ids of held PUBACKs, this connection
         self._last_sent = 0.0
         self._last_received = 0.0
         self._ping_outstanding = False
@@ -320,6 +358,7 @@ class Session:
             "inflight": len(self._inflight),
             "queued": len(self._queued),
             "requests": len(self._requests),
+            "held_acks": len(self._held),
             "subscriptions": len(self._subscriptions),
             "buffered_out": len(self._out),
             "buffered_in": len(self._in),
@@ -359,6 +398,8 @@ class Session:
         self._out.clear()
         self._in = b""
         self._ping_outstanding = False
+        # The broker redelivers what we did not acknowledge; these ids are void now.
+        self._held.clear()
 
     def disconnect(
         self,
@@ -392,6 +433,30 @@ class Session:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
+    @property
+    def held_acks(self) -> int:
+        """QoS 1 messages of this connection received and not yet acknowledged."""
+        return len(self._held)
+
+    def ack(self, ack_id: tuple[int, int]) -> bool:
+        """Queue the held PUBACK of a received message (its :attr:`Message.ack_id`).
+
+        Returns False, queueing nothing, when there is none to send: acknowledged
+        already, or received on an earlier connection (the broker redelivers it).
+        PUBACKs go out in the order of these calls, not necessarily in the order the
+        messages arrived (see docs/transports.md, "Manual acknowledgement").
+        """
+        connection, pid = ack_id
+        if (
+            connection != self.connections
+            or self.state is not SessionState.CONNECTED
+            or pid not in self._held
+        ):
+            return False
+        self._held.discard(pid)
+        self._out += bytes((0x40, 2, pid >> 8, pid & 0xFF))
+        return True
+
     def publish(
         self,
         topic: str,
@@ -416,8 +481,7 @@ class Session:
             raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
         if self.state is SessionState.CLOSING:
             raise LocalProtocolError("session is closing")
-        if not topic or "+" in topic or "#" in topic or "\x00" in topic:
-            raise LocalProtocolError(f"invalid topic name for publishing: {topic!r}")
+        check_topic_name(topic)
         if retain and not self.retain_available:
             raise LocalProtocolError("the broker does not support retained messages")
         if qos > self.broker_max_qos:
@@ -426,7 +490,7 @@ class Session:
             packet = mqtt5.PublishPacket(
                 topic,
                 payload,
-                qos=_QOS[qos],
+                qos=QOS_LEVELS[qos],
                 retain=retain,
                 packet_id=1 if qos else None,
                 message_expiry_interval=message_expiry_interval,
@@ -475,7 +539,7 @@ class Session:
         if not filters:
             raise LocalProtocolError("subscribe needs at least one topic filter")
         for f in filters:
-            _check_filter(f.pattern)
+            check_topic_filter(f.pattern)
             if f.pattern.startswith("$share/") and not self.shared_subscriptions_available:
                 raise LocalProtocolError("the broker does not support shared subscriptions")
         if subscription_id is not None and not 1 <= subscription_id <= MAX_SUBSCRIPTION_ID:
@@ -569,6 +633,12 @@ class Session:
                 pid = packet.packet_id
                 if pid is None:
                     raise RemoteProtocolError("QoS 1 PUBLISH without a packet id")
+                if self.hold_acks:
+                    self._held.add(pid)
+                    message = Message(packet)
+                    message.ack_id = (self.connections, pid)
+                    events.append(message)
+                    return
                 # PUBACK, success, no properties: reason code and properties omitted
                 self._out += bytes((0x40, 2, pid >> 8, pid & 0xFF))
             elif qos is QoS.EXACTLY_ONCE:
@@ -762,7 +832,14 @@ def _packet_id_offset(data: bytes | bytearray) -> int:
     return offset + 2 + ((data[offset] << 8) | data[offset + 1])
 
 
-def _check_filter(pattern: str) -> None:
+def check_topic_name(topic: str) -> None:
+    """Refuse a topic name that cannot be published to (empty, wildcards, NUL)."""
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        raise LocalProtocolError(f"invalid topic name for publishing: {topic!r}")
+
+
+def check_topic_filter(pattern: str) -> None:
+    """Refuse a malformed topic filter (wildcard placement, shared-subscription form)."""
     if not pattern or "\x00" in pattern:
         raise LocalProtocolError(f"invalid topic filter {pattern!r}")
     levels = pattern.split("/")

@@ -257,7 +257,7 @@ async def open_stream(
     try:
         tcp = await trio.open_tcp_stream(url.host, url.port)
     except OSError as exc:
-        raise _connect_error(where, exc) from exc
+        raise connect_error(where, exc) from exc
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
     try:
         if ssl_context is not None:
@@ -265,7 +265,7 @@ async def open_stream(
             try:
                 await stream.do_handshake()
             except (trio.BrokenResourceError, OSError) as exc:
-                raise _connect_error(where, exc) from exc
+                raise connect_error(where, exc) from exc
         if not url.websocket:
             yield _TrioStream(stream)
             return
@@ -310,7 +310,7 @@ async def _websocket_handshake(
             retryable=exc.status_code >= 500,
         ) from exc
     except (trio_websocket.HandshakeError, trio.BrokenResourceError, OSError) as exc:
-        raise _connect_error(where, exc) from exc
+        raise connect_error(where, exc) from exc
     if ws.subprotocol != "mqtt":
         raise ConnectError(f"{where}: the server did not accept the 'mqtt' WebSocket subprotocol")
     return ws
@@ -321,7 +321,8 @@ def _hostport(url: BrokerURL) -> str:
     return f"{host}:{url.port}"
 
 
-def _connect_error(where: str, exc: BaseException) -> ConnectError:
+def connect_error(where: str, exc: BaseException) -> ConnectError:
+    """A transport failure while connecting, as our ConnectError (root cause named)."""
     cause: BaseException = exc
     while True:  # dig out the root cause from trio's wrappers
         if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
