@@ -101,11 +101,10 @@ def task_body(
         if found is None or found[1] not in _ARGUMENTS:
             raise UsageError(f"task: {exc.reason}") from None
         key = found[1]
-        raise UsageError(
-            f"{_ARGUMENTS[key]}: {exc.reason[found.end() :]}, got {short(body[key], 80)}"
-            if key != "task_id"  # its reason shows the value already
-            else f"{_ARGUMENTS[key]}: {exc.reason[found.end() :]}"
-        ) from None
+        reason = exc.reason[found.end() :]
+        if key != "task_id":  # its reason shows the value already
+            reason += f", got {short(repr(body[key]), 80)}"
+        raise UsageError(f"{_ARGUMENTS[key]}: {reason}") from None
     return body
 
 
