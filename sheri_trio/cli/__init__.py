@@ -45,7 +45,9 @@ from ._agents import agent_cmd, swarm_cmd
 from ._errors import NoAnswer as NoAnswer
 from ._errors import UsageError as UsageError
 from ._errors import explain as explain
+from ._monitor import AgentRow as AgentRow
 from ._monitor import SwarmView as SwarmView
+from ._monitor import TaskRow as TaskRow
 from ._monitor import monitor_cmd
 from ._output import EXIT_FAILURE as EXIT_FAILURE
 from ._output import EXIT_INTERRUPTED as EXIT_INTERRUPTED
@@ -66,28 +68,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from cyclopts.exceptions import CycloptsError
-
-__all__ = [
-    "DEFAULT_SWARM_ROLES",
-    "EXIT_FAILURE",
-    "EXIT_INTERRUPTED",
-    "EXIT_OK",
-    "EXIT_USAGE",
-    "LineFormatter",
-    "LogLevel",
-    "NoAnswer",
-    "SwarmView",
-    "UsageError",
-    "agent_label",
-    "app",
-    "exit_now",
-    "explain",
-    "main",
-    "remember_secrets",
-    "rewrite_prototype_argv",
-    "scrub",
-    "setup_logging",
-]
 
 
 def _format_error(error: CycloptsError) -> Any:

@@ -10,23 +10,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 import trio
 from cyclopts import Parameter
 
-from ..config import Connection, FileConfig, build_agent_config, connection_settings, load_config
+from ..config import Connection, FileConfig, build_agent_config, load_config
 from ..executors import WORKSPACE_TYPES, uses_implicit_workspace
 from ..swarm import AGENT_ID_RE, ROLES, roles_for, run_agent
-
-# cyclopts reads the commands' annotations at run time: the options must be importable
-from ._broker import (  # noqa: TC001
-    BrokerOpt,
-    ConfigOpt,
-    LogLevelOpt,
-    PasswordOpt,
-    SwarmOpt,
-    UserOpt,
-)
+from ._broker import BROKER_DEFAULTS, BrokerArgs
 from ._errors import UsageError
 from ._output import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    LogLevel,
     agent_label,
     exit_now,
     remember_secrets,
@@ -38,9 +30,11 @@ if TYPE_CHECKING:
 
     from ..swarm import AgentConfig
 
-__all__ = ["DEFAULT_SWARM_ROLES", "agent_cmd", "run_agents", "swarm_cmd"]
+__all__ = ["DEFAULT_SWARM_ROLES"]
 
 log = logging.getLogger("sheri_trio.cli")
+
+LogLevelOpt = Annotated[LogLevel, Parameter(help="Log level of the lines on stderr.")]
 
 #: ``sheri swarm`` without --roles: one agent per role, and a second general one.
 DEFAULT_SWARM_ROLES: Final = (*ROLES, "general")
@@ -119,8 +113,15 @@ async def run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
     return EXIT_OK
 
 
-def _agent_config(file_config: FileConfig, **overrides: Any) -> AgentConfig:
-    config = build_agent_config(file_config, **overrides)
+def _agent_config(file_config: FileConfig, where: BrokerArgs, **overrides: Any) -> AgentConfig:
+    config = build_agent_config(
+        file_config,
+        broker=where.broker,
+        swarm=where.swarm,
+        username=where.username,
+        password=where.password,
+        **overrides,
+    )
     remember_secrets(Connection(config.broker, config.swarm, config.client_options))
     return config
 
@@ -134,31 +135,18 @@ async def agent_cmd(
         str | None,
         Parameter(help="Unique id in the swarm; default sheri-ml-<8 hex> (env SHERI_AGENT_ID)."),
     ] = None,
-    broker: BrokerOpt = None,
-    swarm: SwarmOpt = None,
     max_tasks: Annotated[
         int | None, Parameter(help="Tasks run at once (env SHERI_MAX_TASKS).")
     ] = None,
-    username: UserOpt = None,
-    password: PasswordOpt = None,
-    config: ConfigOpt = None,
+    where: BrokerArgs = BROKER_DEFAULTS,
     log_level: LogLevelOpt = "info",
 ) -> int:
     """Run one agent until SIGINT/SIGTERM (a second Ctrl+C exits at once).
 
     ``sheri --mqtt --role R ...`` (the prototype's spelling) is the same command.
     """
-    file_config = load_config(config)
-    cfg = _agent_config(
-        file_config,
-        role=role,
-        agent_id=agent_id,
-        broker=broker,
-        swarm=swarm,
-        max_tasks=max_tasks,
-        username=username,
-        password=password,
-    )
+    file_config = load_config(where.config)
+    cfg = _agent_config(file_config, where, role=role, agent_id=agent_id, max_tasks=max_tasks)
     setup_logging(log_level, cfg.agent_id)
     log.info(
         "starting agent %s: role=%s swarm=%s broker=%s max_tasks=%d%s",
@@ -195,16 +183,12 @@ async def swarm_cmd(
         str | None,
         Parameter(help="Comma-separated roles (default: every role once, plus a second general)."),
     ] = None,
-    broker: BrokerOpt = None,
-    swarm: SwarmOpt = None,
     max_tasks: Annotated[int | None, Parameter(help="Tasks run at once, per agent.")] = None,
     prefix: Annotated[
         str | None,
         Parameter(help="Agent id prefix: ids are <prefix>-<role>-<n> (default: the swarm)."),
     ] = None,
-    username: UserOpt = None,
-    password: PasswordOpt = None,
-    config: ConfigOpt = None,
+    where: BrokerArgs = BROKER_DEFAULTS,
     log_level: LogLevelOpt = "info",
 ) -> int:
     """Run several agents in one process (default 9: one per role, plus a second general).
@@ -215,10 +199,8 @@ async def swarm_cmd(
     count = len(role_list) if agents is None else agents
     if not 1 <= count <= 1000:
         raise UsageError(f"--agents: must be within 1..1000, got {count}")
-    file_config = load_config(config)
-    conn = connection_settings(
-        file_config, broker=broker, swarm=swarm, username=username, password=password
-    )
+    file_config = load_config(where.config)
+    conn = where.connection(file_config)
     id_prefix = prefix if prefix is not None else conn.swarm.replace("/", "-")
     if not AGENT_ID_RE.fullmatch(f"{id_prefix}-x"):
         raise UsageError(f"--prefix: {id_prefix!r} must be letters, digits, '.', '_', '-'")
@@ -229,14 +211,7 @@ async def swarm_cmd(
         numbers[role] = numbers.get(role, 0) + 1
         label = f"{role}-{numbers[role]}"
         cfg = _agent_config(
-            file_config,
-            role=role,
-            agent_id=f"{id_prefix}-{label}",
-            broker=broker,
-            swarm=swarm,
-            max_tasks=max_tasks,
-            username=username,
-            password=password,
+            file_config, where, role=role, agent_id=f"{id_prefix}-{label}", max_tasks=max_tasks
         )
         configs.append((cfg, label))
     setup_logging(log_level, "swarm", label_first=True)

@@ -1,110 +1,111 @@
-"""The CLI's own short-lived clients (``submit``, ``tasks``, ``monitor``): the options
-every command shares, where to connect, and waits for the broker bounded by
-``[broker] connect_timeout``."""
+"""The options every command shares (:class:`BrokerArgs`) and the short-lived clients of
+``submit``, ``tasks`` and ``monitor`` (:class:`BrokerLink`), whose waits for the broker
+are bounded by ``[broker] connect_timeout``."""
 
 from __future__ import annotations
 
 import secrets
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from dataclasses import dataclass
+from pathlib import Path  # noqa: TC003 (cyclopts reads the annotations at run time)
+from typing import TYPE_CHECKING, Annotated, Final
 
 import trio
 from cyclopts import Parameter
 
-from ..config import Connection, connection_settings, load_config
+from ..config import Connection, FileConfig, connection_settings, load_config
 from ..mqtt import ClientOptions, open_client
-from ..swarm import BadMessage, decode_envelope, read_retained
+from ..swarm import BadMessage, Topics, decode_envelope, read_retained
 from ._errors import NoAnswer
-from ._output import LogLevel, remember_secrets, setup_logging
+from ._output import remember_secrets, setup_logging
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from ..mqtt import Client, Message
-    from ..swarm import Envelope, Topics
-
-__all__ = [
-    "BrokerOpt",
-    "ConfigOpt",
-    "LogLevelOpt",
-    "PasswordOpt",
-    "SwarmOpt",
-    "UserOpt",
-    "answer_bound",
-    "cli_client",
-    "cli_connection",
-    "decode",
-    "read_retained_bounded",
-]
-
-# Common options, shared by the commands.
-BrokerOpt = Annotated[
-    str | None,
-    Parameter(help="Broker URL: mqtt://, mqtts://, ws://, wss:// (env SHERI_BROKER)."),
-]
-SwarmOpt = Annotated[str | None, Parameter(help="Swarm name, the topic prefix (env SHERI_SWARM).")]
-UserOpt = Annotated[str | None, Parameter(help="Broker user name (env SHERI_USERNAME).")]
-PasswordOpt = Annotated[str | None, Parameter(help="Broker password (env SHERI_PASSWORD).")]
-ConfigOpt = Annotated[
-    Path | None, Parameter(help="Configuration file (default: ./sheri.toml if present).")
-]
-LogLevelOpt = Annotated[LogLevel, Parameter(help="Log level of the lines on stderr.")]
+    from ..swarm import Envelope
 
 
-def cli_connection(
-    config: Path | None,
-    broker: str | None,
-    swarm: str | None,
-    username: str | None,
-    password: str | None,
-) -> Connection:
-    """Where a command's own client connects (its password remembered as a secret);
-    logs warnings and worse on stderr."""
-    conn = connection_settings(
-        load_config(config), broker=broker, swarm=swarm, username=username, password=password
-    )
-    remember_secrets(conn)
-    setup_logging("warning", "sheri")
-    return conn
+@Parameter(name="*")  # its fields are the command's own options: --broker, --swarm, ...
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BrokerArgs:
+    """The options every command shares: where the broker is and how to reach it."""
+
+    broker: Annotated[
+        str | None,
+        Parameter(help="Broker URL: mqtt://, mqtts://, ws://, wss:// (env SHERI_BROKER)."),
+    ] = None
+    swarm: Annotated[
+        str | None, Parameter(help="Swarm name, the topic prefix (env SHERI_SWARM).")
+    ] = None
+    username: Annotated[str | None, Parameter(help="Broker user name (env SHERI_USERNAME).")] = None
+    password: Annotated[str | None, Parameter(help="Broker password (env SHERI_PASSWORD).")] = None
+    config: Annotated[
+        Path | None, Parameter(help="Configuration file (default: ./sheri.toml if present).")
+    ] = None
+
+    def connection(self, file_config: FileConfig) -> Connection:
+        """The connection these options, the environment and ``file_config`` give."""
+        return connection_settings(
+            file_config,
+            broker=self.broker,
+            swarm=self.swarm,
+            username=self.username,
+            password=self.password,
+        )
+
+    def link(self) -> BrokerLink:
+        """The way to the broker for a command's own client: settings checked, the
+        password remembered as a secret, warnings and worse logged on stderr."""
+        conn = self.connection(load_config(self.config))
+        remember_secrets(conn)
+        setup_logging("warning", "sheri")
+        return BrokerLink(conn)
 
 
-@asynccontextmanager
-async def cli_client(conn: Connection, kind: str) -> AsyncIterator[Client]:
-    """A short-lived client of the CLI's own (it is not an agent: no will, no session)."""
-    async with open_client(
-        conn.broker,
-        client_id=f"sheri-{kind}-{secrets.token_hex(4)}",
-        clean_start=True,
-        **conn.client_options,
-    ) as client:
-        yield client
+#: none of the options given
+BROKER_DEFAULTS: Final = BrokerArgs()
 
 
-def answer_bound(conn: Connection) -> float:
-    """How long the CLI waits for each answer of the broker: the ``connect_timeout``."""
-    return float(conn.client_options.get("connect_timeout", ClientOptions().connect_timeout))
+class BrokerLink:
+    """A command's own short-lived clients of one broker and swarm, and the bound of
+    each wait for the broker's answer (``[broker] connect_timeout``)."""
 
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.topics = Topics(conn.swarm)
+        self.bound = float(
+            conn.client_options.get("connect_timeout", ClientOptions().connect_timeout)
+        )
 
-async def read_retained_bounded(
-    client: Client, topics: Topics, *filters: str, bound: float, what: str
-) -> list[Message]:
-    """The retained messages on ``filters``: they all arrive before our own sync marker.
+    @asynccontextmanager
+    async def client(self, kind: str) -> AsyncIterator[Client]:
+        """A client of the CLI's own (it is not an agent: no will, no session)."""
+        async with open_client(
+            self.conn.broker,
+            client_id=f"sheri-{kind}-{secrets.token_hex(4)}",
+            clean_start=True,
+            **self.conn.client_options,
+        ) as client:
+            yield client
 
-    Each message (the first one included) must come within ``bound`` of the one before,
-    else :class:`NoAnswer` says we were reading ``what``.
-    """
-    sync = topics.sync_marker("cli", secrets.token_hex(6))
-    found: list[Message] = []
-    with trio.move_on_after(bound) as scope:
+    async def read_retained(self, client: Client, *filters: str, what: str) -> list[Message]:
+        """The retained messages on ``filters``: they all arrive before our own sync marker.
 
-        def renew() -> None:
-            scope.deadline = trio.current_time() + bound
+        Each message (the first one included) must come within :attr:`bound` of the one
+        before, else :class:`NoAnswer` says we were reading ``what``.
+        """
+        sync = self.topics.sync_marker("cli", secrets.token_hex(6))
+        found: list[Message] = []
+        with trio.move_on_after(self.bound) as scope:
 
-        await read_retained(client, sync, *filters, into=found, progress=renew)
-    if scope.cancelled_caught:
-        raise NoAnswer(bound, f"reading {what}")
-    return found
+            def renew() -> None:
+                scope.deadline = trio.current_time() + self.bound
+
+            await read_retained(client, sync, *filters, into=found, progress=renew)
+        if scope.cancelled_caught:
+            raise NoAnswer(self.bound, f"reading {what}")
+        return found
 
 
 def decode(message: Message) -> Envelope | None:

@@ -12,7 +12,7 @@ from ..mqtt import ClientClosed, ConnectError, ConnectionLost, LocalProtocolErro
 from ..swarm import DuplicateAgent, StartupError
 from ._output import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
 
-__all__ = ["AUTH_REFUSED", "NoAnswer", "UsageError", "explain"]
+__all__ = ["NoAnswer", "UsageError", "explain"]
 
 
 class UsageError(ValueError):

@@ -13,18 +13,7 @@ import trio
 from cyclopts import Parameter
 
 from ..swarm import FINAL_STATES, Topics
-from ._broker import (
-    BrokerOpt,
-    ConfigOpt,
-    PasswordOpt,
-    SwarmOpt,
-    UserOpt,
-    answer_bound,
-    cli_client,
-    cli_connection,
-    decode,
-    read_retained_bounded,
-)
+from ._broker import BROKER_DEFAULTS, BrokerArgs, decode
 from ._errors import NoAnswer
 from ._output import EXIT_OK, state_type, styled_state
 
@@ -33,7 +22,7 @@ if TYPE_CHECKING:
 
     from ..mqtt import Message
 
-__all__ = ["AgentRow", "SwarmView", "TaskRow", "monitor_cmd"]
+__all__ = ["AgentRow", "SwarmView", "TaskRow"]
 
 #: final states a later attempt's claim or state still replaces (released: taken again)
 _SETTLED = FINAL_STATES - {"released"}
@@ -208,27 +197,21 @@ async def monitor_cmd(
     *,
     once: Annotated[bool, Parameter(help="Print one snapshot (retained state) and exit.")] = False,
     recent: Annotated[int, Parameter(help="How many recent tasks to show.")] = 20,
-    broker: BrokerOpt = None,
-    swarm: SwarmOpt = None,
-    username: UserOpt = None,
-    password: PasswordOpt = None,
-    config: ConfigOpt = None,
+    where: BrokerArgs = BROKER_DEFAULTS,
 ) -> int:
     """A live table of the swarm's agents and recent tasks, until Ctrl+C."""
     from rich.console import Console
     from rich.live import Live
 
-    conn = cli_connection(config, broker, swarm, username, password)
-    topics = Topics(conn.swarm)
+    link = where.link()
+    topics = link.topics
     view = SwarmView(topics, max_tasks=max(recent, 1))
     console = Console()
-    async with cli_client(conn, "monitor") as client:
+    async with link.client("monitor") as client:
         if once:
-            retained = await read_retained_bounded(
+            retained = await link.read_retained(
                 client,
-                topics,
                 topics.all,
-                bound=answer_bound(conn),
                 what=f"the swarm's retained messages ({topics.all})",
             )
             for message in retained:
@@ -239,7 +222,7 @@ async def monitor_cmd(
             trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
             Live(view.render(0), console=console, auto_refresh=False) as live,
         ):
-            with trio.move_on_after(answer_bound(conn)) as answer:  # lifted once subscribed
+            with trio.move_on_after(link.bound) as answer:  # lifted once subscribed
                 async with (
                     client.subscribe(topics.all, qos=1) as messages,
                     trio.open_nursery() as nursery,
@@ -261,7 +244,5 @@ async def monitor_cmd(
                         view.feed(message, trio.current_time())
             live.update(view.render(trio.current_time()), refresh=True)
         if answer.cancelled_caught:
-            raise NoAnswer(
-                answer_bound(conn), f"subscribing to {topics.all} (waiting for the SUBACK)"
-            )
+            raise NoAnswer(link.bound, f"subscribing to {topics.all} (waiting for the SUBACK)")
     return EXIT_OK

@@ -32,19 +32,11 @@ __all__ = [
     "EXIT_USAGE",
     "LineFormatter",
     "LogLevel",
-    "Secrets",
     "agent_label",
-    "current_secrets",
     "exit_now",
-    "keeping_secrets",
-    "quiet_noisy_loggers",
     "remember_secrets",
-    "say",
     "scrub",
     "setup_logging",
-    "short",
-    "state_type",
-    "styled_state",
 ]
 
 EXIT_OK: Final = 0
@@ -153,12 +145,6 @@ class LineFormatter(logging.Formatter):
         return self.secrets.scrub(line)
 
 
-def quiet_noisy_loggers() -> None:
-    """Libraries whose info lines would drown ours."""
-    for noisy in ("transitions", "trio-websocket", "trio_websocket"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def setup_logging(
     level: str,
     default_label: str,
@@ -173,7 +159,8 @@ def setup_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    quiet_noisy_loggers()
+    for noisy in ("transitions", "trio-websocket", "trio_websocket"):  # info lines drown ours
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return handler
 
 

@@ -24,17 +24,7 @@ from ..swarm import (
     parse_task,
     roles_for,
 )
-from ._broker import (
-    BrokerOpt,
-    ConfigOpt,
-    PasswordOpt,
-    SwarmOpt,
-    UserOpt,
-    answer_bound,
-    cli_client,
-    cli_connection,
-    decode,
-)
+from ._broker import BROKER_DEFAULTS, BrokerArgs, decode
 from ._errors import NoAnswer, UsageError
 from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, say, short
 
@@ -42,8 +32,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ..mqtt import Client, Message, Subscription
-
-__all__ = ["no_claim", "progress_line", "submit_cmd", "task_body"]
 
 Priority = Literal["low", "medium", "high"]
 
@@ -122,11 +110,7 @@ async def submit_cmd(
     ] = None,
     wait: Annotated[bool, Parameter(help="Follow the task to its outcome.")] = False,
     wait_timeout: Annotated[float, Parameter(help="Seconds to wait for an agent's claim.")] = 10.0,
-    broker: BrokerOpt = None,
-    swarm: SwarmOpt = None,
-    username: UserOpt = None,
-    password: PasswordOpt = None,
-    config: ConfigOpt = None,
+    where: BrokerArgs = BROKER_DEFAULTS,
 ) -> int:
     """Publish a task on {swarm}/tasks/new; print its id (or, with --wait, its course).
 
@@ -138,11 +122,11 @@ async def submit_cmd(
         raise UsageError(
             f"--wait-timeout: must be a positive number of seconds, got {wait_timeout:g}"
         )
-    conn = cli_connection(config, broker, swarm, username, password)
-    topics = Topics(conn.swarm)
+    link = where.link()
+    topics = link.topics
     data = encode(None, None, body)
-    bound = answer_bound(conn)
-    async with cli_client(conn, "submit") as client:
+    bound = link.bound
+    async with link.client("submit") as client:
         if not wait:
             with trio.move_on_after(bound) as scope:
                 await client.publish(topics.tasks_new, data, qos=1, content_type="application/json")

@@ -7,19 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from cyclopts import Parameter
 
-from ..swarm import Topics
-from ._broker import (
-    BrokerOpt,
-    ConfigOpt,
-    PasswordOpt,
-    SwarmOpt,
-    UserOpt,
-    answer_bound,
-    cli_client,
-    cli_connection,
-    decode,
-    read_retained_bounded,
-)
+from ._broker import BROKER_DEFAULTS, BrokerArgs, decode
 from ._errors import UsageError
 from ._output import EXIT_OK, say, scrub, state_type, styled_state
 
@@ -27,8 +15,6 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Iterable
 
     from ..mqtt import Message
-
-__all__ = ["task_rows", "tasks_cmd"]
 
 
 def task_rows(
@@ -55,24 +41,18 @@ async def tasks_cmd(
     json_lines: Annotated[
         bool, Parameter(name="--json", help="One JSON object per line instead of a table.")
     ] = False,
-    broker: BrokerOpt = None,
-    swarm: SwarmOpt = None,
-    username: UserOpt = None,
-    password: PasswordOpt = None,
-    config: ConfigOpt = None,
+    where: BrokerArgs = BROKER_DEFAULTS,
 ) -> int:
     """Recent tasks and their last recorded state (the retained {swarm}/tasks/state/+)."""
     wanted = {s.strip() for s in state.split(",") if s.strip()} if state else None
     if limit < 1:
         raise UsageError(f"--limit: must be at least 1, got {limit}")
-    conn = cli_connection(config, broker, swarm, username, password)
-    topics = Topics(conn.swarm)
-    async with cli_client(conn, "tasks") as client:
-        retained = await read_retained_bounded(
+    link = where.link()
+    topics = link.topics
+    async with link.client("tasks") as client:
+        retained = await link.read_retained(
             client,
-            topics,
             topics.tasks_state_all,
-            bound=answer_bound(conn),
             what=f"the retained task states ({topics.tasks_state_all})",
         )
     rows = task_rows(retained, wanted, limit)
@@ -83,7 +63,7 @@ async def tasks_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"tasks in {conn.swarm}" + (f" ({state})" if state else ""))
+    table = Table(title=f"tasks in {link.conn.swarm}" + (f" ({state})" if state else ""))
     for column in ("task", "type", "state", "agent", "attempt", "at", "detail"):
         table.add_column(column, no_wrap=column != "detail", overflow="fold")
     for row in rows:
