@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, get_type_hints
 
 from ._checks import (
     Check,
@@ -60,15 +60,19 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = [
+    "AGENT_CHECKS",
+    "AGENT_KEYS",
     "DEFAULT_BROKER",
     "DEFAULT_FILE",
     "ENV_VARS",
+    "NOT_AGENT_KEYS",
     "ConfigError",
     "Connection",
     "FileConfig",
     "build_agent_config",
     "connection_settings",
     "load_config",
+    "parse_config",
 ]
 
 DEFAULT_FILE: Final = "sheri.toml"
@@ -142,28 +146,57 @@ def _broker_url(value: Any) -> str:
     return value
 
 
-AGENT_KEYS: Final[dict[str, Check]] = {
+#: AgentConfig fields that ``[agent]`` does not set, and where they come from instead
+NOT_AGENT_KEYS: Final = {
+    "client_options": "[broker], --username/--password and the URL",
+    "executor_config": "the other tables of the file",
+    "check_duplicate": "always on outside tests (the probe for a duplicate agent id)",
+}
+
+#: the checks of the settings that are more than their type
+AGENT_CHECKS: Final[dict[str, Check]] = {
     "role": _role,
     "agent_id": _agent_id,
     "swarm": _swarm,
     "broker": _broker_url,
     "max_tasks": _integer(1),
     "queue_limit": _integer(1),
-    "preference_window": _integer(0),
     "heartbeat_interval": number(0, exclusive=True),
     "lease_time": number(0, exclusive=True),
-    "grace_period": number(0),
     "max_retries": _integer(0, 100),
-    "retry_initial_delay": number(0),
-    "retry_max_delay": number(0),
-    "default_timeout": _timeout,
     "max_message_bytes": _integer(1024),
     "max_result_bytes": _integer(1024),
     "state_retention": _integer(1),
-    "session_expiry": _integer(0),
     "keep_alive": _integer(0, 65535),
     "startup_timeout": number(0, exclusive=True),
 }
+
+#: the check of a setting by its type (for the fields not in AGENT_CHECKS)
+_TYPE_CHECKS: Final[dict[Any, Check]] = {
+    int: _integer(0),
+    float: number(0),
+    float | None: _timeout,
+    str: string,
+    bool: boolean,
+}
+
+
+def _agent_keys() -> dict[str, Check]:
+    """Every AgentConfig field but :data:`NOT_AGENT_KEYS`, with its check."""
+    hints = get_type_hints(AgentConfig)
+    keys: dict[str, Check] = {}
+    for f in fields(AgentConfig):
+        if f.name in NOT_AGENT_KEYS:
+            continue
+        check = AGENT_CHECKS.get(f.name) or _TYPE_CHECKS.get(hints[f.name])
+        if check is None:  # a new field: give it a check, or list it in NOT_AGENT_KEYS
+            raise TypeError(f"AgentConfig.{f.name}: no check for {hints[f.name]}")
+        keys[f.name] = check
+    return keys
+
+
+#: ``[agent]``: every setting of AgentConfig, derived from its fields
+AGENT_KEYS: Final = _agent_keys()
 
 BROKER_KEYS: Final[dict[str, Check]] = {
     "url": _broker_url,
@@ -259,12 +292,7 @@ def parse_config(
         raise ConfigError(f"{name}: broker.key_file: needs broker.cert_file as well")
     if "url" in broker and "broker" in agent and broker["url"] != agent["broker"]:
         raise ConfigError(f"{name}: agent.broker: conflicts with broker.url; set only one of them")
-    lease, beat = agent.get("lease_time"), agent.get("heartbeat_interval")
-    if lease is not None and beat is not None and lease <= beat:
-        raise ConfigError(
-            f"{name}: agent.lease_time: must be longer than agent.heartbeat_interval "
-            f"({beat:g}), got {lease:g}"
-        )
+    _validate(AgentConfig(**agent), name)  # the rules between settings
     return FileConfig(name=name, path=path, agent=agent, broker=broker, extra=extra)
 
 
@@ -401,13 +429,14 @@ def build_agent_config(
     )
     if not config.agent_id:
         config.agent_id = new_agent_id()
-    if config.lease_time <= config.heartbeat_interval:
-        raise ConfigError(
-            f"{file_config.name}: agent.lease_time: must be longer than heartbeat_interval "
-            f"({config.heartbeat_interval:g}), got {config.lease_time:g}"
-        )
+    _validate(config, file_config.name)
+    return config
+
+
+def _validate(config: AgentConfig, name: str) -> None:
+    """:meth:`AgentConfig.validate` (its rules between settings, e.g. lease_time >
+    heartbeat_interval; each value alone was checked already), naming file and key."""
     try:
         config.validate()
-    except ValueError as exc:  # every field was checked above; this is a safety net
-        raise ConfigError(str(exc)) from None
-    return config
+    except ValueError as exc:
+        raise ConfigError(f"{name}: agent.{exc}") from None

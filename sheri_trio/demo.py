@@ -49,12 +49,13 @@ from .cli import (
     LogLevel,
     SwarmView,
     UsageError,
-    _agent_label,
-    _exit_now,
-    _LineFormatter,
-    _remember_secrets,
-    _scrub,
+    agent_label,
+    exit_now,
+    remember_secrets,
+    scrub,
+    setup_logging,
 )
+from .cli import main as sheri_main
 from .config import Connection, FileConfig, connection_settings
 from .mqtt import BrokerURL, open_client
 from .swarm import (
@@ -291,7 +292,7 @@ def _gist(result: Any, limit: int = 90) -> str:
                 else not isinstance(v, dict | list)
             )
         )
-    text = _scrub(text)
+    text = scrub(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -412,12 +413,12 @@ class DemoProgress:
                 what = f"{by} {p.get('duration', '?'):>6} ms  {_gist(p.get('result'))}"
                 lines.append(Text.assemble(("  ok        ", "green"), what))
             elif outcome.column == "expected":
-                what = f"{by} {_scrub(str(p.get('error')))}"
+                what = f"{by} {scrub(str(p.get('error')))}"
                 lines.append(Text.assemble(("  expected  ", "yellow"), what))
             else:
                 error = p.get("error") if not outcome.success else None
                 error = error or f"succeeded, expected an error: {task.expect_error}"
-                what = f"{by} {_scrub(str(error))}"
+                what = f"{by} {scrub(str(error))}"
                 lines.append(Text.assemble(("  FAIL      ", "red"), what))
         lines.append(
             Text(
@@ -460,7 +461,7 @@ class _Stopper:
                 log.warning("%s again: exiting at once", signal.Signals(signum).name)
                 if self.on_exit is not None:
                     self.on_exit()
-                _exit_now(EXIT_INTERRUPTED)
+                exit_now(EXIT_INTERRUPTED)
 
 
 # ------------------------------------------------------------------- the run
@@ -488,12 +489,7 @@ def _log_to_file(path: Path, level: str) -> logging.Handler:
     """Every log record to ``path``, none to the terminal (the live table owns it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(_LineFormatter("demo", label_first=True))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("transitions", "trio-websocket", "trio_websocket"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(level, "demo", label_first=True, handler=handler)
     logging.captureWarnings(True)
     return handler
 
@@ -580,7 +576,7 @@ async def _run(
         stopper.on_exit = broker.kill
         conn = Connection(broker.tcp_url, options.swarm, {})
         client_config = _write_client_config(workdir, broker, options.swarm)
-    _remember_secrets(conn)
+    remember_secrets(conn)
     try:
         origin = "private mosquitto, password per run" if broker else "given with --broker"
         _say(console, f"broker {conn.display()} ({origin}); work directory {workdir}")
@@ -629,7 +625,7 @@ async def _run_swarm(
         label: str,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        _agent_label.set(label)
+        agent_label.set(label)
         await run_agent(config, shutdown=stop, task_status=task_status)
 
     code = EXIT_INTERRUPTED
@@ -824,8 +820,6 @@ async def demo_cmd(
 
 def main() -> None:
     """``python -m sheri_trio.demo [FLAGS]``: the same as ``sheri demo [FLAGS]``."""
-    from .cli import main as sheri_main
-
     sheri_main(["demo", *sys.argv[1:]])
 
 

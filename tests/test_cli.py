@@ -1,4 +1,5 @@
-"""The ``sheri`` command line, mostly as subprocesses against a real mosquitto."""
+"""The ``sheri`` command line as subprocesses against a real mosquitto (and its entry
+point); the command modules' logic is tested in ``tests/test_cli_<module>.py``."""
 
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ import pytest
 import trio
 from childproc import freezing_sheri
 
-from sheri_trio.cli import SwarmView, rewrite_prototype_argv
+from sheri_trio.cli import rewrite_prototype_argv
 from sheri_trio.mqtt import Message, open_client
-from sheri_trio.swarm._agent import AgentConfig, run_agent
-from sheri_trio.swarm._protocol import Topics, encode
+from sheri_trio.swarm import AgentConfig, encode, run_agent
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -582,90 +582,6 @@ async def test_swarm_prefixes_lines_and_stops_on_sigterm(
         assert re.search(rf"{swarm}-{label}\s.*online", monitor), monitor
 
 
-def test_swarm_view_follows_agents_and_tasks() -> None:
-    import mqtt5
-
-    topics = Topics("view")
-
-    def msg(
-        topic: str, agent_id: str | None, payload: dict[str, Any], retain: bool = False
-    ) -> Message:
-        data = encode(agent_id, "testing" if agent_id else None, payload)
-        return Message(mqtt5.PublishPacket(topic, payload=data, retain=retain))
-
-    view = SwarmView(topics)
-    view.feed(msg("view/agents/a1/status", "a1", {"status": "online", "role": "testing"}, True), 0)
-    view.feed(msg("view/agents/heartbeat", "a1", {"agent_id": "a1", "running_tasks": 1}), 1.0)
-    view.feed(msg("view/tasks/new", None, {"task_id": "t1", "type": "testing.run"}), 1.0)
-    view.feed(
-        msg("view/tasks/assigned", "a1", {"task_id": "t1", "agent_id": "a1", "attempt": 1}), 1.5
-    )
-    view.feed(
-        msg("view/tasks/progress", "a1", {"task_id": "t1", "state": "running", "attempt": 1}), 1.6
-    )
-    assert view.tasks["t1"].state == "running"
-    assert view.tasks["t1"].agent == "a1"
-    view.feed(msg("view/tasks/complete", "a1", {"task_id": "t1", "attempt": 1, "duration": 250}), 2)
-    view.feed(msg("view/tasks/failed", "a2", {"task_id": "t1", "attempt": 0}), 2)  # stale: fenced
-    task = view.tasks["t1"]
-    assert (task.state, task.type, task.duration_ms) == ("done", "testing.run", 250)
-    assert view.agents["a1"].running == 1
-    assert view.agents["a1"].status == "online"
-    from rich.console import Console
-
-    console = Console(width=200, record=True)
-    console.print(view.render(3.0))
-    text = console.export_text()
-    assert re.search(r"a1\s.*testing\s.*online\s.*2\.0 s ago", text), text
-    assert re.search(r"t1\s.*testing\.run\s.*done\s.*a1\s.*0\.25 s", text), text
-
-
-def test_agents_without_a_workspace_root_are_warned_once(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    from sheri_trio.cli import _warn_implicit_workspace
-
-    def agent(role: str, **executor_config: Any) -> tuple[AgentConfig, None]:
-        return AgentConfig(role=role, broker="mqtt://x", executor_config=executor_config), None
-
-    with caplog.at_level("WARNING", logger="sheri_trio.cli"):
-        _warn_implicit_workspace([agent("testing"), agent("general"), agent("deployment")])
-        _warn_implicit_workspace([agent("testing", workspace={"root": "/srv/app"})])
-        _warn_implicit_workspace([agent("deployment"), agent("monitoring")])
-        _warn_implicit_workspace([agent("review", executors={"simulate": True})])
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1, warnings
-    assert "role(s) general, testing run on the current directory" in warnings[0]
-    assert "testing.run" in warnings[0]
-    assert "deployment" not in warnings[0]
-
-
-def test_swarm_view_learns_the_type_from_retained_states() -> None:
-    """``sheri monitor --once`` sees only retained states: their type comes from the
-    state's own ``type`` or from the submission kept with ``claimed``."""
-    import mqtt5
-
-    topics = Topics("view")
-
-    def state(task_id: str, payload: dict[str, Any]) -> Message:
-        data = encode("a1", "testing", {"task_id": task_id, "attempt": 1, **payload})
-        return Message(
-            mqtt5.PublishPacket(f"view/tasks/state/{task_id}", payload=data, retain=True)
-        )
-
-    view = SwarmView(topics)
-    view.feed(state("t1", {"state": "failed", "type": "code.generate"}), 1.0)
-    view.feed(
-        state("t2", {"state": "claimed", "task": {"task_id": "t2", "type": "testing.run"}}), 1.0
-    )
-    view.feed(state("t3", {"state": "done"}), 1.0)  # an older agent's state: no type
-    assert [view.tasks[t].type for t in ("t1", "t2", "t3")] == [
-        "code.generate",
-        "testing.run",
-        None,
-    ]
-
-
 # ------------------------------------------------- start-up against a frozen broker
 #: each start-up step's bound (or the CLI's wait for an answer), and a client's close
 BOUND, CLOSE = 1.0, 0.3
@@ -837,25 +753,3 @@ async def test_cli_waits_on_a_frozen_broker_are_bounded_and_say_what_they_waited
     assert "Traceback" not in err
 
 
-async def test_when_one_agent_of_a_swarm_fails_the_others_leave_gracefully(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``_run_agents``: a failure is not a cancellation of the others (which would skip
-    their leaving: no release, no offline status); they get the shutdown, then it raises."""
-    import sheri_trio.cli as cli
-
-    left: list[str] = []
-
-    async def fake_run_agent(config: AgentConfig, *, shutdown: trio.Event) -> None:
-        if config.agent_id == "bad":
-            await trio.sleep(0.1)
-            raise RuntimeError("bad agent")
-        await shutdown.wait()
-        await trio.sleep(0.1)  # leaving: release, agents/shutdown, offline status
-        left.append(config.agent_id)  # not reached if it is cancelled
-
-    monkeypatch.setattr(cli, "run_agent", fake_run_agent)
-    configs = [AgentConfig(agent_id=i, role="review", broker="mqtt://x") for i in ("a", "bad", "b")]
-    with trio.fail_after(5), pytest.raises(RuntimeError, match=r"^bad agent$"):
-        await cli._run_agents([(c, c.agent_id) for c in configs])
-    assert sorted(left) == ["a", "b"]

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import pytest
 
 from sheri_trio.config import (
+    AGENT_CHECKS,
+    AGENT_KEYS,
+    NOT_AGENT_KEYS,
     ConfigError,
     FileConfig,
     build_agent_config,
     connection_settings,
     load_config,
+    parse_config,
 )
 from sheri_trio.mqtt import TLSOptions
+from sheri_trio.swarm import AgentConfig
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -142,3 +148,68 @@ def test_config_start_up_and_close_bounds(tmp_path: Path) -> None:
         _write(tmp_path, text)
         with pytest.raises(ConfigError, match=rf"^sheri\.toml: {re.escape(message)}$"):
             load_config(cwd=tmp_path)
+
+
+#: a valid value of each [agent] setting, none of them the default
+AGENT_VALUES = {
+    "role": "testing",
+    "agent_id": "agent-7",
+    "swarm": "elsewhere",
+    "broker": "mqtt://broker.example:1884",
+    "max_tasks": 2,
+    "queue_limit": 20,
+    "overflow_limit": 30,
+    "preference_window": 4,
+    "heartbeat_interval": 2.5,
+    "lease_time": 9.0,
+    "grace_period": 3.0,
+    "max_retries": 5,
+    "retry_initial_delay": 0.5,
+    "retry_max_delay": 7.0,
+    "default_timeout": 60.0,
+    "max_message_bytes": 4096,
+    "max_result_bytes": 2048,
+    "state_retention": 600,
+    "session_expiry": 60,
+    "keep_alive": 15,
+    "startup_timeout": 4.0,
+}
+
+
+def test_every_agent_config_field_is_settable_from_the_agent_table_or_listed() -> None:
+    names = {f.name for f in fields(AgentConfig)}
+    assert set(AGENT_KEYS) == names - set(NOT_AGENT_KEYS)
+    assert set(NOT_AGENT_KEYS) <= names
+    assert set(AGENT_CHECKS) <= set(AGENT_KEYS)
+    assert set(AGENT_VALUES) == set(AGENT_KEYS)
+    defaults = AgentConfig()
+    assert all(getattr(defaults, k) != v for k, v in AGENT_VALUES.items())
+    config = build_agent_config(parse_config({"agent": AGENT_VALUES}), env={})
+    assert {k: getattr(config, k) for k in AGENT_VALUES} == AGENT_VALUES
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("overflow_limit", -1, "must be an integer >= 0, got -1"),  # by its type
+        ("grace_period", "x", "must be a number >= 0, got 'x'"),  # by its type
+        ("keep_alive", 70000, "must be an integer within 0..65535, got 70000"),  # its own
+    ],
+)
+def test_agent_settings_are_checked_by_type_or_by_their_own_check(
+    key: str, value: object, reason: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^sheri\.toml: agent\.{key}: {re.escape(reason)}"):
+        parse_config({"agent": {key: value}})
+
+
+def test_lease_longer_than_heartbeat_is_one_rule_wherever_the_values_come_from() -> None:
+    """AgentConfig.validate holds it; the file's error and the built config's name it."""
+    message = r"^sheri\.toml: agent\.lease_time: must be longer than heartbeat_interval \(40\)"
+    with pytest.raises(ConfigError, match=message + r", got 30$"):  # against the default
+        parse_config({"agent": {"heartbeat_interval": 40}})
+    file_config = parse_config({"agent": {"heartbeat_interval": 5}}, name="a.toml")
+    with pytest.raises(ConfigError, match=r"^a\.toml: agent\.lease_time: must be longer .*got 4$"):
+        build_agent_config(file_config, env={}, lease_time=4)
+    with pytest.raises(ValueError, match=r"^lease_time: must be longer than heartbeat_interval"):
+        AgentConfig(heartbeat_interval=5, lease_time=5).validate()

@@ -27,3 +27,13 @@ def test_protocol_doc_names_every_topic() -> None:
             continue
         doc_form = re.escape(value.replace("S/", "{swarm}/", 1)).replace(r"\+", r"\{[a-z_]+\}")
         assert re.search(doc_form, text), name
+
+
+def test_every_agent_setting_is_documented() -> None:
+    from sheri_trio.config import AGENT_KEYS
+
+    configuration = (DOCS / "configuration.md").read_text()
+    cli = (DOCS / "cli.md").read_text()
+    for key in AGENT_KEYS:
+        assert re.search(rf"^{key} = |\[agent\] {key}\b", configuration, re.MULTILINE), key
+        assert re.search(rf"\b{key}\b", cli), key

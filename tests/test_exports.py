@@ -18,7 +18,7 @@ MQTT = Path(sheri_trio.mqtt.__file__).parent
 
 
 #: mqtt/ is left out: its modules list names shared between its backends in __all__
-PACKAGES = ["sheri_trio.swarm"]
+PACKAGES = ["sheri_trio.swarm", "sheri_trio.cli"]
 
 
 def _private_modules(package_name: str) -> list[str]:
@@ -103,3 +103,12 @@ def test_only_open_knows_both_backends() -> None:
         if path.name != "_open.py":
             assert not {"_client", "_gmqtt"} <= modules, path.name
         assert "_gmqtt" not in modules or path.name == "_open.py", path.name
+
+
+def test_the_cli_entry_points_and_the_names_the_demo_uses_are_public() -> None:
+    import sheri_trio.cli as cli
+
+    for attr in ("app", "main", "rewrite_prototype_argv", "explain", "SwarmView",
+                 "LineFormatter", "agent_label", "exit_now", "remember_secrets", "scrub",
+                 "setup_logging", "UsageError", "DEFAULT_SWARM_ROLES"):  # fmt: skip
+        assert hasattr(cli, attr), attr

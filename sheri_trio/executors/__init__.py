@@ -21,6 +21,8 @@ from ._base import TaskContext as TaskContext
 from ._base import TaskPayloadError as TaskPayloadError
 from ._config import EXECUTOR_TABLES as EXECUTOR_TABLES
 from ._config import validate_executor_config as validate_executor_config
+from ._registry import WORKSPACE_TYPES as WORKSPACE_TYPES
 from ._registry import default_registry as default_registry
 from ._registry import simulated_registry as simulated_registry
+from ._registry import uses_implicit_workspace as uses_implicit_workspace
 from ._workspace import agent_state_dir as agent_state_dir

@@ -4,15 +4,24 @@ switch) and the simulated placeholders."""
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ._base import ExecutorRegistry
 from ._simulated import SIMULATED, unknown_type
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from ._base import Executor, TaskContext
 
-__all__ = ["REAL", "default_registry", "simulated", "simulated_registry"]
+__all__ = [
+    "REAL",
+    "WORKSPACE_TYPES",
+    "default_registry",
+    "simulated",
+    "simulated_registry",
+    "uses_implicit_workspace",
+]
 
 #: task type -> "module:function" of its real executor (imported on first use, so that
 #: agents that never run an LLM task do not import anthropic)
@@ -33,10 +42,35 @@ REAL: dict[str, str] = {
 }
 
 
+#: the task types whose real executors work on the files of the workspace
+WORKSPACE_TYPES: Final = (
+    "testing.run",
+    "testing.coverage",
+    "security.scan",
+    "security.audit",
+    "code.review",
+    "code.generate",
+    "documentation.generate",
+)
+
+
+def _simulates(config: Mapping[str, Any]) -> bool:
+    table = config.get("executors")
+    return isinstance(table, dict) and table.get("simulate") is True
+
+
 def simulated(ctx: TaskContext) -> bool:
     """Whether the agent's configuration says ``[executors] simulate = true``."""
-    table = ctx.config.get("executors")
-    return isinstance(table, dict) and table.get("simulate") is True
+    return _simulates(ctx.config)
+
+
+def uses_implicit_workspace(config: Mapping[str, Any]) -> bool:
+    """Whether the executors of :data:`WORKSPACE_TYPES`, with this configuration (an
+    agent's ``executor_config``), work on the current directory for want of a
+    ``[workspace] root`` (simulated ones touch no files)."""
+    workspace = config.get("workspace")
+    root = workspace.get("root") if isinstance(workspace, dict) else None
+    return not root and not _simulates(config)
 
 
 def _switch(task_type: str, target: str | None) -> Executor:

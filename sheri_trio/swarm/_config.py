@@ -50,14 +50,25 @@ class AgentConfig:
     executor_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Raise :class:`ValueError` ``"<field>: <reason>"`` for the first wrong setting
+        (``sheri_trio.config`` puts the file and the table in front)."""
         if self.role not in ROLES:
-            raise ValueError(f"unknown role {self.role!r}: choose one of {', '.join(ROLES)}")
-        Topics(self.swarm)  # validates the name
+            raise ValueError(f"role: unknown role {self.role!r}: choose one of {', '.join(ROLES)}")
+        try:
+            Topics(self.swarm)  # validates the name
+        except ValueError as exc:
+            raise ValueError(f"swarm: {exc}") from None
         if not AGENT_ID_RE.fullmatch(self.agent_id):
             raise ValueError(
-                f"invalid agent id {self.agent_id!r}: 1-128 of letters, digits, '.', '_', '-'"
+                f"agent_id: invalid agent id {self.agent_id!r}: "
+                "1-128 of letters, digits, '.', '_', '-'"
             )
         if self.max_tasks < 1:
-            raise ValueError("max_tasks must be at least 1")
-        if self.heartbeat_interval <= 0 or self.lease_time <= self.heartbeat_interval:
-            raise ValueError("lease_time must be longer than heartbeat_interval (> 0)")
+            raise ValueError(f"max_tasks: must be at least 1, got {self.max_tasks}")
+        if self.heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval: must be > 0, got {self.heartbeat_interval:g}")
+        if self.lease_time <= self.heartbeat_interval:
+            raise ValueError(
+                "lease_time: must be longer than heartbeat_interval "
+                f"({self.heartbeat_interval:g}), got {self.lease_time:g}"
+            )

@@ -1,0 +1,225 @@
+"""``sheri agent`` and ``sheri swarm``: agents in this process, until a signal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Final
+
+import trio
+from cyclopts import Parameter
+
+from ..config import Connection, FileConfig, build_agent_config, load_config
+from ..executors import WORKSPACE_TYPES, uses_implicit_workspace
+from ..swarm import AGENT_ID_RE, ROLES, roles_for, run_agent
+from ._broker import BROKER_DEFAULTS, BrokerArgs
+from ._errors import UsageError
+from ._output import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    LogLevel,
+    agent_label,
+    exit_now,
+    remember_secrets,
+    setup_logging,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    from ..swarm import AgentConfig
+
+__all__ = ["DEFAULT_SWARM_ROLES"]
+
+log = logging.getLogger("sheri_trio.cli")
+
+LogLevelOpt = Annotated[LogLevel, Parameter(help="Log level of the lines on stderr.")]
+
+#: ``sheri swarm`` without --roles: one agent per role, and a second general one.
+DEFAULT_SWARM_ROLES: Final = (*ROLES, "general")
+
+
+async def _watch_signals(signals: AsyncIterator[int], shutdown: trio.Event) -> None:
+    """First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
+
+    At once means without clean-up: a cancelled agent would still spend seconds in its
+    shielded clean-up (releasing tasks, flushing the client), which is what a second
+    Ctrl+C is meant to skip. The broker sees the connection drop and publishes the
+    agent's will (a retained offline status), so other agents take its tasks over.
+    """
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not shutdown.is_set():
+            log.info("%s: shutting down gracefully (Ctrl+C again to exit at once)", name)
+            shutdown.set()
+        else:
+            log.warning("%s again: exiting at once", name)
+            exit_now(EXIT_INTERRUPTED)
+
+
+def warn_implicit_workspace(agents: Sequence[tuple[AgentConfig, str | None]]) -> None:
+    """Say once when agents will work on the current directory for want of a root."""
+    roles = sorted(
+        {
+            config.role
+            for config, _ in agents
+            if uses_implicit_workspace(config.executor_config)
+            and any(config.role in roles_for(t) for t in WORKSPACE_TYPES)
+        }
+    )
+    if roles:
+        log.warning(
+            "no [workspace] root configured: %s tasks of role(s) %s run on the current "
+            "directory %s (set [workspace] root in sheri.toml to choose)",
+            "/".join(t for t in WORKSPACE_TYPES if any(r in roles_for(t) for r in roles)),
+            ", ".join(roles),
+            Path.cwd(),
+        )
+
+
+async def run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
+    """Run agents in one nursery until a signal asks them to leave.
+
+    When one fails (at start-up, or later), the others leave gracefully, as on a signal;
+    then its error is raised (several: a group).
+    """
+    warn_implicit_workspace(agents)
+    shutdown = trio.Event()
+    errors: list[Exception] = []
+
+    async def one(config: AgentConfig, label: str | None) -> None:
+        if label is not None:
+            agent_label.set(label)
+        try:
+            await run_agent(config, shutdown=shutdown)
+        except Exception as exc:  # not Cancelled: the nursery would cancel the others
+            errors.append(exc)
+            if len(agents) > 1:  # say which one (the command's error line tells one)
+                log.error("stopped: %s", exc)
+            shutdown.set()
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(_watch_signals, signals, shutdown)
+            async with trio.open_nursery() as nursery:
+                for config, label in agents:
+                    nursery.start_soon(one, config, label)
+            outer.cancel_scope.cancel()  # every agent has left: stop watching signals
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ExceptionGroup("agents failed", errors)
+    return EXIT_OK
+
+
+def _agent_config(file_config: FileConfig, where: BrokerArgs, **overrides: Any) -> AgentConfig:
+    config = build_agent_config(
+        file_config,
+        broker=where.broker,
+        swarm=where.swarm,
+        username=where.username,
+        password=where.password,
+        **overrides,
+    )
+    remember_secrets(Connection(config.broker, config.swarm, config.client_options))
+    return config
+
+
+async def agent_cmd(
+    *,
+    role: Annotated[
+        str | None, Parameter(help=f"One of: {', '.join(ROLES)} (env SHERI_ROLE).")
+    ] = None,
+    agent_id: Annotated[
+        str | None,
+        Parameter(help="Unique id in the swarm; default sheri-ml-<8 hex> (env SHERI_AGENT_ID)."),
+    ] = None,
+    max_tasks: Annotated[
+        int | None, Parameter(help="Tasks run at once (env SHERI_MAX_TASKS).")
+    ] = None,
+    where: BrokerArgs = BROKER_DEFAULTS,
+    log_level: LogLevelOpt = "info",
+) -> int:
+    """Run one agent until SIGINT/SIGTERM (a second Ctrl+C exits at once).
+
+    ``sheri --mqtt --role R ...`` (the prototype's spelling) is the same command.
+    """
+    file_config = load_config(where.config)
+    cfg = _agent_config(file_config, where, role=role, agent_id=agent_id, max_tasks=max_tasks)
+    setup_logging(log_level, cfg.agent_id)
+    log.info(
+        "starting agent %s: role=%s swarm=%s broker=%s max_tasks=%d%s",
+        cfg.agent_id,
+        cfg.role,
+        cfg.swarm,
+        Connection(cfg.broker, cfg.swarm, {}).display(),
+        cfg.max_tasks,
+        f" config={file_config.name}" if file_config.path else "",
+    )
+    return await run_agents([(cfg, None)])
+
+
+def parse_roles(text: str | None) -> list[str]:
+    """``--roles a,b``: known roles, at least one (None: :data:`DEFAULT_SWARM_ROLES`)."""
+    if text is None:
+        return list(DEFAULT_SWARM_ROLES)
+    roles = [r.strip() for r in text.split(",") if r.strip()]
+    if not roles:
+        raise UsageError("--roles: give at least one role, e.g. --roles general,testing")
+    for r in roles:
+        if r not in ROLES:
+            raise UsageError(f"--roles: unknown role {r!r}: choose from {', '.join(ROLES)}")
+    return roles
+
+
+async def swarm_cmd(
+    *,
+    agents: Annotated[
+        int | None,
+        Parameter(help="Number of agents; cycles through the roles (default: one per role)."),
+    ] = None,
+    roles: Annotated[
+        str | None,
+        Parameter(help="Comma-separated roles (default: every role once, plus a second general)."),
+    ] = None,
+    max_tasks: Annotated[int | None, Parameter(help="Tasks run at once, per agent.")] = None,
+    prefix: Annotated[
+        str | None,
+        Parameter(help="Agent id prefix: ids are <prefix>-<role>-<n> (default: the swarm)."),
+    ] = None,
+    where: BrokerArgs = BROKER_DEFAULTS,
+    log_level: LogLevelOpt = "info",
+) -> int:
+    """Run several agents in one process (default 9: one per role, plus a second general).
+
+    Output lines are prefixed with the agent, e.g. ``[testing-1]``. Stops like ``agent``.
+    """
+    role_list = parse_roles(roles)
+    count = len(role_list) if agents is None else agents
+    if not 1 <= count <= 1000:
+        raise UsageError(f"--agents: must be within 1..1000, got {count}")
+    file_config = load_config(where.config)
+    conn = where.connection(file_config)
+    id_prefix = prefix if prefix is not None else conn.swarm.replace("/", "-")
+    if not AGENT_ID_RE.fullmatch(f"{id_prefix}-x"):
+        raise UsageError(f"--prefix: {id_prefix!r} must be letters, digits, '.', '_', '-'")
+    numbers: dict[str, int] = {}
+    configs: list[tuple[AgentConfig, str | None]] = []
+    for i in range(count):
+        role = role_list[i % len(role_list)]
+        numbers[role] = numbers.get(role, 0) + 1
+        label = f"{role}-{numbers[role]}"
+        cfg = _agent_config(
+            file_config, where, role=role, agent_id=f"{id_prefix}-{label}", max_tasks=max_tasks
+        )
+        configs.append((cfg, label))
+    setup_logging(log_level, "swarm", label_first=True)
+    log.info(
+        "starting %d agents in swarm %s at %s: %s",
+        count,
+        conn.swarm,
+        conn.display(),
+        ", ".join(c.agent_id for c, _ in configs),
+    )
+    return await run_agents(configs)

@@ -1,0 +1,90 @@
+"""The CLI's errors and :func:`explain`: the one line and exit code a user sees."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Final
+
+import trio
+
+from ..config import ConfigError
+from ..mqtt import ClientClosed, ConnectError, ConnectionLost, LocalProtocolError, MQTTError
+from ..swarm import DuplicateAgent, StartupError
+from ._output import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
+
+__all__ = ["NoAnswer", "UsageError", "explain"]
+
+
+class UsageError(ValueError):
+    """A bad argument that the parser could not catch (exit code 2)."""
+
+
+class NoAnswer(RuntimeError):
+    """The broker accepted our connection but did not answer in time (exit code 1)."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        super().__init__(
+            f"no answer from the broker within {seconds:g} s while {what}: it accepted the "
+            "connection but does not answer (stalled or overloaded?); the bound is "
+            "[broker] connect_timeout"
+        )
+
+
+#: CONNACK reason codes: bad user name or password, not authorized, bad auth method
+AUTH_REFUSED: Final = frozenset({0x86, 0x87, 0x8C})
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _connect_hint(error: ConnectError) -> str:
+    if error.reason_code in AUTH_REFUSED:
+        return (
+            "check the user name and password (in the URL mqtt://user:pass@host, "
+            "--username/--password, SHERI_USERNAME/SHERI_PASSWORD or sheri.toml [broker])"
+        )
+    if error.reason_code is not None:
+        return "the broker refused the connection"
+    if not error.retryable:  # TLS verification failed
+        return "check [broker] ca_file, cert_file, key_file or insecure in sheri.toml"
+    return "is the broker running, and is --broker (or SHERI_BROKER, sheri.toml) right?"
+
+
+def _explain_one(leaf: BaseException) -> tuple[int, str] | None:
+    if isinstance(leaf, ConfigError | UsageError):
+        return EXIT_USAGE, str(leaf)
+    if isinstance(leaf, LocalProtocolError):
+        return EXIT_USAGE, f"{leaf}; check --broker, SHERI_BROKER or sheri.toml"
+    if isinstance(leaf, DuplicateAgent | StartupError | NoAnswer):
+        return EXIT_FAILURE, str(leaf)
+    if isinstance(leaf, ConnectError):
+        return EXIT_FAILURE, f"{leaf}; {_connect_hint(leaf)}"
+    if isinstance(leaf, ClientClosed | ConnectionLost):
+        return EXIT_FAILURE, f"lost the connection to the broker: {leaf}"
+    if isinstance(leaf, MQTTError):
+        return EXIT_FAILURE, f"MQTT error: {leaf}"
+    if isinstance(leaf, ssl.SSLError):
+        return EXIT_USAGE, f"TLS settings: {leaf}; check [broker] in sheri.toml"
+    return None
+
+
+def explain(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one-line message) for the errors users make; None for a bug.
+
+    In a group, a Ctrl+C wins; else the first leaf's line, unless a leaf is a bug.
+    """
+    leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)]
+    if not leaves:
+        return None
+    known: list[tuple[int, str]] = []
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt):
+            return EXIT_INTERRUPTED, "interrupted"
+        explained = _explain_one(leaf)
+        if explained is None:
+            return None
+        known.append(explained)
+    return known[0]
