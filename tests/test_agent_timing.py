@@ -24,13 +24,13 @@ from sheri_trio.executors import ExecutorRegistry, TaskContext, TaskPayloadError
 from sheri_trio.mqtt import ClientClosed, Will
 from sheri_trio.swarm._agent import Agent, AgentConfig, rendezvous_score
 from sheri_trio.swarm._claims import ClaimBook
+from sheri_trio.swarm._messages import encode
 from sheri_trio.swarm._protocol import (
     BadMessage,
     Claim,
     Outcome,
     Topics,
     decode_envelope,
-    encode,
     parse_claim,
     parse_outcome,
 )

@@ -26,7 +26,8 @@ from sheri_trio.demo import (
     plan_tasks,
 )
 from sheri_trio.mqtt import Message
-from sheri_trio.swarm._protocol import Topics, encode
+from sheri_trio.swarm._messages import encode
+from sheri_trio.swarm._protocol import Topics
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

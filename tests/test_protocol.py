@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from sheri_trio.swarm._messages import encode
 from sheri_trio.swarm._protocol import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -21,7 +22,6 @@ from sheri_trio.swarm._protocol import (
     TaskSpec,
     Topics,
     decode_envelope,
-    encode,
     parse_claim,
     parse_outcome,
     parse_task,

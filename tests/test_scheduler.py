@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sheri_trio.swarm._config import AgentConfig
+from sheri_trio.swarm._messages import encode
 from sheri_trio.swarm._presence import rendezvous_score
-from sheri_trio.swarm._protocol import Topics, encode
+from sheri_trio.swarm._protocol import Topics
 from sheri_trio.swarm._scheduler import (
     ClearPending,
     Command,

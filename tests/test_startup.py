@@ -19,7 +19,8 @@ from childproc import freeze_broker_on
 
 from sheri_trio.mqtt import ConnectError, PublishError, open_client
 from sheri_trio.swarm._agent import AgentConfig, run_agent
-from sheri_trio.swarm._protocol import Topics, encode
+from sheri_trio.swarm._messages import encode
+from sheri_trio.swarm._protocol import Topics
 from sheri_trio.swarm._startup import (
     Startup,
     StartupError,

@@ -20,6 +20,9 @@ from ._lifecycle import Lifecycle as Lifecycle
 from ._lifecycle import StateChange as StateChange
 from ._lifecycle import TaskRecord as TaskRecord
 from ._messages import Messages as Messages
+from ._messages import encode as encode
+from ._messages import new_message_id as new_message_id
+from ._messages import now_iso as now_iso
 from ._presence import Peer as Peer
 from ._presence import PeerTable as PeerTable
 from ._presence import PresenceKind as PresenceKind
@@ -43,7 +46,6 @@ from ._protocol import TaskSpec as TaskSpec
 from ._protocol import Topics as Topics
 from ._protocol import check_task_id as check_task_id
 from ._protocol import decode_envelope as decode_envelope
-from ._protocol import encode as encode
 from ._protocol import parse_claim as parse_claim
 from ._protocol import parse_outcome as parse_outcome
 from ._protocol import parse_task as parse_task

@@ -27,9 +27,9 @@ from ..mqtt import (
     Subscription,
 )
 from ._config import AgentConfig, new_agent_id
-from ._messages import Messages
+from ._messages import Messages, encode
 from ._presence import Peer, PresenceKind, rendezvous_score
-from ._protocol import BadMessage, Topics, decode_envelope, encode
+from ._protocol import BadMessage, Topics, decode_envelope
 from ._runner import TaskRunner
 from ._scheduler import (
     ClearPending,

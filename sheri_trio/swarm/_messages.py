@@ -1,19 +1,85 @@
-"""Builders of every payload an agent publishes (the envelope's ``payload``). No I/O.
+"""The outgoing side of the protocol: the envelope (:func:`encode`) and builders of every
+payload an agent publishes.
 
+No network I/O; this is the one module of the agent layer that reads the wall clock (the
+envelope's and payloads' ISO-8601 timestamps) and draws random message ids.
 docs/protocol.md lists the fields; tests/test_protocol.py keeps the two in step.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import time
+import uuid
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ._protocol import CAPABILITIES, PROTOCOL_VERSION, now_iso, task_types_for
+import orjson
+
+from ._protocol import CAPABILITIES, JSON_OPTIONS, PROTOCOL_VERSION, task_types_for
 
 if TYPE_CHECKING:
     from ._lifecycle import StateChange, TaskRecord
     from ._protocol import TaskSpec
 
-__all__ = ["Messages"]
+__all__ = ["Messages", "encode", "new_message_id", "now_iso"]
+
+
+class _Clock:
+    """ISO-8601 UTC timestamps to the millisecond, formatted once per millisecond
+    (an agent stamps several messages per task; formatting was ~2 % of its CPU)."""
+
+    __slots__ = ("ms", "text")
+
+    def __init__(self) -> None:
+        self.ms = -1
+        self.text = ""
+
+    def now(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        if ms != self.ms:
+            dt = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+            self.ms, self.text = ms, dt.isoformat(timespec="milliseconds")[:-6] + "Z"
+        return self.text
+
+
+now_iso = _Clock().now
+
+
+class _MessageIds:
+    """UUID-shaped message ids: a random version-4 prefix per process and a counter in
+    the last group (``uuid4()`` per message was ~3 % of an agent's CPU). A forked
+    child draws a new prefix."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = str(uuid.uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-"
+        self.counter = itertools.count(int.from_bytes(os.urandom(4)))
+
+    def new(self) -> str:
+        return f"{self.prefix}{next(self.counter) & 0xFFFF_FFFF_FFFF:012x}"
+
+
+new_message_id = _MessageIds().new
+
+
+def encode(agent_id: str | None, role: str | None, payload: dict[str, Any]) -> bytes:
+    """Wrap a payload in our envelope (UUID-shaped id, ISO-8601 timestamp, protocol version)."""
+    envelope: dict[str, Any] = {
+        "id": new_message_id(),
+        "timestamp": now_iso(),
+        "v": PROTOCOL_VERSION,
+    }
+    if agent_id is not None:
+        envelope["agent_id"] = agent_id
+        envelope["role"] = role
+    envelope["payload"] = payload
+    # orjson: ~7x faster than json here (envelopes are ~10 % of an agent's CPU).
+    return orjson.dumps(envelope, default=str, option=JSON_OPTIONS)
 
 
 def version() -> str:

@@ -3,16 +3,13 @@
 Everything that arrives from the network is untrusted. ``decode_envelope`` and the
 ``parse_*`` functions accept exactly what the prototype sent (and what a human types
 into ``mosquitto_pub``) and refuse everything else with a :class:`BadMessage` that says
-why. Nothing here does I/O.
+why. Nothing here does I/O or reads a clock: the outgoing side (envelopes, timestamps,
+message ids) is :mod:`._messages`.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
 import re
-import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -139,47 +136,8 @@ class Topics:
         return f"{self.swarm}/agents/{owner}/sync/{nonce}"
 
 
-class _Clock:
-    """ISO-8601 UTC timestamps to the millisecond, formatted once per millisecond
-    (an agent stamps several messages per task; formatting was ~2 % of its CPU)."""
-
-    __slots__ = ("ms", "text")
-
-    def __init__(self) -> None:
-        self.ms = -1
-        self.text = ""
-
-    def now(self) -> str:
-        ms = time.time_ns() // 1_000_000
-        if ms != self.ms:
-            dt = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
-            self.ms, self.text = ms, dt.isoformat(timespec="milliseconds")[:-6] + "Z"
-        return self.text
-
-
-now_iso = _Clock().now
-
-
-class _MessageIds:
-    """UUID-shaped message ids: a random version-4 prefix per process and a counter in
-    the last group (``uuid4()`` per message was ~3 % of an agent's CPU). A forked
-    child draws a new prefix."""
-
-    def __init__(self) -> None:
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self) -> None:
-        self.prefix = str(uuid.uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-"
-        self.counter = itertools.count(int.from_bytes(os.urandom(4)))
-
-    def new(self) -> str:
-        return f"{self.prefix}{next(self.counter) & 0xFFFF_FFFF_FFFF:012x}"
-
-
-new_message_id = _MessageIds().new
-
-_JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS  # int keys become strings, as with json
+#: orjson options of every envelope: int keys become strings, as with json
+JSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
 
 
 def parse_iso(value: str) -> datetime:
@@ -202,21 +160,6 @@ class Envelope:
     agent_id: str | None = None
     role: str | None = None
     version: int = 0  # 0: the prototype's messages carry no version
-
-
-def encode(agent_id: str | None, role: str | None, payload: dict[str, Any]) -> bytes:
-    """Wrap a payload in our envelope (UUID-shaped id, ISO-8601 timestamp, protocol version)."""
-    envelope: dict[str, Any] = {
-        "id": new_message_id(),
-        "timestamp": now_iso(),
-        "v": PROTOCOL_VERSION,
-    }
-    if agent_id is not None:
-        envelope["agent_id"] = agent_id
-        envelope["role"] = role
-    envelope["payload"] = payload
-    # orjson: ~7x faster than json here (envelopes are ~10 % of an agent's CPU).
-    return orjson.dumps(envelope, default=str, option=_JSON_OPTIONS)
 
 
 def decode_envelope(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..mqtt import ClientOptions, ConnectError, MQTTError, Will, open_client
-from ._messages import Messages
-from ._protocol import BadMessage, Topics, decode_envelope, encode
+from ._messages import Messages, encode
+from ._protocol import BadMessage, Topics, decode_envelope
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
