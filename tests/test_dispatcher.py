@@ -336,6 +336,19 @@ def test_an_agent_known_only_from_its_status_is_given_nothing_until_its_capacity
     assert given_to(d.assignments(1.0)) == [("t", "a1", 1)]
 
 
+def test_an_agent_announcing_no_capacity_is_given_nothing_more() -> None:
+    d = make()
+    register(d, "a1", max_tasks=2)
+    submit(d, "t")
+    submit(d, "u")
+    heartbeat(d, "a1", capacity=0, now=1.0)  # draining: its shutdown's grace period
+    assert d.assignments(1.0) == []
+    heartbeat(d, "a1", capacity=-1, now=2.0)  # not a capacity: the last one stays
+    assert d.assignments(2.0) == []
+    heartbeat(d, "a1", capacity=1, now=3.0)
+    assert given_to(d.assignments(3.0)) == [("t", "a1", 1)]
+
+
 def test_a_silent_agent_is_given_nothing() -> None:
     d = make()
     register(d, "a1", now=0.0)
@@ -520,7 +533,8 @@ def test_a_silent_holder_is_taken_over_at_exactly_its_lease_time() -> None:
     register(d, "a1", now=0.0)
     submit(d, "t")
     d.assignments(2.0)  # assigned at 2.0: its lease counts from then
-    heartbeat(d, "a1", now=5.0)
+    heartbeat(d, "a1", now=4.0)
+    claim(d, "t", "a1", now=5.0)  # its claim at 5.0 too
     assert d.check_leases(34.999) == []
     assert d.check_leases(35.0) == [
         SendRevocation("a1", "t", 1, RevokeReason.HOLDER_GONE),

@@ -76,7 +76,8 @@ __all__ = [
     "WriteRecord",
 ]
 
-#: the most slots an agent may announce (a larger or invalid value leaves them unknown)
+#: the most slots an agent may announce (a larger or invalid value leaves them unknown;
+#: 0: it takes nothing new, e.g. during its shutdown's grace period)
 MAX_SLOTS: Final = 10_000
 
 
@@ -509,7 +510,7 @@ class Dispatcher:
             and job.attempt == claim.attempt
         ):
             if job.state is RecordState.ASSIGNED:
-                job.state = RecordState.CLAIMED
+                job.state, job.since = RecordState.CLAIMED, now  # a sign of life too
                 self.counters["claims"] += 1
             return []
         self.counters["claims_stale"] += 1
@@ -600,7 +601,7 @@ class Dispatcher:
         slots = p.get("max_tasks" if topic == t.agents_register else "capacity")
         max_tasks = (
             slots
-            if isinstance(slots, int) and not isinstance(slots, bool) and 1 <= slots <= MAX_SLOTS
+            if isinstance(slots, int) and not isinstance(slots, bool) and 0 <= slots <= MAX_SLOTS
             else None
         )
         self.peers.observe(agent_id, PresenceKind.ALIVE, now, role=_role(env), max_tasks=max_tasks)
