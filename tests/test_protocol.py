@@ -377,6 +377,9 @@ def test_topics() -> None:
     assert t.status_agent_id("org/team/agents/a/b/status") is None
     assert t.status_agent_id("other/agents/a1/status") is None
     assert t.sync_marker("a1", "ff00") == "org/team/agents/a1/sync/ff00"
+    assert t.agent_inbox("a1") == "org/team/agents/a1/inbox"
+    assert t.status_agent_id("org/team/agents/a1/inbox") is None
+    assert t.dispatch_status == "org/team/dispatch/status"
 
 
 @pytest.mark.parametrize("swarm", ["", "a/b/c/d/e", "a//b", "a/+", "#", "a b", "/a", "x" * 65])

@@ -1,4 +1,5 @@
-"""The agent layer: protocol, scheduler (sans-IO), runner, start-up and the trio agent.
+"""The agent layer: protocol, scheduler and dispatcher (sans-IO), runner, start-up and the
+trio agent.
 
 Nothing here parses MQTT bytes; everything talks to the broker through
 :class:`sheri_trio.mqtt.Client`. The public names are re-exported here; the modules
@@ -12,6 +13,17 @@ from ._claims import ClaimVerdict as ClaimVerdict
 from ._claims import Holder as Holder
 from ._config import AgentConfig as AgentConfig
 from ._config import new_agent_id as new_agent_id
+from ._dispatcher import Ack as Ack
+from ._dispatcher import DispatchCommand as DispatchCommand
+from ._dispatcher import Dispatcher as Dispatcher
+from ._dispatcher import DispatchStatistics as DispatchStatistics
+from ._dispatcher import ForwardCancel as ForwardCancel
+from ._dispatcher import Job as Job
+from ._dispatcher import RecordState as RecordState
+from ._dispatcher import RevokeReason as RevokeReason
+from ._dispatcher import SendAssignment as SendAssignment
+from ._dispatcher import SendRevocation as SendRevocation
+from ._dispatcher import WriteRecord as WriteRecord
 from ._lifecycle import FINAL_STATES as FINAL_STATES
 from ._lifecycle import STATES as STATES
 from ._lifecycle import TRANSITIONS as TRANSITIONS

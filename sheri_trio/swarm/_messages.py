@@ -227,6 +227,43 @@ class Messages:
             "attempt": attempt,
         }
 
+    # ------------------------------------------------------------ dispatch
+    def task_record(
+        self,
+        task_id: str,
+        state: str,
+        attempt: int,
+        holder: str | None,
+        task: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The dispatcher's retained ``tasks/state/{id}`` custody record (docs/dispatch.md):
+        ``agent_id`` is the holder (assigned, claimed), ``task`` the submission (while the
+        task is not final), ``dispatcher`` the writer."""
+        payload: dict[str, Any] = {"task_id": task_id, "state": state, "attempt": attempt}
+        if holder is not None:
+            payload["agent_id"] = holder
+        if task is not None:
+            payload["task"] = task
+        payload["dispatcher"] = self.agent_id
+        payload["at"] = now_iso()
+        return payload
+
+    def assignment(self, task: dict[str, Any], attempt: int) -> dict[str, Any]:
+        """An assignment on an agent's inbox: run ``attempt`` of the submission ``task``."""
+        return {"kind": "assignment", "task_id": task["task_id"], "task": task, "attempt": attempt}
+
+    def revocation(self, task_id: str, attempt: int, reason: str) -> dict[str, Any]:
+        """A revocation on an agent's inbox: do not start, or stop, ``attempt``."""
+        return {"kind": "revocation", "task_id": task_id, "attempt": attempt, "reason": reason}
+
+    def inbox_cancel(self, task_id: str, attempt: int) -> dict[str, Any]:
+        """A cancel request forwarded to the holder's inbox."""
+        return {"kind": "cancel", "task_id": task_id, "attempt": attempt}
+
+    def dispatch_status(self, epoch: int, status: str) -> dict[str, Any]:
+        """The retained ``dispatch/status`` (and, offline, the dispatcher's will)."""
+        return {"agent_id": self.agent_id, "epoch": epoch, "status": status}
+
     def error_report(
         self, topic: str, reason: str, size: int, task_id: str | None
     ) -> dict[str, Any]:

@@ -30,6 +30,8 @@ class Peer:
     role: str | None
     online: bool
     last_seen: float
+    #: its slots, from its register (``max_tasks``) or heartbeat (``capacity``); None: unknown
+    max_tasks: int | None = None
 
 
 def rendezvous_score(key: str) -> int:
@@ -68,11 +70,19 @@ class PeerTable:
         *,
         role: str | None = None,
         online: bool = True,
+        max_tasks: int | None = None,
     ) -> bool:
-        """Record a presence message; True when it says the agent went offline."""
+        """Record a presence message; True when it says the agent went offline.
+        ``max_tasks`` (from a register or heartbeat) is kept until a later one says
+        otherwise."""
         peer = self.peers.get(agent_id)
         if kind is PresenceKind.ALIVE:
-            self.peers[agent_id] = Peer(role, True, now)
+            if peer is None:
+                self.peers[agent_id] = Peer(role, True, now, max_tasks)
+            else:
+                peer.role, peer.online, peer.last_seen = role, True, now
+                if max_tasks is not None:
+                    peer.max_tasks = max_tasks
             return False
         if kind is PresenceKind.LEFT:
             if peer is not None:

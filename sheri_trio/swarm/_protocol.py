@@ -107,6 +107,7 @@ class Topics:
         self.agents_heartbeat = p + "agents/heartbeat"
         self.agents_shutdown = p + "agents/shutdown"
         self.agents_status_all = p + "agents/+/status"
+        self.dispatch_status = p + "dispatch/status"
         self.broadcast = p + "broadcast"
         self.errors = p + "errors"
         self.all = p + "#"
@@ -119,6 +120,10 @@ class Topics:
 
     def agent_status(self, agent_id: str) -> str:
         return f"{self.swarm}/agents/{agent_id}/status"
+
+    def agent_inbox(self, agent_id: str) -> str:
+        """An agent's inbox: the dispatcher's assignments, revocations and cancels."""
+        return f"{self.swarm}/agents/{agent_id}/inbox"
 
     def status_agent_id(self, topic: str) -> str | None:
         """The agent id in ``{swarm}/agents/{id}/status``, if the topic is one."""

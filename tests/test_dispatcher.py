@@ -1,0 +1,842 @@
+"""The sans-IO dispatcher: messages and times in, commands out. No bus, no clock, no trio.
+
+Each test feeds :meth:`Dispatcher.receive` the bytes the dispatch session would deliver
+(in the broker's order) with an explicit ``now``, and asserts the commands; every list
+``receive`` returns ends with its one :class:`Ack`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sheri_trio.swarm._config import AgentConfig
+from sheri_trio.swarm._dispatcher import (
+    Ack,
+    DispatchCommand,
+    Dispatcher,
+    ForwardCancel,
+    RecordState,
+    RevokeReason,
+    SendAssignment,
+    SendRevocation,
+    WriteRecord,
+)
+from sheri_trio.swarm._presence import rendezvous_score
+from sheri_trio.swarm._protocol import BadMessage, Topics, encode
+from sheri_trio.swarm._scheduler import FailReason, ReportError, SendFailed
+
+SWARM = "s"
+T = Topics(SWARM)
+ACK = Ack()
+Q, A, C = RecordState.QUEUED, RecordState.ASSIGNED, RecordState.CLAIMED
+
+
+def make(**kw: Any) -> Dispatcher:
+    options: dict[str, Any] = {"swarm": SWARM, "lease_time": 30.0, "agent_id": "disp"}
+    options.update(kw)
+    return Dispatcher(AgentConfig(**options))
+
+
+def env(payload: Any, agent_id: str | None = None, role: str | None = None) -> bytes:
+    return encode(agent_id, role, payload)
+
+
+def body(commands: list[DispatchCommand]) -> list[DispatchCommand]:
+    """The commands before the one Ack that ends every receive()."""
+    assert commands[-1] == ACK
+    assert ACK not in commands[:-1]
+    return commands[:-1]
+
+
+def sub(task_id: str, task_type: str = "testing.run", **fields: Any) -> dict[str, Any]:
+    return {"task_id": task_id, "type": task_type, "payload": {}, **fields}
+
+
+def submit(
+    d: Dispatcher, task_id: str, now: float = 0.0, task_type: str = "testing.run", **fields: Any
+) -> list[DispatchCommand]:
+    return body(d.receive(T.tasks_new, env(sub(task_id, task_type, **fields)), now))
+
+
+def register(
+    d: Dispatcher, agent_id: str, role: str = "testing", max_tasks: int = 2, now: float = 0.0
+) -> list[DispatchCommand]:
+    payload = {"agent_id": agent_id, "role": role, "status": "online", "max_tasks": max_tasks}
+    return body(d.receive(T.agents_register, env(payload, agent_id, role), now))
+
+
+def heartbeat(
+    d: Dispatcher, agent_id: str, role: str = "testing", capacity: int = 2, now: float = 0.0
+) -> list[DispatchCommand]:
+    payload = {"status": "alive", "agent_id": agent_id, "role": role, "capacity": capacity}
+    return body(d.receive(T.agents_heartbeat, env(payload, agent_id, role), now))
+
+
+def status(d: Dispatcher, agent_id: str, online: bool, now: float = 0.0) -> list[DispatchCommand]:
+    payload = {"agent_id": agent_id, "status": "online" if online else "offline"}
+    return body(d.receive(T.agent_status(agent_id), env(payload), now))
+
+
+def shutdown(d: Dispatcher, agent_id: str, now: float = 0.0) -> list[DispatchCommand]:
+    payload = {"reason": "graceful", "agent_id": agent_id, "uptime": 1.0}
+    return body(d.receive(T.agents_shutdown, env(payload, agent_id), now))
+
+
+def claim(
+    d: Dispatcher, task_id: str, agent_id: str, attempt: int = 1, now: float = 0.0
+) -> list[DispatchCommand]:
+    payload = {"task_id": task_id, "agent_id": agent_id, "attempt": attempt}
+    return body(d.receive(T.tasks_assigned, env(payload, agent_id), now))
+
+
+def outcome(
+    d: Dispatcher,
+    task_id: str,
+    agent_id: str,
+    attempt: int = 1,
+    ok: bool = True,
+    reason: str = "error",
+) -> list[DispatchCommand]:
+    payload: dict[str, Any] = {"task_id": task_id, "agent_id": agent_id, "attempt": attempt}
+    if not ok:
+        payload["reason"] = reason
+    return body(d.receive(T.tasks_complete if ok else T.tasks_failed, env(payload, agent_id), 0.0))
+
+
+def released(d: Dispatcher, task_id: str, agent_id: str, attempt: int = 1) -> list[DispatchCommand]:
+    payload = {"task_id": task_id, "agent_id": agent_id, "attempt": attempt}
+    return body(d.receive(T.tasks_released, env(payload, agent_id), 0.0))
+
+
+def cancel(d: Dispatcher, task_id: str) -> list[DispatchCommand]:
+    return body(d.receive(T.tasks_cancel, env({"task_id": task_id}), 0.0))
+
+
+def given_to(commands: list[DispatchCommand]) -> list[tuple[str, str, int]]:
+    """(task id, agent id, attempt) of each assignment, checking that its record comes
+    first."""
+    out = []
+    for i, c in enumerate(commands):
+        if isinstance(c, SendAssignment):
+            record = commands[i - 1]
+            assert record == WriteRecord(c.task_id, A, c.attempt, c.agent_id, c.task)
+            out.append((c.task_id, c.agent_id, c.attempt))
+    assert len(commands) == 2 * len(out)
+    return out
+
+
+# ------------------------------------------------------------------ submissions
+def test_a_submission_is_recorded_as_queued_then_acknowledged() -> None:
+    d = make()
+    commands = d.receive(T.tasks_new, env(sub("t1", priority="high")), 0.0)
+    assert commands == [WriteRecord("t1", Q, 1, None, sub("t1", priority="high")), ACK]
+    assert d.jobs["t1"].state is Q
+    assert d.statistics(0.0).queued_by_role["testing"] == 1
+
+
+def _to_state(d: Dispatcher, state: str) -> None:
+    register(d, "a1")
+    submit(d, "t")
+    if state == "queued":
+        register(d, "a1", role="security")
+        return
+    d.assignments(0.0)
+    if state == "claimed":
+        claim(d, "t", "a1")
+    elif state == "finished":
+        outcome(d, "t", "a1")
+
+
+@pytest.mark.parametrize("state", ["queued", "assigned", "claimed", "finished"])
+def test_a_duplicate_task_id_is_only_acknowledged(state: str) -> None:
+    d = make()
+    _to_state(d, state)
+    assert submit(d, "t") == []
+    assert submit(d, "t", task_type="security.scan", priority="urgent") == []  # even invalid
+    assert d.counters["duplicates"] == 2
+    assert d.assignments(0.0) == []
+
+
+def test_an_invalid_submission_with_an_id_is_failed_once_by_the_dispatcher() -> None:
+    d = make()
+    register(d, "a1")
+    (failed, record) = submit(d, "bad", priority="urgent")
+    assert isinstance(failed, SendFailed)
+    assert (failed.spec.task_id, failed.attempt, failed.reason) == (
+        "bad",
+        1,
+        FailReason.INVALID_TASK,
+    )
+    assert "priority" in failed.error
+    assert record == WriteRecord("bad", RecordState.FAILED, 1)
+    assert record.final
+    assert submit(d, "bad", priority="urgent") == []  # its redelivery: nothing more
+    assert d.assignments(0.0) == []
+    # its own tasks/failed comes back from the broker: after the final one, ignored
+    assert outcome(d, "bad", "disp", ok=False, reason="invalid_task") == []
+    assert d.counters["outcomes_after_final"] == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "not valid JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[1]", "JSON object"),
+        (b'{"payload": 3}', "no 'payload'"),
+        (json.dumps({"payload": {"task_id": "a/b", "type": "x"}}).encode(), "not allowed"),
+        (json.dumps({"payload": {"type": "testing.run"}}).encode(), "'task_id'"),
+        (b"x" * 300_000, "exceeds the limit"),
+    ],
+)
+def test_a_malformed_submission_without_a_task_id_is_reported(payload: bytes, reason: str) -> None:
+    d = make()
+    (report,) = body(d.receive(T.tasks_new, payload, 0.0))
+    assert isinstance(report, ReportError)
+    assert (report.topic, report.size, report.task_id) == (T.tasks_new, len(payload), None)
+    assert reason in report.reason
+    assert d.jobs == {}
+    assert d.counters["bad_messages"] == 1
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload"),
+    [
+        (T.tasks_assigned, {"task_id": "t", "attempt": 1}),  # no agent id
+        (T.tasks_assigned, {"task_id": "t", "agent_id": "a1", "attempt": 0}),
+        (T.tasks_complete, {"task_id": "t", "attempt": "one"}),
+        (T.tasks_failed, {"task_id": 5}),
+        (T.tasks_released, {"task_id": "t", "agent_id": "a/#", "attempt": 1}),
+        (T.tasks_cancel, {"task_id": ["t"]}),
+        (T.agents_heartbeat, {"agent_id": "x/+", "role": "testing"}),
+        (T.agents_register, {"role": "testing"}),
+        (T.agent_status("a1"), []),
+    ],
+)
+def test_malformed_messages_on_other_topics_are_reported_and_acknowledged(
+    topic: str, payload: Any
+) -> None:
+    d = make()
+    (report,) = body(d.receive(topic, env(payload), 0.0))
+    assert isinstance(report, ReportError)
+    assert report.topic == topic
+
+
+def test_no_report_about_a_report_and_nothing_for_other_topics() -> None:
+    d = make()
+    assert d.receive(T.errors, b"{not json", 0.0) == [ACK]
+    assert d.receive(T.tasks_progress, env({"task_id": "t"}), 0.0) == [ACK]
+    assert d.receive(T.broadcast, env({"hello": 1}), 0.0) == [ACK]
+    assert d.receive(T.agent_status("a1"), b"", 0.0) == [ACK]  # a cleared retained status
+    assert d.counters["bad_messages"] == 0
+
+
+# ------------------------------------------------------------------ assignment
+def test_a_queued_task_goes_to_an_eligible_agent_record_first() -> None:
+    d = make()
+    register(d, "tester")
+    register(d, "deployer", role="deployment")
+    submit(d, "t1")
+    commands = d.assignments(1.0)
+    assert commands == [
+        WriteRecord("t1", A, 1, "tester", sub("t1")),
+        SendAssignment("tester", "t1", sub("t1"), 1),
+    ]
+    assert d.in_flight("tester") == 1
+    assert d.jobs["t1"].state is A
+    assert d.assignments(1.0) == []  # handed out once
+
+
+def test_assignments_go_by_priority_then_arrival() -> None:
+    d = make()
+    register(d, "a1", max_tasks=1)
+    submit(d, "low", priority="low")
+    submit(d, "medium-1")
+    submit(d, "high", priority="high")
+    submit(d, "medium-2")
+    order = []
+    while got := given_to(d.assignments(0.0)):
+        ((task_id, agent_id, attempt),) = got
+        order.append(task_id)
+        outcome(d, task_id, agent_id, attempt)
+    assert order == ["high", "medium-1", "medium-2", "low"]
+
+
+def test_priorities_hold_across_roles_and_a_task_nobody_may_take_does_not_block() -> None:
+    d = make()
+    register(d, "rev", role="review", max_tasks=2)
+    submit(d, "deploy", task_type="deployment.deploy", priority="high")  # nobody online
+    submit(d, "scan", task_type="security.scan")  # security or review
+    submit(d, "review", task_type="code.review", priority="high")  # review or general
+    assert [t for t, _, _ in given_to(d.assignments(0.0))] == ["review", "scan"]
+
+
+def test_an_assigned_to_task_goes_only_to_its_agent_with_an_eligible_role() -> None:
+    d = make()
+    register(d, "a1")
+    register(d, "a2")
+    register(d, "g1", role="general")
+    submit(d, "x", assigned_to="a2")
+    submit(d, "y", assigned_to="g1")  # g1 may not take testing.run
+    assert given_to(d.assignments(0.0)) == [("x", "a2", 1)]
+    assert d.jobs["y"].state is Q
+
+
+def test_the_least_loaded_agent_gets_the_task_relative_to_its_slots() -> None:
+    d = make()
+    register(d, "big", max_tasks=4)
+    register(d, "small", max_tasks=1)
+    submit(d, "t0")
+    submit(d, "t1")
+    submit(d, "t2")
+    got = given_to(d.assignments(0.0))
+    # each pick goes to the lowest held/max_tasks (ties: the highest rendezvous score)
+    assert sorted(a for _, a, _ in got) == ["big", "big", "small"]
+    assert d.in_flight("big") == 2
+    assert d.in_flight("small") == 1
+
+
+def test_ties_are_broken_by_the_rendezvous_score() -> None:
+    d = make()
+    for agent_id in ("a1", "a2", "a3"):
+        register(d, agent_id, max_tasks=1)
+    submit(d, "t")
+    ((_, chosen, _),) = given_to(d.assignments(0.0))
+    assert chosen == max(("a1", "a2", "a3"), key=lambda a: rendezvous_score(f"t/{a}"))
+
+
+def test_no_agent_gets_more_than_its_free_slots() -> None:
+    d = make()
+    register(d, "a1", max_tasks=2)
+    for i in range(5):
+        submit(d, f"t{i}")
+    assert given_to(d.assignments(0.0)) == [("t0", "a1", 1), ("t1", "a1", 1)]
+    assert d.assignments(0.0) == []
+    assert not d.can_assign(0.0)
+    heartbeat(d, "a1", capacity=2, now=1.0)  # its heartbeat changes nothing
+    assert d.assignments(1.0) == []
+    outcome(d, "t0", "a1")
+    assert d.can_assign(1.0)
+    assert given_to(d.assignments(1.0)) == [("t2", "a1", 1)]
+    assert d.statistics(1.0).free_slots_by_role["testing"] == 0
+
+
+def test_an_agent_known_only_from_its_status_is_given_nothing_until_its_capacity_is() -> None:
+    d = make()
+    status(d, "a1", online=True)  # the retained status read at election: no slots known
+    submit(d, "t")
+    assert d.assignments(0.0) == []
+    heartbeat(d, "a1", capacity=1, now=1.0)
+    assert given_to(d.assignments(1.0)) == [("t", "a1", 1)]
+
+
+def test_an_agent_announcing_no_capacity_is_given_nothing_more() -> None:
+    d = make()
+    register(d, "a1", max_tasks=2)
+    submit(d, "t")
+    submit(d, "u")
+    heartbeat(d, "a1", capacity=0, now=1.0)  # draining: its shutdown's grace period
+    assert d.assignments(1.0) == []
+    heartbeat(d, "a1", capacity=-1, now=2.0)  # not a capacity: the last one stays
+    assert d.assignments(2.0) == []
+    heartbeat(d, "a1", capacity=1, now=3.0)
+    assert given_to(d.assignments(3.0)) == [("t", "a1", 1)]
+
+
+def test_a_silent_agent_is_given_nothing() -> None:
+    d = make()
+    register(d, "a1", now=0.0)
+    submit(d, "t")
+    assert d.assignments(30.0) == []  # silent for lease_time: not a candidate
+    heartbeat(d, "a1", now=31.0)
+    assert given_to(d.assignments(31.0)) == [("t", "a1", 1)]
+
+
+def test_a_role_with_nobody_online_stays_queued_with_one_warning_until_someone_registers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    d = make()
+    register(d, "a1")
+    caplog.set_level(logging.WARNING, logger="sheri_trio.agent")
+    for i in range(3):
+        submit(d, f"d{i}", task_type="deployment.deploy")
+    for _ in range(3):
+        assert d.assignments(0.0) == []
+    warnings = [r for r in caplog.records if "no eligible agent online" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "roles=deployment" in warnings[0].getMessage()
+    stats = d.statistics(0.0)
+    assert (stats.queued, stats.queued_by_role["deployment"]) == (3, 3)
+    assert stats.agents_online_by_role["deployment"] == 0
+    register(d, "deployer", role="deployment", max_tasks=8, now=1.0)
+    assert [t for t, _, _ in given_to(d.assignments(1.0))] == ["d0", "d1", "d2"]
+
+
+# ------------------------------------------------------------------ claims and outcomes
+def test_the_holders_claim_confirms_custody_and_its_outcome_frees_the_slot() -> None:
+    d = make()
+    register(d, "a1", max_tasks=1)
+    submit(d, "t")
+    submit(d, "u")
+    d.assignments(0.0)
+    assert claim(d, "t", "a1") == []
+    assert d.jobs["t"].state is C
+    assert claim(d, "t", "a1") == []  # a duplicate of it: nothing
+    stats = d.statistics(0.0)
+    assert (stats.queued, stats.assigned, stats.claimed) == (1, 0, 1)
+    assert outcome(d, "t", "a1") == []
+    assert "t" not in d.jobs
+    assert d.finished["t"] == (RecordState.DONE, 1)
+    assert given_to(d.assignments(0.0)) == [("u", "a1", 1)]
+    assert (d.counters["claims"], d.counters["completed"]) == (1, 1)
+
+
+def test_an_outcome_before_the_claim_is_seen_is_accepted_from_the_holder() -> None:
+    d = make()
+    register(d, "a1")
+    submit(d, "t")
+    d.assignments(0.0)
+    assert outcome(d, "t", "a1", ok=False, reason="cancelled") == []
+    assert d.finished["t"] == (RecordState.CANCELLED, 1)
+    assert d.counters["failed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("claimant", "attempt"), [("a2", 1), ("a1", 2)], ids=["wrong agent", "wrong attempt"]
+)
+def test_a_claim_that_does_not_match_the_record_is_revoked_and_the_record_reasserted(
+    claimant: str, attempt: int
+) -> None:
+    d = make()
+    register(d, "a1")
+    register(d, "a2")
+    submit(d, "t", assigned_to="a1")
+    d.assignments(0.0)
+    assert claim(d, "t", claimant, attempt) == [
+        SendRevocation(claimant, "t", attempt, RevokeReason.NOT_HOLDER),
+        WriteRecord("t", A, 1, "a1", sub("t", assigned_to="a1")),
+    ]
+    assert d.jobs["t"].state is A
+    assert d.counters["claims_stale"] == 1
+
+
+def test_a_claim_of_an_unknown_task_is_counted_and_one_of_a_finished_task_revoked() -> None:
+    d = make()
+    register(d, "a1")
+    assert claim(d, "nobody-knows", "a1") == []
+    assert d.counters["claims_unknown"] == 1
+    submit(d, "t")
+    d.assignments(0.0)
+    outcome(d, "t", "a1")
+    assert claim(d, "t", "a2") == [
+        SendRevocation("a2", "t", 1, RevokeReason.FINISHED),
+        WriteRecord("t", RecordState.DONE, 1),
+    ]
+
+
+def test_a_stale_outcome_is_fenced_off_and_the_current_one_accepted() -> None:
+    d = make()
+    register(d, "a1")
+    register(d, "a2")
+    submit(d, "t")
+    ((_, first, _),) = given_to(d.assignments(0.0))
+    second = "a2" if first == "a1" else "a1"
+    status(d, first, online=False, now=1.0)  # taken over
+    assert given_to(d.assignments(1.0)) == [("t", second, 2)]
+    # the first holder was not dead after all: its outcome is stale
+    assert outcome(d, "t", first, attempt=1) == [
+        WriteRecord("t", A, 2, second, sub("t"))  # its final state may be over the record
+    ]
+    assert outcome(d, "t", second, attempt=1) == [WriteRecord("t", A, 2, second, sub("t"))]
+    assert outcome(d, "t", "intruder", attempt=2) == [WriteRecord("t", A, 2, second, sub("t"))]
+    assert d.counters["outcomes_stale"] == 3
+    assert outcome(d, "t", second, attempt=2, ok=False) == []
+    assert d.finished["t"] == (RecordState.FAILED, 2)
+    assert outcome(d, "t", second, attempt=2) == []  # at most one accepted per task
+    assert d.counters["outcomes_after_final"] == 1
+    assert (d.counters["completed"], d.counters["failed"]) == (0, 1)
+    assert outcome(d, "never-seen", "a1") == []
+    assert d.counters["outcomes_unknown"] == 1
+
+
+def test_a_release_queues_the_next_attempt_and_frees_the_slot() -> None:
+    d = make()
+    register(d, "a1", max_tasks=1)
+    submit(d, "t")
+    d.assignments(0.0)
+    claim(d, "t", "a1")
+    assert released(d, "t", "a1", attempt=2) == [WriteRecord("t", C, 1, "a1", sub("t"))]
+    assert d.counters["releases_stale"] == 1
+    assert released(d, "t", "a1") == [WriteRecord("t", Q, 2, None, sub("t"))]
+    assert d.in_flight("a1") == 0
+    assert d.jobs["t"].attempt == 2
+    assert given_to(d.assignments(0.0)) == [("t", "a1", 2)]
+
+
+def test_a_released_or_taken_over_task_keeps_its_place_in_the_queue() -> None:
+    d = make()
+    register(d, "a1", max_tasks=1)
+    submit(d, "old")
+    submit(d, "new")
+    d.assignments(0.0)
+    released(d, "old", "a1")
+    assert given_to(d.assignments(0.0)) == [("old", "a1", 2)]
+
+
+# ------------------------------------------------------------------ takeover
+def test_a_holder_killed_is_revoked_then_its_task_goes_to_another_agent_once() -> None:
+    d = make()
+    register(d, "a1", max_tasks=1)
+    submit(d, "t")
+    assert given_to(d.assignments(0.0)) == [("t", "a1", 1)]
+    register(d, "a2", max_tasks=1, now=1.0)
+    claim(d, "t", "a1")
+    # the broker publishes a1's will
+    assert status(d, "a1", online=False, now=2.0) == [
+        SendRevocation("a1", "t", 1, RevokeReason.HOLDER_GONE),
+        WriteRecord("t", Q, 2, None, sub("t")),
+    ]
+    assert d.in_flight("a1") == 0
+    assert given_to(d.assignments(2.0)) == [("t", "a2", 2)]
+    # the same takeover is never issued twice
+    assert status(d, "a1", online=False, now=3.0) == []
+    assert shutdown(d, "a1", now=3.0) == []
+    assert d.check_leases(100.0) != []  # a2 is silent by now: its own takeover, not a1's
+    assert d.counters["takeovers"] == 2
+    assert [j.attempt for j in d.jobs.values()] == [3]
+
+
+def test_a_graceful_shutdown_takes_over_what_the_agent_still_holds() -> None:
+    d = make()
+    register(d, "a1")
+    submit(d, "t")
+    submit(d, "u")
+    d.assignments(0.0)
+    assert shutdown(d, "a1", 1.0) == [
+        SendRevocation("a1", "t", 1, RevokeReason.HOLDER_GONE),
+        WriteRecord("t", Q, 2, None, sub("t")),
+        SendRevocation("a1", "u", 1, RevokeReason.HOLDER_GONE),
+        WriteRecord("u", Q, 2, None, sub("u")),
+    ]
+    assert d.assignments(1.0) == []  # a1 is offline
+    assert d.statistics(1.0).agents_online_by_role["testing"] == 0
+
+
+def test_a_silent_holder_is_taken_over_at_exactly_its_lease_time() -> None:
+    d = make(lease_time=30.0)
+    register(d, "a1", now=0.0)
+    submit(d, "t")
+    d.assignments(2.0)  # assigned at 2.0: its lease counts from then
+    heartbeat(d, "a1", now=4.0)
+    claim(d, "t", "a1", now=5.0)  # its claim at 5.0 too
+    assert d.check_leases(34.999) == []
+    assert d.check_leases(35.0) == [
+        SendRevocation("a1", "t", 1, RevokeReason.HOLDER_GONE),
+        WriteRecord("t", Q, 2, None, sub("t")),
+    ]
+    assert d.check_leases(35.0) == []
+    assert d.check_leases(100.0) == []
+
+
+def test_a_holder_that_keeps_heartbeating_keeps_its_task() -> None:
+    d = make(lease_time=30.0)
+    register(d, "a1")
+    submit(d, "t")
+    d.assignments(0.0)
+    for now in range(10, 200, 10):
+        heartbeat(d, "a1", now=float(now))
+        assert d.check_leases(float(now)) == []
+
+
+# ------------------------------------------------------------------ cancel
+def test_a_cancel_of_a_queued_task_fails_it_as_cancelled() -> None:
+    d = make()
+    submit(d, "t")
+    (failed, record) = cancel(d, "t")
+    assert isinstance(failed, SendFailed)
+    assert (failed.spec.task_id, failed.reason, failed.attempt) == ("t", FailReason.CANCELLED, 1)
+    assert record == WriteRecord("t", RecordState.CANCELLED, 1)
+    assert "t" not in d.jobs
+    register(d, "a1")
+    assert d.assignments(0.0) == []
+    assert d.statistics(0.0).queued == 0
+    assert submit(d, "t") == []  # finished: a resubmission is a duplicate
+    assert cancel(d, "t") == []
+    assert cancel(d, "unknown") == []
+
+
+def test_a_cancel_of_a_held_task_is_forwarded_to_its_holder_once() -> None:
+    d = make()
+    register(d, "a1")
+    submit(d, "t")
+    d.assignments(0.0)
+    claim(d, "t", "a1")
+    assert cancel(d, "t") == [ForwardCancel("a1", "t", 1)]
+    assert cancel(d, "t") == []
+    assert outcome(d, "t", "a1", ok=False, reason="cancelled") == []
+    assert d.finished["t"] == (RecordState.CANCELLED, 1)
+
+
+def test_a_cancelled_task_whose_holder_dies_is_failed_not_run_again() -> None:
+    d = make()
+    register(d, "a1")
+    register(d, "a2")
+    submit(d, "t", assigned_to="a1")
+    d.assignments(0.0)
+    cancel(d, "t")
+    (revoke, failed, record) = status(d, "a1", online=False)
+    assert revoke == SendRevocation("a1", "t", 1, RevokeReason.HOLDER_GONE)
+    assert isinstance(failed, SendFailed)
+    assert failed.reason is FailReason.CANCELLED
+    assert record == WriteRecord("t", RecordState.CANCELLED, 1)
+    assert d.assignments(0.0) == []
+
+
+# ------------------------------------------------------------------ election hand-over
+def test_retained_records_rebuild_the_queue_and_the_holders() -> None:
+    d = make()
+    assert (
+        d.on_state({"task_id": "q", "state": "queued", "attempt": 2, "task": sub("q")}, 0.0) == []
+    )
+    assert d.on_state(
+        {"task_id": "as", "state": "assigned", "attempt": 1, "agent_id": "a1", "task": sub("as")},
+        0.0,
+    ) == [SendAssignment("a1", "as", sub("as"), 1)]  # sent again: it may never have gone out
+    held = {"task_id": "cl", "state": "claimed", "attempt": 3, "agent_id": "a2", "task": sub("cl")}
+    assert d.on_state(held, 0.0) == []
+    assert d.on_state({"task_id": "fin", "state": "done", "attempt": 1}, 0.0) == []
+    released_record = {"task_id": "rel", "state": "released", "attempt": 1, "task": sub("rel")}
+    assert d.on_state(released_record, 0.0) == [WriteRecord("rel", Q, 2, None, sub("rel"))]
+    assert (d.jobs["q"].state, d.jobs["q"].attempt) == (Q, 2)
+    assert (d.jobs["as"].state, d.jobs["as"].agent_id) == (A, "a1")
+    assert (d.jobs["cl"].state, d.jobs["cl"].attempt) == (C, 3)
+    assert d.finished["fin"] == (RecordState.DONE, 1)
+    # redelivered submissions after the hand-over are duplicates
+    for task_id in ("q", "as", "cl", "fin", "rel"):
+        assert submit(d, task_id) == []
+    assert d.on_state(held, 0.0) == []  # a record read twice: nothing more
+    # presence arrives: a1's retained status says offline, a2 is never heard of
+    assert status(d, "a1", online=False, now=1.0) == [
+        SendRevocation("a1", "as", 1, RevokeReason.HOLDER_GONE),
+        WriteRecord("as", Q, 2, None, sub("as")),
+    ]
+    assert d.check_leases(29.9) == []
+    assert d.check_leases(30.0) == [
+        SendRevocation("a2", "cl", 3, RevokeReason.HOLDER_GONE),
+        WriteRecord("cl", Q, 4, None, sub("cl")),
+    ]
+    register(d, "a3", max_tasks=8, now=31.0)
+    got = given_to(d.assignments(31.0))
+    assert sorted(got) == [("as", "a3", 2), ("cl", "a3", 4), ("q", "a3", 2), ("rel", "a3", 2)]
+
+
+def test_a_holder_online_after_the_hand_over_keeps_its_task() -> None:
+    d = make()
+    record = {"task_id": "t", "state": "claimed", "attempt": 1, "agent_id": "a1", "task": sub("t")}
+    d.on_state(record, 0.0)
+    status(d, "a1", online=True, now=0.5)
+    heartbeat(d, "a1", capacity=1, now=10.0)
+    assert d.check_leases(35.0) == []
+    assert d.free_slots("a1", 35.0) == 0  # the held task uses its one slot
+    assert claim(d, "t", "a1") == []
+    assert outcome(d, "t", "a1") == []
+    assert d.finished["t"] == (RecordState.DONE, 1)
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ({"state": "queued"}, "'task_id'"),
+        ({"task_id": "t", "state": "queued", "attempt": 0, "task": sub("t")}, "'attempt'"),
+        ({"task_id": "t", "state": "queued"}, "submission"),
+        ({"task_id": "t", "state": "queued", "task": sub("u")}, "another task id"),
+        ({"task_id": "t", "state": "queued", "task": {"task_id": "t"}}, "'type'"),
+        ({"task_id": "t", "state": "claimed", "task": sub("t")}, "'agent_id'"),
+        ({"task_id": "t", "state": "claimed", "agent_id": "a/+", "task": sub("t")}, "'agent_id'"),
+    ],
+)
+def test_an_unusable_record_is_refused(record: dict[str, Any], reason: str) -> None:
+    d = make()
+    with pytest.raises(BadMessage, match=reason):
+        d.on_state(record, 0.0)
+    assert d.jobs == {}
+    assert d.in_flight("a/+") == 0
+
+
+# ------------------------------------------------------------------ statistics
+def test_statistics_count_queue_agents_and_slots() -> None:
+    d = make()
+    register(d, "t1", max_tasks=3)
+    register(d, "r1", role="review", max_tasks=1)
+    submit(d, "scan", task_type="security.scan")  # security, review
+    submit(d, "run")
+    submit(d, "run2")
+    d.assignments(0.0)
+    submit(d, "deploy", task_type="deployment.deploy")
+    stats = d.statistics(0.0)
+    assert stats.queued == 1
+    assert stats.queued_by_role["deployment"] == 1
+    assert (stats.assigned, stats.claimed, stats.finished) == (3, 0, 0)
+    assert stats.agents_online_by_role["testing"] == 1
+    assert stats.agents_online_by_role["review"] == 1
+    assert stats.free_slots_by_role == {**stats.free_slots_by_role, "testing": 1, "review": 0}
+    assert stats.counters["accepted"] == 4
+    assert stats.counters["assigned"] == 3
+
+
+# ------------------------------------------------------------------ properties
+_IDS = st.sampled_from(["a", "b", "c", "d", "e"])
+_AGENTS = st.sampled_from(["p1", "p2", "p3"])
+_ROLES = st.sampled_from(["testing", "review", "general"])
+_TYPES = st.sampled_from(["testing.run", "code.review", "code.generate", "deployment.deploy"])
+
+
+#: what a step does (repeated: drawn more often); "holder-*" send the message of the
+#: job's current holder, "assign" and "leases" call the dispatcher at a later time
+_KINDS = [
+    *["new"] * 4,
+    *["register", "heartbeat"] * 2,
+    *["assign"] * 4,
+    *["holder-claims", "holder-finishes", "leases"] * 2,
+    "holder-releases",
+    "invalid",
+    "claim",
+    "done",
+    "failed",
+    "released",
+    "cancel",
+    "offline",
+    "online",
+    "shutdown",
+    "junk",
+]
+
+
+@st.composite
+def _step(draw: st.DrawFn) -> tuple[str, Any]:
+    kind = draw(st.sampled_from(_KINDS))
+    task_id, agent = draw(_IDS), draw(_AGENTS)
+    attempt = draw(st.integers(1, 3))
+    if kind == "new":
+        fields: dict[str, Any] = {"priority": draw(st.sampled_from(["low", "medium", "high"]))}
+        if draw(st.booleans()) and draw(st.booleans()):
+            fields["assigned_to"] = agent
+        return kind, (T.tasks_new, env(sub(task_id, draw(_TYPES), **fields)))
+    if kind == "invalid":
+        return kind, (T.tasks_new, env(sub(task_id, priority="urgent")))
+    if kind == "cancel":
+        return kind, (T.tasks_cancel, env({"task_id": task_id}))
+    if kind in ("register", "heartbeat"):
+        role, slots = draw(_ROLES), draw(st.integers(1, 3))
+        topic = T.agents_register if kind == "register" else T.agents_heartbeat
+        field_name = "max_tasks" if kind == "register" else "capacity"
+        payload = {"agent_id": agent, "role": role, field_name: slots}
+        return kind, (topic, env(payload, agent, role))
+    if kind in ("offline", "online"):
+        payload = {"agent_id": agent, "status": kind}
+        return kind, (T.agent_status(agent), env(payload))
+    if kind == "shutdown":
+        return kind, (T.agents_shutdown, env({"agent_id": agent, "reason": "graceful"}, agent))
+    if kind == "junk":
+        topic = draw(st.sampled_from([T.tasks_new, T.tasks_assigned, T.agents_heartbeat]))
+        return kind, (topic, draw(st.binary(max_size=40)))
+    if kind in ("holder-claims", "holder-finishes", "holder-releases"):
+        return kind, (task_id, draw(st.booleans()))
+    if kind == "assign":
+        return kind, draw(st.sampled_from([0.0, 0.5, 5.0]))
+    if kind == "leases":
+        return kind, draw(st.sampled_from([0.0, 5.0, 29.0, 35.0]))
+    topic = {
+        "claim": T.tasks_assigned,
+        "done": T.tasks_complete,
+        "failed": T.tasks_failed,
+        "released": T.tasks_released,
+    }[kind]
+    return kind, (topic, env({"task_id": task_id, "agent_id": agent, "attempt": attempt}, agent))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(_ROLES, st.integers(1, 3)), min_size=3, max_size=3),
+    st.lists(_step(), min_size=30, max_size=80),
+)
+def test_any_message_sequence_keeps_the_invariants(
+    agents: list[tuple[str, int]], steps: list[tuple[str, Any]]
+) -> None:
+    """Whatever arrives, in whatever order: no exception; every message acknowledged
+    exactly once, last; no agent ever given more than its slots; each (task, attempt)
+    assigned at most once and taken over at most once; at most one final outcome per
+    task (accepted from its holder, or published by the dispatcher); the dispatcher's
+    books agree with themselves."""
+    d = make()
+    for agent_id, (role, slots) in zip(("p1", "p2", "p3"), agents, strict=True):
+        register(d, agent_id, role, slots)
+    now = 0.0
+    assigned: dict[tuple[str, int], str] = {}
+    taken_over: set[tuple[str, int]] = set()
+    failed_by_us: set[str] = set()
+    finished: set[str] = set()
+
+    def check(commands: list[DispatchCommand]) -> None:
+        for c in commands:
+            if isinstance(c, SendRevocation) and c.reason is RevokeReason.HOLDER_GONE:
+                key = (c.task_id, c.attempt)
+                assert assigned.get(key) == c.agent_id
+                assert key not in taken_over
+                taken_over.add(key)
+            elif isinstance(c, SendFailed):
+                assert c.spec.task_id not in failed_by_us
+                failed_by_us.add(c.spec.task_id)
+
+    def deliver(topic: str, payload: bytes) -> None:
+        commands = d.receive(topic, payload, now)
+        assert commands.count(ACK) == 1
+        assert commands[-1] == ACK
+        check(commands[:-1])
+
+    for kind, arg in steps:
+        now += 0.25
+        if kind == "assign":
+            given = given_to(d.assignments(now + arg))
+            for task_id, agent_id, attempt in given:
+                assert (task_id, attempt) not in assigned
+                assigned[(task_id, attempt)] = agent_id
+            for agent_id in {a for _, a, _ in given}:
+                slots = d.peers[agent_id].max_tasks
+                assert slots is not None
+                assert d.in_flight(agent_id) <= slots
+        elif kind == "leases":
+            check(d.check_leases(now + arg))
+        elif kind.startswith("holder-"):
+            task_id, ok = arg
+            job = d.jobs.get(task_id)
+            if job is None or job.agent_id is None:
+                continue
+            payload = {"task_id": task_id, "agent_id": job.agent_id, "attempt": job.attempt}
+            topic = {
+                "holder-claims": T.tasks_assigned,
+                "holder-finishes": T.tasks_complete if ok else T.tasks_failed,
+                "holder-releases": T.tasks_released,
+            }[kind]
+            deliver(topic, env(payload, job.agent_id))
+        else:
+            deliver(*arg)
+        # a task finishes once and never comes back; one final outcome per finished task
+        assert finished <= set(d.finished)
+        finished |= set(d.finished)
+        assert not finished & set(d.jobs)
+        c = d.counters
+        assert c["completed"] + c["failed"] + c["cancelled"] + c["invalid"] == len(finished)
+        # the books agree: each agent's slots in use are the jobs it holds
+        holders = [j.agent_id for j in d.jobs.values() if j.agent_id is not None]
+        for agent_id in ("p1", "p2", "p3"):
+            assert d.in_flight(agent_id) == holders.count(agent_id)
+        for job in d.jobs.values():
+            assert (job.agent_id is None) == (job.state is Q)
+        assert d.statistics(now).queued == sum(j.state is Q for j in d.jobs.values())
