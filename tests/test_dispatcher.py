@@ -27,8 +27,9 @@ from sheri_trio.swarm._dispatcher import (
     SendRevocation,
     WriteRecord,
 )
+from sheri_trio.swarm._messages import encode
 from sheri_trio.swarm._presence import rendezvous_score
-from sheri_trio.swarm._protocol import BadMessage, Topics, encode
+from sheri_trio.swarm._protocol import BadMessage, Topics
 from sheri_trio.swarm._scheduler import FailReason, ReportError, SendFailed
 
 SWARM = "s"
