@@ -77,6 +77,7 @@ class MQTTClient:
             will=options.will.to_packet() if options.will else None,
             receive_maximum=options.receive_maximum,
             max_packet_size=options.max_packet_size,
+            ack_timeout=options.ack_timeout,
         )
         self._session.hold_acks = options.manual_ack
         self._stream: ByteStream | None = None
@@ -549,8 +550,31 @@ class MQTTClient:
                 await trio.sleep_forever()
                 return
             await trio.sleep_until(deadline)
-            session.handle_timer(trio.current_time())
+            now = trio.current_time()
+            overdue = session.overdue_subscribes(now)
+            if overdue:
+                raise self._resubscribe_timed_out(overdue)
+            session.handle_timer(now)
             self._kick()
+
+    def _resubscribe_timed_out(self, filters: Sequence[str]) -> AckTimeout:
+        """The SUBSCRIBEs the session sent at CONNACK went unanswered: a deaf connection.
+
+        Nobody else waits for them (a resubscription; a pending subscribe() whose own
+        bound began on an earlier connection), so the timer ends the connection and the
+        manager reconnects with backoff, as an explicit wait would.
+        """
+        timeout = self.options.ack_timeout
+        assert timeout is not None
+        what = "SUBSCRIBE " + ", ".join(repr(f) for f in filters) + " (sent at reconnect)"
+        error = ack_timeout_error("SUBSCRIBE", what, "SUBACK", self.url, timeout)
+        log.error(
+            "%s (connected at %.3f, now %.3f): dropping the connection",
+            error,
+            self._connected_at,
+            trio.current_time(),
+        )
+        return error
 
     # ---------------------------------------------------- acknowledgements
     def _update_hold_acks(self) -> None:
