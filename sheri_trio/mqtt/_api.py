@@ -42,6 +42,7 @@ __all__ = [
     "collapse_exception_groups",
     "new_client_id",
     "publish_refused",
+    "resubscribe_timed_out",
     "subscribe_refused",
 ]
 
@@ -277,6 +278,13 @@ def ack_timeout_error(
         packet=packet,
         timeout=timeout,
     )
+
+
+def resubscribe_timed_out(filters: Sequence[str], url: BrokerURL, timeout: float) -> AckTimeout:
+    """The SUBSCRIBEs a reconnect sent on its own (nobody else waits for them) went
+    unanswered for ``timeout``: the connection is deaf, the client drops it."""
+    what = "SUBSCRIBE " + ", ".join(repr(f) for f in filters) + " (sent at reconnect)"
+    return ack_timeout_error("SUBSCRIBE", what, "SUBACK", url, timeout)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from ._api import (
     broker_disconnected,
     collapse_exception_groups,
     publish_refused,
+    resubscribe_timed_out,
     subscribe_refused,
 )
 from ._errors import (
@@ -566,8 +567,7 @@ class MQTTClient:
         """
         timeout = self.options.ack_timeout
         assert timeout is not None
-        what = "SUBSCRIBE " + ", ".join(repr(f) for f in filters) + " (sent at reconnect)"
-        error = ack_timeout_error("SUBSCRIBE", what, "SUBACK", self.url, timeout)
+        error = resubscribe_timed_out(filters, self.url, timeout)
         log.error(
             "%s (connected at %.3f, now %.3f): dropping the connection",
             error,
