@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 import mqtt5
@@ -31,20 +31,9 @@ if TYPE_CHECKING:
 
     from ._streams import BrokerURL, ByteStream, TLSOptions
 
-__all__ = [
-    "Client",
-    "ClientOptions",
-    "StreamFactory",
-    "Subscription",
-    "Will",
-    "ack_timeout_error",
-    "broker_disconnected",
-    "collapse_exception_groups",
-    "new_client_id",
-    "publish_refused",
-    "resubscribe_timed_out",
-    "subscribe_refused",
-]
+# What the package re-exports; the rest (StreamFactory, the shared texts) is shared
+# between the backends only.
+__all__ = ["Client", "ClientOptions", "Subscription", "Will"]
 
 StreamFactory: TypeAlias = "Callable[[BrokerURL], AbstractAsyncContextManager[ByteStream]]"
 """Opens one connection's byte stream (default: :func:`~._streams.open_stream`)."""
@@ -113,7 +102,6 @@ class ClientOptions:
     #: opens each connection's byte stream instead of the URL's transport (native
     #: backend only): e.g. ``sheri_trio.testing.ScriptedBroker.stream_factory``
     stream_factory: StreamFactory | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Subscription:
@@ -226,7 +214,7 @@ class Client(Protocol):
         retain_handling: int = 0,
         buffer: int | None = None,
         manual_ack: bool | None = None,
-    ) -> Any: ...
+    ) -> AbstractAsyncContextManager[Subscription]: ...
 
     async def wait_connected(self) -> None: ...
 

@@ -53,7 +53,7 @@ from ._streams import BrokerURL, ByteStream, open_stream
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
-__all__ = ["MQTTClient", "open_trio_client"]
+__all__ = ["MQTTClient"]
 
 log = logging.getLogger("sheri_trio.mqtt")
 
@@ -66,7 +66,6 @@ class MQTTClient:
     def __init__(self, url: BrokerURL, options: ClientOptions) -> None:
         self.url = url
         self.options = options
-        self.log = log
         password = options.password if options.password is not None else url.password
         self._session = Session(
             options.client_id,

@@ -7,6 +7,21 @@ boundary, so callers never need to catch a library's exception.
 
 from __future__ import annotations
 
+__all__ = [
+    "AckTimeout",
+    "ClientClosed",
+    "ConnectError",
+    "ConnectionLost",
+    "KeepAliveTimeout",
+    "LocalProtocolError",
+    "MQTTError",
+    "PacketTooLarge",
+    "PublishError",
+    "RemoteProtocolError",
+    "SessionTakenOver",
+    "SubscribeError",
+]
+
 
 class MQTTError(Exception):
     """Base class of every error raised by ``sheri_trio.mqtt``."""

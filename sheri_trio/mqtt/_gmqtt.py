@@ -128,7 +128,8 @@ if TYPE_CHECKING:
 
     from ._api import Will
 
-__all__ = ["GMQTTClient", "open_gmqtt_client"]
+# Nothing is re-exported: gmqtt is imported only when open_client(backend="gmqtt") asks.
+__all__: list[str] = []
 
 log = logging.getLogger("sheri_trio.mqtt.gmqtt")
 _gmqtt_log = logging.getLogger("sheri_trio.mqtt.gmqtt.lib")  # gmqtt's own messages
@@ -139,7 +140,7 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------- gmqtt glue
-class _GMQTTClient(gmqtt.Client):  # type: ignore[misc]
+class _GmqttWithoutReconnect(gmqtt.Client):  # type: ignore[misc]
     """gmqtt's client with its own reconnect switched off (the trio side reconnects).
 
     gmqtt binds ``self.reconnect`` as its handler's reconnect callback when the
@@ -289,7 +290,7 @@ class GMQTTClient:
         if options.session_expiry_interval:
             props["session_expiry_interval"] = options.session_expiry_interval
         self._store = _InflightStore(self._on_acked, self._on_store_cleared)
-        self._gmqtt: Any = _GMQTTClient(
+        self._gmqtt: Any = _GmqttWithoutReconnect(
             options.client_id,
             clean_session=options.clean_start,
             # PUBACK goes out before on_message runs. With False, gmqtt would send

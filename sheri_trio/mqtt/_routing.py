@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ._api import Subscription
     from ._session import Message
 
-__all__ = ["Router"]
+__all__: list[str] = []  # shared by the backends, not public
 
 log = logging.getLogger("sheri_trio.mqtt")
 

@@ -30,16 +30,15 @@ from ._errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+# What the package re-exports; the events and the rest are the backends' (the
+# native client's events are its own business, see _client.py).
 __all__ = [
-    "Connected",
-    "Disconnected",
+    "QOS_LEVELS",
     "Message",
-    "OutgoingPublish",
-    "PublishAcked",
     "Session",
-    "SessionState",
-    "SubscribeAcked",
-    "UnsubscribeAcked",
+    "check_topic_filter",
+    "check_topic_name",
+    "topic_matches",
 ]
 
 DEFAULT_MAX_PACKET_SIZE: Final = 1024 * 1024

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from trio_websocket import WebSocketConnection
 
-__all__ = ["BrokerURL", "ByteStream", "TLSOptions", "open_stream"]
+__all__ = ["BrokerURL", "ByteStream", "TLSOptions", "redact"]
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 SCHEME_ALIASES = {"tcp": "mqtt", "ssl": "mqtts", "tls": "mqtts"}
@@ -73,9 +73,6 @@ class BrokerURL:
     @property
     def websocket(self) -> bool:
         return self.scheme in ("ws", "wss")
-
-    def with_credentials(self, username: str | None, password: str | None) -> BrokerURL:
-        return replace(self, username=username, password=password)
 
     def display(self) -> str:
         """The URL with any password replaced by ``***`` (safe for logs and messages)."""

@@ -40,6 +40,8 @@ from ..mqtt import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
+    from ..mqtt import Client
+
 __all__ = ["BusRecord", "MemoryBus", "MemoryClient"]
 
 _NO_MATCHING_SUBSCRIBERS: Final = 0x10
@@ -575,3 +577,9 @@ class MemoryClient:
     def __repr__(self) -> str:
         state = "connected" if self.connected else f"closed: {self.close_reason}"
         return f"<MemoryClient {self._client_id!r} {state}>"
+
+
+if TYPE_CHECKING:
+
+    def _memory_client_is_a_client(client: MemoryClient) -> Client:
+        return client  # mypy checks MemoryClient against the Client protocol
