@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, TypeVar
 
 import mqtt5
 import trio
@@ -26,7 +26,7 @@ from ._errors import (
 from ._session import QOS_LEVELS, Message, disconnect_reason_name, reason_names, topic_matches
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Sequence
     from contextlib import AbstractAsyncContextManager
 
     from ._streams import BrokerURL, ByteStream, TLSOptions
@@ -37,6 +37,8 @@ __all__ = ["Client", "ClientOptions", "Subscription", "Will"]
 
 StreamFactory: TypeAlias = "Callable[[BrokerURL], AbstractAsyncContextManager[ByteStream]]"
 """Opens one connection's byte stream (default: :func:`~._streams.open_stream`)."""
+
+T = TypeVar("T")
 
 _PUBACK_NAMES: Final = reason_names(mqtt5.PubAckReasonCode)
 _SUBACK_NAMES: Final = reason_names(mqtt5.SubAckReasonCode)
@@ -266,6 +268,33 @@ def ack_timeout_error(
         packet=packet,
         timeout=timeout,
     )
+
+
+async def bounded_ack(
+    wait: Callable[[], Awaitable[T]],
+    bound: float | None,
+    timed_out: Callable[[float], AckTimeout],
+    *,
+    up_since: Callable[[], float],
+    drop_connection: Callable[[AckTimeout], None],
+) -> T:
+    """Run ``wait`` (a wait for an acknowledgement) for at most ``bound`` seconds.
+
+    The bound of every explicit wait of both backends. On expiry, if the connection
+    was up for the whole bound (``up_since()``: its CONNACK's trio time, inf while
+    there is none), the broker is misbehaving: ``drop_connection`` ends it (the client
+    reconnects with backoff). Then ``timed_out(bound)`` is raised. A caller's own,
+    shorter cancel scope still wins (and is not held against the broker).
+    """
+    if bound is None:
+        return await wait()
+    start = trio.current_time()
+    with trio.move_on_after(bound):
+        return await wait()
+    error = timed_out(bound)
+    if up_since() <= start:
+        drop_connection(error)
+    raise error
 
 
 def resubscribe_timed_out(filters: Sequence[str], url: BrokerURL, timeout: float) -> AckTimeout:

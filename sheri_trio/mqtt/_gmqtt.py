@@ -83,6 +83,7 @@ import random
 import ssl
 from collections import deque
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import gmqtt  # type: ignore[import-untyped]
@@ -95,6 +96,7 @@ from ._api import (
     ClientOptions,
     Subscription,
     ack_timeout_error,
+    bounded_ack,
     broker_disconnected,
     collapse_exception_groups,
     publish_refused,
@@ -110,7 +112,7 @@ from ._errors import (
     MQTTError,
 )
 from ._reconnect import run_reconnecting
-from ._routing import Router
+from ._routing import Router, settle
 from ._session import (
     FATAL_CONNACK_CODES,
     MAX_SUBSCRIPTION_ID,
@@ -678,22 +680,17 @@ class GMQTTClient:
     async def _ack_bound(
         self, wait: Callable[[], Awaitable[T]], packet: str, what: str, ack: str
     ) -> T:
-        """Run ``wait`` (a wait for an acknowledgement) for at most ``ack_timeout``.
+        """Run ``wait`` for at most ``ack_timeout``, as the native client (``bounded_ack``)."""
+        return await bounded_ack(
+            wait,
+            self.options.ack_timeout,
+            partial(ack_timeout_error, packet, what, ack, self.url),
+            up_since=self._up_since,
+            drop_connection=self._drop_connection,
+        )
 
-        As in the native client: when the bound is reached on a connection that was
-        up the whole time, the connection is dropped (and made again), then
-        AckTimeout is raised.
-        """
-        timeout = self.options.ack_timeout
-        if timeout is None:
-            return await wait()
-        start = trio.current_time()
-        with trio.move_on_after(timeout):
-            return await wait()
-        error = ack_timeout_error(packet, what, ack, self.url, timeout)
-        if self._connected and self._connected_at <= start:
-            self._drop_connection(error)
-        raise error
+    def _up_since(self) -> float:
+        return self._connected_at if self._connected else math.inf
 
     def _drop_connection(self, error: MQTTError) -> None:
         """End the current connection because of ``error``; the manager reconnects."""
@@ -879,18 +876,13 @@ class GMQTTClient:
 
     def _settle(self, message: Message, manual: bool) -> None:
         """Who acknowledges a QoS 1 message: the application (manual), or us now."""
-        if message.ack_id is None or message.needs_ack:
-            return
-        if manual:
-            message.wait_for_ack(self._ack_message)
-        else:
-            self._ack_message(message)
-            message.ack_id = None  # settled: a later subscription cannot take it over
+        settle(message, manual, ack_later=self._ack_message, ack_now=self._ack)
 
     def _ack_message(self, message: Message) -> None:
-        ack_id = message.ack_id
-        if ack_id is None:
-            return
+        if message.ack_id is not None:
+            self._ack(message.ack_id)
+
+    def _ack(self, ack_id: tuple[int, int]) -> None:
         connection, mid = ack_id
         if connection == self.connections and self._connected:
             self._send_puback(mid)
