@@ -602,6 +602,15 @@ def test_subscribes_sent_at_connack_are_bounded_by_ack_timeout() -> None:
     send_packets(s, suback(pending_pid), suback(resub[0].packet_id, GRANT1, GRANT1))
     assert s.overdue_subscribes(200.0) == []
     assert s.next_deadline() is None
+    # each connection bounds what it sent: a new CONNACK starts the bound again
+    s.subscribe([tf("d")])
+    reconnect(s, peer, now=300.0, session_present=True)
+    assert s.next_deadline() == 310.0
+    s.connection_lost()
+    assert s.next_deadline() is None
+    assert s.overdue_subscribes(1e9) == []
+    reconnect(s, peer, now=400.0, session_present=True)
+    assert s.next_deadline() == 410.0
     # no bound configured: none kept
     s2, peer2 = connected_pair(keep_alive=0)
     s2.subscribe([tf("a")])
