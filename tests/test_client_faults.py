@@ -17,7 +17,7 @@ import paho.mqtt.client as paho
 import pytest
 import trio
 import trio.lowlevel
-from childproc import read_line
+from childproc import freeze_broker_on, read_line
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -273,6 +273,48 @@ async def test_dead_broker_detected_by_keep_alive(fresh_broker: MosquittoBroker)
         assert "no data from the broker" in (client.statistics()["last_error"] or "")
         with trio.fail_after(10):
             await client.wait_connected()
+
+
+@pytest.mark.parametrize("backend", ["trio", "gmqtt"])
+async def test_broker_frozen_after_a_reconnects_connack(
+    fresh_broker: MosquittoBroker, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mosquitto stopped (SIGSTOP) right after the CONNACK of a reconnect that found no
+    session: the resubscription is never acknowledged. Within ack_timeout the client
+    gives the connection up, and once the broker runs again it is subscribed again."""
+    pid = fresh_broker.pid
+    assert pid is not None
+    topic = f"t/frozen/{backend}"
+    frozen_at: list[float] = []
+    async with open_client(
+        fresh_broker.tcp_url,
+        backend=backend,  # type: ignore[arg-type]
+        ack_timeout=1,
+        connect_timeout=1,
+        reconnect_initial_delay=0.05,
+        reconnect_max_delay=0.1,
+    ) as client:
+        async with client.subscribe(topic, qos=1) as messages:
+            with freeze_broker_on(
+                pid,
+                r"^connected to .*session present: no",
+                lambda: frozen_at.append(trio.current_time()),
+            ):
+                client.abort_connection()  # (session expiry 0: the broker forgets us)
+                with trio.fail_after(10):
+                    # polled: the client has no public "disconnected" event to wait on
+                    while not frozen_at or client.connected:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                elapsed = trio.current_time() - frozen_at[0]
+                assert 1 <= elapsed <= 1.5
+            errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+            assert len(errors) == 1
+            assert errors[0].startswith(f"SUBSCRIBE {topic!r} (sent at reconnect): no SUBACK")
+            with trio.fail_after(15):
+                await client.wait_connected()
+                await client.publish(topic, b"heard", qos=1)
+                message = await messages.receive()
+            assert message.payload == b"heard"
 
 
 # --------------------------------------------------------------- interop with paho

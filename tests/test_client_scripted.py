@@ -173,6 +173,90 @@ async def test_acknowledged_in_time_is_no_timeout(autojump_clock: trio.testing.M
         assert client.connected
 
 
+async def test_resubscription_without_suback_drops_the_connection(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that keeps no session and never acknowledges the resubscription (aedes
+    2.0.0-beta.1 on a resumed session) would leave the client connected but deaf."""
+    broker = ScriptedBroker()
+    options = {"ack_timeout": 10, "keep_alive": 0, "reconnect_initial_delay": 1}
+    async with (
+        connected(broker, **options) as (client, conn),
+        granted(client, conn, "t/a", "t/b/#"),
+    ):
+        await conn.close()
+        conn2 = await _reconnected(broker, session_present=False)
+        connack_at = trio.current_time()
+        resubscribe = await conn2.expect(mqtt5.SubscribePacket)
+        assert [f.pattern for f in resubscribe.topic_filters] == ["t/a", "t/b/#"]
+        # no SUBACK: at exactly ack_timeout after the CONNACK the connection is dropped
+        assert await conn2.wait_closed() == []
+        assert trio.current_time() - connack_at == 10
+        expected = f"SUBSCRIBE 't/a', 't/b/#' (sent at reconnect): no SUBACK from {URL} within 10 s"
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1
+        assert errors[0].getMessage().startswith(expected)
+        assert f"now {trio.current_time():.3f}" in errors[0].getMessage()
+        # ... and made again with backoff (first delay in [0.5, 1]), resubscribing again
+        conn3 = await _reconnected(broker, session_present=False)
+        assert 10.5 <= trio.current_time() - connack_at <= 11
+        assert client.statistics()["last_error"] == expected
+        again = await conn3.expect(mqtt5.SubscribePacket)
+        assert again.subscription_id == resubscribe.subscription_id
+        await conn3.send(suback(again))
+        # acknowledged this time: the connection stays up
+        assert await nothing_within(conn3, 60)
+        assert client.connected
+        assert len(broker.connections) == 3
+
+
+async def test_pending_subscribe_sent_again_at_reconnect_is_bounded(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscribe() still waiting when the connection broke: its SUBSCRIBE goes again at
+    CONNACK, and that one is bounded from the CONNACK on (its caller's bound began on the
+    earlier connection, which does not count against the new one)."""
+    broker = ScriptedBroker()
+    options = {"ack_timeout": 10, "keep_alive": 0, "reconnect_initial_delay": 1}
+    async with connected(broker, **options) as (client, conn):
+
+        async def subscriber() -> None:
+            with pytest.raises(AckTimeout):
+                async with client.subscribe("t/p"):
+                    pytest.fail("subscribed without a SUBACK")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(subscriber)
+            first = await conn.expect(mqtt5.SubscribePacket)
+            await trio.sleep(4)
+            await conn.close()
+            conn2 = await _reconnected(broker, session_present=True)
+            connack_at = trio.current_time()
+            again = await conn2.expect(mqtt5.SubscribePacket)
+            assert again.packet_id == first.packet_id
+        # the caller gave up at 10 s after its call; its UNSUBSCRIBE went out
+        await conn2.expect(mqtt5.UnsubscribePacket)
+        # the resent SUBSCRIBE stays unanswered: dropped 10 s after the CONNACK
+        assert await conn2.wait_closed() == []
+        assert trio.current_time() - connack_at == 10
+        (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert error.startswith(f"SUBSCRIBE 't/p' (sent at reconnect): no SUBACK from {URL}")
+
+
+async def test_no_ack_timeout_leaves_resubscriptions_unbounded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = ScriptedBroker()
+    options = {"ack_timeout": None, "keep_alive": 0, "reconnect_initial_delay": 1}
+    async with connected(broker, **options) as (client, conn):
+        async with granted(client, conn, "t/a"):
+            await conn.close()
+            conn2 = await _reconnected(broker, session_present=False)
+            await conn2.expect(mqtt5.SubscribePacket)
+            assert await nothing_within(conn2, 3600)
+            assert client.connected
+
+
 # ------------------------------------------------------------ manual acknowledgement
 def publish(pid: int, topic: str, sub_ids: list[int] | None = None) -> mqtt5.PublishPacket:
     return mqtt5.PublishPacket(

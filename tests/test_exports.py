@@ -17,8 +17,7 @@ import sheri_trio.testing
 MQTT = Path(sheri_trio.mqtt.__file__).parent
 
 
-#: mqtt/ is left out: its modules list names shared between its backends in __all__
-PACKAGES = ["sheri_trio.swarm", "sheri_trio.cli"]
+PACKAGES = ["sheri_trio.swarm", "sheri_trio.cli", "sheri_trio.mqtt", "sheri_trio.testing"]
 
 
 def _private_modules(package_name: str) -> list[str]:

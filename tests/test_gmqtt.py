@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import mqtt5
 import pytest
 import trio
 
@@ -22,7 +23,7 @@ from sheri_trio.mqtt import (
     open_client,
 )
 from sheri_trio.mqtt._gmqtt import GMQTTClient
-from sheri_trio.testing import MosquittoBroker
+from sheri_trio.testing import BrokerConnection, MosquittoBroker
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -92,6 +93,74 @@ async def test_silent_broker_times_out() -> None:
             async with _gmqtt(f"mqtt://u:p@127.0.0.1:{port}", connect_timeout=0.3):
                 pytest.fail("connected to a silent server")
         nursery.cancel_scope.cancel()
+
+
+async def test_resubscription_without_suback_drops_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker that keeps no session and never acknowledges the resubscription made
+    after a reconnect: after ack_timeout the connection is dropped and made again."""
+    new_conns, accepted = trio.open_memory_channel[BrokerConnection](10)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        async with stream:
+            await new_conns.send(BrokerConnection(stream, 0))
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        url = f"mqtt://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        first: list[BrokerConnection] = []
+
+        async def accept_and_grant() -> None:
+            conn = await accepted.receive()
+            first.append(conn)
+            await conn.handshake()
+            subscribe = await conn.expect(mqtt5.SubscribePacket)
+            await conn.send(_suback(subscribe))
+
+        nursery.start_soon(accept_and_grant)
+        with trio.fail_after(10):
+            async with _gmqtt(
+                url, ack_timeout=1, reconnect_initial_delay=0.05, reconnect_max_delay=0.1
+            ) as client:
+                async with client.subscribe("t/a", "t/b/#"):
+                    (conn,) = first
+                    await conn.close()
+                    conn2 = await accepted.receive()
+                    await conn2.handshake(session_present=False)
+                    connack_at = trio.current_time()
+                    resubscribe = await conn2.expect(mqtt5.SubscribePacket)
+                    assert [f.pattern for f in resubscribe.topic_filters] == ["t/a", "t/b/#"]
+                    assert await conn2.wait_closed() == []
+                    assert 1 <= trio.current_time() - connack_at < 1.5
+                    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+                    assert error.startswith(
+                        f"SUBSCRIBE 't/a', 't/b/#' (sent at reconnect): no SUBACK from {url}"
+                        " within 1 s (connected at "
+                    )
+                    conn3 = await accepted.receive()
+                    await conn3.handshake(session_present=False)
+                    again = await conn3.expect(mqtt5.SubscribePacket)
+                    await conn3.send(_suback(again))
+                    await client.wait_connected()
+                    await trio.sleep(1.5)
+                    assert client.connected
+                    assert client.statistics()["connections"] == 3
+                    nursery.start_soon(_answer_unsubscribe, conn3)
+        nursery.cancel_scope.cancel()
+
+
+def _suback(subscribe: mqtt5.SubscribePacket) -> mqtt5.SubAckPacket:
+    codes = [mqtt5.SubAckReasonCode(1)] * len(subscribe.topic_filters)
+    return mqtt5.SubAckPacket(subscribe.packet_id, codes)
+
+
+async def _answer_unsubscribe(conn: BrokerConnection) -> None:
+    while not isinstance(packet := await conn.receive(), mqtt5.UnsubscribePacket):
+        if packet is None:
+            return
+    await conn.send(mqtt5.UnsubAckPacket(packet.packet_id, [mqtt5.UnsubAckReasonCode.SUCCESS]))
 
 
 # --------------------------------------------------------------------- will

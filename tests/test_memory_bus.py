@@ -183,14 +183,109 @@ async def test_iteration_ends_on_kill_after_buffered_messages() -> None:
     assert seen == [b"1", b"2"]
 
 
-async def test_full_buffer_drops_and_counts() -> None:
+async def test_a_full_subscription_makes_the_publisher_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As the real client: a full subscription holds the delivery back, nothing is lost."""
     bus = MemoryBus()
-    async with bus.connect("a") as a, a.subscribe("t", buffer=2) as sub:
-        for i in range(5):
-            await a.publish("t", str(i))
-        assert [m.payload for m in drain(sub)] == [b"0", b"1"]
-        assert a.statistics()["messages_dropped"] == 3
-        assert bus.messages_dropped == 3
+    async with bus.connect("a") as a, bus.connect("b") as b, b.subscribe("t", buffer=2) as sub:
+        await a.publish("t", b"0", qos=1)
+        await a.publish("t", b"1", qos=1)
+        published = trio.Event()
+
+        async def third() -> None:
+            await a.publish("t", b"2", qos=1)
+            published.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(third)
+            await trio.sleep(5)
+            assert not published.is_set()  # waiting for room
+            assert b.statistics()["messages_waiting"] == 1
+            assert (await sub.receive()).payload == b"0"
+            await published.wait()
+            assert trio.current_time() == 5
+        assert [m.payload for m in drain(sub)] == [b"1", b"2"]
+        assert b.statistics()["messages_dropped"] == 0
+        assert b.statistics()["messages_received"] == 3
+
+
+async def test_a_slow_subscriber_gets_every_message_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    bus = MemoryBus()
+    got: list[bytes] = []
+    async with bus.connect("pub") as pub, bus.connect("slow") as slow:
+        async with slow.subscribe("t/#", buffer=3) as sub, bus.connect("fast") as fast:
+            async with fast.subscribe("t/#", buffer=1000) as quick:
+
+                async def publisher() -> None:
+                    for i in range(50):
+                        await pub.publish(f"t/{i % 3}", b"%d" % i, qos=i % 2)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(publisher)
+                    while len(got) < 50:
+                        got.append((await sub.receive()).payload)
+                        await trio.sleep(1)  # one message a second
+                assert [m.payload for m in drain(quick)] == [b"%d" % i for i in range(50)]
+    assert got == [b"%d" % i for i in range(50)]
+    # the publisher was held back by the slow one: its last message went in at ~47 s
+    assert 45 <= trio.current_time() <= 50
+
+
+async def test_nowait_publishes_and_wills_wait_on_the_bus_in_order() -> None:
+    """What cannot wait (publish_nowait, a will, retained on subscribe) waits on the bus
+    behind the full buffer: in order, none dropped, also with a buffer of 0."""
+    bus = MemoryBus()
+    will = Will("w", b"gone")
+    async with bus.connect("a") as a, a.subscribe("#", buffer=0) as sub:
+        b = bus.open("b", will=will)
+        for i in range(3):
+            assert a.publish_nowait("t", str(i)) == 1
+        b.kill()
+        assert a.statistics()["messages_waiting"] == 4
+        assert [(m.topic, m.payload) for m in drain(sub)] == [
+            ("t", b"0"),
+            ("t", b"1"),
+            ("t", b"2"),
+            ("w", b"gone"),
+        ]
+        assert a.statistics()["messages_waiting"] == 0
+        a.publish_nowait("t", b"last")
+        with trio.fail_after(1):
+            assert (await sub.receive()).payload == b"last"
+
+
+async def test_leaving_a_full_subscription_releases_its_publishers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    bus = MemoryBus()
+    async with bus.connect("a") as a, bus.connect("b") as b:
+        async with trio.open_nursery() as nursery:
+            async with b.subscribe("t", buffer=1):
+                await a.publish("t", b"0")
+                nursery.start_soon(a.publish, "t", b"1")
+                await trio.sleep(3)
+                assert b.statistics()["messages_waiting"] == 1
+            # left unread: dropped with the subscription (as the real client), the
+            # publisher goes on
+        assert trio.current_time() == 3
+
+
+async def test_a_closed_publisher_stops_waiting(autojump_clock: trio.testing.MockClock) -> None:
+    bus = MemoryBus()
+    async with bus.connect("b") as b, b.subscribe("t", buffer=0):
+        a = bus.open("a")
+
+        async def blocked() -> None:
+            with pytest.raises(ClientClosed):
+                await a.publish("t", b"x")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocked)
+            await trio.sleep(1)
+            a.kill()
 
 
 async def test_misuse_is_refused() -> None:

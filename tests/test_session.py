@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from mqtt5 import QoS
 
 from sheri_trio.mqtt._errors import (
+    AckTimeout,
     ConnectError,
     KeepAliveTimeout,
     LocalProtocolError,
@@ -574,6 +575,49 @@ def test_reconnect_without_session_resends_and_resubscribes() -> None:
     (unsub,) = transfer(s, peer)
     assert unsub.patterns == ["a/#", "b/+"]
     assert unsub.packet_id == unsub_pid
+
+
+def test_subscribes_sent_at_connack_are_bounded_by_ack_timeout() -> None:
+    """Nobody waits for a resubscription's SUBACK: the session times it itself."""
+    s, peer = connected_pair(keep_alive=0, ack_timeout=10)
+    pid, _ = s.subscribe([tf("a/#"), tf("b")])
+    transfer(s, peer)
+    send_packets(s, suback(pid, GRANT1, GRANT1))
+    # a SUBSCRIBE sent while connected is its caller's to bound, not the session's
+    pending_pid, _ = s.subscribe([tf("c")])
+    transfer(s, peer)
+    assert s.next_deadline() is None
+    _, out = reconnect(s, peer, now=100.0, session_present=False)
+    assert {p.packet_id for p in only(out, mqtt5.SubscribePacket)} >= {pending_pid}
+    assert s.next_deadline() == 110.0
+    assert s.overdue_subscribes(109.9) == []
+    s.handle_timer(109.9)
+    assert s.overdue_subscribes(110.0) == ["c", "a/#", "b"]  # in the order sent
+    with pytest.raises(AckTimeout) as info:
+        s.handle_timer(110.0)
+    assert str(info.value) == "SUBSCRIBE 'c', 'a/#', 'b' (sent at CONNACK): no SUBACK within 10 s"
+    assert (info.value.packet, info.value.timeout) == ("SUBSCRIBE", 10)
+    # once acknowledged, nothing is due
+    resub = [p for p in only(out, mqtt5.SubscribePacket) if p.packet_id != pending_pid]
+    send_packets(s, suback(pending_pid), suback(resub[0].packet_id, GRANT1, GRANT1))
+    assert s.overdue_subscribes(200.0) == []
+    assert s.next_deadline() is None
+    # each connection bounds what it sent: a new CONNACK starts the bound again
+    s.subscribe([tf("d")])
+    reconnect(s, peer, now=300.0, session_present=True)
+    assert s.next_deadline() == 310.0
+    s.connection_lost()
+    assert s.next_deadline() is None
+    assert s.overdue_subscribes(1e9) == []
+    reconnect(s, peer, now=400.0, session_present=True)
+    assert s.next_deadline() == 410.0
+    # no bound configured: none kept
+    s2, peer2 = connected_pair(keep_alive=0)
+    s2.subscribe([tf("a")])
+    transfer(s2, peer2)
+    reconnect(s2, peer2, session_present=False)
+    assert s2.next_deadline() is None
+    assert s2.overdue_subscribes(1e9) == []
 
 
 def test_reconnect_with_session_does_not_resubscribe() -> None:

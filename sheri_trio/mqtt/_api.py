@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, TypeVar
 
 import mqtt5
 import trio
@@ -26,27 +26,19 @@ from ._errors import (
 from ._session import QOS_LEVELS, Message, disconnect_reason_name, reason_names, topic_matches
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Sequence
     from contextlib import AbstractAsyncContextManager
 
     from ._streams import BrokerURL, ByteStream, TLSOptions
 
-__all__ = [
-    "Client",
-    "ClientOptions",
-    "StreamFactory",
-    "Subscription",
-    "Will",
-    "ack_timeout_error",
-    "broker_disconnected",
-    "collapse_exception_groups",
-    "new_client_id",
-    "publish_refused",
-    "subscribe_refused",
-]
+# What the package re-exports; the rest (StreamFactory, the shared texts) is shared
+# between the backends only.
+__all__ = ["Client", "ClientOptions", "Subscription", "Will"]
 
 StreamFactory: TypeAlias = "Callable[[BrokerURL], AbstractAsyncContextManager[ByteStream]]"
 """Opens one connection's byte stream (default: :func:`~._streams.open_stream`)."""
+
+T = TypeVar("T")
 
 _PUBACK_NAMES: Final = reason_names(mqtt5.PubAckReasonCode)
 _SUBACK_NAMES: Final = reason_names(mqtt5.SubAckReasonCode)
@@ -112,7 +104,6 @@ class ClientOptions:
     #: opens each connection's byte stream instead of the URL's transport (native
     #: backend only): e.g. ``sheri_trio.testing.ScriptedBroker.stream_factory``
     stream_factory: StreamFactory | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Subscription:
@@ -225,7 +216,7 @@ class Client(Protocol):
         retain_handling: int = 0,
         buffer: int | None = None,
         manual_ack: bool | None = None,
-    ) -> Any: ...
+    ) -> AbstractAsyncContextManager[Subscription]: ...
 
     async def wait_connected(self) -> None: ...
 
@@ -277,6 +268,40 @@ def ack_timeout_error(
         packet=packet,
         timeout=timeout,
     )
+
+
+async def bounded_ack(
+    wait: Callable[[], Awaitable[T]],
+    bound: float | None,
+    timed_out: Callable[[float], AckTimeout],
+    *,
+    up_since: Callable[[], float],
+    drop_connection: Callable[[AckTimeout], None],
+) -> T:
+    """Run ``wait`` (a wait for an acknowledgement) for at most ``bound`` seconds.
+
+    The bound of every explicit wait of both backends. On expiry, if the connection
+    was up for the whole bound (``up_since()``: its CONNACK's trio time, inf while
+    there is none), the broker is misbehaving: ``drop_connection`` ends it (the client
+    reconnects with backoff). Then ``timed_out(bound)`` is raised. A caller's own,
+    shorter cancel scope still wins (and is not held against the broker).
+    """
+    if bound is None:
+        return await wait()
+    start = trio.current_time()
+    with trio.move_on_after(bound):
+        return await wait()
+    error = timed_out(bound)
+    if up_since() <= start:
+        drop_connection(error)
+    raise error
+
+
+def resubscribe_timed_out(filters: Sequence[str], url: BrokerURL, timeout: float) -> AckTimeout:
+    """The SUBSCRIBEs a reconnect sent on its own (nobody else waits for them) went
+    unanswered for ``timeout``: the connection is deaf, the client drops it."""
+    what = "SUBSCRIBE " + ", ".join(repr(f) for f in filters) + " (sent at reconnect)"
+    return ack_timeout_error("SUBSCRIBE", what, "SUBACK", url, timeout)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import logging
 import math
 import random
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import mqtt5
@@ -22,9 +23,11 @@ from ._api import (
     ClientOptions,
     Subscription,
     ack_timeout_error,
+    bounded_ack,
     broker_disconnected,
     collapse_exception_groups,
     publish_refused,
+    resubscribe_timed_out,
     subscribe_refused,
 )
 from ._errors import (
@@ -36,7 +39,7 @@ from ._errors import (
     MQTTError,
 )
 from ._reconnect import run_reconnecting
-from ._routing import Router
+from ._routing import Router, settle
 from ._session import (
     QOS_LEVELS,
     Connected,
@@ -52,7 +55,7 @@ from ._streams import BrokerURL, ByteStream, open_stream
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
-__all__ = ["MQTTClient", "open_trio_client"]
+__all__ = ["MQTTClient"]
 
 log = logging.getLogger("sheri_trio.mqtt")
 
@@ -65,7 +68,6 @@ class MQTTClient:
     def __init__(self, url: BrokerURL, options: ClientOptions) -> None:
         self.url = url
         self.options = options
-        self.log = log
         password = options.password if options.password is not None else url.password
         self._session = Session(
             options.client_id,
@@ -77,6 +79,7 @@ class MQTTClient:
             will=options.will.to_packet() if options.will else None,
             receive_maximum=options.receive_maximum,
             max_packet_size=options.max_packet_size,
+            ack_timeout=options.ack_timeout,
         )
         self._session.hold_acks = options.manual_ack
         self._stream: ByteStream | None = None
@@ -305,25 +308,17 @@ class MQTTClient:
         return list(slot[0]) if slot else []
 
     async def _wait_ack(self, done: trio.Event, packet: str, what: str, ack: str) -> None:
-        """Wait for an acknowledgement, at most ``ack_timeout`` (the caller's scopes too).
+        """Wait for an acknowledgement, at most ``ack_timeout`` (see ``bounded_ack``)."""
+        await bounded_ack(
+            done.wait,
+            self.options.ack_timeout,
+            partial(ack_timeout_error, packet, what, ack, self.url),
+            up_since=self._up_since,
+            drop_connection=self._drop_connection,
+        )
 
-        When the bound is reached on a connection that was up the whole time, the
-        broker is misbehaving: the connection is dropped (and made again), then
-        AckTimeout is raised.
-        """
-        timeout = self.options.ack_timeout
-        if timeout is None:
-            await done.wait()
-            return
-        start = trio.current_time()
-        with trio.move_on_after(timeout) as scope:
-            await done.wait()
-        if not scope.cancelled_caught:
-            return
-        error = ack_timeout_error(packet, what, ack, self.url, timeout)
-        if self.connected and self._connected_at <= start:
-            self._drop_connection(error)
-        raise error
+    def _up_since(self) -> float:
+        return self._connected_at if self.connected else math.inf
 
     def abort_connection(self) -> None:
         """Drop the connection without DISCONNECT, as a crash would (for tests).
@@ -549,8 +544,30 @@ class MQTTClient:
                 await trio.sleep_forever()
                 return
             await trio.sleep_until(deadline)
-            session.handle_timer(trio.current_time())
+            now = trio.current_time()
+            overdue = session.overdue_subscribes(now)
+            if overdue:
+                raise self._resubscribe_timed_out(overdue)
+            session.handle_timer(now)
             self._kick()
+
+    def _resubscribe_timed_out(self, filters: Sequence[str]) -> AckTimeout:
+        """The SUBSCRIBEs the session sent at CONNACK went unanswered: a deaf connection.
+
+        Nobody else waits for them (a resubscription; a pending subscribe() whose own
+        bound began on an earlier connection), so the timer ends the connection and the
+        manager reconnects with backoff, as an explicit wait would.
+        """
+        timeout = self.options.ack_timeout
+        assert timeout is not None
+        error = resubscribe_timed_out(filters, self.url, timeout)
+        log.error(
+            "%s (connected at %.3f, now %.3f): dropping the connection",
+            error,
+            self._connected_at,
+            trio.current_time(),
+        )
+        return error
 
     # ---------------------------------------------------- acknowledgements
     def _update_hold_acks(self) -> None:
@@ -558,14 +575,8 @@ class MQTTClient:
         self._session.hold_acks = self.options.manual_ack or self._router.manual > 0
 
     def _settle(self, message: Message, manual: bool) -> None:
-        """Decide who acknowledges a held QoS 1 message: the application, or us now."""
-        if message.ack_id is None or message.needs_ack:
-            return
-        if manual:
-            message.wait_for_ack(self._ack_message)
-        else:
-            self._session.ack(message.ack_id)
-            message.ack_id = None  # settled: a later subscription cannot take it over
+        """Who acknowledges a held QoS 1 message: the application, or us now."""
+        settle(message, manual, ack_later=self._ack_message, ack_now=self._session.ack)
 
     def _ack_message(self, message: Message) -> None:
         """``Message.ack()`` of a manual_ack subscription's message."""

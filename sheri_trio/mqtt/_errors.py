@@ -7,6 +7,21 @@ boundary, so callers never need to catch a library's exception.
 
 from __future__ import annotations
 
+__all__ = [
+    "AckTimeout",
+    "ClientClosed",
+    "ConnectError",
+    "ConnectionLost",
+    "KeepAliveTimeout",
+    "LocalProtocolError",
+    "MQTTError",
+    "PacketTooLarge",
+    "PublishError",
+    "RemoteProtocolError",
+    "SessionTakenOver",
+    "SubscribeError",
+]
+
 
 class MQTTError(Exception):
     """Base class of every error raised by ``sheri_trio.mqtt``."""
@@ -88,7 +103,9 @@ class AckTimeout(MQTTError):
     misbehaving: it drops the connection (when that connection had the whole bound) and
     reconnects with its usual backoff. Nothing is forgotten: an unacknowledged QoS 1
     publish is resent on the next connection, a pending SUBSCRIBE too (followed by the
-    UNSUBSCRIBE of the subscribe() that gave up).
+    UNSUBSCRIBE of the subscribe() that gave up). The SUBSCRIBEs a reconnect sends on
+    its own are bounded too: their timeout ends the connection (and is logged), it
+    reaches no caller.
     """
 
     def __init__(self, message: str, *, packet: str, timeout: float) -> None:

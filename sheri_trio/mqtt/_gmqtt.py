@@ -83,6 +83,7 @@ import random
 import ssl
 from collections import deque
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import gmqtt  # type: ignore[import-untyped]
@@ -95,9 +96,11 @@ from ._api import (
     ClientOptions,
     Subscription,
     ack_timeout_error,
+    bounded_ack,
     broker_disconnected,
     collapse_exception_groups,
     publish_refused,
+    resubscribe_timed_out,
     subscribe_refused,
 )
 from ._errors import (
@@ -109,7 +112,7 @@ from ._errors import (
     MQTTError,
 )
 from ._reconnect import run_reconnecting
-from ._routing import Router
+from ._routing import Router, settle
 from ._session import (
     FATAL_CONNACK_CODES,
     MAX_SUBSCRIPTION_ID,
@@ -127,7 +130,8 @@ if TYPE_CHECKING:
 
     from ._api import Will
 
-__all__ = ["GMQTTClient", "open_gmqtt_client"]
+# Nothing is re-exported: gmqtt is imported only when open_client(backend="gmqtt") asks.
+__all__: list[str] = []
 
 log = logging.getLogger("sheri_trio.mqtt.gmqtt")
 _gmqtt_log = logging.getLogger("sheri_trio.mqtt.gmqtt.lib")  # gmqtt's own messages
@@ -138,7 +142,7 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------- gmqtt glue
-class _GMQTTClient(gmqtt.Client):  # type: ignore[misc]
+class _GmqttWithoutReconnect(gmqtt.Client):  # type: ignore[misc]
     """gmqtt's client with its own reconnect switched off (the trio side reconnects).
 
     gmqtt binds ``self.reconnect`` as its handler's reconnect callback when the
@@ -288,7 +292,7 @@ class GMQTTClient:
         if options.session_expiry_interval:
             props["session_expiry_interval"] = options.session_expiry_interval
         self._store = _InflightStore(self._on_acked, self._on_store_cleared)
-        self._gmqtt: Any = _GMQTTClient(
+        self._gmqtt: Any = _GmqttWithoutReconnect(
             options.client_id,
             clean_session=options.clean_start,
             # PUBACK goes out before on_message runs. With False, gmqtt would send
@@ -332,6 +336,10 @@ class GMQTTClient:
         self._resubscribe: list[_SubRecord] = []
         self._restoring = False
         self._restore_event = trio.Event()
+        # SUBSCRIBEs sent again after a reconnect, which nobody else bounds:
+        # packet id -> (deadline, filters), timed by _watch_resubscriptions
+        self._resubscribing: dict[int, tuple[float, tuple[str, ...]]] = {}
+        self._resubscribed = trio.Event()
         # subscriptions and delivery
         self._records: dict[int, _SubRecord] = {}
         self._router = Router(options.orphan_buffer)
@@ -629,7 +637,7 @@ class GMQTTClient:
         body_failed = False
         try:
             codes = await self._ack_bound(
-                lambda: self._request(lambda: self._send_subscribe(record)),
+                lambda: self._request(lambda: self._send_subscribe(record), filters=filters),
                 "SUBSCRIBE",
                 what,
                 "SUBACK",
@@ -672,25 +680,57 @@ class GMQTTClient:
     async def _ack_bound(
         self, wait: Callable[[], Awaitable[T]], packet: str, what: str, ack: str
     ) -> T:
-        """Run ``wait`` (a wait for an acknowledgement) for at most ``ack_timeout``.
+        """Run ``wait`` for at most ``ack_timeout``, as the native client (``bounded_ack``)."""
+        return await bounded_ack(
+            wait,
+            self.options.ack_timeout,
+            partial(ack_timeout_error, packet, what, ack, self.url),
+            up_since=self._up_since,
+            drop_connection=self._drop_connection,
+        )
 
-        As in the native client: when the bound is reached on a connection that was
-        up the whole time, the connection is dropped (and made again), then
-        AckTimeout is raised.
+    def _up_since(self) -> float:
+        return self._connected_at if self._connected else math.inf
+
+    def _drop_connection(self, error: MQTTError) -> None:
+        """End the current connection because of ``error``; the manager reconnects."""
+        log.warning("dropping the connection to %s: %s", self.url, error)
+        self._abort_reason = error
+        self._on_disconnect(self._gmqtt, None)  # disconnected from now on
+        self._abort_transport()
+
+    def _bound_resubscription(self, mid: int, filters: tuple[str, ...]) -> None:
+        timeout = self.options.ack_timeout
+        if timeout is not None:
+            self._resubscribing[mid] = (trio.current_time() + timeout, filters)
+            self._resubscribed.set()
+
+    async def _watch_resubscriptions(self) -> None:
+        """Drop the connection when a SUBSCRIBE sent again after a reconnect goes
+        unanswered for ``ack_timeout`` (owned by the connection's nursery).
+
+        Nobody else waits for those SUBACKs: a broker that never sends them would
+        leave us connected but deaf.
         """
         timeout = self.options.ack_timeout
-        if timeout is None:
-            return await wait()
-        start = trio.current_time()
-        with trio.move_on_after(timeout):
-            return await wait()
-        error = ack_timeout_error(packet, what, ack, self.url, timeout)
-        if self._connected and self._connected_at <= start:
-            log.warning("dropping the connection to %s: %s", self.url, error)
-            self._abort_reason = error
-            self._on_disconnect(self._gmqtt, None)  # disconnected from now on
-            self._abort_transport()
-        raise error
+        while timeout is not None:
+            if not self._resubscribing:
+                self._resubscribed = trio.Event()
+                await self._resubscribed.wait()
+                continue
+            await trio.sleep_until(min(d for d, _ in self._resubscribing.values()))
+            now = trio.current_time()
+            overdue = [f for d, fs in self._resubscribing.values() if d <= now for f in fs]
+            if overdue and self._connected:
+                error = resubscribe_timed_out(overdue, self.url, timeout)
+                log.error(
+                    "%s (connected at %.3f, now %.3f): dropping the connection",
+                    error,
+                    self._connected_at,
+                    now,
+                )
+                self._drop_connection(error)
+                return
 
     def _forget_gmqtt_subscriptions(self, record: _SubRecord) -> None:
         gsubs = record.gsubs
@@ -704,18 +744,24 @@ class GMQTTClient:
         sub_id = record.sub_id if self._sub_ids_available else None
         return int(self._gmqtt.subscribe(record.gsubs, subscription_identifier=sub_id))
 
-    async def _request(self, send: Callable[[], int], *, retry: bool = True) -> list[int]:
+    async def _request(
+        self, send: Callable[[], int], *, retry: bool = True, filters: tuple[str, ...] = ()
+    ) -> list[int]:
         """Send a SUBSCRIBE/UNSUBSCRIBE and wait for its acknowledgement.
 
         A request lost with its connection is sent again on the next one
-        (``retry``), else ConnectionLost is raised.
+        (``retry``: a SUBSCRIBE of ``filters``), else ConnectionLost is raised.
         """
+        again: tuple[str, ...] | None = None  # the filters of a SUBSCRIBE sent again
         while True:
             await self._wait_for_room(need_id=True)
             try:
                 mid = send()
             except OverflowError as exc:  # gmqtt ran out of packet ids: a bookkeeping bug
                 raise LocalProtocolError(f"gmqtt refused the request: {exc}") from None
+            if again is not None:
+                # our caller's bound began on an earlier connection: bound this one too
+                self._bound_resubscription(mid, again)
             request = _Request()
             self._requests[mid] = request
             try:
@@ -728,6 +774,7 @@ class GMQTTClient:
                 return request.codes
             if not retry:
                 raise ConnectionLost("connection lost before the broker answered")
+            again = filters
 
     def _on_subscribe(self, client: Any, mid: int, codes: Sequence[int], properties: Any) -> None:
         self._request_done(mid, list(codes))
@@ -741,6 +788,7 @@ class GMQTTClient:
             request.codes = codes
             request.done.set()
         self._unawaited.discard(mid)
+        self._resubscribing.pop(mid, None)
         self._space.unpark_all()
 
     # ------------------------------------------------------ incoming messages
@@ -828,18 +876,13 @@ class GMQTTClient:
 
     def _settle(self, message: Message, manual: bool) -> None:
         """Who acknowledges a QoS 1 message: the application (manual), or us now."""
-        if message.ack_id is None or message.needs_ack:
-            return
-        if manual:
-            message.wait_for_ack(self._ack_message)
-        else:
-            self._ack_message(message)
-            message.ack_id = None  # settled: a later subscription cannot take it over
+        settle(message, manual, ack_later=self._ack_message, ack_now=self._ack)
 
     def _ack_message(self, message: Message) -> None:
-        ack_id = message.ack_id
-        if ack_id is None:
-            return
+        if message.ack_id is not None:
+            self._ack(message.ack_id)
+
+    def _ack(self, ack_id: tuple[int, int]) -> None:
         connection, mid = ack_id
         if connection == self.connections and self._connected:
             self._send_puback(mid)
@@ -919,6 +962,7 @@ class GMQTTClient:
         for mid in self._unawaited:
             self._free_id(mid)
         self._unawaited.clear()
+        self._resubscribing.clear()
         self._lost.set()
         self._space.unpark_all()
 
@@ -934,7 +978,9 @@ class GMQTTClient:
                 if self._resubscribe:
                     record = self._resubscribe.pop(0)
                     if record.sub_id in self._records:  # not unsubscribed meanwhile
-                        self._unawaited.add(self._send_subscribe(record))
+                        sub_mid = self._send_subscribe(record)
+                        self._unawaited.add(sub_mid)
+                        self._bound_resubscription(sub_mid, record.sub.filters)
                     continue
                 pending = self._resend.pop(0)
                 try:
@@ -1016,7 +1062,10 @@ class GMQTTClient:
         self._lost = trio.Event()
         await self._connect_once()
         on_connected()
-        await self._lost.wait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_resubscriptions)
+            await self._lost.wait()
+            nursery.cancel_scope.cancel()
         if self._closed:
             return
         error = self._lost_error or ConnectionLost("connection lost")

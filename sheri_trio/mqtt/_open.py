@@ -49,3 +49,11 @@ async def open_client(
             yield client
     else:
         raise LocalProtocolError(f"unknown backend {backend!r} (use 'trio' or 'gmqtt')")
+
+
+if TYPE_CHECKING:
+    from ._client import MQTTClient
+    from ._gmqtt import GMQTTClient
+
+    def _backends_are_clients(native: MQTTClient, gmqtt: GMQTTClient) -> tuple[Client, Client]:
+        return native, gmqtt  # mypy checks both backends against the Client protocol

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ._api import ClientOptions
     from ._streams import BrokerURL
 
-__all__ = ["backoff_delay", "run_reconnecting"]
+__all__: list[str] = []  # shared by the backends, not public
 
 log = logging.getLogger("sheri_trio.mqtt")
 

@@ -12,12 +12,37 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._api import Subscription
     from ._session import Message
 
-__all__ = ["Router"]
+__all__: list[str] = []  # shared by the backends, not public
 
 log = logging.getLogger("sheri_trio.mqtt")
+
+
+def settle(
+    message: Message,
+    manual: bool,
+    *,
+    ack_later: Callable[[Message], None],
+    ack_now: Callable[[tuple[int, int]], object],
+) -> None:
+    """Decide who acknowledges a held QoS 1 message (both backends).
+
+    ``manual``: the application, at ``message.ack()`` (which calls ``ack_later``);
+    else the client, now (``ack_now(ack_id)``), and the message stays settled: a later
+    subscription cannot take it over. A message already settled, or not held, is left.
+    """
+    ack_id = message.ack_id
+    if ack_id is None or message.needs_ack:
+        return
+    if manual:
+        message.wait_for_ack(ack_later)
+    else:
+        ack_now(ack_id)
+        message.ack_id = None
 
 
 class Router:

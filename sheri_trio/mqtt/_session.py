@@ -19,6 +19,7 @@ import mqtt5
 from mqtt5 import QoS
 
 from ._errors import (
+    AckTimeout,
     ConnectError,
     KeepAliveTimeout,
     LocalProtocolError,
@@ -29,16 +30,15 @@ from ._errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+# What the package re-exports; the events and the rest are the backends' (the
+# native client's events are its own business, see _client.py).
 __all__ = [
-    "Connected",
-    "Disconnected",
+    "QOS_LEVELS",
     "Message",
-    "OutgoingPublish",
-    "PublishAcked",
     "Session",
-    "SessionState",
-    "SubscribeAcked",
-    "UnsubscribeAcked",
+    "check_topic_filter",
+    "check_topic_name",
+    "topic_matches",
 ]
 
 DEFAULT_MAX_PACKET_SIZE: Final = 1024 * 1024
@@ -218,6 +218,8 @@ class _Request:
 
     packet: mqtt5.SubscribePacket | mqtt5.UnsubscribePacket
     internal: bool = False  # a resubscription the session made on its own
+    #: for a SUBSCRIBE (re)sent at CONNACK, when its SUBACK is overdue (see ack_timeout)
+    deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -287,6 +289,7 @@ class Session:
         will: mqtt5.Will | None = None,
         receive_maximum: int = 65535,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        ack_timeout: float | None = None,
     ) -> None:
         if not 0 <= keep_alive <= 0xFFFF:
             raise LocalProtocolError("keep_alive must be within 0..65535 seconds")
@@ -303,6 +306,10 @@ class Session:
         self.will = will
         self.receive_maximum = receive_maximum
         self.max_packet_size = max_packet_size
+        #: how long the SUBSCRIBEs the session sends on its own at CONNACK (its
+        #: resubscriptions, and pending ones sent again) may wait for their SUBACK:
+        #: nobody else waits for them, so :meth:`handle_timer` raises AckTimeout
+        self.ack_timeout = ack_timeout
 
         self.state = SessionState.DISCONNECTED
         self.connections = 0
@@ -615,12 +622,12 @@ class Session:
             if used != total:
                 raise RemoteProtocolError("packet length mismatch", reason_code=0x81)
             pos += total
-            self._handle_packet(packet, events)
+            self._handle_packet(packet, events, now)
         if pos < end:
             self._in = bytes(view[pos:])
         return events
 
-    def _handle_packet(self, packet: mqtt5.Packet, events: list[Event]) -> None:
+    def _handle_packet(self, packet: mqtt5.Packet, events: list[Event], now: float) -> None:
         if isinstance(packet, mqtt5.PublishPacket):
             if self.state is not SessionState.CONNECTED:
                 raise RemoteProtocolError("PUBLISH before CONNACK")
@@ -655,7 +662,7 @@ class Session:
             if pub is not None:  # an unknown id is a stale ack from a previous connection
                 self._acked(pub, int(packet.reason_code), packet.reason_str, events)
         elif isinstance(packet, mqtt5.ConnAckPacket):
-            self._handle_connack(packet, events)
+            self._handle_connack(packet, events, now)
         elif isinstance(packet, mqtt5.SubAckPacket):
             req = self._requests.pop(packet.packet_id, None)
             if req is None or not isinstance(req.packet, mqtt5.SubscribePacket):
@@ -695,7 +702,7 @@ class Session:
         if self._queued:
             self._fill_window()
 
-    def _handle_connack(self, packet: mqtt5.ConnAckPacket, events: list[Event]) -> None:
+    def _handle_connack(self, packet: mqtt5.ConnAckPacket, events: list[Event], now: float) -> None:
         if self.state is not SessionState.CONNECTING:
             raise RemoteProtocolError("unexpected CONNACK")
         code = int(packet.reason_code)
@@ -740,6 +747,11 @@ class Session:
             # reached it: make them again.
             if (not present or unconfirmed) and not sub.packet_ids:
                 self._send_subscribe(sub, internal=True)
+        # Nobody waits for these SUBACKs (a subscribe() still waiting started its bound
+        # on an earlier connection): the session bounds them itself, from now.
+        for req in self._requests.values():
+            if isinstance(req.packet, mqtt5.SubscribePacket):
+                req.deadline = None if self.ack_timeout is None else now + self.ack_timeout
         # Unacknowledged QoS 1 publishes are resent (DUP when the broker kept the session).
         for pub in self._inflight.values():
             data = pub.data
@@ -752,7 +764,14 @@ class Session:
 
     # ------------------------------------------------------------ keep-alive
     def next_deadline(self) -> float | None:
-        """When :meth:`handle_timer` must next run (None: no keep-alive)."""
+        """When :meth:`handle_timer` must next run (None: nothing to time)."""
+        overdue = self._resubscribe_deadline()
+        keep_alive = self._keep_alive_deadline()
+        if overdue is None or keep_alive is None:
+            return keep_alive if overdue is None else overdue
+        return min(overdue, keep_alive)
+
+    def _keep_alive_deadline(self) -> float | None:
         ka = self.effective_keep_alive
         if ka == 0 or self.state not in (SessionState.CONNECTED, SessionState.CONNECTING):
             return None
@@ -760,13 +779,46 @@ class Session:
             return self._last_received + 1.5 * ka
         return min(self._last_sent, self._last_received) + ka
 
+    def _resubscribe_deadline(self) -> float | None:
+        if self.state is not SessionState.CONNECTED:
+            return None
+        deadlines = [r.deadline for r in self._requests.values() if r.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def overdue_subscribes(self, now: float) -> list[str]:
+        """The filters of SUBSCRIBEs sent at CONNACK and unacknowledged for ``ack_timeout``.
+
+        (What :meth:`handle_timer` raises AckTimeout for; a driver may tell it first,
+        naming the broker.)
+        """
+        if self.state is not SessionState.CONNECTED:
+            return []
+        return [
+            f.pattern
+            for r in self._requests.values()
+            if r.deadline is not None
+            and r.deadline <= now
+            and isinstance(r.packet, mqtt5.SubscribePacket)
+            for f in r.packet.topic_filters
+        ]
+
     def handle_timer(self, now: float) -> None:
         """Send PINGREQ when idle; raise KeepAliveTimeout when the broker went silent.
 
         A ping goes out when nothing was sent, or nothing was heard, for one
         keep-alive; the connection is declared dead when nothing at all was
-        heard for 1.5 keep-alives.
+        heard for 1.5 keep-alives. Raises AckTimeout when a SUBSCRIBE sent at
+        CONNACK (see ``ack_timeout``) is still unacknowledged ``ack_timeout`` later:
+        a broker that never answers it would leave us connected but deaf.
         """
+        overdue = self.overdue_subscribes(now)
+        if overdue and self.ack_timeout is not None:
+            raise AckTimeout(
+                f"SUBSCRIBE {', '.join(map(repr, overdue))} (sent at CONNACK): no SUBACK "
+                f"within {self.ack_timeout:g} s",
+                packet="SUBSCRIBE",
+                timeout=self.ack_timeout,
+            )
         ka = self.effective_keep_alive
         if ka == 0 or self.state not in (SessionState.CONNECTED, SessionState.CONNECTING):
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from trio_websocket import WebSocketConnection
 
-__all__ = ["BrokerURL", "ByteStream", "TLSOptions", "open_stream"]
+__all__ = ["BrokerURL", "ByteStream", "TLSOptions", "redact"]
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 SCHEME_ALIASES = {"tcp": "mqtt", "ssl": "mqtts", "tls": "mqtts"}
@@ -73,9 +73,6 @@ class BrokerURL:
     @property
     def websocket(self) -> bool:
         return self.scheme in ("ws", "wss")
-
-    def with_credentials(self, username: str | None, password: str | None) -> BrokerURL:
-        return replace(self, username=username, password=password)
 
     def display(self) -> str:
         """The URL with any password replaced by ``***`` (safe for logs and messages)."""
@@ -269,15 +266,28 @@ async def open_stream(
         if not url.websocket:
             yield _TrioStream(stream)
             return
-        async with trio.open_nursery() as nursery:
-            ws = await _websocket_handshake(nursery, stream, url, ws_max_message_size, ws_headers)
-            try:
-                yield _WebSocketStream(ws)
-            finally:
-                with trio.move_on_after(1) as scope:
-                    scope.shield = True
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
+        handshaken = False
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = await _websocket_handshake(
+                    nursery, stream, url, ws_max_message_size, ws_headers
+                )
+                handshaken = True
+                try:
+                    yield _WebSocketStream(ws)
+                finally:
+                    with trio.move_on_after(1) as scope:
+                        scope.shield = True
+                        await ws.aclose()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # A failed handshake comes out of the nursery (trio-websocket's reader runs
+            # there: a rejected upgrade is raised by it) as a group: one ConnectError.
+            # After the handshake, the caller's errors pass as they are.
+            error = None if handshaken else _handshake_error(where, group)
+            if error is None:
+                raise
+            raise error from None
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -304,16 +314,43 @@ async def _websocket_handshake(
             max_message_size=max_message_size,
             receive_buffer_size=65536,
         )
-    except trio_websocket.ConnectionRejected as exc:
-        raise ConnectError(
-            f"cannot connect to {where}: WebSocket upgrade rejected (HTTP {exc.status_code})",
-            retryable=exc.status_code >= 500,
-        ) from exc
-    except (trio_websocket.HandshakeError, trio.BrokenResourceError, OSError) as exc:
-        raise connect_error(where, exc) from exc
+    except (
+        trio_websocket.ConnectionRejected,
+        trio_websocket.HandshakeError,
+        trio.BrokenResourceError,
+        OSError,
+    ) as exc:
+        raise _handshake_error(where, exc) or connect_error(where, exc) from exc
     if ws.subprotocol != "mqtt":
         raise ConnectError(f"{where}: the server did not accept the 'mqtt' WebSocket subprotocol")
     return ws
+
+
+def _handshake_error(where: str, exc: BaseException) -> ConnectError | None:
+    """A failed WebSocket handshake (possibly inside a group) as one ConnectError;
+    None for anything else."""
+    import trio_websocket
+
+    leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)]
+    if not leaves:
+        return None
+    first = leaves[0]
+    if isinstance(first, ConnectError):
+        return first
+    if isinstance(first, trio_websocket.ConnectionRejected):
+        return ConnectError(
+            f"cannot connect to {where}: WebSocket upgrade rejected (HTTP {first.status_code})",
+            retryable=first.status_code >= 500,
+        )
+    if isinstance(first, (trio_websocket.HandshakeError, trio.BrokenResourceError, OSError)):
+        return connect_error(where, first)
+    return None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def _hostport(url: BrokerURL) -> str:

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -39,6 +40,8 @@ from ..mqtt import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+
+    from ..mqtt import Client
 
 __all__ = ["BusRecord", "MemoryBus", "MemoryClient"]
 
@@ -71,6 +74,83 @@ class BusRecord:
         return json.loads(self.message.payload)
 
 
+class _BusSubscription(Subscription):
+    """A subscription whose messages beyond its buffer wait on the bus (``waiting``),
+    as a broker holds them for a slow client: each one taken lets the next one in."""
+
+    def __init__(
+        self,
+        filters: tuple[str, ...],
+        send: trio.MemorySendChannel[Message],
+        receive: trio.MemoryReceiveChannel[Message],
+        *,
+        manual_ack: bool,
+        room: trio.lowlevel.ParkingLot,
+    ) -> None:
+        super().__init__(filters, send, receive, manual_ack=manual_ack)
+        #: delivered by the bus, not yet in the buffer (it was full), oldest first
+        self.waiting: deque[Message] = deque()
+        self._room = room  # the bus's: publishers waiting for their messages to go in
+
+    async def receive(self) -> Message:
+        if not self.waiting:
+            message = await super().receive()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                message = super().receive_nowait()
+            except trio.WouldBlock:  # a buffer of 0: the oldest waits here
+                message = self.waiting.popleft()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        self._refill()
+        return message
+
+    def receive_nowait(self) -> Message:
+        try:
+            message = super().receive_nowait()
+        except trio.WouldBlock:
+            if not self.waiting:
+                raise
+            message = self.waiting.popleft()
+        self._refill()
+        return message
+
+    def offer(self, message: Message) -> bool | None:
+        """Into the buffer if it has room and nothing waits before it (True), else
+        behind the waiting ones (False); None if the subscription is closed."""
+        if not self.waiting:
+            try:
+                return True if self.deliver_nowait(message) else None
+            except trio.WouldBlock:
+                pass
+        self.waiting.append(message)
+        return False
+
+    def _refill(self) -> None:
+        moved = False
+        while self.waiting:
+            try:
+                still_open = self.deliver_nowait(self.waiting[0])
+            except trio.WouldBlock:
+                break
+            if still_open:
+                self.waiting.popleft()
+            else:
+                self.waiting.clear()
+            moved = True
+        if moved:
+            self._room.unpark_all()
+
+    def discard_waiting(self) -> None:
+        """The subscription ends: what never reached its buffer is gone with it."""
+        if self.waiting:
+            self.waiting.clear()
+            self._room.unpark_all()
+
+    def holds(self, message: Message) -> bool:
+        return any(m is message for m in self.waiting)
+
+
 class _Entry:
     """One live ``subscribe()`` of one client, as the bus sees it."""
 
@@ -88,7 +168,7 @@ class _Entry:
     def __init__(
         self,
         client: MemoryClient,
-        subscription: Subscription,
+        subscription: _BusSubscription,
         *,
         qos: int,
         no_local: bool,
@@ -113,24 +193,21 @@ class _Entry:
     def matches_plain(self, topic: str) -> bool:
         return any(topic_matches(f, topic) for f in self.plain)
 
-    def deliver(self, message: Message) -> None:
+    def deliver(self, message: Message) -> Message | None:
+        """Hand a message to the subscription; returns it if it waits for room."""
         if message.qos > self.qos:
             message = _copy(message, qos=self.qos)
         manual = self.manual_ack and message.qos == 1
         if manual:
             message = _copy(message)  # one ack() per subscription that must give one
             message.wait_for_ack(self.client._acked)
-        try:
-            delivered = self.subscription.deliver_nowait(message)
-        except trio.WouldBlock:
-            self.client.messages_dropped += 1
-            self.client.bus.messages_dropped += 1
-            return
-        # not delivered: the subscriber stopped reading, it is leaving its subscribe() block
-        if delivered:
+        placed = self.subscription.offer(message)
+        # None: the subscriber stopped reading, it is leaving its subscribe() block
+        if placed is not None:
             self.client.messages_received += 1
             if manual:
                 self.client.held_acks += 1
+        return message if placed is False else None
 
 
 def _copy(message: Message, *, qos: int | None = None, retain: bool | None = None) -> Message:
@@ -173,8 +250,13 @@ class MemoryBus:
       disconnects with reason ``0x04``, or is taken over by a new client with the same
       id; not on a graceful ``aclose()``. The will delay is not applied.
     * Subscriptions buffer ``default_buffer`` messages (unbounded by default; the
-      ``buffer=`` of ``subscribe()`` overrides it). A message that does not fit is
-      dropped and counted in ``messages_dropped``.
+      ``buffer=`` of ``subscribe()`` overrides it). Nothing is dropped: a message that
+      does not fit waits on the bus, in order, until the subscriber takes one, and
+      ``publish()`` waits until its message is in every buffer it goes to (the
+      backpressure the real client applies: a full subscription stops its reader,
+      and the broker's queue, then the publisher, wait). ``publish_nowait()``, wills
+      and retained messages cannot wait: theirs simply wait on the bus. Routing stays
+      synchronous, so the order of the publish calls is still every subscription's.
 
     ``history`` records every routed message with its trio time and sender, for
     assertions (``record=False`` turns that off).
@@ -185,7 +267,8 @@ class MemoryBus:
         self.default_buffer = default_buffer
         self.history: list[BusRecord] = []
         self.messages_routed = 0
-        self.messages_dropped = 0
+        #: wakes publishers whose messages waited for room in a subscription
+        self._room = trio.lowlevel.ParkingLot()
         self._retained: dict[str, Message] = {}
         self._entries: list[_Entry] = []
         self._round_robin: dict[tuple[str, str], int] = {}
@@ -289,8 +372,11 @@ class MemoryBus:
         with contextlib.suppress(ValueError):
             self._entries.remove(entry)
 
-    def _route(self, sender: MemoryClient, packet: mqtt5.PublishPacket, *, will: bool) -> int:
-        """Deliver to every matching subscription; returns how many matched."""
+    def _route(
+        self, sender: MemoryClient, packet: mqtt5.PublishPacket, *, will: bool
+    ) -> list[tuple[_BusSubscription, Message | None]]:
+        """Deliver to every matching subscription; returns one (subscription, message)
+        per match, the message where it waits for room, else None."""
         message = Message(packet)
         topic = packet.topic
         self.messages_routed += 1
@@ -319,11 +405,10 @@ class MemoryBus:
             chosen = members[turn % len(members)]
             if chosen not in targets:
                 targets.append(chosen)
-        for entry in targets:
-            entry.deliver(message)
+        placed = [(entry.subscription, entry.deliver(message)) for entry in targets]
         for listener in list(self.listeners):
             listener(record)
-        return len(targets)
+        return placed
 
 
 class MemoryClient:
@@ -347,7 +432,6 @@ class MemoryClient:
         self.close_reason: str | None = None
         self.messages_sent = 0
         self.messages_received = 0
-        self.messages_dropped = 0
         #: manual_ack messages delivered and not yet ack()ed / ack()ed
         self.held_acks = 0
         self.messages_acked = 0
@@ -373,7 +457,8 @@ class MemoryClient:
             "connected": self.connected,
             "messages_sent": self.messages_sent,
             "messages_received": self.messages_received,
-            "messages_dropped": self.messages_dropped,
+            "messages_dropped": 0,  # the bus drops nothing (as the real client)
+            "messages_waiting": sum(len(e.subscription.waiting) for e in self._entries),
             "held_acks": self.held_acks,
             "messages_acked": self.messages_acked,
             "subscriptions": len(self._entries),
@@ -405,14 +490,18 @@ class MemoryClient:
         correlation_data: bytes | None = None,
         user_properties: Sequence[tuple[str, str]] | None = None,
     ) -> int | None:
-        """Route the message at once; QoS 1 with ``wait_ack`` then yields (the "PUBACK").
+        """Route the message at once; wait while a subscription it goes to is full.
 
-        Returns, as a broker's PUBACK would, 0x10 (no matching subscribers) when no
-        subscription got the message and 0 otherwise, for a waited QoS 1 publish;
-        None for QoS 0 and ``wait_ack=False``.
+        Returns (QoS 1 with ``wait_ack``, then yielding once: the "PUBACK"), as a broker's
+        PUBACK would, 0x10 (no matching subscribers) when no subscription got the
+        message and 0 otherwise; None for QoS 0 and ``wait_ack=False``. Whatever the
+        QoS, this returns only once the message is in the buffer of every subscription
+        it goes to (backpressure, see :class:`MemoryBus`); cancelled meanwhile, the
+        message still reaches them. Raises ClientClosed if this client is closed
+        while it waits.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        delivered = self.publish_nowait(
+        placed = self._publish(
             topic,
             payload,
             qos=qos,
@@ -423,9 +512,12 @@ class MemoryClient:
             correlation_data=correlation_data,
             user_properties=user_properties,
         )
+        while any(m is not None and sub.holds(m) for sub, m in placed):
+            await self.bus._room.park()
+            self._check_open()
         if qos and wait_ack:
             await trio.lowlevel.cancel_shielded_checkpoint()
-            return 0 if delivered else _NO_MATCHING_SUBSCRIBERS
+            return 0 if placed else _NO_MATCHING_SUBSCRIBERS
         return None
 
     def publish_nowait(
@@ -443,10 +535,38 @@ class MemoryClient:
     ) -> int:
         """Publish synchronously (test-only; not part of the Client interface).
 
-        Subscribers have the message in their buffers when this returns, before any
-        other task runs: e.g. from a bus listener, to land a message right behind
-        another one. Returns how many subscriptions matched it.
+        Subscribers have the message when this returns, before any other task runs:
+        e.g. from a bus listener, to land a message right behind another one. It never
+        waits: for a full subscription the message waits on the bus, behind the ones
+        already waiting (none is dropped). Returns how many subscriptions matched it.
         """
+        return len(
+            self._publish(
+                topic,
+                payload,
+                qos=qos,
+                retain=retain,
+                message_expiry_interval=message_expiry_interval,
+                content_type=content_type,
+                response_topic=response_topic,
+                correlation_data=correlation_data,
+                user_properties=user_properties,
+            )
+        )
+
+    def _publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int,
+        retain: bool,
+        message_expiry_interval: int | None,
+        content_type: str | None,
+        response_topic: str | None,
+        correlation_data: bytes | None,
+        user_properties: Sequence[tuple[str, str]] | None,
+    ) -> list[tuple[_BusSubscription, Message | None]]:
         self._check_open()
         if qos not in (0, 1):
             raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
@@ -497,7 +617,9 @@ class MemoryClient:
         self._check_open()
         size = self.bus.default_buffer if buffer is None else buffer
         send, receive = trio.open_memory_channel[Message](size)
-        sub = Subscription(tuple(filters), send, receive, manual_ack=bool(manual_ack))
+        sub = _BusSubscription(
+            tuple(filters), send, receive, manual_ack=bool(manual_ack), room=self.bus._room
+        )
         sub.reason_codes = [qos] * len(filters)
         entry = _Entry(
             self,
@@ -520,6 +642,7 @@ class MemoryClient:
         self.messages_acked += 1
 
     def _drop(self, entry: _Entry) -> None:
+        entry.subscription.discard_waiting()
         self.bus._remove(entry)
         with contextlib.suppress(ValueError):
             self._entries.remove(entry)
@@ -558,6 +681,7 @@ class MemoryClient:
             entry.subscription.close()
         if self.bus._clients.get(self._client_id) is self:
             del self.bus._clients[self._client_id]
+        self.bus._room.unpark_all()  # our publishes waiting for room: ClientClosed
         will = self.will
         if publish_will and will is not None:
             packet = mqtt5.PublishPacket(
@@ -575,3 +699,9 @@ class MemoryClient:
     def __repr__(self) -> str:
         state = "connected" if self.connected else f"closed: {self.close_reason}"
         return f"<MemoryClient {self._client_id!r} {state}>"
+
+
+if TYPE_CHECKING:
+
+    def _memory_client_is_a_client(client: MemoryClient) -> Client:
+        return client  # mypy checks MemoryClient against the Client protocol
