@@ -54,7 +54,15 @@ from ._checks import (
 )
 from .executors import EXECUTOR_TABLES, validate_executor_config
 from .mqtt import BrokerURL, LocalProtocolError, TLSOptions
-from .swarm import AGENT_ID_RE, DEFAULT_SWARM, ROLES, SWARM_RE, AgentConfig, new_agent_id
+from .swarm import (
+    AGENT_ID_RE,
+    DEFAULT_SWARM,
+    DISPATCH_MODES,
+    ROLES,
+    SWARM_RE,
+    AgentConfig,
+    new_agent_id,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -169,6 +177,7 @@ AGENT_CHECKS: Final[dict[str, Check]] = {
     "state_retention": _integer(1),
     "keep_alive": _integer(0, 65535),
     "startup_timeout": number(0, exclusive=True),
+    "dispatch": choice(*DISPATCH_MODES),
 }
 
 #: the check of a setting by its type (for the fields not in AGENT_CHECKS)

@@ -157,6 +157,7 @@ AGENT_VALUES = {
     "swarm": "elsewhere",
     "broker": "mqtt://broker.example:1884",
     "max_tasks": 2,
+    "dispatch": "dispatcher",
     "queue_limit": 20,
     "overflow_limit": 30,
     "preference_window": 4,

@@ -11,6 +11,7 @@ from ._agent import run_agent as run_agent
 from ._claims import ClaimBook as ClaimBook
 from ._claims import ClaimVerdict as ClaimVerdict
 from ._claims import Holder as Holder
+from ._config import DISPATCH_MODES as DISPATCH_MODES
 from ._config import AgentConfig as AgentConfig
 from ._config import new_agent_id as new_agent_id
 from ._dispatcher import Ack as Ack

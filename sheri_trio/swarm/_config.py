@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from ._protocol import AGENT_ID_RE, DEFAULT_SWARM, MAX_MESSAGE_BYTES, ROLES, Topics
 
-__all__ = ["AgentConfig", "new_agent_id"]
+__all__ = ["DISPATCH_MODES", "AgentConfig", "new_agent_id"]
+
+#: the values of ``AgentConfig.dispatch``
+DISPATCH_MODES: Final = ("broadcast", "dispatcher")
 
 
 def new_agent_id() -> str:
@@ -45,6 +48,9 @@ class AgentConfig:
     keep_alive: int = 30
     #: the bound of each start-up step (None: the client's connect_timeout)
     startup_timeout: float | None = None
+    #: how tasks reach agents: "broadcast" (every agent sees every task; claims in the
+    #: broker's order) or "dispatcher" (one elected dispatcher; docs/dispatch.md)
+    dispatch: str = "broadcast"
     check_duplicate: bool = True
     client_options: dict[str, Any] = field(default_factory=dict)
     executor_config: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +68,10 @@ class AgentConfig:
             raise ValueError(
                 f"agent_id: invalid agent id {self.agent_id!r}: "
                 "1-128 of letters, digits, '.', '_', '-'"
+            )
+        if self.dispatch not in DISPATCH_MODES:
+            raise ValueError(
+                f"dispatch: must be one of {', '.join(DISPATCH_MODES)}, got {self.dispatch!r}"
             )
         if self.max_tasks < 1:
             raise ValueError(f"max_tasks: must be at least 1, got {self.max_tasks}")
