@@ -1131,3 +1131,47 @@ async def test_a_busy_peers_tasks_wait_at_most_the_preference_window(
         later = {t for t in burst[position + window + 1 :] if t not in prefers_b}
         ran_before = set(started[: started.index(task_id)])
         assert not (later & ran_before), (task_id, sorted(later & ran_before))
+
+
+# ------------------------------------------------------------ dispatch mode
+async def test_dispatch_mode_agent_runs_what_its_inbox_assigns_and_acks_each_message(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    """The agent side of docs/dispatch.md, with the test as the dispatcher: an assignment
+    runs once (the retained claimed record before the claim, then the outcome), a
+    revocation stops a run silently, a cancel fails it; every inbox message is acked."""
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            dispatcher = bus.open("disp")
+            a = await start(nursery, bus, cfg("A", dispatch="dispatcher"), script)
+            assert bus.subscribers(T.tasks_new) == []  # O(1): agents do not follow submissions
+            inbox = T.agent_inbox("A")
+
+            async def send(kind: str, task_id: str, attempt: int = 1, **task: Any) -> None:
+                body: dict[str, Any] = {"kind": kind, "task_id": task_id, "attempt": attempt}
+                if kind == "assignment":
+                    body["task"] = {"task_id": task_id, "type": "testing.run", **task}
+                await dispatcher.publish(inbox, encode("disp", "general", body), qos=1)
+
+            await send("assignment", "d-1", payload={})
+            done = await wait(bus, T.tasks_complete, task_id="d-1")
+            await send("assignment", "d-2", payload={"hang": True})
+            await wait(bus, T.tasks_progress, task_id="d-2", event="start")
+            await send("revocation", "d-2", reason="holder lost")
+            await wait(bus, T.tasks_progress, task_id="d-2", event="release")
+            await send("assignment", "d-3", attempt=2, payload={"hang": True})
+            await wait(bus, T.tasks_progress, task_id="d-3", event="start")
+            await send("cancel", "d-3", attempt=2)
+            failed = await wait(bus, T.tasks_failed, task_id="d-3")
+            await trio.sleep(1)
+            assert a.client.statistics()["messages_acked"] == 6  # our sync marker + 5
+            nursery.cancel_scope.cancel()
+    assert body(done)["attempt"] == 1
+    assert (body(failed)["reason"], body(failed)["attempt"]) == ("cancelled", 2)
+    assert [c.task_id for c in script.calls] == ["d-1", "d-2", "d-3"]
+    # claimed record first, then the claim (the dispatcher reacts to the claim)
+    d1 = [r for r in bus.records(f"{SWARM}/#") if body(r).get("task_id") == "d-1"]
+    kinds = [(r.topic, body(r).get("state")) for r in d1]
+    assert kinds.index((T.task_state("d-1"), "claimed")) < kinds.index((T.tasks_assigned, None))
+    # the revoked run wrote no retained record over the new holder's
+    assert [body(r)["state"] for r in bus.records(T.task_state("d-2"))] == ["claimed"]

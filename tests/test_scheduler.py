@@ -446,3 +446,78 @@ def test_any_message_sequence_keeps_slots_and_starts_consistent(
         assert s.free_slots() >= 0
         for entry in s.running.values():
             assert entry.phase in (Phase.RUNNING, Phase.STOPPING)
+
+
+# ------------------------------------------------------------ dispatch mode
+def inbox(s: Scheduler, kind: str, task_id: str, attempt: int = 1, **fields: Any) -> Any:
+    body: dict[str, Any] = {"kind": kind, "task_id": task_id, "attempt": attempt, **fields}
+    if kind == "assignment" and "task" not in fields:
+        body["task"] = {"task_id": task_id, "type": "testing.run", "payload": {}}
+    return s.receive(T.agent_inbox(s.me), env(body, "disp", "general"), 0.0)
+
+
+def test_dispatch_mode_starts_an_assignment_at_once_and_holds_its_slot() -> None:
+    s = make(max_tasks=1, dispatch="dispatcher")
+    (start,) = inbox(s, "assignment", "a")
+    assert isinstance(start, StartTask)
+    assert (start.entry.task_id, start.attempt) == ("a", 1)
+    assert s.free_slots() == 0
+    assert s.claims() == []  # nothing is claimed in the broker's order
+    assert inbox(s, "assignment", "a") == []  # the same (task, attempt) again: a duplicate
+    # beyond max_tasks (the dispatcher should not): handed back, not run
+    assert inbox(s, "assignment", "b") == [SendRelease("b", 1)]
+
+
+def test_dispatch_mode_a_revocation_fences_the_run_and_a_cancel_stops_it() -> None:
+    s = make(dispatch="dispatcher")
+    (a,) = inbox(s, "assignment", "a")
+    (b,) = inbox(s, "assignment", "b")
+    assert inbox(s, "revocation", "a", reason="holder lost") == [
+        StopTask(a.entry, StopReason.FENCED)
+    ]
+    assert inbox(s, "cancel", "b") == [StopTask(b.entry, StopReason.CANCEL)]
+    assert inbox(s, "revocation", "unknown") == []
+
+
+def test_dispatch_mode_the_backlog_is_read_before_anything_starts() -> None:
+    """An assignment revoked later in the backlog never starts; the rest start at the
+    sync marker; a cancelled one fails once without running."""
+    s = make(max_tasks=4, dispatch="dispatcher")
+    s.begin_drain("n1")
+    for task_id in ("a", "b", "c"):
+        assert inbox(s, "assignment", task_id) == []
+    assert inbox(s, "revocation", "a") == []
+    (failed,) = inbox(s, "cancel", "c")
+    assert isinstance(failed, SendFailed)
+    assert failed.reason is FailReason.CANCELLED
+    marker = env({"kind": "sync", "nonce": "other"})
+    assert s.receive(T.agent_inbox("me"), marker, 0.0) == []  # not ours
+    marker = env({"kind": "sync", "nonce": "n1"})
+    starts = s.receive(T.agent_inbox("me"), marker, 0.0)
+    assert [(c.entry.task_id, c.attempt) for c in starts if isinstance(c, StartTask)] == [("b", 1)]
+    assert s.draining is None
+    assert s.free_slots() == 3
+
+
+def test_dispatch_mode_refuses_bad_inbox_messages_and_hands_back_while_leaving() -> None:
+    s = make(dispatch="dispatcher")
+    (report,) = s.receive(
+        T.agent_inbox("me"), env({"kind": "launch", "task_id": "x", "attempt": 1}), 0.0
+    )
+    assert isinstance(report, ReportError)
+    assert "unknown inbox message kind" in report.reason
+    (report,) = s.receive(
+        T.agent_inbox("me"), env({"kind": "assignment", "task_id": "x", "attempt": 1}), 0.0
+    )
+    assert isinstance(report, ReportError)
+    s.stop_accepting()
+    assert inbox(s, "assignment", "late") == [SendRelease("late", 1)]
+
+
+def test_dispatch_mode_follows_the_dispatcher_status() -> None:
+    s = make(dispatch="dispatcher")
+    online = env({"agent_id": "d1", "epoch": 3, "status": "online"})
+    s.receive(T.dispatch_status, online, 0.0)
+    assert s.dispatcher == ("d1", 3)
+    s.receive(T.dispatch_status, env({"agent_id": "d1", "epoch": 3, "status": "offline"}), 1.0)
+    assert s.dispatcher is None

@@ -98,6 +98,7 @@ class Agent:
         self._claim_wakeup = trio.Event()
         self._shutdown = trio.Event()
         self._tasks_nursery: trio.Nursery | None = None
+        self._early_starts: list[StartTask] = []
         self._idle = trio.Event()
 
     # ------------------------------------------------------------ public API
@@ -144,29 +145,45 @@ class Agent:
         startup = startup if startup is not None else Startup(self.agent_id)
         t = self.topics
         self.started_at = trio.current_time()
-        filters = (
-            t.tasks_new,
-            t.tasks_assigned,
-            t.tasks_complete,
-            t.tasks_failed,
-            t.tasks_released,
-            t.tasks_cancel,
-            t.tasks_pending_all,
-            t.agents_status_all,
-            t.agents_register,
-            t.agents_heartbeat,
-            t.agents_shutdown,
-            t.broadcast,
-        )
+        dispatched = self.scheduler.dispatched
+        if dispatched:
+            # The dispatcher hands us our tasks (docs/dispatch.md): our inbox, acknowledged
+            # once what it asks is carried out, and whom to follow.
+            filters: tuple[str, ...] = (
+                t.agent_inbox(self.agent_id),
+                t.dispatch_status,
+                t.broadcast,
+            )
+        else:
+            filters = (
+                t.tasks_new,
+                t.tasks_assigned,
+                t.tasks_complete,
+                t.tasks_failed,
+                t.tasks_released,
+                t.tasks_cancel,
+                t.tasks_pending_all,
+                t.agents_status_all,
+                t.agents_register,
+                t.agents_heartbeat,
+                t.agents_shutdown,
+                t.broadcast,
+            )
         async with trio.open_nursery() as root, AsyncExitStack() as stack:
             with startup.step(StartupStep.SUBSCRIBE):
                 # One subscription for every topic: the broker's order is kept across them.
-                messages = await stack.enter_async_context(self.client.subscribe(*filters, qos=1))
+                messages = await stack.enter_async_context(
+                    self.client.subscribe(*filters, qos=1, manual_ack=dispatched)
+                )
             with startup.step(StartupStep.LOAD_TASK_STATES):
-                await self._load_task_states(progress=startup.renew)
+                if dispatched:
+                    await self._drain_inbox(root, messages)
+                else:
+                    await self._load_task_states(progress=startup.renew)
             with startup.step(StartupStep.ANNOUNCE):
                 await self._announce()
-            root.start_soon(self._intake, messages)
+            if not dispatched:
+                root.start_soon(self._intake, messages)
             root.start_soon(self._heartbeat_loop)
             root.start_soon(self._lease_loop)
             root.start_soon(self._claimer)
@@ -174,11 +191,24 @@ class Agent:
             task_status.started(self)
             async with trio.open_nursery() as tasks:
                 self._tasks_nursery = tasks
+                for command in self._early_starts:  # assigned while we started
+                    await self._carry_out(command)
+                self._early_starts.clear()
                 await self._shutdown.wait()
                 await self._drain()
             self._tasks_nursery = None
             await self._leave()
             root.cancel_scope.cancel()
+
+    async def _drain_inbox(self, nursery: trio.Nursery, messages: Subscription) -> None:
+        """Dispatch mode: read our inbox's backlog up to a sync marker of ours before
+        anything starts, so an assignment revoked while we were away never runs."""
+        nonce = secrets.token_hex(4)
+        self.scheduler.begin_drain(nonce)
+        drained = trio.Event()
+        nursery.start_soon(self._intake, messages, drained)
+        await self._publish(self.topics.agent_inbox(self.agent_id), self.messages.sync(nonce))
+        await drained.wait()
 
     async def _load_task_states(self, progress: Callable[[], object] | None = None) -> None:
         """Read the retained task states once (see :meth:`Scheduler.on_state`). ``progress``
@@ -217,15 +247,18 @@ class Agent:
         while True:
             await trio.sleep_until(next_beat)
             next_beat += interval
-            s = self.scheduler
-            beat = self.messages.heartbeat(
-                uptime=trio.current_time() - self.started_at,
-                rss=_rss_bytes(),
-                running=list(s.running),
-                capacity=self.config.max_tasks,
-                queued=len(s.queue),
-            )
-            await self._publish(self.topics.agents_heartbeat, beat, wait_ack=False)
+            await self._beat(self.config.max_tasks if self.scheduler.accepting else 0)
+
+    async def _beat(self, capacity: int) -> None:
+        s = self.scheduler
+        beat = self.messages.heartbeat(
+            uptime=trio.current_time() - self.started_at,
+            rss=_rss_bytes(),
+            running=list(s.running),
+            capacity=capacity,
+            queued=len(s.queue),
+        )
+        await self._publish(self.topics.agents_heartbeat, beat, wait_ack=False)
 
     async def _lease_loop(self) -> None:
         period = max(self.config.lease_time / 4, 0.01)
@@ -235,10 +268,11 @@ class Agent:
             self._wake_claimer()
 
     # -------------------------------------------------------------- intake
-    async def _intake(self, messages: Subscription) -> None:
+    async def _intake(self, messages: Subscription, drained: trio.Event | None = None) -> None:
         # Take every message already delivered in one go: one scheduling round per
         # batch instead of one per message.
         scheduler = self.scheduler
+        manual = scheduler.dispatched
         while True:
             try:
                 batch = [await messages.receive()]
@@ -253,6 +287,10 @@ class Agent:
                 commands = scheduler.receive(message.topic, message.payload, trio.current_time())
                 for command in commands:
                     await self._carry_out(command)
+                if manual:
+                    message.ack()  # carried out (a start: handed to the task nursery)
+            if drained is not None and scheduler.draining is None:
+                drained.set()
             self._wake_claimer()
 
     async def _claimer(self) -> None:
@@ -273,9 +311,11 @@ class Agent:
             claim = m.claim(command.task_id, command.attempt)
             await self._publish(t.tasks_assigned, claim, wait_ack=False)
         elif type(command) is StartTask:
+            if self._tasks_nursery is None:  # assigned while we start: when the nursery is
+                self._early_starts.append(command)
+                return
             scope = trio.CancelScope()
             self._scopes[command.entry.task_id] = scope
-            assert self._tasks_nursery is not None  # won while not accepting: SendRelease
             self._tasks_nursery.start_soon(self._run_task, command.entry, command.attempt, scope)
         elif type(command) is StopTask:
             running = self._scopes.get(command.entry.task_id)
@@ -325,9 +365,11 @@ class Agent:
     async def changed(self, entry: Entry, record: TaskRecord, change: StateChange) -> None:
         payload = self.messages.state_change(record, change, entry.spec.type)
         await self._publish(self.topics.tasks_progress, payload, wait_ack=False)
+        if change.detail.get("reason") == "fenced":
+            return  # a newer attempt's holder owns the retained record now
         if change.dest == "claimed" or record.final:
-            if change.dest == "claimed":
-                # newcomers read this retained state to take over from a dead holder
+            if change.dest in ("claimed", "released"):
+                # newcomers (and a new dispatcher) read this retained state to take over
                 payload["task"] = entry.spec.to_wire()
             await self._publish(
                 self.topics.task_state(record.task_id),
@@ -336,6 +378,10 @@ class Agent:
                 expiry=self.config.state_retention,
                 wait_ack=False,
             )
+            if change.dest == "claimed" and self.scheduler.dispatched:
+                # after the record: the claim tells the dispatcher and observers we have it
+                claim = self.messages.claim(record.task_id, record.attempt)
+                await self._publish(self.topics.tasks_assigned, claim, wait_ack=False)
 
     async def progress(self, record: TaskRecord, message: str, fields: dict[str, Any]) -> None:
         payload = self.messages.progress(record, message, fields)
@@ -403,6 +449,8 @@ class Agent:
         """Stop taking tasks; let running ones finish within the grace period; release the rest."""
         self.scheduler.stop_accepting()
         self._log(logging.INFO, "shutting down", running=len(self.scheduler.running))
+        if self.scheduler.dispatched:
+            await self._beat(capacity=0)  # the dispatcher assigns us nothing more
         if self.scheduler.running:
             self._idle = trio.Event()
             with trio.move_on_after(self.config.grace_period):

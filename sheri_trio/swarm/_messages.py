@@ -260,6 +260,10 @@ class Messages:
         """A cancel request forwarded to the holder's inbox."""
         return {"kind": "cancel", "task_id": task_id, "attempt": attempt}
 
+    def sync(self, nonce: str) -> dict[str, Any]:
+        """Our own marker on our inbox: the backlog before it has been read."""
+        return {"kind": "sync", "nonce": nonce}
+
     def dispatch_status(self, epoch: int, status: str) -> dict[str, Any]:
         """The retained ``dispatch/status`` (and, offline, the dispatcher's will)."""
         return {"agent_id": self.agent_id, "epoch": epoch, "status": status}

@@ -210,6 +210,16 @@ class Scheduler:
         self.book = ClaimBook()
         self.peers = PeerTable(self.me)
         self.queue = ClaimQueue(config.queue_limit, config.overflow_limit, config.preference_window)
+        #: dispatch mode: tasks come as assignments on our inbox (docs/dispatch.md), not
+        #: as submissions we claim in the broker's order
+        self.dispatched = config.dispatch == "dispatcher"
+        self._inbox = self.topics.agent_inbox(self.me)
+        #: while the inbox backlog is read at start (the nonce of our sync marker), the
+        #: assignments wait here, so one revoked later in the backlog never starts
+        self.draining: str | None = None
+        self._held: dict[str, Entry] = {}
+        #: the dispatcher we follow (``dispatch/status``): agent id and epoch
+        self.dispatcher: tuple[str, int] | None = None
         self.entries: dict[str, Entry] = {}
         #: entries whose slot is busy running (RUNNING or STOPPING), in start order
         self.running: dict[str, Entry] = {}
@@ -252,6 +262,10 @@ class Scheduler:
             return []  # a cleared marker
         try:
             env = decode_envelope(payload, max_bytes=self.config.max_message_bytes)
+            if topic == self._inbox:
+                return self.on_inbox(env)
+            if topic == t.dispatch_status:
+                return self.on_dispatch_status(env)
             if topic == t.tasks_new:
                 return self.on_task(env, now)
             if topic == t.tasks_assigned:
@@ -359,6 +373,105 @@ class Scheduler:
                 logging.WARNING, "resuming a task of our previous run", self.me, task_id=task_id
             )
             self._enqueue(entry, attempt + 1)
+
+    # -------------------------------------------------------- dispatch mode
+    def on_inbox(self, env: Envelope) -> list[Command]:
+        """An assignment, revocation or cancel from the dispatcher, or our sync marker."""
+        p = env.payload
+        kind = p.get("kind")
+        if kind == "sync":
+            if self.draining is not None and p.get("nonce") == self.draining:
+                return self.end_drain()
+            return []
+        task_id = check_task_id(p.get("task_id"))
+        attempt = p.get("attempt")
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+            raise BadMessage("'attempt' must be a positive integer", task_id=task_id)
+        if kind == "assignment":
+            task = p.get("task")
+            if not isinstance(task, dict) or task.get("task_id") != task_id:
+                raise BadMessage("an assignment needs its 'task'", task_id=task_id)
+            return self._on_assignment(env, task, attempt)
+        if kind == "revocation":
+            held = self._held.get(task_id)
+            if held is not None and held.attempt <= attempt:
+                del self._held[task_id]
+                self._set_phase(held, Phase.HELD)
+                log_event(logging.INFO, "revoked before it started", self.me, task_id=task_id)
+                return []
+            entry = self.entries.get(task_id)
+            if entry is not None and entry.phase is Phase.RUNNING and entry.attempt <= attempt:
+                return [self._stop(entry, StopReason.FENCED)]
+            return []
+        if kind == "cancel":
+            held = self._held.pop(task_id, None)
+            if held is not None:  # assigned in the backlog: it never starts
+                self._set_phase(held, Phase.HELD)
+                self.book.mark_finished(task_id, False)
+                self.counters["failed"] += 1
+                error = "cancelled before it started"
+                return [SendFailed(held.spec, attempt, error, FailReason.CANCELLED, held.marker)]
+            entry = self.entries.get(task_id)
+            if entry is not None and entry.phase is Phase.RUNNING:
+                return [self._stop(entry, StopReason.CANCEL)]
+            return []
+        raise BadMessage(f"unknown inbox message kind {str(kind)[:40]!r}", task_id=task_id)
+
+    def _on_assignment(self, env: Envelope, task: dict[str, Any], attempt: int) -> list[Command]:
+        task_id = task["task_id"]
+        if self.book.is_finished(task_id):
+            return []  # a duplicate of one we finished
+        known = self.entries.get(task_id)
+        if known is not None and known.attempt >= attempt:
+            return []  # a duplicate (the dispatcher sends again after a hand-over)
+        if (known is not None and known.phase in _HOLDING) or not self.accepting:
+            # still ending an older attempt, or leaving: hand the new one back
+            self.counters["released"] += 1
+            return [SendRelease(task_id, attempt)]
+        invalid: str | None = None
+        try:
+            spec = parse_task(task, default_max_retries=self.config.max_retries)
+        except BadMessage as exc:
+            spec = TaskSpec(task_id, "invalid", task, max_retries=0)
+            invalid = exc.reason
+        spec.submitted_by = env.agent_id
+        entry = known or Entry(spec, invalid)
+        entry.spec, entry.invalid, entry.attempt, entry.stop = spec, invalid, attempt, None
+        self.entries[task_id] = entry
+        self.book.observe_claim(Claim(task_id, self.me, attempt, self.role), 0.0)
+        self.counters["won"] += 1
+        if self.free_slots() <= 0:
+            self.counters["released"] += 1
+            log_event(
+                logging.WARNING, "assigned beyond max_tasks: released", self.me, task_id=task_id
+            )
+            return [SendRelease(task_id, attempt)]
+        self._set_phase(entry, Phase.RUNNING)
+        if self.draining is not None:
+            self._held[task_id] = entry
+            return []
+        return [StartTask(entry, attempt)]
+
+    def begin_drain(self, nonce: str) -> None:
+        """Our inbox's backlog is being read up to the sync marker ``nonce``."""
+        self.draining = nonce
+
+    def end_drain(self) -> list[Command]:
+        """The backlog is read: start what was assigned and not revoked meanwhile."""
+        self.draining = None
+        held, self._held = self._held, {}
+        return [StartTask(entry, entry.attempt) for entry in held.values()]
+
+    def on_dispatch_status(self, env: Envelope) -> list[Command]:
+        p = env.payload
+        agent_id, epoch = p.get("agent_id"), p.get("epoch")
+        if p.get("status") == "online" and isinstance(agent_id, str) and isinstance(epoch, int):
+            if self.dispatcher != (agent_id, epoch):
+                log_event(logging.INFO, "dispatcher", self.me, dispatcher=agent_id, epoch=epoch)
+            self.dispatcher = (agent_id, epoch)
+        else:
+            self.dispatcher = None
+        return []
 
     # ------------------------------------------------------------ claiming
     def claims(self) -> list[SendClaim]:
