@@ -18,7 +18,7 @@ MQTT = Path(sheri_trio.mqtt.__file__).parent
 
 
 #: mqtt/ is left out: its modules list names shared between its backends in __all__
-PACKAGES = ["sheri_trio.swarm"]
+PACKAGES = ["sheri_trio.swarm", "sheri_trio.stores"]
 
 
 def _private_modules(package_name: str) -> list[str]:
