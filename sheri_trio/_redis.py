@@ -4,7 +4,9 @@
 subprocess on a free loopback port, with a work directory of its own and **no
 persistence** (``--save "" --appendonly no``): :meth:`RedisServer.restart` brings it
 back on the same port *empty*, as a Redis without persistence comes back after a crash.
-With ``password=True`` it requires a random password (``requirepass``).
+With ``password=True`` it requires a random password (``requirepass``); with
+``tls=True`` it serves TLS only (``rediss://localhost``), with a certificate from a
+per-server ``trustme`` CA (:attr:`RedisServer.ca_path`).
 
 Example::
 
@@ -23,6 +25,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -31,9 +34,12 @@ from typing import IO, TYPE_CHECKING, Final, Self
 if TYPE_CHECKING:
     from types import TracebackType
 
+    import trustme
+
 __all__ = ["RedisServer"]
 
 _HOST: Final = "127.0.0.1"
+_TLS_HOST: Final = "localhost"
 _START_TIMEOUT: Final = 10.0
 _STOP_TIMEOUT: Final = 5.0
 _POLL_INTERVAL: Final = 0.02
@@ -58,10 +64,13 @@ def _free_port() -> int:
         return port
 
 
-def _ping(port: int, password: str | None) -> bool:
+def _ping(port: int, password: str | None, context: ssl.SSLContext | None) -> bool:
     """True once the server answers PING (in RESP, without a client library)."""
     try:
-        with socket.create_connection((_HOST, port), timeout=0.5) as sock:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection((_HOST, port), timeout=0.5))
+            if context is not None:
+                sock = stack.enter_context(context.wrap_socket(sock, server_hostname=_TLS_HOST))
             if password is not None:
                 sock.sendall(_command("AUTH", password))
                 if not sock.recv(64).startswith(b"+OK"):
@@ -100,12 +109,21 @@ class RedisServer:
     log_path: Final[Path]
     stderr_path: Final[Path]
 
-    def __init__(self, workdir: Path, *, password: bool = False) -> None:
+    def __init__(self, workdir: Path, *, password: bool = False, tls: bool = False) -> None:
         self.workdir = Path(workdir).resolve()
         self.host = _HOST
+        self.tls = tls
         self.password: str | None = secrets.token_urlsafe(16) if password else None
         self.log_path = self.workdir / "redis.log"
         self.stderr_path = self.workdir / "redis.stderr.log"
+        self.ca_path = self.workdir / "ca.pem"
+        self.cert_path = self.workdir / "server.pem"
+        self.key_path = self.workdir / "server.key"
+        self._ca: trustme.CA | None = None
+        if tls:
+            import trustme
+
+            self._ca = trustme.CA()
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
@@ -191,16 +209,40 @@ class RedisServer:
         return self._port
 
     def url(self, db: int = 0) -> str:
-        """``redis://127.0.0.1:<port>/<db>``, without the password (give it apart)."""
+        """``redis://127.0.0.1:<port>/<db>`` (``rediss://localhost:...`` with TLS), without
+        the password (give it apart)."""
+        if self.tls:
+            return f"rediss://{_TLS_HOST}:{self.port}/{db}"
         return f"redis://{self.host}:{self.port}/{db}"
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """A client-side SSL context that trusts the server's CA."""
+        if self._ca is None:
+            raise RuntimeError("TLS is disabled (tls=False)")
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        self._ca.configure_trust(ctx)
+        return ctx
+
+    def _write_certificates(self) -> None:
+        if self._ca is None or self.cert_path.exists():
+            return
+        cert = self._ca.issue_cert(_TLS_HOST, _HOST)
+        self._ca.cert_pem.write_to_path(str(self.ca_path))
+        cert.cert_chain_pems[0].write_to_path(str(self.cert_path))
+        cert.private_key_pem.write_to_path(str(self.key_path))
 
     # -- internals ---------------------------------------------------------
 
     def _launch(self, port: int) -> None:
+        self._write_certificates()
+        listen = ["--port", str(port)]
+        if self.tls:
+            listen = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+            listen += ["--tls-cert-file", str(self.cert_path), "--tls-key-file", str(self.key_path)]
+            listen += ["--tls-ca-cert-file", str(self.ca_path)]
         args = [
             _find_redis_server(),
-            "--port",
-            str(port),
+            *listen,
             "--bind",
             self.host,
             "--dir",
@@ -232,7 +274,8 @@ class RedisServer:
             if code is not None:
                 self.stop()
                 raise _ExitedEarly(self._failure(f"redis-server exited with status {code}"))
-            if _ping(port, self.password):
+            context = self.client_ssl_context() if self.tls else None
+            if _ping(port, self.password, context):
                 return
             if time.monotonic() >= deadline:
                 self.stop()

@@ -35,6 +35,7 @@ from sheri_trio.stores import (
     StoreConfig,
     StoreConfigError,
     StoreSchemaError,
+    StoreTLS,
     StoreUnavailable,
     StoreUnreachable,
     Verdict,
@@ -512,6 +513,26 @@ async def test_redis_unreachable_at_open() -> None:
         async with open_store(config, "s"):
             pass  # pragma: no cover
     assert f"127.0.0.1:{port}" in str(info.value)
+
+
+async def test_rediss_verifies_the_server_certificate(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis", tls=True, password=True) as server:
+        assert server.url().startswith("rediss://localhost:")
+        password = server.password
+        trusted = parse_store_url(
+            server.url(), source="flag", tls=StoreTLS(ca_file=server.ca_path), password=password
+        )
+        async with open_store(trusted, "s") as store:
+            assert await store.claim(TASK, 1, "a", LONG) is Verdict.WON
+        untrusted = parse_store_url(server.url(), source="flag", password=password)
+        with pytest.raises(StoreUnreachable, match="certificate verify failed"):
+            async with open_store(untrusted, "s"):
+                pass  # pragma: no cover
+        insecure = parse_store_url(
+            server.url(), source="flag", tls=StoreTLS(insecure=True), password=password
+        )
+        async with open_store(insecure, "s") as store:
+            assert await store.claim(TASK, 1, "a", LONG) is Verdict.WON
 
 
 async def test_redis_keys_carry_the_swarm(redis_server: RedisServer) -> None:
