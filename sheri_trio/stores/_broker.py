@@ -10,6 +10,12 @@ terms are judged by *clock* (``trio.current_time`` by default): in broker mode t
 dispatcher is elected through the client-id rule (docs/dispatch.md), so they matter to
 one process only.
 
+Fed in the broker's order, a claim for attempt 1 is :meth:`BrokerStore.claim` and one
+for a later attempt is :meth:`BrokerStore.takeover` with ``holder_dead=True`` (its sender
+sent it only once it judged the holder dead, or saw the task released): the verdicts are
+ClaimBook's (tests/test_stores_broker.py), except that a repeated claim or finish of the
+same holder is the same success again.
+
 It is also the executable reference of the rules that the Redis scripts and the SQL of
 the other backends follow, and an in-memory store for tests (it needs no service).
 """
