@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
 import pytest
+import redis
 import trio
 from store_helpers import (
     create_database,
@@ -508,6 +509,32 @@ async def test_redis_wrong_or_missing_password_is_a_credentials_error(
         assert config.password == server.password
         async with open_store(config, "s") as store:
             assert await store.claim(TASK, 1, "a", LONG) is Verdict.WON
+
+
+async def test_redis_acl_user_limited_to_the_claim_keys(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis", password=True) as server:
+        admin_client = redis.Redis(host=server.host, port=server.port, password=server.password)
+        with admin_client:
+            admin_client.acl_setuser(
+                "claims",
+                enabled=True,
+                passwords=["+claims-pw"],
+                keys=["sheri:*"],
+                commands=["+@all", "-info"],
+            )
+            admin_client.acl_setuser(
+                "nokeys", enabled=True, passwords=["+nokeys-pw"], commands=["+@all"]
+            )
+        url = f"redis://claims@127.0.0.1:{server.port}/0"
+        config = resolve_store(url, environ={"SHERI_CLAIM_STORE_PASSWORD": "claims-pw"})
+        assert config.url == f"redis://claims:***@127.0.0.1:{server.port}/0"
+        async with open_store(config, "s") as store:  # no INFO: the version check pings
+            assert await store.claim(TASK, 1, "a", LONG) is Verdict.WON
+        url = f"redis://nokeys@127.0.0.1:{server.port}/0"
+        config = resolve_store(url, environ={"SHERI_CLAIM_STORE_PASSWORD": "nokeys-pw"})
+        async with open_store(config, "s") as store:
+            with pytest.raises(StoreAuthError, match="denies the user access"):
+                await store.claim(TASK, 1, "a", LONG)
 
 
 async def test_redis_unreachable_at_open() -> None:

@@ -256,18 +256,18 @@ class RedisStore(ThreadedStore):
     def _map_error(self, exc: Exception, *, opening: bool) -> StoreError | None:
         if not isinstance(exc, rex.RedisError):
             return None
-        message = str(exc)
-        if isinstance(
-            exc, rex.AuthenticationError | rex.AuthorizationError | rex.NoPermissionError
-        ) or message.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-            return StoreAuthError(
-                f"claim store {self.url} refused the credentials: {self._config.redact(message)}"
-            )
+        message = self._config.redact(str(exc))
+        if isinstance(exc, rex.NoPermissionError) or message.startswith("NOPERM"):
+            return StoreAuthError(f"claim store {self.url} denies the user access: {message}")
+        if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError) or message.startswith(
+            ("NOAUTH", "WRONGPASS")
+        ):
+            return StoreAuthError(f"claim store {self.url} refused the credentials: {message}")
         if isinstance(exc, rex.BusyLoadingError | rex.ReadOnlyError):
             return self._unavailable("not ready for writes", exc, opening=opening)
         if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
             return self._unavailable("connection", exc, opening=opening)
-        return StoreError(f"claim store {self.url}: {self._config.redact(message)}")
+        return StoreError(f"claim store {self.url}: {message}")
 
     # -- opening -------------------------------------------------------------
 
@@ -275,7 +275,11 @@ class RedisStore(ThreadedStore):
         """Connect and check the server (version 6 or newer); map failures to our errors."""
 
         def check() -> None:
-            info = cast("dict[str, object]", self._client.info("server"))
+            try:
+                info = cast("dict[str, object]", self._client.info("server"))
+            except rex.NoPermissionError:  # an ACL user for the claims only: no INFO
+                self._client.ping()
+                return
             version = str(info.get("redis_version", "0"))
             numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
             if numbers < _MIN_VERSION:
