@@ -13,6 +13,8 @@ Configuration: :func:`resolve_store` / :func:`parse_store_url`; opening:
 or agents.
 """
 
+from typing import TYPE_CHECKING
+
 from ._api import ClaimStore as ClaimStore
 from ._api import Hold as Hold
 from ._api import Leadership as Leadership
@@ -36,5 +38,20 @@ from ._config import redact_url as redact_url
 from ._config import resolve_store as resolve_store
 from ._open import connect_store as connect_store
 from ._open import open_store as open_store
-from ._postgres import PostgresStore as PostgresStore
-from ._redis import RedisStore as RedisStore
+
+if TYPE_CHECKING:
+    from ._postgres import PostgresStore as PostgresStore
+    from ._redis import RedisStore as RedisStore
+
+
+def __getattr__(name: str) -> object:
+    """The backends load their client (redis, psycopg) on first use, not at import."""
+    if name == "RedisStore":
+        from ._redis import RedisStore
+
+        return RedisStore
+    if name == "PostgresStore":
+        from ._postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._broker import BrokerStore
-from ._postgres import PostgresStore
-from ._redis import RedisStore
 from ._threaded import DEFAULT_THREADS
 
 if TYPE_CHECKING:
@@ -17,6 +15,8 @@ if TYPE_CHECKING:
 
     from ._api import ClaimStore
     from ._config import StoreConfig
+    from ._postgres import PostgresStore
+    from ._redis import RedisStore
 
 __all__ = ["connect_store", "open_store"]
 
@@ -38,9 +38,13 @@ async def connect_store(
     match config.kind:
         case "broker":
             return BrokerStore(swarm)
-        case "redis":
+        case "redis":  # each backend loads its client on first use
+            from ._redis import RedisStore
+
             store = RedisStore(config, swarm, threads=threads)
         case "postgresql":
+            from ._postgres import PostgresStore
+
             store = PostgresStore(config, swarm, threads=threads)
     try:
         await store.open()
