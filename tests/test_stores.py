@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -40,6 +41,7 @@ from sheri_trio.stores import (
     StoreUnavailable,
     StoreUnreachable,
     Verdict,
+    connect_store,
     open_store,
     parse_store_url,
     resolve_store,
@@ -384,6 +386,23 @@ async def test_availability_probe_answers(store: ClaimStore) -> None:
     await store.ping()
     with trio.fail_after(5):
         await store.wait_available()
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:{port}/0", "postgresql://postgres@127.0.0.1:{port}/db"]
+)
+async def test_the_caller_s_cancel_scope_bounds_a_store_that_never_answers(url: str) -> None:
+    """A listener that accepts connections (the kernel does) but never answers: the
+    caller's cancel scope still ends the wait (the worker thread is abandoned)."""
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(8)
+        config = parse_store_url(url.format(port=blackhole.getsockname()[1]), source="flag")
+        start = trio.current_time()
+        with trio.move_on_after(0.3) as scope:
+            await connect_store(config, "s")
+        assert scope.cancelled_caught
+        assert trio.current_time() - start < 2
 
 
 # -- the broker store's own rules --------------------------------------------
