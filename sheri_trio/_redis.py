@@ -6,7 +6,8 @@ persistence** (``--save "" --appendonly no``): :meth:`RedisServer.restart` bring
 back on the same port *empty*, as a Redis without persistence comes back after a crash.
 With ``password=True`` it requires a random password (``requirepass``); with
 ``tls=True`` it serves TLS only (``rediss://localhost``), with a certificate from a
-per-server ``trustme`` CA (:attr:`RedisServer.ca_path`).
+per-server ``trustme`` CA (:attr:`RedisServer.ca_path`); with ``client_certs=True`` it
+also requires a client certificate from that CA (:meth:`RedisServer.issue_client_cert`).
 
 Example::
 
@@ -109,10 +110,20 @@ class RedisServer:
     log_path: Final[Path]
     stderr_path: Final[Path]
 
-    def __init__(self, workdir: Path, *, password: bool = False, tls: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        password: bool = False,
+        tls: bool = False,
+        client_certs: bool = False,
+    ) -> None:
+        if client_certs and not tls:
+            raise ValueError("client_certs=True needs tls=True")
         self.workdir = Path(workdir).resolve()
         self.host = _HOST
         self.tls = tls
+        self.client_certs = client_certs
         self.password: str | None = secrets.token_urlsafe(16) if password else None
         self.log_path = self.workdir / "redis.log"
         self.stderr_path = self.workdir / "redis.stderr.log"
@@ -216,12 +227,26 @@ class RedisServer:
         return f"redis://{self.host}:{self.port}/{db}"
 
     def client_ssl_context(self) -> ssl.SSLContext:
-        """A client-side SSL context that trusts the server's CA."""
+        """A client-side SSL context that trusts the server's CA (and, with
+        ``client_certs=True``, presents a client certificate from it)."""
         if self._ca is None:
             raise RuntimeError("TLS is disabled (tls=False)")
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         self._ca.configure_trust(ctx)
+        if self.client_certs:
+            cert, key = self.issue_client_cert("probe")
+            ctx.load_cert_chain(cert, key)
         return ctx
+
+    def issue_client_cert(self, name: str = "sheri") -> tuple[Path, Path]:
+        """A client certificate from the server's CA: (cert file, key file) in workdir."""
+        if self._ca is None:
+            raise RuntimeError("TLS is disabled (tls=False)")
+        cert = self._ca.issue_cert(f"{name}@sheri.test")
+        cert_path, key_path = self.workdir / f"{name}.pem", self.workdir / f"{name}.key"
+        cert.cert_chain_pems[0].write_to_path(str(cert_path))
+        cert.private_key_pem.write_to_path(str(key_path))
+        return cert_path, key_path
 
     def _write_certificates(self) -> None:
         if self._ca is None or self.cert_path.exists():
@@ -237,7 +262,8 @@ class RedisServer:
         self._write_certificates()
         listen = ["--port", str(port)]
         if self.tls:
-            listen = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+            auth = "yes" if self.client_certs else "no"
+            listen = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", auth]
             listen += ["--tls-cert-file", str(self.cert_path), "--tls-key-file", str(self.key_path)]
             listen += ["--tls-ca-cert-file", str(self.ca_path)]
         args = [

@@ -585,6 +585,18 @@ async def test_rediss_verifies_the_server_certificate(tmp_path: Path) -> None:
             assert await store.claim(TASK, 1, "a", LONG) is Verdict.WON
 
 
+async def test_rediss_with_a_client_certificate(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis", tls=True, client_certs=True) as server:
+        cert, key = server.issue_client_cert()
+        tls = StoreTLS(ca_file=server.ca_path, cert_file=cert, key_file=key)
+        async with open_store(parse_store_url(server.url(), source="flag", tls=tls), "s") as s:
+            assert await s.claim(TASK, 1, "a", LONG) is Verdict.WON
+        without = parse_store_url(server.url(), source="flag", tls=StoreTLS(ca_file=server.ca_path))
+        with pytest.raises(StoreUnreachable):
+            async with open_store(without, "s"):
+                pass  # pragma: no cover
+
+
 async def test_redis_keys_carry_the_swarm(redis_server: RedisServer) -> None:
     config = redis_config(redis_server)
     async with open_store(config, "one") as one, open_store(config, "two") as two:
