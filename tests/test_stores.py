@@ -187,11 +187,16 @@ async def test_the_first_claim_wins_and_a_second_claim_of_the_attempt_loses(
 
 async def test_racing_claims_of_one_attempt_have_one_winner(backend: Backend) -> None:
     async with backend.open(RACERS) as stores:
-        verdicts = await race(RACERS, lambda i: stores[i].claim(TASK, 1, f"agent-{i}", LONG))
-        assert sorted(v.value for v in verdicts) == ["lost"] * (RACERS - 1) + ["won"]
-        hold = await stores[0].hold(TASK)
-        assert hold is not None
-        assert hold.holder == f"agent-{verdicts.index(Verdict.WON)}"
+        for task in (f"task-{k}" for k in range(5)):
+
+            async def claim(i: int, task: str = task) -> Verdict:
+                return await stores[i].claim(task, 1, f"agent-{i}", LONG)
+
+            verdicts = await race(RACERS, claim)
+            assert sorted(v.value for v in verdicts) == ["lost"] * (RACERS - 1) + ["won"]
+            hold = await stores[0].hold(task)
+            assert hold is not None
+            assert hold.holder == f"agent-{verdicts.index(Verdict.WON)}"
 
 
 async def test_a_newer_attempt_waits_for_a_release_and_an_older_one_is_stale(
