@@ -17,7 +17,13 @@ import sheri_trio.testing
 MQTT = Path(sheri_trio.mqtt.__file__).parent
 
 
-PACKAGES = ["sheri_trio.swarm", "sheri_trio.cli", "sheri_trio.mqtt", "sheri_trio.testing"]
+PACKAGES = [
+    "sheri_trio.swarm",
+    "sheri_trio.cli",
+    "sheri_trio.mqtt",
+    "sheri_trio.testing",
+    "sheri_trio.stores",
+]
 
 
 def _private_modules(package_name: str) -> list[str]:

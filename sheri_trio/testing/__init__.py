@@ -11,6 +11,7 @@
 
 from .._mosquitto import MosquittoBroker as MosquittoBroker
 from .._mosquitto import Scheme as Scheme
+from .._redis import RedisServer as RedisServer
 from ._bus import BusRecord as BusRecord
 from ._bus import MemoryBus as MemoryBus
 from ._bus import MemoryClient as MemoryClient
@@ -25,6 +26,7 @@ __all__ = [
     "MemoryByteStream",
     "MemoryClient",
     "MosquittoBroker",
+    "RedisServer",
     "Scheme",
     "ScriptedBroker",
 ]
