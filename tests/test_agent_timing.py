@@ -1175,3 +1175,46 @@ async def test_dispatch_mode_agent_runs_what_its_inbox_assigns_and_acks_each_mes
     assert kinds.index((T.task_state("d-1"), "claimed")) < kinds.index((T.tasks_assigned, None))
     # the revoked run wrote no retained record over the new holder's
     assert [body(r)["state"] for r in bus.records(T.task_state("d-2"))] == ["claimed"]
+
+
+async def test_dispatch_mode_alerts_read_the_dispatchers_view(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, tmp_path: Any
+) -> None:
+    """In dispatch mode an agent follows no presence: monitoring.alerts reads the
+    dispatcher's retained dispatch/view instead (and says so when there is none)."""
+    from sheri_trio.executors import default_registry
+
+    autojump_clock.autojump_threshold = 0.05  # the executor's SQLite runs in threads
+    config = cfg("mon", role="monitoring", dispatch="dispatcher")
+    config.executor_config = {
+        "state_dir": str(tmp_path),
+        "monitoring": {"alerts": {"offline": True}},
+    }
+    inbox = T.agent_inbox("mon")
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            dispatcher = bus.open("disp")
+            mon = Agent(config, bus.open("mon"), executors=default_registry())
+            await nursery.start(mon.run)
+
+            async def assign(task_id: str) -> dict[str, Any]:
+                task = {"task_id": task_id, "type": "monitoring.alerts", "payload": {}}
+                assignment = {"kind": "assignment", "task_id": task_id, "attempt": 1, "task": task}
+                await dispatcher.publish(inbox, encode("disp", "general", assignment), qos=1)
+                record = await wait(bus, T.tasks_complete, task_id=task_id)
+                result: dict[str, Any] = body(record)["result"]
+                return result
+
+            without = await assign("alerts-0")
+            view = {
+                "agents": [{"agent_id": "gone", "role": "testing", "online": False}],
+                "outcomes": {"completed": 3, "failed": 0},
+                "epoch": 1,
+            }
+            await dispatcher.publish(
+                T.dispatch_view, encode("disp", "general", view), qos=1, retain=True
+            )
+            with_view = await assign("alerts-1")
+            nursery.cancel_scope.cancel()
+    assert any("no swarm view" in s for s in without["skipped"])
+    assert [a.get("agent_id") for a in with_view["alerts"]] == ["gone"]

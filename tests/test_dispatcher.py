@@ -841,3 +841,19 @@ def test_any_message_sequence_keeps_the_invariants(
         for job in d.jobs.values():
             assert (job.agent_id is None) == (job.state is Q)
         assert d.statistics(now).queued == sum(j.state is Q for j in d.jobs.values())
+
+
+def test_the_swarm_view_lists_agents_and_counts_outcomes() -> None:
+    d = make()
+    register(d, "w1", now=0.0)
+    register(d, "w2", now=0.0)
+    status(d, "w2", online=False, now=5.0)
+    submit(d, "t1")
+    ((task_id, agent_id, attempt),) = given_to(d.assignments(1.0))
+    outcome(d, task_id, agent_id, attempt, ok=False)
+    view = d.swarm_view(10.0, epoch=4)
+    agents = {a["agent_id"]: a for a in view["agents"]}
+    assert (agents["w1"]["online"], agents["w2"]["online"]) == (True, False)
+    assert agents["w1"]["last_seen_age"] == 10.0
+    assert view["outcomes"] == {"completed": 0, "failed": 1}
+    assert view["epoch"] == 4

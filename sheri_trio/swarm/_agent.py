@@ -413,8 +413,19 @@ class Agent:
         # wait_ack=False: the client's close flushes it; a cancelled reader acks nothing
         await self._publish(self.topics.tasks_released, payload, wait_ack=False)
 
-    def swarm_view(self) -> dict[str, Any]:
-        return self.scheduler.swarm_view(trio.current_time())
+    async def swarm_view(self) -> dict[str, Any] | None:
+        """What monitoring.alerts sees of the swarm: our peer table (broadcast), or the
+        dispatcher's retained ``dispatch/view`` (dispatch mode; None when there is none)."""
+        if not self.scheduler.dispatched:
+            return self.scheduler.swarm_view(trio.current_time())
+        sync = self.topics.sync_marker(self.agent_id, secrets.token_hex(4))
+        with trio.move_on_after(self.config.heartbeat_interval):
+            for message in await read_retained(self.client, sync, self.topics.dispatch_view):
+                try:
+                    return decode_envelope(message.payload).payload
+                except BadMessage as exc:
+                    self._log(logging.WARNING, "bad dispatch view", reason=exc.reason)
+        return None
 
     async def _bounded_result(self, task_id: str, attempt: int, result: Any) -> Any:
         """The result as published: whole up to ``max_result_bytes`` of JSON; beyond, a

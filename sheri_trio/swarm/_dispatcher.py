@@ -291,6 +291,18 @@ class Dispatcher:
         """Whether :meth:`assignments` may have something to hand out."""
         return self.queued() > 0 and any(self.free_slots(a, now) for a in self.peers.peers)
 
+    def swarm_view(self, now: float, epoch: int) -> dict[str, Any]:
+        """The retained ``dispatch/view``: the swarm as the dispatcher sees it, for
+        ``monitoring.alerts`` (ordinary agents in dispatch mode follow no presence)."""
+        return {
+            "agents": self.peers.view(now),
+            "outcomes": {
+                "completed": self.counters["completed"],
+                "failed": self.counters["failed"],
+            },
+            "epoch": epoch,
+        }
+
     def statistics(self, now: float) -> DispatchStatistics:
         queued_by_role = dict.fromkeys(ROLES, 0)
         for (roles, _), count in self._queued.items():

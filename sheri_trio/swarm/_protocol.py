@@ -108,6 +108,7 @@ class Topics:
         self.agents_shutdown = p + "agents/shutdown"
         self.agents_status_all = p + "agents/+/status"
         self.dispatch_status = p + "dispatch/status"
+        self.dispatch_view = p + "dispatch/view"
         self.broadcast = p + "broadcast"
         self.errors = p + "errors"
         self.all = p + "#"

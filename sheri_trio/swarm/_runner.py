@@ -45,7 +45,7 @@ class Outbox(Protocol):
 
     async def released(self, entry: Entry, attempt: int) -> None: ...
 
-    def swarm_view(self) -> dict[str, Any]: ...
+    async def swarm_view(self) -> dict[str, Any] | None: ...
 
 
 class TaskRunner:
@@ -135,7 +135,7 @@ class TaskRunner:
                 try_number=record.tries,
                 _progress=self._progress,
                 config=self.config.executor_config,
-                swarm=self.outbox.swarm_view() if spec.type == "monitoring.alerts" else None,
+                swarm=await self.outbox.swarm_view() if spec.type == "monitoring.alerts" else None,
             )
             started = trio.current_time()
             error: str
