@@ -76,14 +76,7 @@ class Runner:
 
     def broker_cpu(self) -> float | None:
         """CPU seconds (user + system) the broker process has used so far."""
-        if self.broker_pid is None:
-            return None
-        try:
-            with open(f"/proc/{self.broker_pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return machine.process_cpu_s(self.broker_pid)
 
     def __call__(self, kind: str, url: str, *argv: str, timeout: float) -> dict[str, Any]:
         env = dict(os.environ)
