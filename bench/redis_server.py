@@ -68,7 +68,8 @@ class RedisServer:
 
     def _wait_ready(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
-        auth = f"*2\r\n$4\r\nAUTH\r\n${len(self.password)}\r\n{self.password}\r\n*1\r\n$4\r\nPING\r\n"
+        pw = self.password
+        auth = f"*2\r\n$4\r\nAUTH\r\n${len(pw)}\r\n{pw}\r\n*1\r\n$4\r\nPING\r\n"
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
                 return False

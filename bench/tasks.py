@@ -155,6 +155,9 @@ async def task_rate(
     registry = ExecutorRegistry({t: noop for t in ALL_TYPES})
     registry.fallback = noop
     roles = [NINE_ROLES[i % len(NINE_ROLES)] for i in range(agents)]
+    missing = {r for t in types for r in TASK_ROLES.get(t, ("general",))} - set(roles)
+    if workload == "all-types" and agents < len(set(NINE_ROLES)):
+        raise ValueError(f"the all-types workload needs every role: {sorted(missing)} missing")
     submitted: dict[str, float] = {}
     latencies: list[float] = []
     lone_latencies: list[float] = []
