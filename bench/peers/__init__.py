@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -243,9 +242,13 @@ def _tail(logdir: Path) -> str:
 
 
 def _ms(values: list[float]) -> dict[str, float]:
+    """Nearest-rank p50 and p99 in milliseconds."""
     values = sorted(values)
-    p99 = values[max(int(len(values) * 0.99) - 1, 0)]
-    return {"p50": round(statistics.median(values) * 1000, 2), "p99": round(p99 * 1000, 2)}
+
+    def rank(q: float) -> float:
+        return values[max(1, min(len(values), round(q / 100 * len(values) + 0.5))) - 1]
+
+    return {"p50": round(rank(50) * 1000, 2), "p99": round(rank(99) * 1000, 2)}
 
 
 def run_peer(
