@@ -20,6 +20,11 @@ PACKAGES = (
     "paho-mqtt",
     "gmqtt",
     "aiomqtt",
+    "celery",
+    "kombu",
+    "dramatiq",
+    "arq",
+    "redis",
 )
 
 
@@ -32,6 +37,7 @@ def versions() -> dict[str, str | None]:
             out[name] = None
     out["mosquitto (local binary)"] = _first_line(["mosquitto", "-h"], "/usr/sbin/mosquitto")
     out["mosquitto_pub"] = _first_line(["mosquitto_pub", "--help"], match="version")
+    out["redis-server"] = _first_line(["redis-server", "--version"], "/usr/bin/redis-server")
     return out
 
 
