@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -521,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
                 "set_tcp_nodelay true, max_queued_messages 100000, defaults otherwise "
                 "(max_inflight_messages 20)",
             }
+        if "peers" in sections and shutil.which("redis-server") is None:
+            sections.discard("peers")
+            results["skipped"] = {"peers": "redis-server not found (apt-get install redis-server)"}
+            console.print("[yellow]peers skipped[/]: redis-server not found")
         if "peers" in sections and s.peers:
             from .redis_server import RedisServer
 
