@@ -519,8 +519,10 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             _md_table(GUARANTEE_HEAD, guarantee_rows(results)),
         ]
-    parts += ["", "### Memory", "", _md_table(MEMORY_HEAD, memory_rows(results))]
-    parts += ["", "### Start-up", "", _md_table(STARTUP_HEAD, startup_rows(results))]
+    if memory_rows(results):
+        parts += ["", "### Memory", "", _md_table(MEMORY_HEAD, memory_rows(results))]
+    if startup_rows(results):
+        parts += ["", "### Start-up", "", _md_table(STARTUP_HEAD, startup_rows(results))]
     parts += ["", "### Targets", "", _md_table(TARGET_HEAD, target_rows(results))]
     return "\n".join(parts) + "\n"
 

@@ -350,7 +350,9 @@ def summarize_peers(section: dict[str, Any]) -> dict[str, Any]:
         peer = PEERS.get(row)
         entry: dict[str, Any] = {
             "row": row,
-            "label": peer.label if peer else "sheri-trio (9 agents, all types)",
+            "label": peer.label
+            if peer
+            else f"sheri-trio ({section.get('dispatch', 'broadcast')}, all types)",
             "layout": peer.layout if peer else "9 agents in one process, max_tasks 16",
             "guarantee": peer.guarantee if peer else GUARANTEE_OURS,
             "runs": len(ok),

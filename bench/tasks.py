@@ -60,10 +60,11 @@ def task_types(workload: str) -> list[str]:
 
 
 class SysCounter:
-    """The broker's count of PUBLISH packets sent (``$SYS``, republished every
-    ``sys_interval``), followed in the background.
+    """The broker's count of PUBLISH packets sent (``$SYS``, republished at every tick of
+    ``sys_interval``: every 2 s with mosquitto 2.0.11's ``sys_interval 1``), followed in
+    the background.
 
-    Subscribed with ``$SYS/broker/uptime`` too, which changes every second: so the count
+    Subscribed with ``$SYS/broker/uptime`` too, which changes at every tick: so the count
     changes (by our own copy of the uptime) and is republished at every tick even when
     the swarm is idle. :meth:`next_tick` waits for the first republication after the
     call and returns ``(count, arrival time, messages this subscription received so
@@ -92,8 +93,8 @@ class SysCounter:
         return self.latest
 
     async def wait_quiet(self, limit: float) -> dict[str, Any]:
-        """Wait for a second (tick to tick) in which the broker sent at most ``limit``
-        packets per second to others; returns that second's last tick and its rate."""
+        """Wait for a tick interval in which the broker sent at most ``limit`` packets per
+        second to others; returns that interval's last tick and its rate."""
         t_begin = time.perf_counter()
         v0, t0, r0 = await self.next_tick()
         while True:
@@ -131,13 +132,14 @@ async def task_rate(
     latency of a task in an idle swarm (submission to ``tasks/complete`` at the
     submitter), which the burst's latencies (mostly queueing) do not show.
 
-    With ``count_at_broker``, the broker's own count of deliveries (``$SYS``, every
-    second: the bench's mosquitto has ``sys_interval 1``) is read at the tick right before
-    the first submission and at the first tick after the last outcome: every delivery of
-    the burst, presence included; the burst starts once the swarm's start-up traffic
-    has drained (a second of ticks with no more than twice the idle presence traffic,
-    at most ``settle_max`` seconds). With ``broker_pid`` (a local broker), its CPU time over
-    the burst is read from ``/proc``; the agents' (and the submitter's) is this process's.
+    With ``count_at_broker``, the broker's own count of deliveries (``$SYS``: the bench's
+    mosquitto has ``sys_interval 1``) is read at the end of a quiet tick interval right
+    before the first submission and at the end of the first quiet one after the last
+    outcome: every delivery of the burst, presence included. The burst starts once the
+    swarm's start-up traffic has drained (an interval with no more than twice the idle
+    presence traffic; at most ``settle_max`` seconds of waiting). With ``broker_pid`` (a
+    local broker), its CPU time over the same window is read from ``/proc``; the agents'
+    (and the submitter's) is this process's.
     """
     swarm = f"bench-{time.monotonic_ns() % 10**9}"
     types = task_types(workload)
@@ -287,8 +289,8 @@ async def task_rate(
         out.update(
             broker_deliveries=sent_by_broker,
             broker_deliveries_per_task=round(sent_by_broker / tasks, 2),
-            # from the tick before the first submission to the first idle second after
-            # the burst: the burst, its drain and up to 1 s of idle presence at either end
+            # from a quiet tick before the first submission to the first quiet one after
+            # the burst: the burst, its drain and up to one idle tick interval at each end
             broker_count_window_s=round(t_end - t_start, 3),
             broker_idle_deliveries_per_s=start["rate"],
             settle_s=start["waited_s"],
