@@ -1,5 +1,10 @@
 """``python -m bench``: throughput, latency, task rate, memory and start-up, with peers.
 
+Issue 10's sections: ``scale`` (no-op tasks of every type, swarms of 9 and 90 agents),
+``capacity`` (1 s tasks: the rate of 90 agents over that of 9) and ``peers`` (Celery,
+Dramatiq and arq with 9 workers each on a private ``redis-server``, interleaved with our
+9-agent swarm); deliveries per task are counted by the broker (``$SYS``).
+
 Run from the repository root after the README's set-up plus the ``bench`` extra
 (``.ci/setup bench``). It starts a private mosquitto on free ports (``--broker URL`` to
 use another one), runs every measurement in a subprocess of its own
