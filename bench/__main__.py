@@ -1,5 +1,10 @@
 """``python -m bench``: throughput, latency, task rate, memory and start-up, with peers.
 
+Issue 10's sections: ``scale`` (no-op tasks of every type, swarms of 9 and 90 agents),
+``capacity`` (1 s tasks: the rate of 90 agents over that of 9) and ``peers`` (Celery,
+Dramatiq and arq with 9 workers each on a private ``redis-server``, interleaved with our
+9-agent swarm); deliveries per task are counted by the broker (``$SYS``).
+
 Run from the repository root after the README's set-up plus the ``bench`` extra
 (``.ci/setup bench``). It starts a private mosquitto on free ports (``--broker URL`` to
 use another one), runs every measurement in a subprocess of its own
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +51,16 @@ class Settings:
     startup_reps: int
     aiomqtt_window: int
     gmqtt_yield_every: int
+    scale_agents: list[int]
+    scale_tasks: int
+    scale_lone: int
+    capacity_tasks_per_agent: int
+    capacity_max_tasks: int
+    task_seconds: float
+    peers: list[str]
+    peer_tasks: int
+    peer_workers: int
+    dispatch: str
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -63,6 +79,16 @@ def settings(args: argparse.Namespace) -> Settings:
         startup_reps=3 if quick else 5,
         aiomqtt_window=args.aiomqtt_window,
         gmqtt_yield_every=args.gmqtt_yield_every,
+        scale_agents=[int(x) for x in args.scale_agents.split(",") if x.strip()],
+        scale_tasks=args.scale_tasks or (300 if quick else 2_000),
+        scale_lone=20 if quick else 50,
+        capacity_tasks_per_agent=args.capacity_tasks_per_agent or (4 if quick else 12),
+        capacity_max_tasks=4,
+        task_seconds=args.task_seconds,
+        peers=[x.strip() for x in args.peers.split(",") if x.strip()],
+        peer_tasks=args.peer_tasks or (300 if quick else 2_000),
+        peer_workers=9,
+        dispatch=args.dispatch,
     )
 
 
@@ -73,25 +99,24 @@ class Runner:
     def __init__(self, log: list[dict[str, Any]]) -> None:
         self.log = log
         self.broker_pid: int | None = None  # our own broker: its CPU time is recorded
+        self.env: dict[str, str] = {}  # more for every call: the Redis URL of the peers
 
     def broker_cpu(self) -> float | None:
         """CPU seconds (user + system) the broker process has used so far."""
-        if self.broker_pid is None:
-            return None
-        try:
-            with open(f"/proc/{self.broker_pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return machine.process_cpu_s(self.broker_pid)
 
-    def __call__(self, kind: str, url: str, *argv: str, timeout: float) -> dict[str, Any]:
+    def __call__(
+        self, kind: str, url: str, *argv: str, timeout: float, mqtt: bool = True
+    ) -> dict[str, Any]:
         env = dict(os.environ)
+        env.update(self.env)
         env["BENCH_URL"] = url
+        if self.broker_pid is not None:
+            env["BENCH_BROKER_PID"] = str(self.broker_pid)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         cmd = [sys.executable, "-m", "bench.clients", kind, *argv]
         t0 = time.monotonic()
-        cpu0 = self.broker_cpu()
+        cpu0 = self.broker_cpu() if mqtt else None
         busy0, kids0 = machine.busy_cpu_s(), machine.children_cpu_s()
         try:
             proc = subprocess.run(
@@ -116,7 +141,7 @@ class Runner:
                     "kind": kind,
                     "error": f"exit {proc.returncode}: " + " | ".join(err[-3:])[-500:],
                 }
-        cpu1 = self.broker_cpu()
+        cpu1 = self.broker_cpu() if mqtt else None
         wall = time.monotonic() - t0
         busy = machine.busy_cpu_s() - busy0  # every process on the machine
         kids = machine.children_cpu_s() - kids0  # the measurement process and its children
@@ -140,6 +165,12 @@ def plan(s: Settings, sections: set[str], have_ws: bool, nagle: bool) -> int:
         steps += 2 if nagle else 0
     if "tasks" in sections:
         steps += s.reps
+    if "scale" in sections:
+        steps += s.reps * len(s.scale_agents)
+    if "capacity" in sections:
+        steps += s.reps * len(s.scale_agents)
+    if "peers" in sections:
+        steps += s.reps * (1 + len(s.peers))
     if "memory" in sections:
         steps += 2
     if "startup" in sections:
@@ -241,6 +272,112 @@ def tasks(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
     return {"agents": s.agents, "tasks": s.tasks, "runs": results}
 
 
+def swarm_run(
+    run: Runner,
+    url: str,
+    *,
+    agents: int,
+    tasks: int,
+    lone: int,
+    workload: str,
+    dispatch: str,
+    task_seconds: float = 0.0,
+    max_tasks: int = 16,
+) -> dict[str, Any]:
+    """One ``tasks`` measurement (bench/tasks.py) with the given swarm and workload."""
+    wait = 60 + tasks * agents / 200 + tasks * task_seconds / max(agents, 1)
+    argv = ["--agents", str(agents), "--tasks", str(tasks), "--lone", str(lone)]
+    argv += ["--workload", workload, "--dispatch", dispatch, "--max-tasks", str(max_tasks)]
+    argv += ["--task-seconds", str(task_seconds), "--timeout", f"{wait:.0f}"]
+    return run("tasks", url, *argv, timeout=180 + 2 * wait + lone * (1 + task_seconds))
+
+
+def scale(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
+    """The all-types no-op workload at each swarm size (9 and 90 agents)."""
+    runs = []
+    for rep in range(s.reps):
+        for agents in s.scale_agents:
+            step(
+                f"scale {rep + 1}/{s.reps}: {agents} agents, {s.scale_tasks} no-op tasks, all types"
+            )
+            r = swarm_run(
+                run,
+                url,
+                agents=agents,
+                tasks=s.scale_tasks,
+                lone=s.scale_lone,
+                workload="all-types",
+                dispatch=s.dispatch,
+            )
+            runs.append({"rep": rep + 1, "agents": agents, "dispatch": s.dispatch, **r})
+    return {"tasks": s.scale_tasks, "agents": s.scale_agents, "reps": s.reps, "runs": runs}
+
+
+def capacity(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
+    """Tasks of ``task_seconds`` (1 s): the rate grows with the slots, if dispatch scales."""
+    runs = []
+    for rep in range(s.reps):
+        for agents in s.scale_agents:
+            tasks = s.capacity_tasks_per_agent * agents
+            step(
+                f"capacity {rep + 1}/{s.reps}: {agents} agents, {tasks} tasks of {s.task_seconds} s"
+            )
+            r = swarm_run(
+                run,
+                url,
+                agents=agents,
+                tasks=tasks,
+                lone=0,
+                workload="all-types",
+                dispatch=s.dispatch,
+                task_seconds=s.task_seconds,
+                max_tasks=s.capacity_max_tasks,
+            )
+            runs.append({"rep": rep + 1, "agents": agents, "dispatch": s.dispatch, **r})
+    return {
+        "task_seconds": s.task_seconds,
+        "max_tasks": s.capacity_max_tasks,
+        "tasks_per_agent": s.capacity_tasks_per_agent,
+        "agents": s.scale_agents,
+        "reps": s.reps,
+        "runs": runs,
+    }
+
+
+def peers(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
+    """Our 9-agent swarm (all types, no-op) and each peer's 9 workers, interleaved."""
+    rows = ["sheri-trio", *s.peers]
+    runs = []
+    for rep in range(s.reps):
+        shift = rep % len(rows)
+        for row in rows[shift:] + rows[:shift]:
+            step(f"peers {rep + 1}/{s.reps}: {row}, {s.peer_tasks} no-op tasks at once")
+            if row == "sheri-trio":
+                r = swarm_run(
+                    run,
+                    url,
+                    agents=s.peer_workers,
+                    tasks=s.peer_tasks,
+                    lone=s.lone_tasks,
+                    workload="all-types",
+                    dispatch=s.dispatch,
+                )
+            else:
+                argv = ["--peer", row, "--tasks", str(s.peer_tasks), "--lone", str(s.lone_tasks)]
+                argv += ["--workers", str(s.peer_workers), "--timeout", str(60 + s.peer_tasks / 20)]
+                r = run("peer", url, *argv, timeout=240 + s.peer_tasks / 10, mqtt=False)
+            runs.append({"rep": rep + 1, "row": row, **r})
+    return {
+        "tasks": s.peer_tasks,
+        "workers": s.peer_workers,
+        "lone": s.lone_tasks,
+        "reps": s.reps,
+        "rows": rows,
+        "dispatch": s.dispatch,
+        "runs": runs,
+    }
+
+
 def memory(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
     step("memory: 1, 100, 1,000 agents in one process (swarms of 9)")
     grouped = run("memory", url, "--counts", s.memory_counts, "--swarm-size", "9", timeout=600)
@@ -289,8 +426,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="gmqtt yields to its event loop after this many publishes (0: never)",
     )
     p.add_argument(
+        "--scale-agents",
+        default="9,90",
+        help="scale, capacity: swarm sizes (comma-separated; default 9,90)",
+    )
+    p.add_argument("--scale-tasks", type=int, help="scale: no-op tasks per run")
+    p.add_argument(
+        "--capacity-tasks-per-agent",
+        type=int,
+        help="capacity: tasks per agent (each agent runs 4 at once; default 12, quick 4)",
+    )
+    p.add_argument(
+        "--task-seconds", type=float, default=1.0, help="capacity: seconds each task sleeps"
+    )
+    p.add_argument(
+        "--peers",
+        default="celery-prefork,celery-threads,dramatiq,arq",
+        help="peers: task queues to compare (bench/peers)",
+    )
+    p.add_argument("--peer-tasks", type=int, help="peers: tasks submitted at once")
+    p.add_argument(
+        "--dispatch",
+        default="broadcast",
+        help="scale, capacity, peers: the swarm's dispatch rule (today only broadcast)",
+    )
+    p.add_argument(
         "--only",
-        default="throughput,latency,tasks,memory,startup",
+        default="throughput,latency,tasks,scale,capacity,peers,memory,startup",
         help="comma-separated sections to run",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
@@ -365,6 +527,22 @@ def main(argv: list[str] | None = None) -> int:
                 "set_tcp_nodelay true, max_queued_messages 100000, defaults otherwise "
                 "(max_inflight_messages 20)",
             }
+        if "peers" in sections and shutil.which("redis-server") is None:
+            sections.discard("peers")
+            results["skipped"] = {"peers": "redis-server not found (apt-get install redis-server)"}
+            console.print("[yellow]peers skipped[/]: redis-server not found")
+        if "peers" in sections and s.peers:
+            from .redis_server import RedisServer
+
+            with console.status("starting redis-server"):
+                redis = RedisServer(Path(tmp.name) / "redis")
+                brokers.append(redis)
+                redis.start()
+            run.env["BENCH_REDIS_URL"] = redis.url  # never on a command line
+            run.env["BENCH_REDIS_PID"] = str(redis.pid)
+            results["redis"] = {
+                "config": 'private redis-server on 127.0.0.1, save "", appendonly no, a password'
+            }
         from sheri_trio.mqtt import redact
 
         results["broker"]["urls"] = {k: redact(v) for k, v in urls.items()}
@@ -399,6 +577,12 @@ def main(argv: list[str] | None = None) -> int:
                 results["latency"] = latency(run, s, urls, nagle_url, step)
             if "tasks" in sections:
                 results["tasks"] = tasks(run, s, urls["tcp"], step)
+            if "scale" in sections:
+                results["scale"] = scale(run, s, urls["tcp"], step)
+            if "capacity" in sections:
+                results["capacity"] = capacity(run, s, urls["tcp"], step)
+            if "peers" in sections:
+                results["peers"] = peers(run, s, urls["tcp"], step)
             if "memory" in sections:
                 results["memory"] = memory(run, s, urls["tcp"], step)
             if "startup" in sections:

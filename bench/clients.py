@@ -21,7 +21,8 @@ messages of ``--size`` bytes at ``--qos``; the transport is the URL's scheme):
 
 Other kinds: ``fanout-c`` (one ``mosquitto_pub -l``, ``--subscribers`` ``mosquitto_sub``:
 the broker's deliveries/s), ``latency`` (request/response round trips), ``tasks`` (the
-end-to-end task rate of :mod:`bench.tasks`), ``memory`` (RSS with 1..n in-process
+end-to-end task rate of :mod:`bench.tasks`), ``peer`` (Celery, Dramatiq or arq on a
+private Redis, :mod:`bench.peers`), ``memory`` (RSS with 1..n in-process
 agents), ``startup`` (spawn of an agent process to its retained ``online`` status),
 ``agent`` (one agent until SIGINT/SIGTERM: the fallback process for ``startup``) and
 ``broker-version`` (``$SYS/broker/version``).
@@ -49,7 +50,16 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 THROUGHPUT_KINDS = ("native", "native-gmqtt", "paho", "gmqtt", "aiomqtt", "mosquitto-c")
-OTHER_KINDS = ("fanout-c", "latency", "tasks", "memory", "startup", "agent", "broker-version")
+OTHER_KINDS = (
+    "fanout-c",
+    "latency",
+    "tasks",
+    "peer",
+    "memory",
+    "startup",
+    "agent",
+    "broker-version",
+)
 DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "ws": 80}
 PAHO_MAX_UNACKED = 60_000
 POLL = 0.05  # seconds between checks for "all arrived / idle" (end times are exact)
@@ -678,12 +688,35 @@ def run_tasks(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
 
     from bench.tasks import task_rate
 
+    pid = os.environ.get("BENCH_BROKER_PID")  # our own broker: its CPU over the burst
     result = trio.run(
         lambda: task_rate(
-            url_text, agents=args.agents, tasks=args.tasks, max_wait=args.timeout, lone=args.lone
+            url_text,
+            agents=args.agents,
+            tasks=args.tasks,
+            max_tasks=args.max_tasks,
+            max_wait=args.timeout,
+            lone=args.lone,
+            workload=args.workload,
+            task_seconds=args.task_seconds,
+            dispatch=args.dispatch,
+            broker_pid=int(pid) if pid else None,
         )
     )
     return {"kind": "tasks", **result}
+
+
+# ---------------------------------------------------------------------- peers
+def run_peer(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
+    """A task queue of another project on a private Redis (``$BENCH_REDIS_URL``)."""
+    from bench.peers import run_peer as run
+
+    return {
+        "kind": "peer",
+        **run(
+            args.peer, tasks=args.tasks, lone=args.lone, workers=args.workers, timeout=args.timeout
+        ),
+    }
 
 
 # -------------------------------------------------------------------------- memory
@@ -706,7 +739,7 @@ def run_memory(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
 
     from sheri_trio.executors import default_registry
     from sheri_trio.mqtt import open_client
-    from sheri_trio.swarm._agent import AgentConfig, run_agent
+    from sheri_trio.swarm import AgentConfig, run_agent
 
     counts = sorted({int(c) for c in args.counts.split(",")})
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -912,7 +945,7 @@ def run_startup(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
         )
         out["import_agent_s"] = round(
             statistics.median(
-                [await interpreter("import sheri_trio.swarm._agent") for _ in range(3)]
+                [await interpreter("import sheri_trio.swarm") for _ in range(3)]
             ),
             3,
         )
@@ -925,7 +958,7 @@ def run_agent_process(args: argparse.Namespace, url_text: str) -> dict[str, Any]
     """One agent in this process (no CLI) until SIGINT/SIGTERM."""
     import trio
 
-    from sheri_trio.swarm._agent import AgentConfig, run_agent
+    from sheri_trio.swarm import AgentConfig, run_agent
 
     cfg = AgentConfig(role="general", agent_id=args.agent_id, swarm=args.swarm, broker=url_text)
 
@@ -998,8 +1031,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, default=9, help="tasks: agents")
     p.add_argument("--tasks", type=int, default=1000, help="tasks: tasks")
     p.add_argument(
-        "--lone", type=int, default=0, help="tasks: then this many, one at a time (latency)"
+        "--lone", type=int, default=0, help="tasks, peer: then this many, one at a time (latency)"
     )
+    p.add_argument("--max-tasks", type=int, default=16, help="tasks: max_tasks of each agent")
+    p.add_argument(
+        "--workload",
+        choices=("unknown", "all-types"),
+        default="unknown",
+        help="tasks: one unknown type (general agents only) or every type (every role)",
+    )
+    p.add_argument("--task-seconds", type=float, default=0.0, help="tasks: each task sleeps")
+    p.add_argument("--dispatch", default="broadcast", help="tasks: the swarm's dispatch rule")
+    p.add_argument("--peer", default="celery-prefork", help="peer: which (bench.peers.PEERS)")
+    p.add_argument("--workers", type=int, default=9, help="peer: workers")
     p.add_argument("--counts", default="1,100,1000", help="memory: agent counts")
     p.add_argument(
         "--swarm-size", type=int, default=9, help="memory: agents per swarm (0: all in one)"
@@ -1021,6 +1065,7 @@ RUNNERS = {
     "fanout-c": run_fanout_c,
     "latency": run_latency,
     "tasks": run_tasks,
+    "peer": run_peer,
     "memory": run_memory,
     "startup": run_startup,
     "agent": run_agent_process,
@@ -1031,9 +1076,9 @@ RUNNERS = {
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     url = args.url or os.environ.get("BENCH_URL")
-    if not url:
+    if not url and args.kind != "peer":
         raise SystemExit("bench.clients: set BENCH_URL (or --url) to the broker URL")
-    result = RUNNERS[args.kind](args, url)
+    result = RUNNERS[args.kind](args, url or "")
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
 

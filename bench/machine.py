@@ -20,6 +20,11 @@ PACKAGES = (
     "paho-mqtt",
     "gmqtt",
     "aiomqtt",
+    "celery",
+    "kombu",
+    "dramatiq",
+    "arq",
+    "redis",
 )
 
 
@@ -32,6 +37,7 @@ def versions() -> dict[str, str | None]:
             out[name] = None
     out["mosquitto (local binary)"] = _first_line(["mosquitto", "-h"], "/usr/sbin/mosquitto")
     out["mosquitto_pub"] = _first_line(["mosquitto_pub", "--help"], match="version")
+    out["redis-server"] = _first_line(["redis-server", "--version"], "/usr/bin/redis-server")
     return out
 
 
@@ -114,3 +120,39 @@ def children_cpu_s() -> float:
     """CPU seconds of this process's finished children (the measurement subprocesses)."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far (``/proc/PID/stat``)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds of process ``pid`` and of its living descendants (a worker pool)."""
+    if pid is None:
+        return None
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        cpu = process_cpu_s(p)
+        if cpu is not None:
+            total += cpu
+        todo += children.get(p, [])
+    return total

@@ -142,7 +142,7 @@ def task_rows(results: dict[str, Any]) -> list[list[str]]:
 
 
 def _lone(t: dict[str, Any]) -> str:
-    if not t.get("lone_tasks"):
+    if not t.get("lone_tasks") and t.get("lone_latency_p50_ms") is None:
         return "-"
     return f"{_n(t['lone_latency_p50_ms'], 2)} / {_n(t['lone_latency_p99_ms'], 2)}"
 
@@ -161,6 +161,122 @@ TASK_HEAD = [
     "bound if the broker had a core",
     "lone task p50 / p99 ms",
 ]
+
+
+def _err_row(entry: dict[str, Any], width: int, label: str) -> list[str]:
+    err = entry["errors"][0][:100] if entry.get("errors") else "no run"
+    return [label, "error", err, *[""] * (width - 3)]
+
+
+def size_rows(results: dict[str, Any], key: str) -> list[list[str]]:
+    """The scale (no-op) or capacity (1 s tasks) rows: one per dispatch and swarm size."""
+    section = results.get(key)
+    if not section:
+        return []
+    rows = []
+    for e in section.get("summary", []):
+        label = f"{e['agents']} agents, {_n(e['tasks'])} tasks"
+        if "tasks_per_s" not in e:
+            rows.append(_err_row(e, len(SIZE_HEAD), label))
+            continue
+        rate = e["tasks_per_s"]
+        rows.append(
+            [
+                label,
+                e["dispatch"],
+                _n(rate["median"], 1),
+                f"{_n(rate['min'], 1)} - {_n(rate['max'], 1)}",
+                _n(e.get("slots_per_task_second"), 0) if key == "capacity" else "",
+                f"{e['duplicates']} / {e['losses']}",
+                _n(e.get("broker_deliveries_per_task"), 1),
+                _n(e.get("deliveries_per_task"), 1),
+                _n(e.get("broker_idle_deliveries_per_s"), 0),
+                _n(e.get("agents_cpu_per_task_us"), 0),
+                _n(e.get("broker_cpu_per_task_us"), 0),
+                _n(e.get("latency_p50_ms"), 1),
+                _lone(e) if key == "scale" else "-",
+            ]
+        )
+    return rows
+
+
+SIZE_HEAD = [
+    "swarm",
+    "dispatch",
+    "tasks/s (median)",
+    "min - max",
+    "slots / task s",
+    "dup / lost",
+    "deliveries/task (broker)",
+    "deliveries/task (clients)",
+    "idle deliveries/s",
+    "agents' CPU us/task",
+    "broker CPU us/task",
+    "p50 ms",
+    "lone task p50 / p99 ms",
+]
+
+
+def ratio_line(results: dict[str, Any], key: str) -> str | None:
+    r = results.get(key, {}).get("ratio")
+    if not r or r.get("median") is None:
+        return None
+    what = "no-op tasks" if key == "scale" else f"{results[key]['task_seconds']:g} s tasks"
+    return (
+        f"{r['num']} agents / {r['den']} agents, tasks/s with {what}: {r['median']:.2f}x "
+        f"(median of the repetitions: {', '.join(f'{x:.2f}' for x in r['samples'])})"
+    )
+
+
+def peer_rows(results: dict[str, Any]) -> list[list[str]]:
+    section = results.get("peers")
+    if not section:
+        return []
+    rows = []
+    for e in section.get("summary", []):
+        if "tasks_per_s" not in e:
+            rows.append(_err_row(e, len(PEER_HEAD), e["label"]))
+            continue
+        rate = e["tasks_per_s"]
+        ours = e.get("ours_over_peer", {}).get("median")
+        lone = e.get("lone_peer_over_ours", {}).get("median")
+        rows.append(
+            [
+                e["label"],
+                _n(rate["median"], 0),
+                f"{_n(rate['min'], 0)} - {_n(rate['max'], 0)}",
+                "" if e["row"] == "sheri-trio" else _x(ours),
+                f"{e['duplicates']} / {e['losses']}",
+                _lone(e),
+                "" if e["row"] == "sheri-trio" else _x(lone),
+                _n(e.get("workers_cpu_per_task_us"), 0),
+                _n(e.get("broker_cpu_per_task_us"), 0),
+            ]
+        )
+    return rows
+
+
+PEER_HEAD = [
+    "system",
+    "tasks/s (median)",
+    "min - max",
+    "ours / peer (tasks/s)",
+    "dup / lost",
+    "lone task p50 / p99 ms",
+    "peer / ours (lone p50)",
+    "workers' CPU us/task",
+    "broker CPU us/task",
+]
+
+
+def guarantee_rows(results: dict[str, Any]) -> list[list[str]]:
+    return [
+        [e["label"], e["layout"], e["guarantee"]]
+        for e in results.get("peers", {}).get("summary", [])
+    ]
+
+
+GUARANTEE_HEAD = ["system", "9 workers as", "delivery guarantee (as configured)"]
 
 
 def memory_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -269,7 +385,14 @@ def rich_tables(results: dict[str, Any]) -> list[Any]:
             return
         t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
         for i, h in enumerate(head):
-            t.add_column(h, justify="right" if i and h not in ("note", "broker") else "left")
+            left = (
+                "note",
+                "broker",
+                "dispatch",
+                "9 workers as",
+                "delivery guarantee (as configured)",
+            )
+            t.add_column(h, justify="right" if i and h not in left else "left")
         for r in rows:
             t.add_row(
                 *[
@@ -302,6 +425,29 @@ def rich_tables(results: dict[str, Any]) -> list[Any]:
         latency_rows(results),
     )
     table("End-to-end task rate (no-op tasks, one process)", TASK_HEAD, task_rows(results))
+    sc = results.get("scale", {})
+    table(
+        "Scale: no-op tasks cycling over the 13 task types, every role, agents in one process",
+        SIZE_HEAD,
+        size_rows(results, "scale"),
+        ratio_line(results, "scale") if sc else None,
+    )
+    cap = results.get("capacity", {})
+    table(
+        f"Capacity: tasks of {cap.get('task_seconds', 1):g} s, max_tasks "
+        f"{cap.get('max_tasks', 4)} per agent",
+        SIZE_HEAD,
+        size_rows(results, "capacity"),
+        ratio_line(results, "capacity") if cap else None,
+    )
+    pe = results.get("peers", {})
+    table(
+        f"Task queues: {_n(pe.get('tasks'))} no-op tasks at once, {pe.get('workers', 9)} workers, "
+        f"{pe.get('reps', 0)} interleaved repetitions (ratios: medians of per-repetition ratios)",
+        PEER_HEAD,
+        peer_rows(results),
+    )
+    table("Task queues: workers and delivery guarantees", GUARANTEE_HEAD, guarantee_rows(results))
     table("Memory: RSS with n agents in one process", MEMORY_HEAD, memory_rows(results))
     table("Start-up: process spawn to retained online status", STARTUP_HEAD, startup_rows(results))
     table("Targets", TARGET_HEAD, target_rows(results))
@@ -353,8 +499,30 @@ def markdown(results: dict[str, Any]) -> str:
         parts += ["", fan + "."]
     parts += ["", "### Round-trip latency", "", _md_table(LATENCY_HEAD, latency_rows(results))]
     parts += ["", "### End-to-end task rate", "", _md_table(TASK_HEAD, task_rows(results))]
-    parts += ["", "### Memory", "", _md_table(MEMORY_HEAD, memory_rows(results))]
-    parts += ["", "### Start-up", "", _md_table(STARTUP_HEAD, startup_rows(results))]
+    for key, title in (
+        ("scale", "Scale: no-op tasks of every type"),
+        ("capacity", "Capacity: 1 s tasks"),
+    ):
+        if size_rows(results, key):
+            parts += ["", f"### {title}", "", _md_table(SIZE_HEAD, size_rows(results, key))]
+            line = ratio_line(results, key)
+            if line:
+                parts += ["", line + "."]
+    if peer_rows(results):
+        pe = results["peers"]
+        parts += [
+            "",
+            f"### Task queues ({pe['tasks']:,} no-op tasks at once, {pe['workers']} workers, "
+            f"{pe['reps']} interleaved repetitions)",
+            "",
+            _md_table(PEER_HEAD, peer_rows(results)),
+            "",
+            _md_table(GUARANTEE_HEAD, guarantee_rows(results)),
+        ]
+    if memory_rows(results):
+        parts += ["", "### Memory", "", _md_table(MEMORY_HEAD, memory_rows(results))]
+    if startup_rows(results):
+        parts += ["", "### Start-up", "", _md_table(STARTUP_HEAD, startup_rows(results))]
     parts += ["", "### Targets", "", _md_table(TARGET_HEAD, target_rows(results))]
     return "\n".join(parts) + "\n"
 

@@ -207,6 +207,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         None if bound is None or rate is None else rate >= bound / 2,
         "" if bound is None else f"bound {bound} tasks/s",
     )
+    ratio = results.get("capacity", {}).get("ratio")
+    if ratio:
+        add(
+            f"capacity: {ratio['num']} agents vs {ratio['den']} (issue 10)",
+            ">= 8x the tasks/s (1 s tasks)",
+            ratio["median"],
+            None if ratio["median"] is None else ratio["median"] >= 8,
+            "a target for the dispatch; reported, not asserted",
+        )
     mem = results.get("memory", {}).get("swarms_of_9", {})
     per = [p["per_agent_kb"] for p in mem.get("points", [])]
     add(
@@ -262,6 +271,123 @@ def add_bound(results: dict[str, Any]) -> None:
         t["bound_broker_core_tasks_per_s"] = round(1e6 / us / per_task, 1)
 
 
+# ----------------------------------------------------- scale, capacity and peers
+def _swarm_entry(ok: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of one swarm row over its repetitions (medians; sums of dup/lost)."""
+    return {
+        "tasks_per_s": _stats([r["tasks_per_s"] for r in ok]),
+        "latency_p50_ms": _median(ok, "latency_p50_ms"),
+        "duplicates": sum(r["duplicates"] for r in ok),
+        "losses": sum(r["losses"] for r in ok),
+        "deliveries_per_task": _median(ok, "deliveries_per_task"),
+        "broker_deliveries_per_task": _median(ok, "broker_deliveries_per_task"),
+        "broker_idle_deliveries_per_s": _median(ok, "broker_idle_deliveries_per_s"),
+        "agents_cpu_per_task_us": _median(ok, "agents_cpu_per_task_us"),
+        "broker_cpu_per_task_us": _median(ok, "broker_cpu_per_task_us"),
+        "lone_latency_p50_ms": _median(ok, "lone_latency_p50_ms"),
+        "lone_latency_p99_ms": _median(ok, "lone_latency_p99_ms"),
+    }
+
+
+def _per_rep_ratio(
+    runs: list[dict[str, Any]], key: str, num: Any, den: Any, field: str = "tasks_per_s"
+) -> dict[str, Any]:
+    """Median over repetitions of run[num][field] / run[den][field], runs keyed by ``key``."""
+    ratios = []
+    for rep in sorted({r["rep"] for r in runs}):
+        mine = {r[key]: r for r in runs if r["rep"] == rep and "error" not in r}
+        a, b = mine.get(num, {}).get(field), mine.get(den, {}).get(field)
+        if a and b:
+            ratios.append(a / b)
+    return {
+        "median": round(statistics.median(ratios), 2) if ratios else None,
+        "samples": [round(x, 2) for x in ratios],
+    }
+
+
+def summarize_sizes(section: dict[str, Any]) -> dict[str, Any]:
+    """Rows of the scale or capacity section: one per (dispatch, agents)."""
+    rows = []
+    runs = section["runs"]
+    keys = sorted({(r.get("dispatch", "broadcast"), r["agents"]) for r in runs})
+    for dispatch, agents in keys:
+        mine = [r for r in runs if r["agents"] == agents and r.get("dispatch") == dispatch]
+        ok = [r for r in mine if "error" not in r]
+        entry: dict[str, Any] = {
+            "dispatch": dispatch,
+            "agents": agents,
+            "tasks": ok[0]["tasks"] if ok else None,
+            "runs": len(ok),
+            "errors": [r["error"] for r in mine if "error" in r],
+        }
+        if ok:
+            entry.update(_swarm_entry(ok))
+            if ok[0].get("task_seconds"):
+                slots = agents * ok[0]["max_tasks"]
+                entry["slots"] = slots
+                entry["slots_per_task_second"] = round(slots / ok[0]["task_seconds"], 1)
+        rows.append(entry)
+    out = dict(section)
+    out["summary"] = rows
+    sizes = sorted({r["agents"] for r in runs})
+    if len(sizes) >= 2:  # the largest swarm's rate / the smallest's, per repetition
+        out["ratio"] = {
+            "num": sizes[-1],
+            "den": sizes[0],
+            **_per_rep_ratio(runs, "agents", sizes[-1], sizes[0]),
+        }
+    return out
+
+
+def summarize_peers(section: dict[str, Any]) -> dict[str, Any]:
+    from .peers import PEERS
+
+    runs = section["runs"]
+    rows = []
+    for row in section["rows"]:
+        mine = [r for r in runs if r["row"] == row]
+        ok = [r for r in mine if "error" not in r]
+        peer = PEERS.get(row)
+        entry: dict[str, Any] = {
+            "row": row,
+            "label": peer.label
+            if peer
+            else f"sheri-trio ({section.get('dispatch', 'broadcast')}, all types)",
+            "layout": peer.layout if peer else "9 agents in one process, max_tasks 16",
+            "guarantee": peer.guarantee if peer else GUARANTEE_OURS,
+            "runs": len(ok),
+            "errors": [r["error"] for r in mine if "error" in r],
+        }
+        if ok:
+            entry.update(
+                tasks_per_s=_stats([r["tasks_per_s"] for r in ok]),
+                duplicates=sum(r["duplicates"] for r in ok),
+                losses=sum(r["losses"] for r in ok),
+                lone_latency_p50_ms=_median(ok, "lone_latency_p50_ms"),
+                lone_latency_p99_ms=_median(ok, "lone_latency_p99_ms"),
+                broker_cpu_per_task_us=_median(ok, "broker_cpu_per_task_us"),
+                workers_cpu_per_task_us=_median(
+                    ok, "agents_cpu_per_task_us" if peer is None else "workers_cpu_per_task_us"
+                ),
+            )
+        if peer is not None:
+            entry["ours_over_peer"] = _per_rep_ratio(runs, "row", "sheri-trio", row)
+            entry["lone_peer_over_ours"] = _per_rep_ratio(
+                runs, "row", row, "sheri-trio", field="lone_latency_p50_ms"
+            )
+        rows.append(entry)
+    out = dict(section)
+    out["summary"] = rows
+    return out
+
+
+GUARANTEE_OURS = (
+    "one holder per attempt, one accepted outcome per task (claims in the broker's order, "
+    "fencing by attempt); a holder that dies is taken over after its lease: an executor "
+    "may run again (at least once), its outcome is accepted once"
+)
+
+
 def check(results: dict[str, Any]) -> dict[str, Any]:
     native_q1 = next(
         (
@@ -297,6 +423,11 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     if t:
         results["tasks"] = summarize_tasks(t["runs"], t["agents"], t["tasks"])
         add_bound(results)
+    for key in ("scale", "capacity"):
+        if results.get(key):
+            results[key] = summarize_sizes(results[key])
+    if results.get("peers"):
+        results["peers"] = summarize_peers(results["peers"])
     results["targets"] = targets(results)
     results["check"] = check(results)
     return results
