@@ -608,3 +608,20 @@ async def test_an_orphan_acknowledged_on_arrival_stays_settled(
         async with granted(client, conn, "b/#", manual_ack=True) as (messages, _):
             message = messages.receive_nowait()
             assert (message.payload, message.needs_ack) == (b"m11", False)
+
+
+async def test_a_cancelled_receive_takes_no_message() -> None:
+    """A receive cancelled by a deadline that expires while a message is already buffered
+    leaves it for the next receive (as trio's channels do): nothing is lost."""
+    from sheri_trio.mqtt import Message, Subscription
+
+    send, receive = trio.open_memory_channel[Message](10)
+    sub = Subscription(("t",), send, receive)
+    for i in range(3):
+        send.send_nowait(Message(mqtt5.PublishPacket("t", payload=str(i).encode())))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await sub.receive()
+    assert scope.cancelled_caught
+    got = [sub.receive_nowait().payload for _ in range(3)]
+    assert got == [b"0", b"1", b"2"]
