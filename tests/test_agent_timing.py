@@ -1134,6 +1134,16 @@ async def test_a_busy_peers_tasks_wait_at_most_the_preference_window(
 
 
 # ------------------------------------------------------------ dispatch mode
+async def dispatcher_online(bus: MemoryBus) -> MemoryClient:
+    """The test plays the swarm's dispatcher: its retained dispatch/status says online."""
+    dispatcher = bus.open("disp")
+    status = {"agent_id": "disp", "epoch": 1, "status": "online"}
+    await dispatcher.publish(
+        T.dispatch_status, encode("disp", "general", status), qos=1, retain=True
+    )
+    return dispatcher
+
+
 async def test_dispatch_mode_agent_runs_what_its_inbox_assigns_and_acks_each_message(
     autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
 ) -> None:
@@ -1142,7 +1152,7 @@ async def test_dispatch_mode_agent_runs_what_its_inbox_assigns_and_acks_each_mes
     revocation stops a run silently, a cancel fails it; every inbox message is acked."""
     with trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
-            dispatcher = bus.open("disp")
+            dispatcher = await dispatcher_online(bus)
             a = await start(nursery, bus, cfg("A", dispatch="dispatcher"), script)
             assert bus.subscribers(T.tasks_new) == []  # O(1): agents do not follow submissions
             inbox = T.agent_inbox("A")
@@ -1164,7 +1174,8 @@ async def test_dispatch_mode_agent_runs_what_its_inbox_assigns_and_acks_each_mes
             await send("cancel", "d-3", attempt=2)
             failed = await wait(bus, T.tasks_failed, task_id="d-3")
             await trio.sleep(1)
-            assert a.client.statistics()["messages_acked"] == 6  # our sync marker + 5
+            # the dispatcher's retained status, our sync marker, and the 5 sent here
+            assert a.client.statistics()["messages_acked"] == 7
             nursery.cancel_scope.cancel()
     assert body(done)["attempt"] == 1
     assert (body(failed)["reason"], body(failed)["attempt"]) == ("cancelled", 2)
@@ -1193,7 +1204,7 @@ async def test_dispatch_mode_alerts_read_the_dispatchers_view(
     inbox = T.agent_inbox("mon")
     with trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
-            dispatcher = bus.open("disp")
+            dispatcher = await dispatcher_online(bus)
             mon = Agent(config, bus.open("mon"), executors=default_registry())
             await nursery.start(mon.run)
 
@@ -1218,3 +1229,27 @@ async def test_dispatch_mode_alerts_read_the_dispatchers_view(
             nursery.cancel_scope.cancel()
     assert any("no swarm view" in s for s in without["skipped"])
     assert [a.get("agent_id") for a in with_view["alerts"]] == ["gone"]
+
+
+async def test_dispatch_mode_agent_is_online_only_once_the_swarm_has_a_dispatcher(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    """Submissions published while no dispatch session exists have no subscriber (the
+    broker drops them): a dispatch-mode agent's start-up waits for the dispatcher, a
+    bounded step of its own."""
+    from sheri_trio.swarm import Startup, StartupError, StartupStep
+
+    alone = Agent(cfg("A", dispatch="dispatcher"), bus.open("A"), executors=script.registry)
+    startup = Startup("A", 5.0)
+    with pytest.raises(StartupError) as info, startup.bounded():
+        await alone.run(startup=startup)
+    assert info.value.step is StartupStep.DISPATCHER
+    assert trio.current_time() == 5.0
+
+    await dispatcher_online(bus)
+    b = Agent(cfg("B", dispatch="dispatcher"), bus.open("B"), executors=script.registry)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.run)
+            assert b.scheduler.dispatcher == ("disp", 1)
+            nursery.cancel_scope.cancel()

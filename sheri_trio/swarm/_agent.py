@@ -99,6 +99,7 @@ class Agent:
         self._shutdown = trio.Event()
         self._tasks_nursery: trio.Nursery | None = None
         self._early_starts: list[StartTask] = []
+        self._dispatcher_known = trio.Event()
         self._idle = trio.Event()
 
     # ------------------------------------------------------------ public API
@@ -147,6 +148,7 @@ class Agent:
         self.started_at = trio.current_time()
         dispatched = self.scheduler.dispatched
         if dispatched:
+            startup.final_step = StartupStep.DISPATCHER
             # The dispatcher hands us our tasks (docs/dispatch.md): our inbox, acknowledged
             # once what it asks is carried out, and whom to follow.
             filters: tuple[str, ...] = (
@@ -182,6 +184,11 @@ class Agent:
                     await self._load_task_states(progress=startup.renew)
             with startup.step(StartupStep.ANNOUNCE):
                 await self._announce()
+            if dispatched:
+                # Online once tasks can reach us: submissions published while no dispatch
+                # session exists have no subscriber, and the broker drops them.
+                with startup.step(StartupStep.DISPATCHER):
+                    await self._dispatcher_known.wait()
             if not dispatched:
                 root.start_soon(self._intake, messages)
             root.start_soon(self._heartbeat_loop)
@@ -291,6 +298,8 @@ class Agent:
                     message.ack()  # carried out (a start: handed to the task nursery)
             if drained is not None and scheduler.draining is None:
                 drained.set()
+            if scheduler.dispatcher is not None:
+                self._dispatcher_known.set()
             self._wake_claimer()
 
     async def _claimer(self) -> None:

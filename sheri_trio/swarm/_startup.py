@@ -59,6 +59,7 @@ class StartupStep(enum.Enum):
     SUBSCRIBE = "subscribe"
     LOAD_TASK_STATES = "load task states"
     ANNOUNCE = "announce"
+    DISPATCHER = "dispatcher"  # dispatch mode: until the swarm has an elected dispatcher
 
     @property
     def waiting_for(self) -> str:
@@ -78,6 +79,8 @@ _WAITING_FOR = {
     StartupStep.SUBSCRIBE: "the SUBACK of the agent's subscription to the swarm's topics",
     StartupStep.LOAD_TASK_STATES: "the retained task states and our sync marker behind them",
     StartupStep.ANNOUNCE: "the PUBACK of our online status and registration",
+    StartupStep.DISPATCHER: "the swarm's dispatcher (the retained dispatch/status online): "
+    "one of the agents in dispatch mode is elected",
 }
 _STALLED = "the broker accepted the connection but does not answer (stalled or overloaded?)"
 _LIKELY_CAUSES = {
@@ -88,6 +91,8 @@ _LIKELY_CAUSES = {
     StartupStep.SUBSCRIBE: _STALLED,
     StartupStep.LOAD_TASK_STATES: _STALLED,
     StartupStep.ANNOUNCE: _STALLED,
+    StartupStep.DISPATCHER: "no agent in dispatch mode could become the dispatcher (see the "
+    "log for the election), or the swarm's other agents use dispatch = 'broadcast'",
 }
 
 
@@ -143,6 +148,8 @@ class Startup:
         self._begun: StartupStep = StartupStep.PROBE  # the last step begun
         #: every step finished: the agent is online
         self.finished = False
+        #: the step whose end makes the agent online (dispatch mode waits for a dispatcher)
+        self.final_step = StartupStep.ANNOUNCE
         self.interrupted = False
         self._scope: trio.CancelScope | None = None
 
@@ -180,7 +187,7 @@ class Startup:
         if self._scope is not None:
             self._scope.deadline = math.inf
         self.current = None
-        if step is StartupStep.ANNOUNCE:
+        if step is self.final_step:
             self.finished = True
         elapsed = trio.current_time() - started
         self._log(logging.DEBUG, f"start-up: {step.value} done", seconds=f"{elapsed:.3f}")
