@@ -384,6 +384,22 @@ async def test_submit_without_wait_prints_the_task_id(
     }
 
 
+@pytest.mark.parametrize("wait", [False, True])
+async def test_submit_to_a_swarm_nobody_follows_says_the_broker_dropped_it(
+    broker: MosquittoBroker, tmp_path: Path, wait: bool
+) -> None:
+    """mosquitto answers 0x10 (no matching subscribers): the task would be lost silently."""
+    swarm = _swarm("nobody")
+    with trio.fail_after(20):
+        result = await sheri_run(
+            "submit", "testing.run", "--task-id", "dropped-1", *(["--wait"] if wait else []),
+            "--broker", broker.tcp_url, "--swarm", swarm, cwd=tmp_path,
+        )  # fmt: skip
+    err = result.stderr.decode()
+    assert result.returncode == 1, result.stdout.decode() + err
+    assert f"the broker dropped task dropped-1: nothing subscribes to {swarm}/tasks/new" in err
+
+
 async def test_submit_wait_without_eligible_agent_exits_2(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:

@@ -43,6 +43,7 @@ from .. import __version__
 from ._agents import DEFAULT_SWARM_ROLES as DEFAULT_SWARM_ROLES
 from ._agents import agent_cmd, swarm_cmd
 from ._errors import NoAnswer as NoAnswer
+from ._errors import NotDelivered as NotDelivered
 from ._errors import UsageError as UsageError
 from ._errors import explain as explain
 from ._monitor import AgentRow as AgentRow

@@ -12,7 +12,7 @@ from ..mqtt import ClientClosed, ConnectError, ConnectionLost, LocalProtocolErro
 from ..swarm import DuplicateAgent, StartupError
 from ._output import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
 
-__all__ = ["NoAnswer", "UsageError", "explain"]
+__all__ = ["NoAnswer", "NotDelivered", "UsageError", "explain"]
 
 
 class UsageError(ValueError):
@@ -27,6 +27,17 @@ class NoAnswer(RuntimeError):
             f"no answer from the broker within {seconds:g} s while {what}: it accepted the "
             "connection but does not answer (stalled or overloaded?); the bound is "
             "[broker] connect_timeout"
+        )
+
+
+class NotDelivered(RuntimeError):
+    """The broker answered 0x10 (no matching subscribers): nobody will see the task."""
+
+    def __init__(self, task_id: str, topic: str, swarm: str) -> None:
+        super().__init__(
+            f"the broker dropped task {task_id}: nothing subscribes to {topic} (no agent of "
+            f"swarm {swarm!r} is online, and no dispatcher session exists); start an agent "
+            "(sheri agent, sheri swarm) and submit again"
         )
 
 
@@ -58,7 +69,7 @@ def _explain_one(leaf: BaseException) -> tuple[int, str] | None:
         return EXIT_USAGE, str(leaf)
     if isinstance(leaf, LocalProtocolError):
         return EXIT_USAGE, f"{leaf}; check --broker, SHERI_BROKER or sheri.toml"
-    if isinstance(leaf, DuplicateAgent | StartupError | NoAnswer):
+    if isinstance(leaf, DuplicateAgent | StartupError | NoAnswer | NotDelivered):
         return EXIT_FAILURE, str(leaf)
     if isinstance(leaf, ConnectError):
         return EXIT_FAILURE, f"{leaf}; {_connect_hint(leaf)}"

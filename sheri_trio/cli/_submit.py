@@ -6,7 +6,7 @@ import json
 import math
 import re
 import uuid
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import trio
 from cyclopts import Parameter
@@ -25,7 +25,7 @@ from ..swarm import (
     roles_for,
 )
 from ._broker import BROKER_DEFAULTS, BrokerArgs, decode
-from ._errors import NoAnswer, UsageError
+from ._errors import NoAnswer, NotDelivered, UsageError
 from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, say, short
 
 if TYPE_CHECKING:
@@ -45,6 +45,9 @@ _ARGUMENTS = {
     "timeout_s": "--timeout",
 }
 _REASON_KEY = re.compile(r"'(\w+)' ")
+
+#: the PUBACK reason code of a publish no subscription matched
+NO_MATCHING_SUBSCRIBERS: Final = 0x10
 
 
 def task_body(
@@ -129,9 +132,13 @@ async def submit_cmd(
     async with link.client("submit") as client:
         if not wait:
             with trio.move_on_after(bound) as scope:
-                await client.publish(topics.tasks_new, data, qos=1, content_type="application/json")
+                code = await client.publish(
+                    topics.tasks_new, data, qos=1, content_type="application/json"
+                )
             if scope.cancelled_caught:
                 raise NoAnswer(bound, f"publishing task {body['task_id']} (waiting for its PUBACK)")
+            if code == NO_MATCHING_SUBSCRIBERS:
+                raise NotDelivered(body["task_id"], topics.tasks_new, topics.swarm)
             say(body["task_id"])
             return EXIT_OK
         return await _submit_and_follow(client, topics, body, data, wait_timeout, bound)
@@ -158,7 +165,11 @@ async def _submit_and_follow(
             qos=1,
         ) as messages:
             waiting_for = f"publishing task {body['task_id']} (waiting for its PUBACK)"
-            await client.publish(topics.tasks_new, data, qos=1, content_type="application/json")
+            code = await client.publish(
+                topics.tasks_new, data, qos=1, content_type="application/json"
+            )
+            if code == NO_MATCHING_SUBSCRIBERS:
+                raise NotDelivered(body["task_id"], topics.tasks_new, topics.swarm)
             answer.deadline = math.inf
             return await _follow(messages, topics, body, wait_timeout)
     raise NoAnswer(bound, waiting_for)
