@@ -118,17 +118,17 @@ class DispatcherShell:
 
     # ------------------------------------------------------------------ the term
     async def run(self) -> None:
-        """Announce the term, load the records, then serve until the session ends.
+        """Subscribe, announce the term, load the records, then serve until the session
+        ends.
 
         The session's subscription is made first, so nothing published from then on is
-        missed even on a first term; its messages wait (unacknowledged, hence bounded by
-        the broker's in-flight window) while the records are read. The records come over
+        missed even on a first term (the status says online only then); its messages
+        wait (unacknowledged, hence bounded by the broker's in-flight window) while the
+        records are read. The records come over
         ``reader``: on the dispatch session the held messages would fill that window and
         the retained ones could never arrive.
         """
         t = self.topics
-        online = encode(self.me, self.role, self.messages.dispatch_status(self.epoch, "online"))
-        await self.client.publish(t.dispatch_status, online, qos=1, retain=True)
         filters = (
             t.tasks_new,
             t.tasks_assigned,
@@ -143,6 +143,10 @@ class DispatcherShell:
         )
         # no_local: our own tasks/failed would only come back as an echo
         async with self.client.subscribe(*filters, qos=1, no_local=True) as messages:
+            # online once subscribed: from then on nothing published is missed
+            status = self.messages.dispatch_status(self.epoch, "online")
+            online = encode(self.me, self.role, status)
+            await self.client.publish(t.dispatch_status, online, qos=1, retain=True)
             await self._load_records()
             await self._carry_out_all(self.core.assignments(trio.current_time()))
             await self._confirm()
@@ -177,34 +181,60 @@ class DispatcherShell:
         )
 
     async def _serve(self, messages: Subscription) -> None:
-        """The one task that decides: messages in batches, leases on time. Returns when
-        the session's subscription ends (the client stopped: e.g. taken over)."""
-        core = self.core
-        period = max(self.config.lease_time / 4, 0.01)
-        next_check = trio.current_time() + period
-        while True:
-            batch: list[Message] = []
-            with trio.move_on_at(next_check):
+        """The one task that decides, over one channel: the session's messages in
+        batches (from :meth:`_pump`) and the lease checks (from :meth:`_tick`), so
+        their commands never interleave. Returns when the session's subscription ends
+        (the client stopped: e.g. taken over)."""
+        send, receive = trio.open_memory_channel["list[Message] | None"](4)
+        async with trio.open_nursery() as nursery, receive:
+            nursery.start_soon(self._pump, messages, send)
+            nursery.start_soon(self._tick, send.clone())
+            core = self.core
+            async for item in receive:
+                now = trio.current_time()
+                if item is None:
+                    await self._carry_out_all(core.check_leases(now))
+                    batch: list[Message] = []
+                elif not item:
+                    break  # the subscription ended
+                else:
+                    batch = item
+                    for message in batch:
+                        await self._carry_out_all(core.receive(message.topic, message.payload, now))
+                await self._carry_out_all(core.assignments(now))
+                await self._confirm()
+                for message in batch:  # in the order they came (MQTT 5 §4.6)
+                    message.ack()
+                self.batches += 1
+            nursery.cancel_scope.cancel()
+
+    async def _pump(
+        self, messages: Subscription, send: trio.MemorySendChannel[list[Message] | None]
+    ) -> None:
+        """Everything already delivered, as one batch. Only this task waits on the
+        subscription, and nobody cancels that wait but the term's end (a receive
+        cancelled under a deadline can lose the message it took)."""
+        async with send:
+            while True:
                 try:
-                    batch.append(await messages.receive())
+                    batch = [await messages.receive()]
                 except (trio.EndOfChannel, trio.ClosedResourceError):
+                    await send.send([])
                     return
-            try:
-                while len(batch) < BATCH:
-                    batch.append(messages.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                pass
-            now = trio.current_time()
-            for message in batch:
-                await self._carry_out_all(core.receive(message.topic, message.payload, now))
-            if now >= next_check:
-                next_check = now + period
-                await self._carry_out_all(core.check_leases(now))
-            await self._carry_out_all(core.assignments(now))
-            await self._confirm()
-            for message in batch:  # in the order they came (MQTT 5 §4.6)
-                message.ack()
-            self.batches += 1
+                try:
+                    while len(batch) < BATCH:
+                        batch.append(messages.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    pass
+                await send.send(batch)
+
+    async def _tick(self, send: trio.MemorySendChannel[list[Message] | None]) -> None:
+        """Every ``lease_time / 4``: a lease check."""
+        period = max(self.config.lease_time / 4, 0.01)
+        async with send:
+            while True:
+                await trio.sleep(period)
+                await send.send(None)
 
     # ------------------------------------------------------------- the commands
     async def _carry_out_all(self, commands: list[DispatchCommand]) -> None:
@@ -320,6 +350,10 @@ class Candidate:
         self.shell: DispatcherShell | None = None
         self.terms: list[tuple[int, TermEnd]] = []
         self._changed = trio.Event()
+        #: ``{swarm}/dispatch/+``, not the status topic itself: a client's second
+        #: subscription to a filter replaces its first at the broker (MQTT), and the
+        #: agent on this connection may subscribe to ``dispatch/status`` of its own
+        self._status_filter = self.topics.dispatch_status.rpartition("/")[0] + "/+"
         self._sync_topic = self.topics.sync_marker(self.me, "election-" + secrets.token_hex(3))
         self._sync_seen = 0
         self._sync_sent = 0
@@ -348,6 +382,8 @@ class Candidate:
                     self._sync_seen = max(self._sync_seen, int(message.payload))
                 except ValueError:
                     pass
+            elif message.topic != self.topics.dispatch_status:
+                continue
             elif not message.payload:
                 self.status = None
             else:
@@ -377,9 +413,8 @@ class Candidate:
         self, *, task_status: trio.TaskStatus[Candidate] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Follow, and run a term whenever the place is vacant, until cancelled."""
-        t = self.topics
         async with (
-            self.client.subscribe(t.dispatch_status, self._sync_topic, qos=1) as statuses,
+            self.client.subscribe(self._status_filter, self._sync_topic, qos=1) as statuses,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(self._follow, statuses)
