@@ -27,7 +27,7 @@ from ..mqtt import (
     Subscription,
 )
 from ._config import AgentConfig, new_agent_id
-from ._dispatching import run_candidate
+from ._dispatching import Candidate
 from ._messages import Messages, encode
 from ._presence import Peer, PresenceKind, rendezvous_score
 from ._protocol import BadMessage, Topics, decode_envelope
@@ -504,8 +504,10 @@ async def run_agent(
             with startup.step(StartupStep.CONNECT):
                 client = await stack.enter_async_context(agent_connection(config, startup))
             agent = Agent(config, client, executors=executors)
+            candidate = Candidate(config, client) if config.dispatch == "dispatcher" else None
             async with trio.open_nursery() as beside:
-                if config.dispatch == "dispatcher":  # a candidate for dispatcher, beside it
-                    beside.start_soon(run_candidate, config, client)
+                if candidate is not None:  # a candidate for dispatcher, beside the agent
+                    beside.start_soon(candidate.run)
                 await agent.run(startup=startup, task_status=task_status)  # after a graceful exit
-                beside.cancel_scope.cancel()  # a term ends cleanly, within CLOSE_TIMEOUT
+                if candidate is not None:
+                    candidate.stop()  # its term ends cleanly, within CLOSE_TIMEOUT

@@ -78,6 +78,8 @@ CLOSE_TIMEOUT: Final = 2.0
 BATCH: Final = 1024
 #: a candidate's random delay before it looks again and connects (seconds)
 ELECTION_DELAY: Final = (0.05, 0.5)
+#: after a term, the least wait before standing again (a taker says online meanwhile)
+HANDOVER_GRACE: Final = 0.25
 
 
 def dispatch_client_id(swarm: str) -> str:
@@ -90,7 +92,8 @@ class TermEnd(enum.Enum):
     """Why a term ended."""
 
     STOPPED = "stopped"  # the agent leaves: status offline, DISCONNECT
-    TAKEN_OVER = "taken over"  # another candidate connected with the dispatch client id
+    TAKEN_OVER = "taken over"  # DISCONNECT 0x8E: another candidate connected with our id
+    LOST = "lost"  # the connection broke (a broker restart, or a takeover told no more)
     FAILED = "failed"  # the dispatch connection failed, or the records could not be read
 
 
@@ -187,7 +190,9 @@ class DispatcherShell:
         (the client stopped: e.g. taken over)."""
         send, receive = trio.open_memory_channel["list[Message] | None"](4)
         async with trio.open_nursery() as nursery, receive:
-            nursery.start_soon(self._pump, messages, send)
+            # the pump ends the term's loops once the subscription ends: a PUBACK that
+            # _confirm waits for never comes from a stopped client
+            nursery.start_soon(self._pump, messages, send, nursery.cancel_scope)
             nursery.start_soon(self._tick, send.clone())
             core = self.core
             async for item in receive:
@@ -195,8 +200,6 @@ class DispatcherShell:
                 if item is None:
                     await self._carry_out_all(core.check_leases(now))
                     batch: list[Message] = []
-                elif not item:
-                    break  # the subscription ended
                 else:
                     batch = item
                     for message in batch:
@@ -206,10 +209,12 @@ class DispatcherShell:
                 for message in batch:  # in the order they came (MQTT 5 §4.6)
                     message.ack()
                 self.batches += 1
-            nursery.cancel_scope.cancel()
 
     async def _pump(
-        self, messages: Subscription, send: trio.MemorySendChannel[list[Message] | None]
+        self,
+        messages: Subscription,
+        send: trio.MemorySendChannel[list[Message] | None],
+        loops: trio.CancelScope,
     ) -> None:
         """Everything already delivered, as one batch. Only this task waits on the
         subscription, and nobody cancels that wait but the term's end (a receive
@@ -219,7 +224,7 @@ class DispatcherShell:
                 try:
                     batch = [await messages.receive()]
                 except (trio.EndOfChannel, trio.ClosedResourceError):
-                    await send.send([])
+                    loops.cancel()
                     return
                 try:
                     while len(batch) < BATCH:
@@ -323,8 +328,8 @@ class DispatcherShell:
 
 class Candidate:
     """One agent's candidacy: follow ``dispatch/status`` on ``client`` (the agent's own
-    connection), run a term whenever it is vacant. Cancel :meth:`run` to stop (a term
-    then ends cleanly, within :data:`CLOSE_TIMEOUT`)."""
+    connection), run a term whenever it is vacant, until :meth:`stop` (a term then ends
+    cleanly, within :data:`CLOSE_TIMEOUT`)."""
 
     def __init__(
         self,
@@ -343,8 +348,8 @@ class Candidate:
         self.status: dict[str, Any] | None = None
         #: the highest epoch seen
         self.epoch = 0
-        #: the epochs of this candidate's terms (an online status of ours with another
-        #: epoch is from an earlier process of this agent: stale)
+        #: the epoch of the term in progress (an online status of ours with another epoch
+        #: is from a term that is over, or from an earlier process of this agent: stale)
         self.my_epochs: set[int] = set()
         #: the shell of the term in progress (None: following)
         self.shell: DispatcherShell | None = None
@@ -358,6 +363,11 @@ class Candidate:
         self._sync_seen = 0
         self._sync_sent = 0
         self._failures = 0
+        self._stopping = trio.Event()
+        #: set when :meth:`run` has returned
+        self.stopped = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._work: trio.CancelScope | None = None
 
     @property
     def dispatching(self) -> bool:
@@ -372,7 +382,7 @@ class Candidate:
         if s.get("status") != "online":
             return "dispatcher offline" + (f" ({s['agent_id']})" if s.get("agent_id") else "")
         if s.get("agent_id") == self.me and s.get("epoch") not in self.my_epochs:
-            return "online status left by an earlier process of this agent"
+            return "our own online status, of a term that is over"
         return None
 
     async def _follow(self, statuses: Subscription) -> None:
@@ -412,28 +422,51 @@ class Candidate:
     async def run(
         self, *, task_status: trio.TaskStatus[Candidate] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Follow, and run a term whenever the place is vacant, until cancelled."""
-        async with (
-            self.client.subscribe(self._status_filter, self._sync_topic, qos=1) as statuses,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(self._follow, statuses)
-            await self._look_again()  # the retained status, if there is one
-            task_status.started(self)
-            while True:
-                while self.vacancy() is None:
-                    await self._wait_changed()
-                await trio.sleep(random.uniform(*self.delay))
-                await self._look_again()
-                why = self.vacancy()
-                if why is None:
-                    continue
-                end = await self._term(why)
-                if end is TermEnd.FAILED:
-                    self._failures += 1
-                    await trio.sleep(min(30.0, 2.0 ** min(self._failures, 5)) * random.random())
-                else:
-                    self._failures = 0
+        """Follow, and run a term whenever the place is vacant, until :meth:`stop`
+        (or cancelled: then a term's connection just drops, and its will says offline)."""
+        try:
+            await self._run(task_status)
+        finally:
+            self.stopped.set()
+
+    async def _run(self, task_status: trio.TaskStatus[Candidate]) -> None:
+        with trio.CancelScope() as self._scope:
+            if self._stopping.is_set():
+                self._scope.cancel()
+            async with (
+                self.client.subscribe(self._status_filter, self._sync_topic, qos=1) as statuses,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(self._follow, statuses)
+                await self._look_again()  # the retained status, if there is one
+                task_status.started(self)
+                while not self._stopping.is_set():
+                    while self.vacancy() is None:
+                        await self._wait_changed()
+                    await trio.sleep(random.uniform(*self.delay))
+                    await self._look_again()
+                    why = self.vacancy()
+                    if why is None:
+                        continue
+                    end = await self._term(why)
+                    if self._stopping.is_set():
+                        break
+                    # A lost connection may have been a takeover (mosquitto 2.0 often
+                    # just closes the earlier connection, without DISCONNECT 0x8E): give
+                    # the taker time to say online before looking again.
+                    self._failures = self._failures + 1 if end is TermEnd.FAILED else 0
+                    backoff = min(30.0, 2.0 ** min(self._failures, 5)) if self._failures else 0
+                    await trio.sleep(HANDOVER_GRACE + backoff * random.random())
+                nursery.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Stop standing; a term in progress ends cleanly (status offline, DISCONNECT),
+        within :data:`CLOSE_TIMEOUT`. :meth:`run` returns then."""
+        self._stopping.set()
+        if self._work is not None:
+            self._work.cancel()  # the term's work, not its connection
+        elif self._scope is not None:
+            self._scope.cancel()
 
     async def _term(self, why: str) -> TermEnd:
         """Connect the dispatch session and serve until it ends."""
@@ -459,24 +492,34 @@ class Candidate:
                 session_expiry_interval=c.dispatch_session_expiry,
                 will=will,
                 manual_ack=True,  # also the messages queued before we subscribe
+                # never reconnect on our own: a loss may be a takeover, and reconnecting
+                # would take the session back (a fight); the election decides instead
+                reconnect=False,
                 **options,
             ) as dclient:
                 shell = self.shell = DispatcherShell(c, dclient, self.client, epoch)
                 try:
-                    await shell.run()
-                    await dclient.wait_connected()  # raises once the client stopped
-                    detail = "the dispatch session's subscription ended"
-                except trio.Cancelled:
-                    end, detail = TermEnd.STOPPED, "the agent leaves"
-                    await self._close_term(dclient, epoch)
-                    raise
+                    with trio.CancelScope() as self._work:
+                        if self._stopping.is_set():
+                            self._work.cancel()
+                        await shell.run()
+                        await dclient.wait_connected()  # raises once the client stopped
+                        detail = "the dispatch session's subscription ended"
+                    if self._work.cancelled_caught:
+                        end, detail = TermEnd.STOPPED, "the agent leaves"
                 except (MQTTError, trio.TooSlowError) as exc:
                     cause = _cause(exc)
                     if isinstance(cause, SessionTakenOver):
                         end, detail = TermEnd.TAKEN_OVER, str(cause)
+                    elif isinstance(exc, ClientClosed):
+                        end, detail = TermEnd.LOST, str(exc)
                     else:
                         detail = str(exc) or "the task records were not read in time"
-                if end is TermEnd.FAILED:
+                finally:
+                    self._work = None
+                    # our online status of this term is stale from now on
+                    self.my_epochs.discard(epoch)
+                if end in (TermEnd.STOPPED, TermEnd.FAILED):  # else the connection is gone
                     await self._close_term(dclient, epoch)
         except MQTTError as exc:  # the dispatch connection could not be made
             if not detail:
@@ -545,6 +588,7 @@ async def run_candidate(
     *,
     task_status: trio.TaskStatus[Candidate] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Be a candidate for dispatcher of ``config.swarm`` until cancelled, following the
-    status on ``client`` (the agent's own connection). See :class:`Candidate`."""
+    """Be a candidate for dispatcher of ``config.swarm`` (following the status on
+    ``client``, the agent's own connection) until the :class:`Candidate` reported to
+    ``task_status`` is stopped. See :class:`Candidate`."""
     await Candidate(config, client).run(task_status=task_status)
