@@ -555,3 +555,30 @@ async def test_run_agent_in_broadcast_mode_stands_for_nothing(
             found = await read_retained(watcher, sync, f"{swarm}/dispatch/status")
             shutdown.set()
     assert found == []
+
+
+# ------------------------------------------------------------------ the flag
+@pytest.mark.parametrize("command", ["agent", "swarm"])
+def test_the_dispatch_flag_of_agent_and_swarm(command: str) -> None:
+    from sheri_trio.cli import app
+
+    function, bound, *_ = app.parse_args([command, "--dispatch", "dispatcher"])
+    assert function.__name__ == f"{command}_cmd"
+    assert bound.arguments["dispatch"] == "dispatcher"
+
+
+def test_dispatch_from_flag_environment_and_file() -> None:
+    from sheri_trio.config import ConfigError, FileConfig, build_agent_config
+
+    assert build_agent_config(FileConfig(), env={}).dispatch == "broadcast"
+    from_env = build_agent_config(FileConfig(), env={"SHERI_DISPATCH": "dispatcher"})
+    assert from_env.dispatch == "dispatcher"
+    flag = build_agent_config(
+        FileConfig(), env={"SHERI_DISPATCH": "dispatcher"}, dispatch="broadcast"
+    )
+    assert flag.dispatch == "broadcast"
+    with pytest.raises(ConfigError, match=r"^--dispatch: "):
+        build_agent_config(FileConfig(), env={}, dispatch="shared")
+    with pytest.raises(ConfigError, match=r"^SHERI_DISPATCH: "):
+        build_agent_config(FileConfig(), env={"SHERI_DISPATCH": "shared"})
+    assert AgentConfig().dispatch_session_expiry == 7 * 86_400
