@@ -180,6 +180,7 @@ AGENT_CHECKS: Final[dict[str, Check]] = {
     "keep_alive": _integer(0, 65535),
     "startup_timeout": number(0, exclusive=True),
     "dispatch": choice(*DISPATCH_MODES),
+    "dispatch_session_expiry": _integer(1, 0xFFFF_FFFF),  # MQTT's session expiry interval
 }
 
 #: the check of a setting by its type (for the fields not in AGENT_CHECKS)
