@@ -127,9 +127,8 @@ class DispatcherShell:
         The session's subscription is made first, so nothing published from then on is
         missed even on a first term (the status says online only then); its messages
         wait (unacknowledged, hence bounded by the broker's in-flight window) while the
-        records are read. The records come over
-        ``reader``: on the dispatch session the held messages would fill that window and
-        the retained ones could never arrive.
+        records are read. The records come over ``reader``: on the dispatch session the
+        held messages would fill that window and the retained ones could never arrive.
         """
         t = self.topics
         filters = (
@@ -410,7 +409,9 @@ class Candidate:
         """Wait until every status the broker had before now has reached us."""
         self._sync_sent += 1
         mark = self._sync_sent
-        await self.client.publish(self._sync_topic, str(mark).encode(), qos=1)
+        # wait_ack=False: what counts is the marker coming back, whenever the broker is
+        # up again (a PUBACK wait would end in AckTimeout during a broker's restart)
+        await self.client.publish(self._sync_topic, str(mark).encode(), qos=1, wait_ack=False)
         while self._sync_seen < mark:
             await self._wait_changed()
 
