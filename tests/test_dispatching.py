@@ -377,6 +377,17 @@ async def test_a_killed_agent_s_tasks_are_revoked_and_reassigned_once(
         assert tally.attempts[task_id] == [(1, "victim"), (2, "survivor")]
         assert tally.completed[task_id] == 1
     assert tally.duplicates == 0
+    # the revocations went to the victim's inbox (its session keeps them for its return)
+    with trio.fail_after(10):
+        async with (
+            open_client(broker.tcp_url, client_id="victim", clean_start=False) as back,
+            back.subscribe(f"{swarm}/agents/victim/inbox") as inbox,
+        ):
+            got = sorted(
+                (p["task_id"], p["attempt"], p["reason"])
+                for p in [decode_envelope((await inbox.receive()).payload).payload for _ in ids]
+            )
+    assert got == [("k1", 1, "holder_gone"), ("k2", 1, "holder_gone")]
 
 
 async def test_two_candidates_racing_one_dispatcher_the_other_follows(
