@@ -435,7 +435,9 @@ class Candidate:
             if self._stopping.is_set():
                 self._scope.cancel()
             async with (
-                self.client.subscribe(self._status_filter, self._sync_topic, qos=1) as statuses,
+                self.client.subscribe(
+                    self._status_filter, self._sync_topic, qos=1, manual_ack=False
+                ) as statuses,
                 trio.open_nursery() as nursery,
             ):
                 nursery.start_soon(self._follow, statuses)
