@@ -5,8 +5,8 @@ Where each setting comes from, first match wins::
     command-line flag  >  environment variable  >  sheri.toml  >  built-in default
 
 Environment variables: ``SHERI_BROKER``, ``SHERI_SWARM``, ``SHERI_ROLE``,
-``SHERI_AGENT_ID``, ``SHERI_MAX_TASKS`` (and ``SHERI_USERNAME`` / ``SHERI_PASSWORD``
-for the broker's credentials, which keeps a password out of the process list).
+``SHERI_AGENT_ID``, ``SHERI_MAX_TASKS``, ``SHERI_DISPATCH`` (and ``SHERI_USERNAME`` /
+``SHERI_PASSWORD`` for the broker's credentials, which keeps a password out of the process list).
 
 The file (``./sheri.toml``, or the path given with ``--config``)::
 
@@ -93,6 +93,7 @@ ENV_VARS: Final = {
     "role": "SHERI_ROLE",
     "agent_id": "SHERI_AGENT_ID",
     "max_tasks": "SHERI_MAX_TASKS",
+    "dispatch": "SHERI_DISPATCH",
     "username": "SHERI_USERNAME",
     "password": "SHERI_PASSWORD",
 }
@@ -104,6 +105,7 @@ FLAGS: Final = {
     "role": "--role",
     "agent_id": "--agent-id",
     "max_tasks": "--max-tasks",
+    "dispatch": "--dispatch",
     "username": "--username",
     "password": "--password",
 }
@@ -178,6 +180,7 @@ AGENT_CHECKS: Final[dict[str, Check]] = {
     "keep_alive": _integer(0, 65535),
     "startup_timeout": number(0, exclusive=True),
     "dispatch": choice(*DISPATCH_MODES),
+    "dispatch_session_expiry": _integer(1, 0xFFFF_FFFF),  # MQTT's session expiry interval
 }
 
 #: the check of a setting by its type (for the fields not in AGENT_CHECKS)

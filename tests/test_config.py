@@ -158,6 +158,7 @@ AGENT_VALUES = {
     "broker": "mqtt://broker.example:1884",
     "max_tasks": 2,
     "dispatch": "dispatcher",
+    "dispatch_session_expiry": 120,
     "queue_limit": 20,
     "overflow_limit": 30,
     "preference_window": 4,

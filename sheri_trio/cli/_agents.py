@@ -35,6 +35,14 @@ __all__ = ["DEFAULT_SWARM_ROLES"]
 log = logging.getLogger("sheri_trio.cli")
 
 LogLevelOpt = Annotated[LogLevel, Parameter(help="Log level of the lines on stderr.")]
+DispatchOpt = Annotated[
+    str | None,
+    Parameter(
+        help="How tasks reach agents: broadcast (every agent sees every task) or dispatcher "
+        "(one elected dispatcher assigns them; every agent is a candidate; docs/dispatch.md) "
+        "(env SHERI_DISPATCH). Every agent of a swarm must use the same."
+    ),
+]
 
 #: ``sheri swarm`` without --roles: one agent per role, and a second general one.
 DEFAULT_SWARM_ROLES: Final = (*ROLES, "general")
@@ -138,6 +146,7 @@ async def agent_cmd(
     max_tasks: Annotated[
         int | None, Parameter(help="Tasks run at once (env SHERI_MAX_TASKS).")
     ] = None,
+    dispatch: DispatchOpt = None,
     where: BrokerArgs = BROKER_DEFAULTS,
     log_level: LogLevelOpt = "info",
 ) -> int:
@@ -146,15 +155,18 @@ async def agent_cmd(
     ``sheri --mqtt --role R ...`` (the prototype's spelling) is the same command.
     """
     file_config = load_config(where.config)
-    cfg = _agent_config(file_config, where, role=role, agent_id=agent_id, max_tasks=max_tasks)
+    cfg = _agent_config(
+        file_config, where, role=role, agent_id=agent_id, max_tasks=max_tasks, dispatch=dispatch
+    )
     setup_logging(log_level, cfg.agent_id)
     log.info(
-        "starting agent %s: role=%s swarm=%s broker=%s max_tasks=%d%s",
+        "starting agent %s: role=%s swarm=%s broker=%s max_tasks=%d dispatch=%s%s",
         cfg.agent_id,
         cfg.role,
         cfg.swarm,
         Connection(cfg.broker, cfg.swarm, {}).display(),
         cfg.max_tasks,
+        cfg.dispatch,
         f" config={file_config.name}" if file_config.path else "",
     )
     return await run_agents([(cfg, None)])
@@ -184,6 +196,7 @@ async def swarm_cmd(
         Parameter(help="Comma-separated roles (default: every role once, plus a second general)."),
     ] = None,
     max_tasks: Annotated[int | None, Parameter(help="Tasks run at once, per agent.")] = None,
+    dispatch: DispatchOpt = None,
     prefix: Annotated[
         str | None,
         Parameter(help="Agent id prefix: ids are <prefix>-<role>-<n> (default: the swarm)."),
@@ -211,7 +224,12 @@ async def swarm_cmd(
         numbers[role] = numbers.get(role, 0) + 1
         label = f"{role}-{numbers[role]}"
         cfg = _agent_config(
-            file_config, where, role=role, agent_id=f"{id_prefix}-{label}", max_tasks=max_tasks
+            file_config,
+            where,
+            role=role,
+            agent_id=f"{id_prefix}-{label}",
+            max_tasks=max_tasks,
+            dispatch=dispatch,
         )
         configs.append((cfg, label))
     setup_logging(log_level, "swarm", label_first=True)

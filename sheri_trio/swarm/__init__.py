@@ -25,6 +25,11 @@ from ._dispatcher import RevokeReason as RevokeReason
 from ._dispatcher import SendAssignment as SendAssignment
 from ._dispatcher import SendRevocation as SendRevocation
 from ._dispatcher import WriteRecord as WriteRecord
+from ._dispatching import Candidate as Candidate
+from ._dispatching import DispatcherShell as DispatcherShell
+from ._dispatching import TermEnd as TermEnd
+from ._dispatching import dispatch_client_id as dispatch_client_id
+from ._dispatching import run_candidate as run_candidate
 from ._lifecycle import FINAL_STATES as FINAL_STATES
 from ._lifecycle import STATES as STATES
 from ._lifecycle import TRANSITIONS as TRANSITIONS

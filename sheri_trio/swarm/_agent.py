@@ -27,6 +27,7 @@ from ..mqtt import (
     Subscription,
 )
 from ._config import AgentConfig, new_agent_id
+from ._dispatching import Candidate
 from ._messages import Messages, encode
 from ._presence import Peer, PresenceKind, rendezvous_score
 from ._protocol import BadMessage, Topics, decode_envelope
@@ -571,4 +572,10 @@ async def run_agent(
             with startup.step(StartupStep.CONNECT):
                 client = await stack.enter_async_context(agent_connection(config, startup))
             agent = Agent(config, client, executors=executors)
-            await agent.run(startup=startup, task_status=task_status)  # after a graceful exit
+            candidate = Candidate(config, client) if config.dispatch == "dispatcher" else None
+            async with trio.open_nursery() as beside:
+                if candidate is not None:  # a candidate for dispatcher, beside the agent
+                    beside.start_soon(candidate.run)
+                await agent.run(startup=startup, task_status=task_status)  # after a graceful exit
+                if candidate is not None:
+                    candidate.stop()  # its term ends cleanly, within CLOSE_TIMEOUT

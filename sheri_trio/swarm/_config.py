@@ -51,6 +51,9 @@ class AgentConfig:
     #: how tasks reach agents: "broadcast" (every agent sees every task; claims in the
     #: broker's order) or "dispatcher" (one elected dispatcher; docs/dispatch.md)
     dispatch: str = "broadcast"
+    #: the session expiry of the dispatch connection (dispatcher mode): submissions wait
+    #: in that session while no dispatcher is connected, for at most this long
+    dispatch_session_expiry: int = 7 * 86_400
     check_duplicate: bool = True
     client_options: dict[str, Any] = field(default_factory=dict)
     executor_config: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,597 @@
+"""The elected dispatcher's trio shell, and the election (docs/dispatch.md).
+
+:class:`DispatcherShell` runs one term of the sans-IO :class:`~._dispatcher.Dispatcher`
+over the dispatch session (client id ``sheri-dispatch.{swarm}``, ``clean_start=False``, a
+long session expiry, ``manual_ack``, a will that sets the retained ``dispatch/status``
+offline): it publishes the status online, reads the retained custody records (on the
+agent's own connection, see :meth:`DispatcherShell.run`), then one task takes the
+session's messages in batches, hands each to :meth:`Dispatcher.receive`, carries the
+commands out in order, asks for :meth:`Dispatcher.assignments`, runs
+:meth:`Dispatcher.check_leases` on time, and acknowledges the batch.
+
+**Pipelining.** Every publish of a batch goes out with ``wait_ack=False`` except the
+last, which is awaited; then the batch's messages are acknowledged, in the order they
+came. The session sends publishes in the order they were made (also when it resends them
+after a reconnect) and a broker sends its PUBACKs in the order the PUBLISHes came (MQTT 5
+§4.6; mosquitto handles one connection's packets one after the other), so the last
+PUBACK means every earlier publish has been handled, and a :class:`WriteRecord` is
+stored before anything published after it is: the barrier the core asks for, at one
+round trip per batch instead of one per record. What this gives up: a publish the broker
+*refuses* (a PUBACK >= 0x80: ACL, quota, size) is not seen unless it is the awaited one
+(then it is logged as an error); the guarantee is the broker's order, not its answers.
+
+:class:`Candidate` is the election: it follows the retained ``dispatch/status`` on the
+agent's connection; while it says offline (or nothing, or online from an earlier process
+of this very agent), it waits a short random delay, looks again (a marker round trip
+through its own subscription), and runs a term. The broker allows one connection per
+client id: a later candidate takes the session over (DISCONNECT 0x8E), and the one taken
+over steps down and follows again; it never reconnects to fight back. A term ends
+cleanly when the candidate is cancelled (the agent leaves): status offline, DISCONNECT,
+both within :data:`CLOSE_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import secrets
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from ..mqtt import (
+    AckTimeout,
+    ClientClosed,
+    MQTTError,
+    PublishError,
+    SessionTakenOver,
+    Will,
+    open_client,
+)
+from ._dispatcher import (
+    Ack,
+    Dispatcher,
+    ForwardCancel,
+    SendAssignment,
+    SendRevocation,
+    WriteRecord,
+)
+from ._messages import Messages, encode
+from ._protocol import BadMessage, Topics, decode_envelope
+from ._scheduler import ReportError, SendFailed
+from ._startup import read_retained, startup_timeout
+
+if TYPE_CHECKING:
+    from ..mqtt import Client, Message, Subscription
+    from ._config import AgentConfig
+    from ._dispatcher import DispatchCommand
+
+__all__ = ["Candidate", "DispatcherShell", "TermEnd", "dispatch_client_id", "run_candidate"]
+
+log = logging.getLogger("sheri_trio.dispatch")
+
+#: how long ending a term may take (status offline, DISCONNECT): the agent's graceful
+#: shutdown waits at most this long for its dispatcher
+CLOSE_TIMEOUT: Final = 2.0
+#: the most messages handed to the core in one batch (one PUBACK wait, one ack round)
+BATCH: Final = 1024
+#: a candidate's random delay before it looks again and connects (seconds)
+ELECTION_DELAY: Final = (0.05, 0.5)
+#: after a term, the least wait before standing again (a taker says online meanwhile)
+HANDOVER_GRACE: Final = 0.25
+
+
+def dispatch_client_id(swarm: str) -> str:
+    """``sheri-dispatch.{swarm}``, a swarm's '/' written ':' (a swarm name has no ':',
+    so two swarms never share the id)."""
+    return "sheri-dispatch." + swarm.replace("/", ":")
+
+
+class TermEnd(enum.Enum):
+    """Why a term ended."""
+
+    STOPPED = "stopped"  # the agent leaves: status offline, DISCONNECT
+    TAKEN_OVER = "taken over"  # DISCONNECT 0x8E: another candidate connected with our id
+    LOST = "lost"  # the connection broke (a broker restart, or a takeover told no more)
+    FAILED = "failed"  # the dispatch connection failed, or the records could not be read
+
+
+class DispatcherShell:
+    """One term of the dispatcher: the core's commands carried out over ``client`` (the
+    dispatch session), the records read over ``reader`` (any other connection)."""
+
+    def __init__(self, config: AgentConfig, client: Client, reader: Client, epoch: int) -> None:
+        self.config = config
+        self.client = client
+        self.reader = reader
+        self.epoch = epoch
+        self.me = config.agent_id
+        self.role = config.role
+        self.topics = Topics(config.swarm)
+        self.messages = Messages(config.agent_id, config.role)
+        self.core = Dispatcher(config)
+        #: the last publish, held back: the one a batch's end awaits
+        self._held: tuple[str, bytes, bool, int | None] | None = None
+        #: an awaited PUBACK did not come (AckTimeout): the next batch awaits a marker
+        self._unconfirmed = False
+        self._marker = self.topics.sync_marker(self.me, "dispatch")
+        self.batches = 0
+        self.records_loaded = 0
+
+    # ------------------------------------------------------------------ the term
+    async def run(self) -> None:
+        """Subscribe, announce the term, load the records, then serve until the session
+        ends.
+
+        The session's subscription is made first, so nothing published from then on is
+        missed even on a first term (the status says online only then); its messages
+        wait (unacknowledged, hence bounded by the broker's in-flight window) while the
+        records are read. The records come over ``reader``: on the dispatch session the
+        held messages would fill that window and the retained ones could never arrive.
+        """
+        t = self.topics
+        filters = (
+            t.tasks_new,
+            t.tasks_assigned,
+            t.tasks_complete,
+            t.tasks_failed,
+            t.tasks_released,
+            t.tasks_cancel,
+            t.agents_register,
+            t.agents_heartbeat,
+            t.agents_shutdown,
+            t.agents_status_all,
+        )
+        # no_local: our own tasks/failed would only come back as an echo
+        async with self.client.subscribe(*filters, qos=1, no_local=True) as messages:
+            # online once subscribed: from then on nothing published is missed
+            status = self.messages.dispatch_status(self.epoch, "online")
+            online = encode(self.me, self.role, status)
+            await self.client.publish(t.dispatch_status, online, qos=1, retain=True)
+            await self._load_records()
+            await self._carry_out_all(self.core.assignments(trio.current_time()))
+            await self._confirm()
+            log.info("%s is the dispatcher of %s (epoch %d)", self.me, t.swarm, self.epoch)
+            await self._serve(messages)
+
+    async def _load_records(self) -> None:
+        bound = startup_timeout(self.config)
+        sync = self.topics.sync_marker(self.me, secrets.token_hex(4))
+        with trio.fail_after(bound) as scope:
+
+            def renew() -> None:
+                scope.deadline = trio.current_time() + bound
+
+            retained = await read_retained(
+                self.reader, sync, self.topics.tasks_state_all, progress=renew
+            )
+        now = trio.current_time()
+        for message in retained:
+            try:
+                commands = self.core.on_state(decode_envelope(message.payload).payload, now)
+            except BadMessage as exc:
+                log.debug("ignored task record %s: %s", message.topic, exc.reason)
+                continue
+            self.records_loaded += 1
+            await self._carry_out_all(commands)
+        log.info(
+            "dispatcher %s: %d task records loaded (%d live)",
+            self.me,
+            self.records_loaded,
+            len(self.core.jobs),
+        )
+
+    async def _serve(self, messages: Subscription) -> None:
+        """The one task that decides, over one channel: the session's messages in
+        batches (from :meth:`_pump`) and the lease checks (from :meth:`_tick`), so
+        their commands never interleave. Returns when the session's subscription ends
+        (the client stopped: e.g. taken over)."""
+        send, receive = trio.open_memory_channel["list[Message] | None"](4)
+        async with trio.open_nursery() as nursery, receive:
+            # the pump ends the term's loops once the subscription ends: a PUBACK that
+            # _confirm waits for never comes from a stopped client
+            nursery.start_soon(self._pump, messages, send, nursery.cancel_scope)
+            nursery.start_soon(self._tick, send.clone())
+            core = self.core
+            async for item in receive:
+                now = trio.current_time()
+                if item is None:
+                    await self._carry_out_all(core.check_leases(now))
+                    batch: list[Message] = []
+                else:
+                    batch = item
+                    for message in batch:
+                        await self._carry_out_all(core.receive(message.topic, message.payload, now))
+                await self._carry_out_all(core.assignments(now))
+                await self._confirm()
+                for message in batch:  # in the order they came (MQTT 5 §4.6)
+                    message.ack()
+                self.batches += 1
+
+    async def _pump(
+        self,
+        messages: Subscription,
+        send: trio.MemorySendChannel[list[Message] | None],
+        loops: trio.CancelScope,
+    ) -> None:
+        """Everything already delivered, as one batch. Only this task waits on the
+        subscription, and nobody cancels that wait but the term's end (a receive
+        cancelled under a deadline can lose the message it took)."""
+        async with send:
+            while True:
+                try:
+                    batch = [await messages.receive()]
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    loops.cancel()
+                    return
+                try:
+                    while len(batch) < BATCH:
+                        batch.append(messages.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    pass
+                await send.send(batch)
+
+    async def _tick(self, send: trio.MemorySendChannel[list[Message] | None]) -> None:
+        """Every ``lease_time / 4``: a lease check."""
+        period = max(self.config.lease_time / 4, 0.01)
+        async with send:
+            while True:
+                await trio.sleep(period)
+                await send.send(None)
+
+    # ------------------------------------------------------------- the commands
+    async def _carry_out_all(self, commands: list[DispatchCommand]) -> None:
+        for command in commands:
+            await self._carry_out(command)
+
+    async def _carry_out(self, command: DispatchCommand) -> None:
+        t, m = self.topics, self.messages
+        if isinstance(command, Ack):
+            return  # the batch is acknowledged at its end, after its PUBACKs
+        if isinstance(command, WriteRecord):
+            record = m.task_record(
+                command.task_id,
+                command.state.value,
+                command.attempt,
+                command.agent_id,
+                command.task,
+            )
+            state_topic = t.task_state(command.task_id)
+            await self._send(state_topic, record, retain=True, expiry=self.config.state_retention)
+        elif isinstance(command, SendAssignment):
+            payload = m.assignment(command.task, command.attempt)
+            await self._send(t.agent_inbox(command.agent_id), payload)
+        elif isinstance(command, SendRevocation):
+            payload = m.revocation(command.task_id, command.attempt, command.reason.value)
+            await self._send(t.agent_inbox(command.agent_id), payload)
+        elif isinstance(command, ForwardCancel):
+            payload = m.inbox_cancel(command.task_id, command.attempt)
+            await self._send(t.agent_inbox(command.agent_id), payload)
+        elif isinstance(command, SendFailed):
+            payload = m.failed(command.spec, command.attempt, command.error, command.reason)
+            await self._send(t.tasks_failed, payload)
+        elif isinstance(command, ReportError):
+            payload = m.error_report(command.topic, command.reason, command.size, command.task_id)
+            await self._send(t.errors, payload)
+
+    async def _send(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        retain: bool = False,
+        expiry: int | None = None,
+    ) -> None:
+        """Publish in order; the previous publish goes out now, this one is held back
+        for :meth:`_confirm` to await (or for the next one to push out)."""
+        data = encode(self.me, self.role, payload)
+        held, self._held = self._held, (topic, data, retain, expiry)
+        if held is not None:
+            await self._publish(held, wait_ack=False)
+
+    async def _confirm(self) -> None:
+        """Return once every publish made so far has its PUBACK (see the module's
+        docstring): the held-back last one is awaited; after an AckTimeout, a marker
+        behind everything, until one is acknowledged."""
+        pending, self._held = self._held, None
+        if pending is None:
+            if not self._unconfirmed:
+                return
+            pending = (self._marker, b"", False, None)
+        while True:
+            try:
+                await self._publish(pending, wait_ack=True)
+            except AckTimeout as exc:
+                log.warning("dispatcher %s: %s; waiting again behind a marker", self.me, exc)
+                self._unconfirmed = True
+                pending = (self._marker, b"", False, None)
+                continue
+            except PublishError as exc:  # handled (and refused): later PUBACKs are in order
+                log.error("dispatcher %s: %s", self.me, exc)
+            self._unconfirmed = False
+            return
+
+    async def _publish(self, item: tuple[str, bytes, bool, int | None], *, wait_ack: bool) -> None:
+        topic, data, retain, expiry = item
+        await self.client.publish(
+            topic,
+            data,
+            qos=1,
+            retain=retain,
+            wait_ack=wait_ack,
+            message_expiry_interval=expiry,
+            content_type="application/json",
+        )
+
+
+class Candidate:
+    """One agent's candidacy: follow ``dispatch/status`` on ``client`` (the agent's own
+    connection), run a term whenever it is vacant, until :meth:`stop` (a term then ends
+    cleanly, within :data:`CLOSE_TIMEOUT`)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        client: Client,
+        *,
+        delay: tuple[float, float] = ELECTION_DELAY,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.delay = delay
+        self.me = config.agent_id
+        self.topics = Topics(config.swarm)
+        self.messages = Messages(config.agent_id, config.role)
+        #: the latest retained dispatch/status (None: none seen)
+        self.status: dict[str, Any] | None = None
+        #: the highest epoch seen
+        self.epoch = 0
+        #: the epoch of the term in progress (an online status of ours with another epoch
+        #: is from a term that is over, or from an earlier process of this agent: stale)
+        self.my_epochs: set[int] = set()
+        #: the shell of the term in progress (None: following)
+        self.shell: DispatcherShell | None = None
+        self.terms: list[tuple[int, TermEnd]] = []
+        self._changed = trio.Event()
+        #: ``{swarm}/dispatch/+``, not the status topic itself: a client's second
+        #: subscription to a filter replaces its first at the broker (MQTT), and the
+        #: agent on this connection may subscribe to ``dispatch/status`` of its own
+        self._status_filter = self.topics.dispatch_status.rpartition("/")[0] + "/+"
+        self._sync_topic = self.topics.sync_marker(self.me, "election-" + secrets.token_hex(3))
+        self._sync_seen = 0
+        self._sync_sent = 0
+        self._failures = 0
+        self._stopping = trio.Event()
+        #: set when :meth:`run` has returned
+        self.stopped = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._work: trio.CancelScope | None = None
+
+    @property
+    def dispatching(self) -> bool:
+        return self.shell is not None
+
+    # --------------------------------------------------------------- following
+    def vacancy(self) -> str | None:
+        """Why the dispatcher's place is free (None: someone holds it)."""
+        s = self.status
+        if s is None:
+            return "no dispatcher status"
+        if s.get("status") != "online":
+            return "dispatcher offline" + (f" ({s['agent_id']})" if s.get("agent_id") else "")
+        if s.get("agent_id") == self.me and s.get("epoch") not in self.my_epochs:
+            return "our own online status, of a term that is over"
+        return None
+
+    async def _follow(self, statuses: Subscription) -> None:
+        async for message in statuses:
+            if message.topic == self._sync_topic:
+                try:
+                    self._sync_seen = max(self._sync_seen, int(message.payload))
+                except ValueError:
+                    pass
+            elif message.topic != self.topics.dispatch_status:
+                continue
+            elif not message.payload:
+                self.status = None
+            else:
+                try:
+                    self.status = decode_envelope(message.payload).payload
+                except BadMessage:
+                    continue
+                epoch = self.status.get("epoch")
+                if isinstance(epoch, int) and not isinstance(epoch, bool):
+                    self.epoch = max(self.epoch, epoch)
+            self._changed.set()
+
+    async def _look_again(self) -> None:
+        """Wait until every status the broker had before now has reached us."""
+        self._sync_sent += 1
+        mark = self._sync_sent
+        # wait_ack=False: what counts is the marker coming back, whenever the broker is
+        # up again (a PUBACK wait would end in AckTimeout during a broker's restart)
+        await self.client.publish(self._sync_topic, str(mark).encode(), qos=1, wait_ack=False)
+        while self._sync_seen < mark:
+            await self._wait_changed()
+
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+        self._changed = trio.Event()
+
+    # ------------------------------------------------------------------ running
+    async def run(
+        self, *, task_status: trio.TaskStatus[Candidate] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Follow, and run a term whenever the place is vacant, until :meth:`stop`
+        (or cancelled: then a term's connection just drops, and its will says offline)."""
+        try:
+            await self._run(task_status)
+        finally:
+            self.stopped.set()
+
+    async def _run(self, task_status: trio.TaskStatus[Candidate]) -> None:
+        with trio.CancelScope() as self._scope:
+            if self._stopping.is_set():
+                self._scope.cancel()
+            async with (
+                self.client.subscribe(
+                    self._status_filter, self._sync_topic, qos=1, manual_ack=False
+                ) as statuses,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(self._follow, statuses)
+                await self._look_again()  # the retained status, if there is one
+                task_status.started(self)
+                while not self._stopping.is_set():
+                    while self.vacancy() is None:
+                        await self._wait_changed()
+                    await trio.sleep(random.uniform(*self.delay))
+                    await self._look_again()
+                    why = self.vacancy()
+                    if why is None:
+                        continue
+                    end = await self._term(why)
+                    if self._stopping.is_set():
+                        break
+                    # A lost connection may have been a takeover (mosquitto 2.0 often
+                    # just closes the earlier connection, without DISCONNECT 0x8E): give
+                    # the taker time to say online before looking again.
+                    self._failures = self._failures + 1 if end is TermEnd.FAILED else 0
+                    backoff = min(30.0, 2.0 ** min(self._failures, 5)) if self._failures else 0
+                    await trio.sleep(HANDOVER_GRACE + backoff * random.random())
+                nursery.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Stop standing; a term in progress ends cleanly (status offline, DISCONNECT),
+        within :data:`CLOSE_TIMEOUT`. :meth:`run` returns then."""
+        self._stopping.set()
+        if self._work is not None:
+            self._work.cancel()  # the term's work, not its connection
+        elif self._scope is not None:
+            self._scope.cancel()
+
+    async def _term(self, why: str) -> TermEnd:
+        """Connect the dispatch session and serve until it ends."""
+        c = self.config
+        epoch = self.epoch + 1
+        self.my_epochs.add(epoch)
+        will = Will(
+            self.topics.dispatch_status,
+            encode(c.agent_id, c.role, self.messages.dispatch_status(epoch, "offline")),
+            qos=1,
+            retain=True,
+        )
+        options: dict[str, Any] = {"keep_alive": c.keep_alive, **c.client_options}
+        options["close_timeout"] = min(float(options.get("close_timeout", 5.0)), CLOSE_TIMEOUT)
+        end, detail = TermEnd.FAILED, ""
+        shell: DispatcherShell | None = None
+        log.info("%s stands for dispatcher of %s: %s (epoch %d)", c.agent_id, c.swarm, why, epoch)
+        try:
+            async with open_client(
+                c.broker,
+                client_id=dispatch_client_id(c.swarm),
+                clean_start=False,  # the session keeps what arrives while nobody serves
+                session_expiry_interval=c.dispatch_session_expiry,
+                will=will,
+                manual_ack=True,  # also the messages queued before we subscribe
+                # never reconnect on our own: a loss may be a takeover, and reconnecting
+                # would take the session back (a fight); the election decides instead
+                reconnect=False,
+                **options,
+            ) as dclient:
+                shell = self.shell = DispatcherShell(c, dclient, self.client, epoch)
+                try:
+                    with trio.CancelScope() as self._work:
+                        if self._stopping.is_set():
+                            self._work.cancel()
+                        await shell.run()
+                        await dclient.wait_connected()  # raises once the client stopped
+                        detail = "the dispatch session's subscription ended"
+                    if self._work.cancelled_caught:
+                        end, detail = TermEnd.STOPPED, "the agent leaves"
+                except (MQTTError, trio.TooSlowError) as exc:
+                    cause = _cause(exc)
+                    if isinstance(cause, SessionTakenOver):
+                        end, detail = TermEnd.TAKEN_OVER, str(cause)
+                    elif isinstance(exc, ClientClosed):
+                        end, detail = TermEnd.LOST, str(exc)
+                    else:
+                        detail = str(exc) or "the task records were not read in time"
+                finally:
+                    self._work = None
+                    # our online status of this term is stale from now on
+                    self.my_epochs.discard(epoch)
+                if end in (TermEnd.STOPPED, TermEnd.FAILED):  # else the connection is gone
+                    await self._close_term(dclient, epoch)
+        except MQTTError as exc:  # the dispatch connection could not be made
+            if not detail:
+                detail = str(exc)
+        finally:
+            self.shell = None
+            self.terms.append((epoch, end))
+            self._log_end(shell, epoch, end, detail)
+        return end
+
+    def _log_end(
+        self, shell: DispatcherShell | None, epoch: int, end: TermEnd, detail: str
+    ) -> None:
+        if shell is None:
+            log.warning("%s could not become dispatcher: %s", self.me, detail)
+            return
+        stats = shell.core.statistics(trio.current_time())
+        log.log(
+            logging.WARNING if end is TermEnd.FAILED else logging.INFO,
+            "%s: dispatcher term %d ended (%s): %s; queued=%d assigned=%d claimed=%d "
+            "accepted=%d completed=%d takeovers=%d",
+            self.me,
+            epoch,
+            end.value,
+            detail,
+            stats.queued,
+            stats.assigned,
+            stats.claimed,
+            stats.counters.get("accepted", 0),
+            stats.counters.get("completed", 0),
+            stats.counters.get("takeovers", 0),
+        )
+
+    async def _close_term(self, dclient: Client, epoch: int) -> None:
+        """Status offline (flushed by the client's close, which then sends DISCONNECT),
+        bounded and shielded: a cancelled agent still ends its term."""
+        with trio.move_on_after(CLOSE_TIMEOUT) as guard:
+            guard.shield = True
+            offline = encode(
+                self.me, self.config.role, self.messages.dispatch_status(epoch, "offline")
+            )
+            try:
+                await dclient.publish(
+                    self.topics.dispatch_status, offline, qos=1, retain=True, wait_ack=False
+                )
+            except MQTTError:
+                pass  # the will says it
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The SessionTakenOver behind ``exc`` (ClientClosed raised from it), or ``exc``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, SessionTakenOver):
+            return seen
+        if isinstance(seen, ClientClosed):
+            seen = seen.__cause__
+            continue
+        break
+    return exc
+
+
+async def run_candidate(
+    config: AgentConfig,
+    client: Client,
+    *,
+    task_status: trio.TaskStatus[Candidate] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Be a candidate for dispatcher of ``config.swarm`` (following the status on
+    ``client``, the agent's own connection) until the :class:`Candidate` reported to
+    ``task_status`` is stopped. See :class:`Candidate`."""
+    await Candidate(config, client).run(task_status=task_status)
