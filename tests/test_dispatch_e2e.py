@@ -225,3 +225,28 @@ async def test_a_killed_holder_s_task_completes_elsewhere_once(broker: Mosquitto
                         await proc.stdout.aclose()
     assert finals[0]["agent_id"] == "survivor"
     assert finals[0]["attempt"] == 2
+
+
+async def test_the_dispatcher_publishes_its_view_of_the_swarm(broker: MosquittoBroker) -> None:
+    """What monitoring.alerts reads in dispatch mode: agents and outcomes, retained."""
+    swarm = "t-dispatch-view"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            shutdown = trio.Event()
+            for i in range(3):
+                config = _config(broker, "monitoring", f"viewer-{i}", swarm)
+                await nursery.start(
+                    lambda task_status, c=config: run_agent(
+                        c, shutdown=shutdown, task_status=task_status
+                    )
+                )
+            async with open_client(broker.tcp_url) as watcher:
+                async with watcher.subscribe(f"{swarm}/dispatch/view") as views:
+                    async for m in views:
+                        view = json.loads(m.payload)["payload"]
+                        if len(view["agents"]) == 2 and all(a["online"] for a in view["agents"]):
+                            break
+            shutdown.set()
+    assert {a["role"] for a in view["agents"]} == {"monitoring"}
+    assert view["outcomes"] == {"completed": 0, "failed": 0}
+    assert view["epoch"] >= 1

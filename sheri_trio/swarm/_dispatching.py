@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 import secrets
 from typing import TYPE_CHECKING, Any, Final
@@ -194,11 +195,20 @@ class DispatcherShell:
             nursery.start_soon(self._pump, messages, send, nursery.cancel_scope)
             nursery.start_soon(self._tick, send.clone())
             core = self.core
+            next_view = trio.current_time()
             async for item in receive:
                 now = trio.current_time()
                 if item is None:
                     await self._carry_out_all(core.check_leases(now))
                     batch: list[Message] = []
+                    if now >= next_view:  # what monitoring.alerts reads in dispatch mode
+                        next_view = now + self.config.heartbeat_interval
+                        await self._send(
+                            self.topics.dispatch_view,
+                            core.swarm_view(now, self.epoch),
+                            retain=True,
+                            expiry=max(1, math.ceil(3 * self.config.heartbeat_interval)),
+                        )
                 else:
                     batch = item
                     for message in batch:
