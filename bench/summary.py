@@ -383,8 +383,9 @@ def summarize_peers(section: dict[str, Any]) -> dict[str, Any]:
 
 GUARANTEE_OURS = (
     "one holder per attempt, one accepted outcome per task (broadcast: claims in the "
-    "broker's order; dispatcher: the dispatcher's custody record; fencing by attempt); a holder that dies is taken over after its lease: an executor "
-    "may run again (at least once), its outcome is accepted once"
+    "broker's order; dispatcher: the dispatcher's custody record; fencing by attempt); "
+    "a holder that dies is taken over after its lease: an executor may run again (at "
+    "least once), its outcome is accepted once"
 )
 
 
