@@ -944,9 +944,7 @@ def run_startup(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
             statistics.median([await interpreter("import sheri_trio.cli") for _ in range(3)]), 3
         )
         out["import_agent_s"] = round(
-            statistics.median(
-                [await interpreter("import sheri_trio.swarm") for _ in range(3)]
-            ),
+            statistics.median([await interpreter("import sheri_trio.swarm") for _ in range(3)]),
             3,
         )
         return out

@@ -767,5 +767,3 @@ async def test_cli_waits_on_a_frozen_broker_are_bounded_and_say_what_they_waited
         "(stalled or overloaded?); the bound is [broker] connect_timeout"
     )
     assert "Traceback" not in err
-
-
