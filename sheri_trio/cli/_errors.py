@@ -7,6 +7,7 @@ from typing import Final
 
 import trio
 
+from .._exceptions import leaves as leaves_of
 from ..config import ConfigError
 from ..mqtt import ClientClosed, ConnectError, ConnectionLost, LocalProtocolError, MQTTError
 from ..swarm import DuplicateAgent, StartupError
@@ -45,12 +46,6 @@ class NotDelivered(RuntimeError):
 AUTH_REFUSED: Final = frozenset({0x86, 0x87, 0x8C})
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
 def _connect_hint(error: ConnectError) -> str:
     if error.reason_code in AUTH_REFUSED:
         return (
@@ -87,7 +82,7 @@ def explain(exc: BaseException) -> tuple[int, str] | None:
 
     In a group, a Ctrl+C wins; else the first leaf's line, unless a leaf is a bug.
     """
-    leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)]
+    leaves = [e for e in leaves_of(exc) if not isinstance(e, trio.Cancelled)]
     if not leaves:
         return None
     known: list[tuple[int, str]] = []

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, TypeVar
 import mqtt5
 import trio
 
+from .._exceptions import leaves
 from ._errors import (
     AckTimeout,
     ConnectionLost,
@@ -316,19 +317,13 @@ def collapse_exception_groups() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        real = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
         if len(real) == 1:
             raise real[0] from None
         if real and all(isinstance(e, MQTTError) for e in real):
             # e.g. reader and writer both saw the connection break: one error, told once
             raise real[0] from None
         raise
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 def new_client_id() -> str:

@@ -16,6 +16,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import trio
 
+from .._exceptions import leaves as leaves_of
 from ._errors import ConnectError, ConnectionLost, LocalProtocolError
 
 if TYPE_CHECKING:
@@ -331,7 +332,7 @@ def _handshake_error(where: str, exc: BaseException) -> ConnectError | None:
     None for anything else."""
     import trio_websocket
 
-    leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)]
+    leaves = [e for e in leaves_of(exc) if not isinstance(e, trio.Cancelled)]
     if not leaves:
         return None
     first = leaves[0]
@@ -345,12 +346,6 @@ def _handshake_error(where: str, exc: BaseException) -> ConnectError | None:
     if isinstance(first, (trio_websocket.HandshakeError, trio.BrokenResourceError, OSError)):
         return connect_error(where, first)
     return None
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 def _hostport(url: BrokerURL) -> str:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .._exceptions import leaves
 from ..mqtt import ClientOptions, ConnectError, MQTTError, Will, open_client
 from ._messages import Messages, encode
 from ._protocol import BadMessage, Topics, decode_envelope
@@ -258,16 +259,10 @@ def _single_error() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        real = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
         if len(real) == 1:
             raise real[0] from None
         raise
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 def startup_timeout(config: AgentConfig) -> float:
