@@ -250,3 +250,160 @@ async def test_the_dispatcher_publishes_its_view_of_the_swarm(broker: MosquittoB
     assert {a["role"] for a in view["agents"]} == {"monitoring"}
     assert view["outcomes"] == {"completed": 0, "failed": 0}
     assert view["epoch"] >= 1
+
+
+async def test_the_dispatcher_killed_mid_burst_loses_nothing_and_runs_nothing_twice(
+    broker: MosquittoBroker,
+) -> None:
+    """kill -9 of the agent that is the dispatcher while 300 tasks are in flight: another
+    agent is elected and every task ends with exactly one outcome."""
+    swarm = "t-dispatch-kill-dispatcher"
+    counting = Counting(delay=0.005)
+    ids = [f"k-{i}" for i in range(300)]
+    finals: Counter[str] = Counter()
+    with trio.fail_after(90):
+        async with open_client(broker.tcp_url) as watcher:
+            async with (
+                watcher.subscribe(f"{swarm}/dispatch/status") as statuses,
+                watcher.subscribe(f"{swarm}/tasks/complete", f"{swarm}/tasks/failed") as outs,
+            ):
+                proc = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", _AGENT_PROC, broker.tcp_url, "first", swarm],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                )
+                try:
+                    assert proc.stdout is not None
+                    assert (await read_line(proc.stdout)).strip() == b"online"
+                    async for m in statuses:  # the first agent became the dispatcher
+                        status = json.loads(m.payload)["payload"]
+                        if status.get("status") == "online":
+                            assert status["agent_id"] == "first"
+                            break
+                    async with trio.open_nursery() as nursery:
+                        shutdown = trio.Event()
+                        for i in range(2):
+                            config = _config(broker, "testing", f"heir-{i}", swarm)
+                            await nursery.start(
+                                lambda task_status, c=config: run_agent(
+                                    c,
+                                    executors=counting.registry,
+                                    shutdown=shutdown,
+                                    task_status=task_status,
+                                )
+                            )
+                        for n, task_id in enumerate(ids):
+                            await watcher.publish(f"{swarm}/tasks/new", submission(task_id), qos=1)
+                            if n == 100:
+                                proc.send_signal(signal.SIGKILL)
+                        await proc.wait()
+                        async for m in statuses:  # the place is taken again
+                            status = json.loads(m.payload)["payload"]
+                            if status.get("status") == "online" and status["agent_id"] != "first":
+                                break
+                        while len(finals) < len(ids):
+                            m = await outs.receive()
+                            finals[json.loads(m.payload)["payload"]["task_id"]] += 1
+                        with trio.move_on_after(1.0):  # nothing more comes
+                            m = await outs.receive()
+                            finals[json.loads(m.payload)["payload"]["task_id"]] += 1
+                        shutdown.set()
+                finally:
+                    proc.kill()
+                    assert proc.stdout is not None
+                    with trio.CancelScope(shield=True):
+                        await proc.wait()
+                        await proc.stdout.aclose()
+    assert set(finals) == set(ids)
+    assert set(finals.values()) == {1}
+    assert all(n == 1 for n in counting.executions.values())
+    assert status["epoch"] >= 2
+
+
+async def test_an_agent_killed_between_receiving_and_starting_never_runs_that_attempt(
+    broker: MosquittoBroker,
+) -> None:
+    """The assignment reaches a frozen agent, which is then killed: the dispatcher revokes
+    attempt 1 and queues attempt 2 (only that agent may take it, assigned_to); the agent,
+    started again on its persistent session, reads its backlog first and runs attempt 2
+    only: one outcome, attempt 1 never started."""
+    swarm = "t-dispatch-kill-between"
+    events: list[tuple[str, dict[str, Any]]] = []
+    with trio.fail_after(90):
+        async with open_client(broker.tcp_url) as watcher:
+            async with (
+                watcher.subscribe(f"{swarm}/dispatch/status") as statuses,
+                watcher.subscribe(f"{swarm}/tasks/#") as tasks,
+                trio.open_nursery() as nursery,
+            ):
+                shutdown = trio.Event()
+                await nursery.start(
+                    lambda task_status: run_agent(
+                        _config(broker, "testing", "dispatching-one", swarm),
+                        shutdown=shutdown,
+                        task_status=task_status,
+                    )
+                )
+                async for m in statuses:
+                    if json.loads(m.payload)["payload"].get("status") == "online":
+                        break
+
+                async def victim() -> trio.Process:
+                    proc = await trio.lowlevel.open_process(
+                        [sys.executable, "-c", _AGENT_PROC, broker.tcp_url, "victim", swarm],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    assert proc.stdout is not None
+                    assert (await read_line(proc.stdout)).strip() == b"online"
+                    return proc
+
+                async def until(pred: Any) -> dict[str, Any]:
+                    async for m in tasks:
+                        p = json.loads(m.payload)["payload"] if m.payload else {}
+                        events.append((m.topic, p))
+                        if pred(m.topic, p):
+                            return p
+                    raise AssertionError("subscription ended")
+
+                first = await victim()
+                try:
+                    first.send_signal(signal.SIGSTOP)
+                    body = {"payload": {"task_id": "between-1", "type": "testing.run",
+                                        "assigned_to": "victim"}}  # fmt: skip
+                    await watcher.publish(f"{swarm}/tasks/new", json.dumps(body), qos=1)
+                    await until(lambda t, p: t.endswith("/state/between-1")
+                                and p.get("state") == "assigned")  # fmt: skip
+                    first.send_signal(signal.SIGKILL)
+                    await first.wait()
+                    await until(
+                        lambda t, p: (
+                            t.endswith("/state/between-1")
+                            and (p.get("state"), p.get("attempt")) == ("queued", 2)
+                        )
+                    )
+                finally:
+                    first.kill()
+                    assert first.stdout is not None
+                    with trio.CancelScope(shield=True):
+                        await first.wait()
+                        await first.stdout.aclose()
+                again = await victim()
+                try:
+                    done = await until(lambda t, p: t.endswith(("/complete", "/failed")))
+                    with trio.move_on_after(1.0):
+                        await until(lambda t, p: t.endswith(("/complete", "/failed")))
+                finally:
+                    again.kill()
+                    assert again.stdout is not None
+                    with trio.CancelScope(shield=True):
+                        await again.wait()
+                        await again.stdout.aclose()
+                shutdown.set()
+    assert (done["task_id"], done["agent_id"], done["attempt"]) == ("between-1", "victim", 2)
+    outcomes = [p for t, p in events if t.endswith(("/complete", "/failed"))]
+    assert len(outcomes) == 1
+    started = [
+        p["attempt"] for t, p in events if t.endswith("/progress") and p.get("event") == "start"
+    ]
+    assert started == [2]  # attempt 1 never started
