@@ -407,3 +407,53 @@ async def test_an_agent_killed_between_receiving_and_starting_never_runs_that_at
         p["attempt"] for t, p in events if t.endswith("/progress") and p.get("event") == "start"
     ]
     assert started == [2]  # attempt 1 never started
+
+
+async def test_a_broker_restart_mid_burst_ends_every_task_once(
+    fresh_broker: MosquittoBroker,
+) -> None:
+    """The broker restarts (its persistence keeps the sessions and the records) while 200
+    tasks are in flight: the dispatch term ends, one is elected again, every task gets one
+    final outcome (a task caught running may run twice: at least once, fenced)."""
+    swarm = "t-dispatch-restart"
+    counting = Counting(delay=0.01)
+    total = 200
+    finals: Counter[str] = Counter()
+    options = {"reconnect_initial_delay": 0.05, "reconnect_max_delay": 0.5}
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            shutdown = trio.Event()
+            for i in range(3):
+                config = _config(
+                    fresh_broker, "testing", f"dr-{i}", swarm, client_options=options,
+                    lease_time=3.0,
+                )  # fmt: skip
+                await nursery.start(
+                    lambda task_status, c=config: run_agent(
+                        c, executors=counting.registry, shutdown=shutdown, task_status=task_status
+                    )
+                )
+            async with open_client(
+                fresh_broker.tcp_url,
+                client_id="dispatch-restart-watcher",
+                clean_start=False,
+                session_expiry_interval=300,
+                **options,
+            ) as watcher:
+                async with watcher.subscribe(
+                    f"{swarm}/tasks/complete", f"{swarm}/tasks/failed"
+                ) as msgs:
+                    for i in range(total):
+                        if i == total // 2:
+                            await trio.to_thread.run_sync(fresh_broker.restart)
+                        await watcher.publish(
+                            f"{swarm}/tasks/new", submission(f"dr-{i}"), qos=1, wait_ack=False
+                        )
+                    while len(finals) < total:
+                        m = await msgs.receive()
+                        finals[json.loads(m.payload)["payload"]["task_id"]] += 1
+            shutdown.set()
+    assert set(finals) == {f"dr-{i}" for i in range(total)}
+    assert set(counting.executions) == set(finals)
+    assert max(counting.executions.values()) <= 2
+    assert sum(1 for n in counting.executions.values() if n > 1) <= 3
