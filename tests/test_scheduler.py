@@ -22,6 +22,7 @@ from sheri_trio.swarm._scheduler import (
     Command,
     FailReason,
     Phase,
+    Reannounce,
     ReportError,
     Scheduler,
     SendClaim,
@@ -517,7 +518,8 @@ def test_dispatch_mode_refuses_bad_inbox_messages_and_hands_back_while_leaving()
 def test_dispatch_mode_follows_the_dispatcher_status() -> None:
     s = make(dispatch="dispatcher")
     online = env({"agent_id": "d1", "epoch": 3, "status": "online"})
-    s.receive(T.dispatch_status, online, 0.0)
+    assert s.receive(T.dispatch_status, online, 0.0) == [Reannounce()]  # our slots, now
     assert s.dispatcher == ("d1", 3)
+    assert s.receive(T.dispatch_status, online, 0.5) == []  # the same term again
     s.receive(T.dispatch_status, env({"agent_id": "d1", "epoch": 3, "status": "offline"}), 1.0)
     assert s.dispatcher is None

@@ -78,6 +78,7 @@ from ._scheduler import Command as Command
 from ._scheduler import Entry as Entry
 from ._scheduler import FailReason as FailReason
 from ._scheduler import Phase as Phase
+from ._scheduler import Reannounce as Reannounce
 from ._scheduler import ReportError as ReportError
 from ._scheduler import Scheduler as Scheduler
 from ._scheduler import SendClaim as SendClaim

@@ -35,6 +35,7 @@ from ._runner import TaskRunner
 from ._scheduler import (
     ClearPending,
     Command,
+    Reannounce,
     ReportError,
     Scheduler,
     SendClaim,
@@ -348,6 +349,8 @@ class Agent:
             )
         elif type(command) is ClearPending:
             await self.client.publish(t.task_pending(command.task_id), b"", qos=1, retain=True)
+        elif type(command) is Reannounce:
+            await self._beat(self.config.max_tasks if self.scheduler.accepting else 0)
         elif type(command) is ReportError:
             report = m.error_report(command.topic, command.reason, command.size, command.task_id)
             await self._publish(t.errors, report, wait_ack=False)

@@ -59,6 +59,7 @@ __all__ = [
     "Entry",
     "FailReason",
     "Phase",
+    "Reannounce",
     "ReportError",
     "Scheduler",
     "SendClaim",
@@ -184,6 +185,11 @@ class ClearPending:
 
 
 @dataclass(frozen=True, slots=True)
+class Reannounce:
+    """Publish a heartbeat now (a new dispatcher learns our capacity from it)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ReportError:
     """Report a refused message on ``{swarm}/errors``."""
 
@@ -194,8 +200,10 @@ class ReportError:
 
 
 Command = (
-    SendClaim | StartTask | StopTask | SendRelease | SendFailed | SendPending | ClearPending
-) | ReportError
+    (SendClaim | StartTask | StopTask | SendRelease | SendFailed | SendPending | ClearPending)
+    | ReportError
+    | Reannounce
+)
 
 
 class Scheduler:
@@ -466,11 +474,13 @@ class Scheduler:
         p = env.payload
         agent_id, epoch = p.get("agent_id"), p.get("epoch")
         if p.get("status") == "online" and isinstance(agent_id, str) and isinstance(epoch, int):
-            if self.dispatcher != (agent_id, epoch):
-                log_event(logging.INFO, "dispatcher", self.me, dispatcher=agent_id, epoch=epoch)
+            if self.dispatcher == (agent_id, epoch):
+                return []
+            log_event(logging.INFO, "dispatcher", self.me, dispatcher=agent_id, epoch=epoch)
             self.dispatcher = (agent_id, epoch)
-        else:
-            self.dispatcher = None
+            # a new dispatcher knows our slots from our next heartbeat: give it one now
+            return [Reannounce()]
+        self.dispatcher = None
         return []
 
     # ------------------------------------------------------------ claiming
