@@ -7,6 +7,7 @@ the exact instant.
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -625,3 +626,19 @@ async def test_a_cancelled_receive_takes_no_message() -> None:
     assert scope.cancelled_caught
     got = [sub.receive_nowait().payload for _ in range(3)]
     assert got == [b"0", b"1", b"2"]
+
+
+def test_a_full_orphan_backlog_warns_at_doubling_counts_not_per_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """100 messages nobody subscribed to, 2 kept: 98 dropped, logged 7 times (1, 2, 4, ...)."""
+    from sheri_trio.mqtt import Message
+    from sheri_trio.mqtt._routing import Router
+
+    router = Router(2)
+    with caplog.at_level(logging.WARNING, logger="sheri_trio.mqtt"):
+        for i in range(100):
+            router.park(Message(mqtt5.PublishPacket(f"t/{i}", b"")))
+    assert router.dropped == 98
+    counts = [r.args[1] for r in caplog.records if "backlog is full" in r.getMessage()]
+    assert counts == [1, 2, 4, 8, 16, 32, 64]

@@ -82,7 +82,13 @@ class Router:
         """Keep a message that no subscription wants (the oldest goes when full)."""
         if len(self.orphans) == self.orphans.maxlen:
             self.dropped += 1
-            log.warning("no subscription for %r and the backlog is full: dropped", message.topic)
+            if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8, ...: no log flood
+                log.warning(
+                    "no subscription for %r and the backlog is full: dropped "
+                    "(%d dropped so far)",
+                    message.topic,
+                    self.dropped,
+                )
         self.orphans.append(message)
 
     def replay(self, sub: Subscription) -> list[Message]:
