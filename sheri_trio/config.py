@@ -177,6 +177,7 @@ AGENT_CHECKS: Final[dict[str, Check]] = {
     "max_message_bytes": _integer(1024),
     "max_result_bytes": _integer(1024),
     "state_retention": _integer(1),
+    "final_retention": _integer(1),
     "keep_alive": _integer(0, 65535),
     "startup_timeout": number(0, exclusive=True),
     "dispatch": choice(*DISPATCH_MODES),

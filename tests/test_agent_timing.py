@@ -1253,3 +1253,22 @@ async def test_dispatch_mode_agent_is_online_only_once_the_swarm_has_a_dispatche
             await nursery.start(b.run)
             assert b.scheduler.dispatcher == ("disp", 1)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_finished_tasks_record_expires_after_final_retention(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    """The claimed record lives state_retention; the final one final_retention (what
+    the broker keeps of finished tasks, and how long a resubmitted id is known)."""
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("R", state_retention=600, final_retention=60), script)
+            await submit(watcher, "ret-1")
+            await wait(bus, T.tasks_complete, task_id="ret-1")
+            nursery.cancel_scope.cancel()
+    expiries = {
+        body(r)["state"]: r.message.packet.message_expiry_interval
+        for r in bus.records(T.task_state("ret-1"))
+    }
+    assert expiries == {"claimed": 600, "done": 60}

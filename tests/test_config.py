@@ -172,6 +172,7 @@ AGENT_VALUES = {
     "max_message_bytes": 4096,
     "max_result_bytes": 2048,
     "state_retention": 600,
+    "final_retention": 300,
     "session_expiry": 60,
     "keep_alive": 15,
     "startup_timeout": 4.0,

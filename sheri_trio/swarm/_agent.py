@@ -384,11 +384,12 @@ class Agent:
             if change.dest in ("claimed", "released"):
                 # newcomers (and a new dispatcher) read this retained state to take over
                 payload["task"] = entry.spec.to_wire()
+            final = record.final and change.dest != "released"
             await self._publish(
                 self.topics.task_state(record.task_id),
                 payload,
                 retain=True,
-                expiry=self.config.state_retention,
+                expiry=self.config.final_retention if final else self.config.state_retention,
                 wait_ack=False,
             )
             if change.dest == "claimed" and self.scheduler.dispatched:
