@@ -54,6 +54,7 @@ from ._dispatcher import (
     Ack,
     Dispatcher,
     ForwardCancel,
+    RecordState,
     SendAssignment,
     SendRevocation,
     WriteRecord,
@@ -268,7 +269,9 @@ class DispatcherShell:
                 command.task,
             )
             state_topic = t.task_state(command.task_id)
-            await self._send(state_topic, record, retain=True, expiry=self.config.state_retention)
+            live = command.state in (RecordState.QUEUED, RecordState.ASSIGNED, RecordState.CLAIMED)
+            expiry = self.config.state_retention if live else self.config.final_retention
+            await self._send(state_topic, record, retain=True, expiry=expiry)
         elif isinstance(command, SendAssignment):
             payload = m.assignment(command.task, command.attempt)
             await self._send(t.agent_inbox(command.agent_id), payload)
