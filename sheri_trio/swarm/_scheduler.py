@@ -49,8 +49,6 @@ from ._protocol import (
 from ._queue import ClaimQueue, Placed
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from ._config import AgentConfig
 
 __all__ = [
@@ -312,19 +310,7 @@ class Scheduler:
     def on_task(self, env: Envelope, now: float, *, marker: bool = False) -> list[Command]:
         """A submission (``tasks/new``) or a retained pending marker."""
         self.counters["received"] += 1
-        invalid: str | None = None
-        try:
-            spec = parse_task(env.payload, default_max_retries=self.config.max_retries)
-        except BadMessage as exc:
-            if exc.task_id is None:
-                raise
-            # A usable task id but invalid task fields: it is claimed like any task
-            # (by any role) and fails once, so exactly one tasks/failed reports it.
-            raw = env.payload.get("type")
-            task_type = raw if isinstance(raw, str) and TYPE_RE.fullmatch(raw) else "invalid"
-            spec = TaskSpec(exc.task_id, task_type, env.payload, max_retries=0)
-            invalid = exc.reason
-            log_event(logging.WARNING, "invalid task", self.me, task_id=exc.task_id, reason=invalid)
+        spec, invalid = self._parse_submission(env.payload)
         spec.submitted_by = env.agent_id
         spec.received_at = now
         task_id = spec.task_id
@@ -436,12 +422,7 @@ class Scheduler:
             # still ending an older attempt, or leaving: hand the new one back
             self.counters["released"] += 1
             return [SendRelease(task_id, attempt)]
-        invalid: str | None = None
-        try:
-            spec = parse_task(task, default_max_retries=self.config.max_retries)
-        except BadMessage as exc:
-            spec = TaskSpec(task_id, "invalid", task, max_retries=0)
-            invalid = exc.reason
+        spec, invalid = self._parse_submission(task)
         spec.submitted_by = env.agent_id
         entry = known or Entry(spec, invalid)
         entry.spec, entry.invalid, entry.attempt, entry.stop = spec, invalid, attempt, None
@@ -685,8 +666,21 @@ class Scheduler:
         ]
 
     # --------------------------------------------------------------- helpers
-    def iter_running(self) -> Iterator[Entry]:
-        return iter(self.running.values())
+    def _parse_submission(self, payload: dict[str, Any]) -> tuple[TaskSpec, str | None]:
+        """The task, and why it is invalid (None: valid). A usable task id with invalid
+        fields is still a task: claimed (or assigned) like any, by any role, it fails
+        once, so exactly one tasks/failed reports it. No usable id: BadMessage."""
+        try:
+            return parse_task(payload, default_max_retries=self.config.max_retries), None
+        except BadMessage as exc:
+            if exc.task_id is None:
+                raise
+            raw = payload.get("type")
+            task_type = raw if isinstance(raw, str) and TYPE_RE.fullmatch(raw) else "invalid"
+            log_event(
+                logging.WARNING, "invalid task", self.me, task_id=exc.task_id, reason=exc.reason
+            )
+            return TaskSpec(exc.task_id, task_type, payload, max_retries=0), exc.reason
 
     def _eligible(self, entry: Entry) -> bool:
         spec = entry.spec
