@@ -6,15 +6,16 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+import trio
 
-    import trio
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator
 
 
 async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
@@ -26,6 +27,26 @@ async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
             break
         data += chunk
     return data.split(b"\n", 1)[0]
+
+
+@asynccontextmanager
+async def online_process(script: str, *args: str) -> AsyncIterator[trio.Process]:
+    """``python -c script args...``, once it printed ``online``; killed (SIGKILL) and
+    reaped on the way out, whatever happened (a test may have killed it already)."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", script, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    try:
+        assert (await read_line(proc.stdout)).strip() == b"online"
+        yield proc
+    finally:
+        proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+            await proc.stdout.aclose()
 
 
 # ------------------------------------------------------------- a broker frozen on cue

@@ -8,7 +8,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import trio
-from childproc import read_line
+from childproc import online_process
 
 from sheri_trio.mqtt import open_client
 from sheri_trio.swarm._agent import AgentConfig, run_agent
@@ -236,22 +236,13 @@ trio.run(main)
 
 async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroker) -> None:
     import signal
-    import subprocess
-    import sys
 
     swarm = "t-crash"
     topic_new = f"{swarm}/tasks/new"
     with trio.fail_after(40):
         async with open_client(broker.tcp_url) as watcher:
             async with watcher.subscribe(f"{swarm}/tasks/#") as msgs:
-                proc = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", _AGENT_PROC, broker.tcp_url, "victim", swarm],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                )
-                try:
-                    assert proc.stdout is not None
-                    assert (await read_line(proc.stdout)).strip() == b"online"
+                async with online_process(_AGENT_PROC, broker.tcp_url, "victim", swarm) as proc:
                     body = {
                         "payload": {
                             "task_id": "slow-1",
@@ -284,12 +275,6 @@ async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroke
                             if m.topic.endswith(("/complete", "/failed")):
                                 finals.append(json.loads(m.payload)["payload"])
                         shutdown.set()
-                finally:
-                    proc.kill()
-                    assert proc.stdout is not None
-                    with trio.CancelScope(shield=True):
-                        await proc.wait()
-                        await proc.stdout.aclose()
     assert finals[0]["agent_id"] == "survivor"
     assert finals[0]["attempt"] == 2
     assert finals[0]["status"] == "success"

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import trio
-from childproc import read_line
+from childproc import online_process
 
 from sheri_trio.executors import ExecutorRegistry, TaskContext
 from sheri_trio.mqtt import open_client
@@ -172,14 +170,7 @@ async def test_a_killed_holder_s_task_completes_elsewhere_once(broker: Mosquitto
     with trio.fail_after(60):
         async with open_client(broker.tcp_url) as watcher:
             async with watcher.subscribe(f"{swarm}/tasks/#") as msgs:
-                proc = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", _AGENT_PROC, broker.tcp_url, "victim", swarm],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                )
-                try:
-                    assert proc.stdout is not None
-                    assert (await read_line(proc.stdout)).strip() == b"online"
+                async with online_process(_AGENT_PROC, broker.tcp_url, "victim", swarm) as proc:
                     body = {
                         "payload": {
                             "task_id": "slow-1",
@@ -217,12 +208,6 @@ async def test_a_killed_holder_s_task_completes_elsewhere_once(broker: Mosquitto
                             if m.topic.endswith(("/complete", "/failed")):
                                 finals.append(json.loads(m.payload)["payload"])
                         shutdown.set()
-                finally:
-                    proc.kill()
-                    assert proc.stdout is not None
-                    with trio.CancelScope(shield=True):
-                        await proc.wait()
-                        await proc.stdout.aclose()
     assert finals[0]["agent_id"] == "survivor"
     assert finals[0]["attempt"] == 2
 
@@ -267,14 +252,7 @@ async def test_the_dispatcher_killed_mid_burst_loses_nothing_and_runs_nothing_tw
                 watcher.subscribe(f"{swarm}/dispatch/status") as statuses,
                 watcher.subscribe(f"{swarm}/tasks/complete", f"{swarm}/tasks/failed") as outs,
             ):
-                proc = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", _AGENT_PROC, broker.tcp_url, "first", swarm],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                )
-                try:
-                    assert proc.stdout is not None
-                    assert (await read_line(proc.stdout)).strip() == b"online"
+                async with online_process(_AGENT_PROC, broker.tcp_url, "first", swarm) as proc:
                     async for m in statuses:  # the first agent became the dispatcher
                         status = json.loads(m.payload)["payload"]
                         if status.get("status") == "online":
@@ -308,12 +286,6 @@ async def test_the_dispatcher_killed_mid_burst_loses_nothing_and_runs_nothing_tw
                             m = await outs.receive()
                             finals[json.loads(m.payload)["payload"]["task_id"]] += 1
                         shutdown.set()
-                finally:
-                    proc.kill()
-                    assert proc.stdout is not None
-                    with trio.CancelScope(shield=True):
-                        await proc.wait()
-                        await proc.stdout.aclose()
     assert set(finals) == set(ids)
     assert set(finals.values()) == {1}
     assert all(n == 1 for n in counting.executions.values())
@@ -348,16 +320,6 @@ async def test_an_agent_killed_between_receiving_and_starting_never_runs_that_at
                     if json.loads(m.payload)["payload"].get("status") == "online":
                         break
 
-                async def victim() -> trio.Process:
-                    proc = await trio.lowlevel.open_process(
-                        [sys.executable, "-c", _AGENT_PROC, broker.tcp_url, "victim", swarm],
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.DEVNULL,
-                    )
-                    assert proc.stdout is not None
-                    assert (await read_line(proc.stdout)).strip() == b"online"
-                    return proc
-
                 async def until(pred: Any) -> dict[str, Any]:
                     async for m in tasks:
                         p = json.loads(m.payload)["payload"] if m.payload else {}
@@ -366,8 +328,8 @@ async def test_an_agent_killed_between_receiving_and_starting_never_runs_that_at
                             return p
                     raise AssertionError("subscription ended")
 
-                first = await victim()
-                try:
+                victim = (_AGENT_PROC, broker.tcp_url, "victim", swarm)
+                async with online_process(*victim) as first:
                     first.send_signal(signal.SIGSTOP)
                     body = {"payload": {"task_id": "between-1", "type": "testing.run",
                                         "assigned_to": "victim"}}  # fmt: skip
@@ -382,23 +344,10 @@ async def test_an_agent_killed_between_receiving_and_starting_never_runs_that_at
                             and (p.get("state"), p.get("attempt")) == ("queued", 2)
                         )
                     )
-                finally:
-                    first.kill()
-                    assert first.stdout is not None
-                    with trio.CancelScope(shield=True):
-                        await first.wait()
-                        await first.stdout.aclose()
-                again = await victim()
-                try:
+                async with online_process(*victim):  # started again, on its session
                     done = await until(lambda t, p: t.endswith(("/complete", "/failed")))
                     with trio.move_on_after(1.0):
                         await until(lambda t, p: t.endswith(("/complete", "/failed")))
-                finally:
-                    again.kill()
-                    assert again.stdout is not None
-                    with trio.CancelScope(shield=True):
-                        await again.wait()
-                        await again.stdout.aclose()
                 shutdown.set()
     assert (done["task_id"], done["agent_id"], done["attempt"]) == ("between-1", "victim", 2)
     outcomes = [p for t, p in events if t.endswith(("/complete", "/failed"))]

@@ -84,8 +84,7 @@ class Router:
             self.dropped += 1
             if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8, ...: no log flood
                 log.warning(
-                    "no subscription for %r and the backlog is full: dropped "
-                    "(%d dropped so far)",
+                    "no subscription for %r and the backlog is full: dropped (%d dropped so far)",
                     message.topic,
                     self.dropped,
                 )
