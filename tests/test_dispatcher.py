@@ -812,6 +812,15 @@ def test_any_message_sequence_keeps_the_invariants(
                 slots = d.peers[agent_id].max_tasks
                 assert slots is not None
                 assert d.in_flight(agent_id) <= slots
+            # no hoarding, whatever the round's bookkeeping: no queued task is left while
+            # an eligible agent has a free slot (judged from scratch over every peer)
+            free = [a for a in d.peers.peers if d.free_slots(a, now + arg) > 0]
+            for job in d.jobs.values():
+                if job.state is Q:
+                    roles, to = job.key
+                    assert not [a for a in free if d.peers[a].role in roles and to in (None, a)], (
+                        job.task_id
+                    )
         elif kind == "leases":
             check(d.check_leases(now + arg))
         elif kind.startswith("holder-"):

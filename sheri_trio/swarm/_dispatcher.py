@@ -233,6 +233,14 @@ class Dispatcher:
         self._seq = 0
         #: keys whose tasks nobody online may take: warned once until someone can
         self._unserved: set[_Key] = set()
+        #: the agents that may have a free slot (checked again when used), kept up to
+        #: date through :meth:`_touch`: an assignment round costs what changed, not the
+        #: swarm's size (time only takes slots away: a lapsed lease, found on use)
+        self._free: set[str] = set()
+        #: agents whose presence or holdings changed since the last round
+        self._dirty: set[str] = set()
+        #: whether the unserved-kinds check is due (presence or a new kind of task)
+        self._served_check = True
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "received",
@@ -362,6 +370,7 @@ class Dispatcher:
         if status_of is not None:
             online = env.payload.get("status") == "online"
             role = _role(env)
+            self._touch(status_of)
             if self.peers.observe(status_of, PresenceKind.STATUS, now, role=role, online=online):
                 return self._take_over_all(status_of)
             return []
@@ -426,8 +435,20 @@ class Dispatcher:
         then arrival), the least loaded eligible agent with a free slot (ties: the
         highest rendezvous score of ``"{task_id}/{agent_id}"``). Each is a
         :class:`WriteRecord` (assigned) followed by its :class:`SendAssignment`."""
-        self._warn_unserved(now)
-        free = {a: n for a in self.peers.peers if (n := self.free_slots(a, now)) > 0}
+        if self._served_check:
+            self._served_check = False
+            self._warn_unserved(now)
+        if self._dirty:
+            self._free |= self._dirty
+            self._dirty.clear()
+        if not self._free or not any(self._queued.values()):
+            return []
+        free: dict[str, int] = {}
+        for a in list(self._free):
+            if (n := self.free_slots(a, now)) > 0:
+                free[a] = n
+            else:
+                self._free.discard(a)
         out: list[DispatchCommand] = []
         while free:
             best: tuple[int, int, str] | None = None
@@ -452,7 +473,7 @@ class Dispatcher:
 
     def _assign(self, job: Job, agent_id: str, now: float) -> list[DispatchCommand]:
         job.state, job.agent_id, job.since = RecordState.ASSIGNED, agent_id, now
-        self._held.setdefault(agent_id, {})[job.task_id] = job
+        self._hold(agent_id, job)
         self.counters["assigned"] += 1
         log_event(
             logging.DEBUG,
@@ -471,11 +492,17 @@ class Dispatcher:
         """The least loaded eligible free agent (load: held / max_tasks)."""
         prefix = job.task_id + "/"
 
-        def rank(agent_id: str) -> tuple[float, int]:
-            slots = self.peers[agent_id].max_tasks or 1
-            return (self.in_flight(agent_id) / slots, -rendezvous_score(prefix + agent_id))
-
-        return min((a for a in free if self._eligible(a, key)), key=rank)
+        loads = {
+            a: self.in_flight(a) / (self.peers[a].max_tasks or 1)
+            for a in free
+            if self._eligible(a, key)
+        }
+        low = min(loads.values())
+        # the hash only among the least loaded: a round costs what is free, not n hashes
+        return max(
+            (a for a, load in loads.items() if load == low),
+            key=lambda a: rendezvous_score(prefix + a),
+        )
 
     def _eligible(self, agent_id: str, key: _Key) -> bool:
         roles, assigned_to = key
@@ -606,6 +633,7 @@ class Dispatcher:
         agent_id = env.agent_id or p.get("agent_id")
         if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id):
             raise BadMessage("presence without a valid 'agent_id'")
+        self._touch(agent_id)
         if topic == t.agents_shutdown:
             if self.peers.observe(agent_id, PresenceKind.LEFT, now):
                 return self._take_over_all(agent_id)
@@ -621,7 +649,10 @@ class Dispatcher:
 
     def check_leases(self, now: float) -> list[DispatchCommand]:
         """Take over the jobs of holders offline or silent for ``lease_time`` (counted from
-        the later of their last sign of life and the job's assignment)."""
+        the later of their last sign of life and the job's assignment). Also the rounds'
+        safety net: every agent's slots, and the unserved kinds, are looked at again."""
+        self._dirty.update(self.peers.peers)
+        self._served_check = True
         out: list[DispatchCommand] = []
         for agent_id, jobs in list(self._held.items()):
             for job in list(jobs.values()):
@@ -694,7 +725,7 @@ class Dispatcher:
             raise BadMessage("held task state without a valid 'agent_id'", task_id=task_id)
         job.state = RecordState.ASSIGNED if state == RecordState.ASSIGNED else RecordState.CLAIMED
         job.agent_id, job.since = holder, now
-        self._held.setdefault(holder, {})[task_id] = job
+        self._hold(holder, job)
         if job.state is RecordState.ASSIGNED:
             return [SendAssignment(holder, task_id, task, attempt)]
         return []
@@ -735,8 +766,18 @@ class Dispatcher:
             return [WriteRecord(task_id, final[0], final[1])]
         return []
 
+    def _hold(self, agent_id: str, job: Job) -> None:
+        self._held.setdefault(agent_id, {})[job.task_id] = job
+        self._dirty.add(agent_id)
+
+    def _touch(self, agent_id: str) -> None:
+        """``agent_id``'s presence changed: its slots are looked at in the next round."""
+        self._dirty.add(agent_id)
+        self._served_check = True
+
     def _release_slot(self, job: Job) -> None:
         if job.agent_id is not None:
+            self._dirty.add(job.agent_id)
             held = self._held.get(job.agent_id)
             if held is not None:
                 held.pop(job.task_id, None)
@@ -756,7 +797,10 @@ class Dispatcher:
     def _push(self, job: Job) -> None:
         key = job.key
         heapq.heappush(self._queues.setdefault(key, []), (job.spec.rank, job.seq, job.task_id))
-        self._queued[key] = self._queued.get(key, 0) + 1
+        count = self._queued.get(key, 0)
+        if not count:
+            self._served_check = True  # a kind of task newly waiting: is anyone there for it?
+        self._queued[key] = count + 1
 
     def _unqueue(self, job: Job) -> None:
         """A queued job leaves the queue (its heap entry is skipped when it comes up)."""
