@@ -57,7 +57,7 @@ from ._protocol import (
     parse_task,
     roles_for,
 )
-from ._scheduler import FailReason, ReportError, SendFailed, log_event
+from ._scheduler import ClearPending, FailReason, ReportError, SendFailed, SendPending, log_event
 
 if TYPE_CHECKING:
     from ._config import AgentConfig
@@ -125,6 +125,7 @@ class Job:
     agent_id: str | None = None  # the holder (ASSIGNED, CLAIMED)
     since: float = 0.0  # when it was assigned (or read at election): its lease's start
     cancel: bool = False  # a cancel was forwarded to the holder
+    pending: bool = False  # its retained pending marker is out (nobody online could take it)
 
     @property
     def task_id(self) -> str:
@@ -189,7 +190,15 @@ class ForwardCancel:
 
 
 DispatchCommand = (
-    Ack | WriteRecord | SendAssignment | SendRevocation | ForwardCancel | SendFailed | ReportError
+    Ack
+    | WriteRecord
+    | SendAssignment
+    | SendRevocation
+    | ForwardCancel
+    | SendFailed
+    | ReportError
+    | SendPending
+    | ClearPending
 )
 
 _ACK: Final = Ack()
@@ -241,6 +250,10 @@ class Dispatcher:
         self._dirty: set[str] = set()
         #: whether the unserved-kinds check is due (presence or a new kind of task)
         self._served_check = True
+        #: the first round's time: the check waits one heartbeat interval after it, so a
+        #: new term hears the agents (each announces itself to a new dispatcher) before
+        #: it calls a kind of task unserved
+        self._first_round: float | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "received",
@@ -435,21 +448,23 @@ class Dispatcher:
         then arrival), the least loaded eligible agent with a free slot (ties: the
         highest rendezvous score of ``"{task_id}/{agent_id}"``). Each is a
         :class:`WriteRecord` (assigned) followed by its :class:`SendAssignment`."""
-        if self._served_check:
+        out: list[DispatchCommand] = []
+        if self._first_round is None:
+            self._first_round = now
+        if self._served_check and now - self._first_round >= self.config.heartbeat_interval:
             self._served_check = False
-            self._warn_unserved(now)
+            out += self._warn_unserved(now)
         if self._dirty:
             self._free |= self._dirty
             self._dirty.clear()
         if not self._free or not any(self._queued.values()):
-            return []
+            return out
         free: dict[str, int] = {}
         for a in list(self._free):
             if (n := self.free_slots(a, now)) > 0:
                 free[a] = n
             else:
                 self._free.discard(a)
-        out: list[DispatchCommand] = []
         while free:
             best: tuple[int, int, str] | None = None
             best_key: _Key | None = None
@@ -474,6 +489,10 @@ class Dispatcher:
     def _assign(self, job: Job, agent_id: str, now: float) -> list[DispatchCommand]:
         job.state, job.agent_id, job.since = RecordState.ASSIGNED, agent_id, now
         self._hold(agent_id, job)
+        cleared: list[DispatchCommand] = []
+        if job.pending:  # someone could take it after all
+            job.pending = False
+            cleared.append(ClearPending(job.task_id))
         self.counters["assigned"] += 1
         log_event(
             logging.DEBUG,
@@ -484,6 +503,7 @@ class Dispatcher:
             attempt=job.attempt,
         )
         return [
+            *cleared,
             WriteRecord(job.task_id, RecordState.ASSIGNED, job.attempt, agent_id, job.task),
             SendAssignment(agent_id, job.task_id, job.task, job.attempt),
         ]
@@ -510,9 +530,11 @@ class Dispatcher:
             agent_id
         ].role in roles
 
-    def _warn_unserved(self, now: float) -> None:
-        """Warn once for each kind of queued task nobody online may take (no marker:
-        its ``queued`` record is what stays); again only after someone could."""
+    def _warn_unserved(self, now: float) -> list[DispatchCommand]:
+        """Warn once for each kind of queued task nobody online may take (again only after
+        someone could), and keep each such task as a retained pending marker, as with
+        broadcast (``tasks/pending/{id}``: cleared once it is assigned or finishes)."""
+        out: list[DispatchCommand] = []
         for key, count in self._queued.items():
             served = count > 0 and any(
                 p.online and now - p.last_seen < self.lease_time and self._eligible(a, key)
@@ -520,7 +542,14 @@ class Dispatcher:
             )
             if served or not count:
                 self._unserved.discard(key)
-            elif key not in self._unserved:
+                continue
+            for _, seq, task_id in self._queues.get(key, ()):
+                job = self.jobs.get(task_id)
+                if job is not None and job.seq == seq and job.state is RecordState.QUEUED:
+                    if not job.pending:
+                        job.pending = True
+                        out.append(SendPending(task_id, job.task))
+            if key not in self._unserved:
                 self._unserved.add(key)
                 roles, assigned_to = key
                 log_event(
@@ -531,6 +560,7 @@ class Dispatcher:
                     assigned_to=assigned_to,
                     queued=count,
                 )
+        return out
 
     # ------------------------------------------------------------ holders
     def on_claim(self, claim: Claim, now: float) -> list[DispatchCommand]:
@@ -750,7 +780,7 @@ class Dispatcher:
         self.counters["cancelled"] += 1
         self._finish(job.task_id, RecordState.CANCELLED, job.attempt)
         return [
-            SendFailed(job.spec, job.attempt, error, FailReason.CANCELLED, False),
+            SendFailed(job.spec, job.attempt, error, FailReason.CANCELLED, job.pending),
             WriteRecord(job.task_id, RecordState.CANCELLED, job.attempt),
         ]
 
@@ -798,7 +828,7 @@ class Dispatcher:
         key = job.key
         heapq.heappush(self._queues.setdefault(key, []), (job.spec.rank, job.seq, job.task_id))
         count = self._queued.get(key, 0)
-        if not count:
+        if not count or key in self._unserved:
             self._served_check = True  # a kind of task newly waiting: is anyone there for it?
         self._queued[key] = count + 1
 
