@@ -69,10 +69,16 @@ def _duration(value: str) -> int:
     return int(found.group(1)) * units[found.group(2)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("0.0.0.0", 0))  # mosquitto binds WebSocket listeners on every interface
-        return int(sock.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports (all held open until each is picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("0.0.0.0", 0))  # mosquitto binds WebSocket listeners on every interface
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _executable(name: str) -> str:
@@ -192,7 +198,8 @@ class DocBroker:
 
 @contextmanager
 def documented_broker(workdir: Path) -> Iterator[tuple[DocBroker, Path]]:
-    broker = DocBroker(workdir, _free_port(), _free_port(), trustme.CA())
+    tls_port, wss_port = _free_ports(2)
+    broker = DocBroker(workdir, tls_port, wss_port, trustme.CA())
     config = broker.prepare()
     try:
         broker.start(config)
