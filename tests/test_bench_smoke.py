@@ -160,7 +160,9 @@ def test_presence_counts_a_swarm_started_at_once(broker: MosquittoBroker, dispat
     assert result["window_s"] >= 4 * 0.5
     per_agent = result["deliveries_per_interval_per_agent"]
     if dispatch == "dispatcher":
-        assert 0 < per_agent <= 3  # each heartbeat reaches the dispatcher only: O(n)
+        # each heartbeat reaches the dispatcher only, and nothing else is periodic for the
+        # agents (dispatch/view reached every agent every interval once: 1.66)
+        assert 0.5 < per_agent <= 1.3
     else:
         assert per_agent >= 8  # each heartbeat reaches the 8 other agents: O(n^2)
 

@@ -376,10 +376,12 @@ class Candidate:
         self.shell: DispatcherShell | None = None
         self.terms: list[tuple[int, TermEnd]] = []
         self._changed = trio.Event()
-        #: ``{swarm}/dispatch/+``, not the status topic itself: a client's second
+        #: ``{swarm}/+/status``, not the status topic itself: a client's second
         #: subscription to a filter replaces its first at the broker (MQTT), and the
-        #: agent on this connection may subscribe to ``dispatch/status`` of its own
-        self._status_filter = self.topics.dispatch_status.rpartition("/")[0] + "/+"
+        #: agent on this connection may subscribe to ``dispatch/status`` of its own.
+        #: Not ``dispatch/+`` either: that would bring every agent the dispatcher's
+        #: ``dispatch/view`` (the whole swarm, every heartbeat interval: O(n^2) bytes)
+        self._status_filter = f"{self.topics.swarm}/+/status"
         self._sync_topic = self.topics.sync_marker(self.me, "election-" + secrets.token_hex(3))
         self._sync_seen = 0
         self._sync_sent = 0
