@@ -114,6 +114,11 @@ class Output:
                 raise AssertionError(f"no line matches {pattern!r}:\n" + self.text)
             await self._changed.wait()
 
+    async def wait_closed(self) -> None:
+        """Wait for the end of the output: every writer of the pipe has exited."""
+        while not self.closed:
+            await self._changed.wait()
+
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
@@ -678,6 +683,98 @@ async def test_sigterm_during_start_up_stops_the_agent_within_the_grace_period(
     await out.expect(r"start-up interrupted: nothing to release agent=cold-02 step=subscribe$")
     assert "sheri: error" not in out.text
     assert "Traceback" not in out.text
+
+
+async def _processes_swarm(out: Output, swarm: str, labels: list[str]) -> int:
+    """Wait for every agent online; the pid of agent process 1."""
+    for label in labels:
+        await out.expect(rf"^\[{label}\] \S+ info: online agent={swarm}-{label}\b")
+    line = await out.expect(r"^\[swarm\] \S+ info: agent process 1 \(pid \d+\)")
+    match = re.search(r"pid (\d+)", line)
+    assert match is not None
+    return int(match[1])
+
+
+@pytest.mark.parametrize("dispatch", ["broadcast", "dispatcher"])
+async def test_swarm_spreads_its_agents_over_processes_and_stops_them_all(
+    broker: MosquittoBroker, tmp_path: Path, dispatch: str
+) -> None:
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    swarm = _swarm("procs")
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    labels = ["general-1", "testing-1", "general-2", "testing-2"]
+    with trio.fail_after(40):
+        async with sheri(
+            "swarm", "--agents", "4", "--roles", "general,testing", "--processes", "2",
+            "--dispatch", dispatch, *flags, cwd=tmp_path,
+        ) as out:  # fmt: skip
+            child = await _processes_swarm(out, swarm, labels)
+            assert child != out.proc.pid
+            # the agents in turn: general-1 and general-2 here, testing-1 and -2 there
+            assert re.search(rf"agent process 1 \(pid {child}\): {swarm}-testing-1, ", out.text)
+            for _ in range(2):
+                done = await sheri_run(
+                    "submit", "testing.run", "--wait", "--timeout", "20", *flags,
+                    cwd=tmp_path,
+                )  # fmt: skip
+                assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+                assert b"complete: success by" in done.stdout
+            assert await stop(out, signal.SIGTERM) == 0
+        for label in labels:  # each left gracefully, the other process's agents too
+            await out.expect(rf"^\[{label}\] .*offline agent={swarm}-{label}")
+    with pytest.raises(ProcessLookupError):  # reaped before the parent exited
+        os.kill(child, 0)
+
+
+async def test_swarm_stops_when_one_of_its_processes_dies(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    swarm = _swarm("procdie")
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    with trio.fail_after(40):
+        async with sheri(
+            "swarm", "--agents", "2", "--roles", "general", "--processes", "2", *flags,
+            cwd=tmp_path,
+        ) as out:  # fmt: skip
+            child = await _processes_swarm(out, swarm, ["general-1", "general-2"])
+            os.kill(child, signal.SIGKILL)
+            assert await out.proc.wait() == 1
+            await out.expect(  # the agent of this process left gracefully
+                rf"^\[general-1\] .*offline agent={swarm}-general-1"
+            )
+    await out.expect(
+        rf"^sheri: error: agent process 1 \(pid {child}: {swarm}-general-2\) ended with exit "
+        r"code -9 before a shutdown was asked for$"
+    )
+
+
+async def test_swarm_processes_do_not_outlive_a_killed_parent(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    swarm = _swarm("orphan")
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    with trio.fail_after(40):
+        async with sheri(
+            "swarm", "--agents", "2", "--roles", "general", "--processes", "2", *flags,
+            cwd=tmp_path,
+        ) as out:  # fmt: skip
+            await _processes_swarm(out, swarm, ["general-1", "general-2"])
+            out.proc.kill()
+            # the child had the parent's stderr: the pipe ends once it is gone too, after
+            # leaving gracefully on the SIGTERM that the parent's death sent it
+            await out.expect(rf"^\[general-2\] .*offline agent={swarm}-general-2")
+            await out.wait_closed()
+
+
+async def test_swarm_processes_must_fit_the_agents(tmp_path: Path) -> None:
+    for value in ("0", "4"):
+        result = await sheri_run("swarm", "--agents", "3", "--processes", value, cwd=tmp_path)
+        assert result.returncode == 2
+        assert f"--processes: must be within 1..3 (the agents), got {value}" in (
+            result.stderr.decode()
+        )
 
 
 async def test_swarm_start_up_on_a_frozen_broker_fails_or_stops_on_sigterm(

@@ -20,6 +20,10 @@ class UsageError(ValueError):
     """A bad argument that the parser could not catch (exit code 2)."""
 
 
+class AgentProcessFailed(RuntimeError):
+    """An agent process of ``sheri swarm --processes`` ended on its own (exit code 1)."""
+
+
 class NoAnswer(RuntimeError):
     """The broker accepted our connection but did not answer in time (exit code 1)."""
 
@@ -65,6 +69,8 @@ def _explain_one(leaf: BaseException) -> tuple[int, str] | None:
     if isinstance(leaf, LocalProtocolError):
         return EXIT_USAGE, f"{leaf}; check --broker, SHERI_BROKER or sheri.toml"
     if isinstance(leaf, DuplicateAgent | StartupError | NoAnswer | NotDelivered):
+        return EXIT_FAILURE, str(leaf)
+    if isinstance(leaf, AgentProcessFailed):
         return EXIT_FAILURE, str(leaf)
     if isinstance(leaf, ConnectError):
         return EXIT_FAILURE, f"{leaf}; {_connect_hint(leaf)}"
