@@ -63,6 +63,7 @@ class Settings:
     dispatch: str
     presence_agents: list[int]
     retained_records: int
+    our_processes: list[int]
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -95,6 +96,9 @@ def settings(args: argparse.Namespace) -> Settings:
             int(x) for x in (args.presence_agents or ("100" if quick else "100,1000")).split(",")
         ],
         retained_records=args.retained_records or (10_000 if quick else 100_000),
+        our_processes=[
+            int(x) for x in (args.our_processes or ("1" if quick else "1,2")).split(",")
+        ],
     )
 
 
@@ -293,12 +297,14 @@ def swarm_run(
     dispatch: str,
     task_seconds: float = 0.0,
     max_tasks: int = 16,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """One ``tasks`` measurement (bench/tasks.py) with the given swarm and workload."""
     wait = 60 + tasks * agents / 200 + tasks * task_seconds / max(agents, 1)
     argv = ["--agents", str(agents), "--tasks", str(tasks), "--lone", str(lone)]
     argv += ["--workload", workload, "--dispatch", dispatch, "--max-tasks", str(max_tasks)]
     argv += ["--task-seconds", str(task_seconds), "--timeout", f"{wait:.0f}"]
+    argv += ["--processes", str(processes)]
     return run("tasks", url, *argv, timeout=180 + 2 * wait + lone * (1 + task_seconds))
 
 
@@ -356,13 +362,14 @@ def capacity(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
 
 def peers(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
     """Our 9-agent swarm (all types, no-op) and each peer's 9 workers, interleaved."""
-    rows = ["sheri-trio", *s.peers]
+    ours = {("sheri-trio" if p == 1 else f"sheri-trio-{p}p"): p for p in s.our_processes}
+    rows = [*ours, *s.peers]
     runs = []
     for rep in range(s.reps):
         shift = rep % len(rows)
         for row in rows[shift:] + rows[:shift]:
             step(f"peers {rep + 1}/{s.reps}: {row}, {s.peer_tasks} no-op tasks at once")
-            if row == "sheri-trio":
+            if row in ours:
                 r = swarm_run(
                     run,
                     url,
@@ -371,6 +378,7 @@ def peers(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
                     lone=s.lone_tasks,
                     workload="all-types",
                     dispatch=s.dispatch,
+                    processes=ours[row],
                 )
             else:
                 argv = ["--peer", row, "--tasks", str(s.peer_tasks), "--lone", str(s.lone_tasks)]
@@ -479,6 +487,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--retained-records", type=int, help="retained: final task states left in the swarm"
+    )
+    p.add_argument(
+        "--our-processes",
+        help="peers: our swarm's rows, as processes its 9 agents are spread over "
+        "(sheri swarm --processes; default 1,2: two rows)",
     )
     p.add_argument(
         "--dispatch",

@@ -61,6 +61,7 @@ OTHER_KINDS = (
     "broker-version",
     "presence",
     "retained",
+    "share",
 )
 DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "ws": 80}
 PAHO_MAX_UNACKED = 60_000
@@ -703,9 +704,30 @@ def run_tasks(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
             task_seconds=args.task_seconds,
             dispatch=args.dispatch,
             broker_pid=int(pid) if pid else None,
+            processes=args.processes,
         )
     )
     return {"kind": "tasks", **result}
+
+
+def run_share(args: argparse.Namespace, url_text: str) -> dict[str, Any] | None:
+    """One share of a ``tasks --processes N`` swarm (bench/tasks.py ``run_share``)."""
+    import trio
+
+    from bench.tasks import run_share as share
+
+    trio.run(
+        lambda: share(
+            url_text,
+            args.swarm,
+            [int(i) for i in args.indices.split(",") if i],
+            agents=args.agents,
+            max_tasks=args.max_tasks,
+            task_seconds=args.task_seconds,
+            dispatch=args.dispatch,
+        )
+    )
+    return None
 
 
 def run_presence(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
@@ -1068,6 +1090,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-tasks", type=int, default=16, help="tasks: max_tasks of each agent")
     p.add_argument(
+        "--processes", type=int, default=1, help="tasks: the agents, in turn, over N processes"
+    )
+    p.add_argument("--indices", default="", help="share: which agents of the swarm (0-based)")
+    p.add_argument(
         "--workload",
         choices=("unknown", "all-types"),
         default="unknown",
@@ -1110,6 +1136,7 @@ RUNNERS = {
     "broker-version": run_broker_version,
     "presence": lambda a, u: run_presence(a, u),
     "retained": lambda a, u: run_retained(a, u),
+    "share": run_share,
 }
 
 
@@ -1119,8 +1146,9 @@ def main(argv: list[str] | None = None) -> None:
     if not url and args.kind != "peer":
         raise SystemExit("bench.clients: set BENCH_URL (or --url) to the broker URL")
     result = RUNNERS[args.kind](args, url or "")
-    sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
+    if result is not None:  # share: it printed its own lines
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -241,15 +241,22 @@ def peer_rows(results: dict[str, Any]) -> list[list[str]]:
         rate = e["tasks_per_s"]
         ours = e.get("ours_over_peer", {}).get("median")
         lone = e.get("lone_peer_over_ours", {}).get("median")
+        others = e.get("others_over_peer", {})
+        more = "; ".join(
+            f"{row.removeprefix('sheri-trio-').removesuffix('p')} processes: {_x(r.get('median'))}"
+            for row, r in others.items()
+        )
         rows.append(
             [
                 e["label"],
                 _n(rate["median"], 0),
                 f"{_n(rate['min'], 0)} - {_n(rate['max'], 0)}",
-                "" if e["row"] == "sheri-trio" else _x(ours),
+                ""
+                if e["row"].startswith("sheri-trio")
+                else _x(ours) + (f" ({more})" if more else ""),
                 f"{e['duplicates']} / {e['losses']}",
                 _lone(e),
-                "" if e["row"] == "sheri-trio" else _x(lone),
+                "" if e["row"].startswith("sheri-trio") else _x(lone),
                 _n(e.get("workers_cpu_per_task_us"), 0),
                 _n(e.get("broker_cpu_per_task_us"), 0),
             ]

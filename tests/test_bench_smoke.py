@@ -150,6 +150,22 @@ def test_sleeping_tasks_with_few_slots_all_complete(broker: MosquittoBroker) -> 
 
 
 @pytest.mark.parametrize("dispatch", ["dispatcher", "broadcast"])
+def test_a_swarm_over_two_processes_counts_every_task_once(
+    broker: MosquittoBroker, dispatch: str
+) -> None:
+    env = {"BENCH_URL": broker.tcp_url, "BENCH_BROKER_PID": str(broker.pid)}
+    result = _bench_clients(
+        env, "tasks", "--agents", "9", "--tasks", "39", "--workload", "all-types",
+        "--processes", "2", "--dispatch", dispatch, "--lone", "2", "--timeout", "30",
+    )  # fmt: skip
+    assert (result["processes"], result["agents"]) == (2, 9)
+    # the executions counted in the child process are in the totals: each task ran once
+    assert (result["completed"], result["duplicates"], result["losses"]) == (39, 0, 0)
+    assert result["lone_tasks"] == 2
+    assert result["agents_cpu_per_task_us"] > 0
+
+
+@pytest.mark.parametrize("dispatch", ["dispatcher", "broadcast"])
 def test_presence_counts_a_swarm_started_at_once(broker: MosquittoBroker, dispatch: str) -> None:
     result = _bench_clients(
         {"BENCH_URL": broker.tcp_url}, "presence", "--agents", "9", "--dispatch", dispatch,
