@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from childproc import freezing_sheri
+from childproc import Output, freezing_sheri, output_of
 
 from sheri_trio.cli import rewrite_prototype_argv
 from sheri_trio.mqtt import Message, open_client
@@ -25,6 +25,7 @@ from sheri_trio.swarm import AgentConfig, encode, run_agent
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
+    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
     from sheri_trio.testing import MosquittoBroker
@@ -77,73 +78,11 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ subprocesses
-class Output:
-    """The merged stdout/stderr lines of a running ``sheri`` process."""
-
-    def __init__(self, proc: trio.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self.closed = False
-        self._changed = trio.Event()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def pump(self) -> None:
-        assert self.proc.stdout is not None
-        buffer = b""
-        async for chunk in self.proc.stdout:
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            self.lines.extend(line.decode(errors="replace") for line in complete)
-            self._notify()
-        if buffer:
-            self.lines.append(buffer.decode(errors="replace"))
-        self.closed = True
-        self._notify()
-
-    async def expect(self, pattern: str) -> str:
-        """Wait for a line matching ``pattern`` (seen before or after the call)."""
-        rx = re.compile(pattern)
-        while True:
-            for line in self.lines:
-                if rx.search(line):
-                    return line
-            if self.closed:
-                raise AssertionError(f"no line matches {pattern!r}:\n" + self.text)
-            await self._changed.wait()
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-@asynccontextmanager
-async def sheri(*args: str, cwd: Path, command: Sequence[str] = SHERI) -> AsyncIterator[Output]:
-    proc = await trio.lowlevel.open_process(
-        [*command, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-        env=_env(),
-    )
-    out = Output(proc)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(out.pump)
-            try:
-                yield out
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                with trio.CancelScope(shield=True):
-                    await proc.wait()
-    finally:
-        assert proc.stdout is not None
-        with trio.CancelScope(shield=True):
-            await proc.stdout.aclose()
+def sheri(
+    *args: str, cwd: Path, command: Sequence[str] = SHERI
+) -> AbstractAsyncContextManager[Output]:
+    """``sheri args...`` running, its stdout and stderr lines merged."""
+    return output_of([*command, *args], cwd=cwd, env=_env())
 
 
 async def sheri_run(
@@ -273,8 +212,8 @@ async def test_prototype_scenario_two_agents_two_seed_tasks(
                     )
                 )
                 for line in (
-                    await tester.expect(r"\bonline\b"),
-                    await deployer.expect(r"\bonline\b"),
+                    (await tester.expect(r"\bonline\b")).string,
+                    (await deployer.expect(r"\bonline\b")).string,
                 ):
                     # one line per event: time, then the agent id
                     assert re.match(
