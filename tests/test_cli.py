@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
+    from sheri_trio.mqtt import Client
     from sheri_trio.testing import MosquittoBroker
 
 SHERI = [sys.executable, "-m", "sheri_trio"]
@@ -134,6 +135,23 @@ class Seen:
 
 
 @asynccontextmanager
+async def watching(
+    broker: MosquittoBroker, topic_filter: str
+) -> AsyncIterator[tuple[Client, Seen]]:
+    """A client subscribed to *topic_filter*, and what it has seen; it stops seeing with
+    the block."""
+    seen = Seen()
+    async with (
+        open_client(broker.tcp_url) as watcher,
+        watcher.subscribe(topic_filter) as messages,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(seen.pump, messages)
+        yield watcher, seen
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
 async def agent(
     broker: MosquittoBroker, swarm: str, role: str, agent_id: str
 ) -> AsyncIterator[None]:
@@ -171,14 +189,8 @@ async def test_prototype_scenario_two_agents_two_seed_tasks(
     swarm = "opencto-dev"  # the prototype's flags, exactly
     (tmp_path / "sheri.toml").write_text(SHERI_TOML)
     ids = {"testing": "test-agent-01", "deployment": "deploy-agent-01"}
-    seen = Seen()
     with trio.fail_after(30):
-        async with (
-            open_client(broker.tcp_url) as watcher,
-            watcher.subscribe(f"{swarm}/#") as messages,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(seen.pump, messages)
+        async with watching(broker, f"{swarm}/#") as (_, seen):
             flags = ["--broker", broker.tcp_url, "--swarm", swarm]
             testing = ["--mqtt", "--role", "testing", "--agent-id", ids["testing"], *flags]
             deployment = ["--mqtt", "--role", "deployment", "--agent-id", ids["deployment"], *flags]
@@ -234,7 +246,6 @@ async def test_prototype_scenario_two_agents_two_seed_tasks(
                         for agent_id in ids.values()
                     )
                 )
-            nursery.cancel_scope.cancel()
     by_task = {c["task_id"]: c for c in complete}
     assert set(by_task) == {"task_deploy_test", "task_test_test"}
     deploy, tests = by_task["task_deploy_test"], by_task["task_test_test"]
@@ -296,14 +307,8 @@ async def test_submit_without_wait_prints_the_task_id(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     swarm = _swarm("nowait")
-    seen = Seen()
     with trio.fail_after(20):
-        async with (
-            open_client(broker.tcp_url) as watcher,
-            watcher.subscribe(f"{swarm}/tasks/new") as messages,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(seen.pump, messages)
+        async with watching(broker, f"{swarm}/tasks/new") as (_, seen):
             result = await sheri_run(
                 "submit", "deployment.deploy", "--priority", "high", "--max-retries", "2",
                 "--broker", broker.tcp_url, "--swarm", swarm, cwd=tmp_path,
@@ -312,7 +317,6 @@ async def test_submit_without_wait_prints_the_task_id(
             task_id = result.stdout.decode().strip()
             assert re.fullmatch(r"task-[0-9a-f]{12}", task_id)
             body = await seen.wait_for(lambda items: items and items[0][1])
-            nursery.cancel_scope.cancel()
     assert "agent_id" not in body  # the CLI is not an agent
     assert body["payload"] == {
         "task_id": task_id,
@@ -397,14 +401,8 @@ async def test_second_ctrl_c_exits_at_once(broker: MosquittoBroker, tmp_path: Pa
     (tmp_path / "sheri.toml").write_text(SHERI_TOML)
     swarm = _swarm("ctrlc")
     flags = ["--broker", broker.tcp_url, "--swarm", swarm]
-    seen = Seen()
     with trio.fail_after(20):
-        async with (
-            open_client(broker.tcp_url) as watcher,
-            watcher.subscribe(f"{swarm}/tasks/progress") as messages,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(seen.pump, messages)
+        async with watching(broker, f"{swarm}/tasks/progress") as (watcher, seen):
             async with sheri(
                 "agent", "--role", "testing", "--agent-id", "busy-01", *flags, cwd=tmp_path
             ) as busy:
@@ -421,7 +419,6 @@ async def test_second_ctrl_c_exits_at_once(broker: MosquittoBroker, tmp_path: Pa
                 busy.proc.send_signal(signal.SIGINT)  # graceful: waits for the running task
                 await busy.expect(r"shutting down agent=busy-01 running=1")
                 assert await stop(busy) == 130  # the second one does not wait
-            nursery.cancel_scope.cancel()
     await busy.expect(r"again: exiting at once")
 
 
