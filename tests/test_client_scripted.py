@@ -16,7 +16,14 @@ import pytest
 import trio
 import trio.testing
 
-from sheri_trio.mqtt import AckTimeout, ClientClosed, ConnectError, MQTTClient, open_client
+from sheri_trio.mqtt import (
+    AckTimeout,
+    ClientClosed,
+    ConnectError,
+    LocalProtocolError,
+    MQTTClient,
+    open_client,
+)
 from sheri_trio.testing import BrokerConnection, ScriptedBroker
 
 if TYPE_CHECKING:
@@ -275,6 +282,25 @@ async def nothing_within(conn: BrokerConnection, seconds: float) -> bool:
         packet = await conn.receive()
         raise AssertionError(f"the client sent {packet!r}")
     return True
+
+
+@pytest.mark.parametrize(
+    ("filters", "qos", "retain_handling"),
+    [((), 1, 0), (("a/#/b",), 1, 0), (("t",), 3, 0), (("t",), 1, 3)],
+)
+async def test_a_subscription_out_of_range_is_refused_before_anything_is_sent(
+    autojump_clock: trio.testing.MockClock,
+    filters: tuple[str, ...],
+    qos: int,
+    retain_handling: int,
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, keep_alive=0) as (client, conn):
+        with pytest.raises(LocalProtocolError):
+            async with client.subscribe(*filters, qos=qos, retain_handling=retain_handling):
+                pass
+        assert await nothing_within(conn, 60)
+        assert client.statistics()["subscriptions"] == 0
 
 
 @asynccontextmanager

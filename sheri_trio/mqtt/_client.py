@@ -35,7 +35,6 @@ from ._errors import (
     ClientClosed,
     ConnectError,
     ConnectionLost,
-    LocalProtocolError,
     MQTTError,
 )
 from ._reconnect import run_reconnecting
@@ -49,6 +48,7 @@ from ._session import (
     Session,
     SubscribeAcked,
     UnsubscribeAcked,
+    check_subscription,
 )
 from ._streams import BrokerURL, ByteStream, open_stream
 
@@ -232,8 +232,7 @@ class MQTTClient:
         ``message.ack()``, e.g. once it has recorded it; see docs/transports.md.
         """
         self._check_open()
-        if qos not in (0, 1, 2):
-            raise LocalProtocolError(f"invalid QoS {qos}")
+        check_subscription(filters, qos, retain_handling)
         send, receive = trio.open_memory_channel[Message](
             self.options.message_buffer if buffer is None else buffer
         )

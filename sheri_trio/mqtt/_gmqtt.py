@@ -118,8 +118,8 @@ from ._session import (
     MAX_SUBSCRIPTION_ID,
     QOS_LEVELS,
     Message,
-    check_topic_filter,
-    check_topic_name,
+    check_publish,
+    check_subscription,
     connack_reason_name,
 )
 from ._streams import BrokerURL, TLSOptions, connect_error
@@ -421,9 +421,7 @@ class GMQTTClient:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
-        if qos not in (0, 1):
-            raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
-        check_topic_name(topic)
+        check_publish(topic, qos)
         if isinstance(payload, str):
             payload = payload.encode()
         props: dict[str, Any] = {}
@@ -599,14 +597,7 @@ class GMQTTClient:
         ``manual_ack=True``: QoS 1 messages are acknowledged at ``message.ack()``.
         """
         self._check_open()
-        if not filters:
-            raise LocalProtocolError("subscribe needs at least one topic filter")
-        for pattern in filters:
-            check_topic_filter(pattern)
-        if qos not in (0, 1, 2):
-            raise LocalProtocolError(f"invalid QoS {qos}")
-        if retain_handling not in (0, 1, 2):
-            raise LocalProtocolError(f"invalid retain handling {retain_handling}")
+        check_subscription(filters, qos, retain_handling)
         send, receive = trio.open_memory_channel[Message](
             self.options.message_buffer if buffer is None else buffer
         )
