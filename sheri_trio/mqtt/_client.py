@@ -29,6 +29,7 @@ from ._api import (
     publish_refused,
     resubscribe_timed_out,
     subscribe_refused,
+    unsubscribe_on_exit,
 )
 from ._errors import (
     AckTimeout,
@@ -280,18 +281,16 @@ class MQTTClient:
             self._router.remove(sub_id, sub)
             self._update_hold_acks()
             if not self._closed and self._fatal is None:
-                with trio.move_on_after(self.options.close_timeout) as scope:
-                    scope.shield = True
-                    try:
-                        upid = self._session.unsubscribe(handle)
-                        self._kick()
-                        if upid is not None and self.connected and acknowledged:
-                            await self._wait_request(upid, "UNSUBSCRIBE", "UN" + what, "UNSUBACK")
-                    except AckTimeout:
-                        if not body_failed:
-                            raise
-                    except MQTTError:
-                        pass
+
+                async def unsubscribe() -> None:
+                    upid = self._session.unsubscribe(handle)
+                    self._kick()
+                    if upid is not None and self.connected and acknowledged:
+                        await self._wait_request(upid, "UNSUBSCRIBE", "UN" + what, "UNSUBACK")
+
+                await unsubscribe_on_exit(
+                    unsubscribe, self.options.close_timeout, body_failed=body_failed
+                )
 
     async def _wait_request(self, packet_id: int, packet: str, what: str, ack: str) -> list[int]:
         event = trio.Event()

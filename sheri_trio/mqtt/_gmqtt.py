@@ -102,9 +102,9 @@ from ._api import (
     publish_refused,
     resubscribe_timed_out,
     subscribe_refused,
+    unsubscribe_on_exit,
 )
 from ._errors import (
-    AckTimeout,
     ClientClosed,
     ConnectError,
     ConnectionLost,
@@ -651,22 +651,20 @@ class GMQTTClient:
             self._router.remove(sub_id, sub)
             self._forget_gmqtt_subscriptions(record)
             if not self._closed and self._fatal is None and self._connected:
-                with trio.move_on_after(self.options.close_timeout) as scope:
-                    scope.shield = True
-                    try:
-                        await self._ack_bound(
-                            lambda: self._request(
-                                lambda: int(self._gmqtt.unsubscribe(list(filters))), retry=False
-                            ),
-                            "UNSUBSCRIBE",
-                            "UN" + what,
-                            "UNSUBACK",
-                        )
-                    except AckTimeout:
-                        if not body_failed:
-                            raise
-                    except MQTTError:
-                        pass
+
+                async def unsubscribe() -> None:
+                    await self._ack_bound(
+                        lambda: self._request(
+                            lambda: int(self._gmqtt.unsubscribe(list(filters))), retry=False
+                        ),
+                        "UNSUBSCRIBE",
+                        "UN" + what,
+                        "UNSUBACK",
+                    )
+
+                await unsubscribe_on_exit(
+                    unsubscribe, self.options.close_timeout, body_failed=body_failed
+                )
 
     async def _ack_bound(
         self, wait: Callable[[], Awaitable[T]], packet: str, what: str, ack: str
