@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, TypeVar
 import mqtt5
 import trio
 
-from .._exceptions import leaves
+from .._exceptions import real_errors
 from ._errors import (
     AckTimeout,
     ConnectionLost,
@@ -339,7 +339,7 @@ def collapse_exception_groups() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        real = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
+        real = real_errors(group)
         if len(real) == 1:
             raise real[0] from None
         if real and all(isinstance(e, MQTTError) for e in real):
