@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import trio
 from swarm_helpers import (
     Counting,
@@ -20,8 +21,10 @@ from swarm_helpers import (
 from sheri_trio.mqtt import open_client
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
+    from sheri_trio.swarm import AgentConfig
     from sheri_trio.testing import MosquittoBroker
 
 SEED_DEPLOY = {
@@ -36,8 +39,26 @@ SEED_DEPLOY = {
 }
 
 
+#: the dispatch rule of every agent _config makes: each test runs under both
+_DISPATCH = {"mode": "broadcast"}
+
+
+@pytest.fixture(autouse=True, params=["broadcast", "dispatcher"])
+def dispatch(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every behaviour test runs with both dispatch rules (docs/dispatch.md)."""
+    _DISPATCH["mode"] = request.param
+    yield request.param
+    _DISPATCH["mode"] = "broadcast"
+
+
+def _config(
+    broker: MosquittoBroker, role: str, agent_id: str, swarm: str, **kw: Any
+) -> AgentConfig:
+    return agent_config(broker, role, agent_id, swarm, dispatch=_DISPATCH["mode"], **kw)
+
+
 async def test_seed_task_runs_once(broker: MosquittoBroker, tmp_path: Path) -> None:
-    swarm = "t-seed"
+    swarm = f"t-seed-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     outcomes: list[dict[str, Any]] = []
     # the real deploy executor, with the seed's service configured: it writes a file
     script = "import os; open('deployed.txt', 'a').write(os.environ['SHERI_VERSION'] + '\\n')"
@@ -53,7 +74,7 @@ async def test_seed_task_runs_once(broker: MosquittoBroker, tmp_path: Path) -> N
                 async with trio.open_nursery() as nursery:
                     shutdown = trio.Event()
                     configs = [
-                        agent_config(
+                        _config(
                             broker,
                             "deployment",
                             f"deploy-{i}",
@@ -79,7 +100,7 @@ async def test_seed_task_runs_once(broker: MosquittoBroker, tmp_path: Path) -> N
 
 
 async def test_contention_six_agents_thousand_tasks_each_runs_once(broker: MosquittoBroker) -> None:
-    swarm = "t-contention"
+    swarm = f"t-contention-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     counting = Counting()
     executions = counting.executions
     total = 1000
@@ -92,7 +113,7 @@ async def test_contention_six_agents_thousand_tasks_each_runs_once(broker: Mosqu
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             shutdown = trio.Event()
-            configs = [agent_config(broker, "testing", f"tester-{i}", swarm) for i in range(6)]
+            configs = [_config(broker, "testing", f"tester-{i}", swarm) for i in range(6)]
             await start_agents(nursery, configs, shutdown=shutdown, executors=counting.registry)
             finals, records = await follow_outcomes(broker, swarm, total, submit)
             shutdown.set()
@@ -136,7 +157,7 @@ NINE_ROLES = [
 async def test_nine_agent_swarm_300_tasks_all_types(broker: MosquittoBroker) -> None:
     from sheri_trio.swarm._protocol import roles_for
 
-    swarm = "t-nine"
+    swarm = f"t-nine-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     counting = Counting()
     executions = counting.executions
     total = 300
@@ -151,7 +172,7 @@ async def test_nine_agent_swarm_300_tasks_all_types(broker: MosquittoBroker) -> 
         async with trio.open_nursery() as nursery:
             shutdown = trio.Event()
             configs = [
-                agent_config(broker, role, f"nine-{role}-{i}", swarm)
+                _config(broker, role, f"nine-{role}-{i}", swarm)
                 for i, role in enumerate(NINE_ROLES)
             ]
             await start_agents(nursery, configs, shutdown=shutdown, executors=counting.registry)
@@ -165,20 +186,22 @@ async def test_nine_agent_swarm_300_tasks_all_types(broker: MosquittoBroker) -> 
         assert r["role"] in roles_for(types[r["task_id"]])
 
 
-async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroker) -> None:
+async def test_killed_agent_task_completes_elsewhere_once(
+    broker: MosquittoBroker, dispatch: str
+) -> None:
     with trio.fail_after(40):
-        final = await kill_the_holder(broker, "t-crash", dispatch="broadcast", seconds=0.5)
+        final = await kill_the_holder(broker, f"t-crash-{dispatch}", dispatch=dispatch, seconds=0.5)
     assert final["agent_id"] == "survivor"
     assert final["attempt"] == 2
     assert final["status"] == "success"
 
 
-async def test_broker_restart_every_task_once(fresh_broker: MosquittoBroker) -> None:
+async def test_broker_restart_every_task_once(fresh_broker: MosquittoBroker, dispatch: str) -> None:
     counting = Counting(delay=0.01)
     total = 200
     with trio.fail_after(90):
         finals = await restart_mid_burst(
-            fresh_broker, "t-restart", counting, total=total, dispatch="broadcast"
+            fresh_broker, f"t-restart-{dispatch}", counting, total=total, dispatch=dispatch
         )
     assert set(finals) == {f"r-{i}" for i in range(total)}
     executions = counting.executions
@@ -190,7 +213,7 @@ async def test_broker_restart_every_task_once(fresh_broker: MosquittoBroker) -> 
 
 
 async def test_graceful_shutdown_releases_running_task(broker: MosquittoBroker) -> None:
-    swarm = "t-release"
+    swarm = f"t-release-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     release_gate = trio.Event()
     started: list[str] = []
 
@@ -209,7 +232,7 @@ async def test_graceful_shutdown_releases_running_task(broker: MosquittoBroker) 
             async with watcher.subscribe(f"{swarm}/#") as msgs:
                 async with trio.open_nursery() as nursery:
                     leaver_stop = trio.Event()
-                    leaver = agent_config(broker, "testing", "leaver", swarm, grace_period=0.5)
+                    leaver = _config(broker, "testing", "leaver", swarm, grace_period=0.5)
                     await start_agents(nursery, [leaver], executors=registry, shutdown=leaver_stop)
                     body = {"payload": {"task_id": "rel-1", "type": "testing.run"}}
                     await watcher.publish(f"{swarm}/tasks/new", json.dumps(body), qos=1)
@@ -219,7 +242,7 @@ async def test_graceful_shutdown_releases_running_task(broker: MosquittoBroker) 
                         if m.payload.startswith(b"{"):
                             seen.append((m.topic, json.loads(m.payload)["payload"]))
                     stayer_stop = trio.Event()
-                    stayer = agent_config(broker, "testing", "stayer", swarm)
+                    stayer = _config(broker, "testing", "stayer", swarm)
                     await start_agents(nursery, [stayer], executors=registry, shutdown=stayer_stop)
                     leaver_stop.set()
                     final = None
@@ -260,7 +283,7 @@ BAD_INPUTS: list[bytes] = [
 
 
 async def test_bad_input_is_reported_and_agent_keeps_working(broker: MosquittoBroker) -> None:
-    swarm = "t-bad"
+    swarm = f"t-bad-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     errors: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     with trio.fail_after(30):
@@ -270,7 +293,7 @@ async def test_bad_input_is_reported_and_agent_keeps_working(broker: MosquittoBr
             ) as msgs:
                 async with trio.open_nursery() as nursery:
                     stop = trio.Event()
-                    configs = [agent_config(broker, "testing", f"bad-{i}", swarm) for i in range(3)]
+                    configs = [_config(broker, "testing", f"bad-{i}", swarm) for i in range(3)]
                     await start_agents(nursery, configs, shutdown=stop)
                     for raw in BAD_INPUTS:
                         await watcher.publish(f"{swarm}/tasks/new", raw, qos=1)
@@ -341,7 +364,7 @@ async def test_every_type_with_empty_payload_on_real_executors(
     (workspace / "tests").mkdir()
     (workspace / "tests" / "test_ok.py").write_text("def test_ok():\n    assert True\n")
     (workspace / "app.py").write_text("X = 1\n")
-    swarm = "t-real"
+    swarm = f"t-real-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     executor_config = {"workspace": {"root": str(workspace)}, "state_dir": str(tmp_path / "state")}
     records: list[dict[str, Any]] = []
     finals: Counter[str] = Counter()
@@ -353,7 +376,7 @@ async def test_every_type_with_empty_payload_on_real_executors(
                 async with trio.open_nursery() as nursery:
                     stop = trio.Event()
                     configs = [
-                        agent_config(
+                        _config(
                             broker, role, f"real-{role}-{i}", swarm, executor_config=executor_config
                         )
                         for i, role in enumerate(NINE_ROLES)
@@ -390,7 +413,7 @@ async def test_every_type_with_empty_payload_on_real_executors(
 
 
 async def test_task_for_absent_role_waits_as_pending_marker(broker: MosquittoBroker) -> None:
-    swarm = "t-pending"
+    swarm = f"t-pending-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     with trio.fail_after(30):
         async with open_client(broker.tcp_url) as watcher:
             async with watcher.subscribe(
@@ -398,7 +421,7 @@ async def test_task_for_absent_role_waits_as_pending_marker(broker: MosquittoBro
             ) as msgs:
                 async with trio.open_nursery() as nursery:
                     stop = trio.Event()
-                    tester = agent_config(broker, "testing", "only-tester", swarm)
+                    tester = _config(broker, "testing", "only-tester", swarm)
                     await start_agents(nursery, [tester], shutdown=stop)
                     body = {"payload": {"task_id": "needs-db", "type": "database.backup"}}
                     await watcher.publish(f"{swarm}/tasks/new", json.dumps(body), qos=1)
@@ -406,12 +429,12 @@ async def test_task_for_absent_role_waits_as_pending_marker(broker: MosquittoBro
                     assert marker.topic == f"{swarm}/tasks/pending/needs-db"
                     assert json.loads(marker.payload)["payload"]["task_id"] == "needs-db"
                     # a database agent comes online later and picks it up
-                    late = agent_config(broker, "database", "late-db", swarm)
+                    late = _config(broker, "database", "late-db", swarm)
                     await start_agents(nursery, [late], shutdown=stop)
-                    done = await msgs.receive()
-                    assert done.topic == f"{swarm}/tasks/complete"
-                    assert json.loads(done.payload)["payload"]["agent_id"] == "late-db"
-                    cleared = await msgs.receive()
-                    assert cleared.topic == f"{swarm}/tasks/pending/needs-db"
-                    assert cleared.payload == b""
+                    # the marker is cleared (broadcast: once it is done; dispatcher: once
+                    # it is assigned) and the task done, by the agent that came
+                    later = {m.topic: m.payload for m in [await msgs.receive() for _ in "ab"]}
+                    done = json.loads(later[f"{swarm}/tasks/complete"])
+                    assert done["payload"]["agent_id"] == "late-db"
+                    assert later[f"{swarm}/tasks/pending/needs-db"] == b""
                     stop.set()
