@@ -80,10 +80,11 @@ def _env(**extra: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------ subprocesses
 def sheri(
-    *args: str, cwd: Path, command: Sequence[str] = SHERI
+    *args: str, cwd: Path, command: Sequence[str] = SHERI, env: dict[str, str] | None = None
 ) -> AbstractAsyncContextManager[Output]:
-    """``sheri args...`` running, its stdout and stderr lines merged."""
-    return output_of([*command, *args], cwd=cwd, env=_env())
+    """``sheri args...`` running (with *env* added to its environment), its stdout and
+    stderr lines merged."""
+    return output_of([*command, *args], cwd=cwd, env=_env(**(env or {})))
 
 
 async def sheri_run(
