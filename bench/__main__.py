@@ -580,13 +580,14 @@ def main(argv: list[str] | None = None) -> int:
             results["skipped"] = {"peers": "redis-server not found (apt-get install redis-server)"}
             console.print("[yellow]peers skipped[/]: redis-server not found")
         if "peers" in sections and s.peers:
-            from .redis_server import RedisServer
+            from sheri_trio.testing import RedisServer
 
             with console.status("starting redis-server"):
-                redis = RedisServer(Path(tmp.name) / "redis")
+                redis = RedisServer(Path(tmp.name) / "redis", password=True)
                 brokers.append(redis)
                 redis.start()
-            run.env["BENCH_REDIS_URL"] = redis.url  # never on a command line
+            # never on a command line (the server reads it from its config file)
+            run.env["BENCH_REDIS_URL"] = redis.url(credentials=True)
             run.env["BENCH_REDIS_PID"] = str(redis.pid)
             results["redis"] = {
                 "config": 'private redis-server on 127.0.0.1, save "", appendonly no, a password'

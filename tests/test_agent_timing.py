@@ -385,7 +385,7 @@ async def test_silent_holder_is_taken_over_at_the_first_lease_check_after_expiry
             )
             await watcher.publish(T.tasks_complete, late, qos=1)
             await trio.sleep(1)
-            assert b.agent.running_tasks == ["lease-1"]
+            assert list(b.agent.scheduler.running) == ["lease-1"]
             holder = b.agent.book.holder("lease-1")
             assert holder is not None
             assert (holder.agent_id, holder.attempt) == ("B", 2)
@@ -831,7 +831,7 @@ async def test_assigned_task_is_claimed_only_by_its_agent(
             await blocker(bus, watcher, "X", 5)
             await submit(watcher, "for-x", assigned_to="X")
             await trio.sleep(2)
-            assert y.agent.statistics()["running"] == 0  # Y is idle and eligible by role
+            assert not y.agent.scheduler.running  # Y is idle and eligible by role
             await wait(bus, T.tasks_complete, task_id="for-x")
             await trio.sleep(100)
             nursery.cancel_scope.cancel()

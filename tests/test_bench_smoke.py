@@ -213,14 +213,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    from bench.redis_server import RedisServer
+    from sheri_trio.testing import RedisServer
 
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield {"BENCH_REDIS_URL": server.url, "BENCH_REDIS_PID": str(server.pid)}
-    finally:
-        server.stop()
+    with RedisServer(tmp_path_factory.mktemp("redis"), password=True) as server:
+        yield {"BENCH_REDIS_URL": server.url(credentials=True), "BENCH_REDIS_PID": str(server.pid)}
 
 
 @pytest.mark.parametrize("peer", ["celery-prefork", "celery-threads", "dramatiq", "arq"])

@@ -121,22 +121,6 @@ class Agent:
     def counters(self) -> dict[str, int]:
         return self.scheduler.counters
 
-    @property
-    def running_tasks(self) -> list[str]:
-        return list(self.scheduler.running)
-
-    def statistics(self) -> dict[str, Any]:
-        s = self.scheduler
-        return {
-            "agent_id": self.agent_id,
-            "role": self.role,
-            "running": len(s.running),
-            "outstanding_claims": s.claiming,
-            "queued": len(s.queue),
-            "peers": len(s.peers.online_ids()),
-            **s.counters,
-        }
-
     async def run(
         self,
         *,
