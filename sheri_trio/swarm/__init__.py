@@ -51,12 +51,14 @@ from ._protocol import DEFAULT_SWARM as DEFAULT_SWARM
 from ._protocol import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 from ._protocol import PRIORITIES as PRIORITIES
 from ._protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._protocol import REQUEST_ID_RE as REQUEST_ID_RE
 from ._protocol import ROLES as ROLES
 from ._protocol import SWARM_RE as SWARM_RE
 from ._protocol import TASK_ID_RE as TASK_ID_RE
 from ._protocol import TASK_ROLES as TASK_ROLES
 from ._protocol import TYPE_RE as TYPE_RE
 from ._protocol import BadMessage as BadMessage
+from ._protocol import CancelRequest as CancelRequest
 from ._protocol import Claim as Claim
 from ._protocol import Envelope as Envelope
 from ._protocol import Outcome as Outcome
@@ -64,6 +66,7 @@ from ._protocol import TaskSpec as TaskSpec
 from ._protocol import Topics as Topics
 from ._protocol import check_task_id as check_task_id
 from ._protocol import decode_envelope as decode_envelope
+from ._protocol import parse_cancel as parse_cancel
 from ._protocol import parse_claim as parse_claim
 from ._protocol import parse_outcome as parse_outcome
 from ._protocol import parse_task as parse_task
@@ -73,6 +76,7 @@ from ._queue import ClaimQueue as ClaimQueue
 from ._queue import Placed as Placed
 from ._runner import Outbox as Outbox
 from ._runner import TaskRunner as TaskRunner
+from ._scheduler import CancelResult as CancelResult
 from ._scheduler import ClearPending as ClearPending
 from ._scheduler import Command as Command
 from ._scheduler import Entry as Entry
@@ -81,6 +85,7 @@ from ._scheduler import Phase as Phase
 from ._scheduler import Reannounce as Reannounce
 from ._scheduler import ReportError as ReportError
 from ._scheduler import Scheduler as Scheduler
+from ._scheduler import SendCancelReply as SendCancelReply
 from ._scheduler import SendClaim as SendClaim
 from ._scheduler import SendFailed as SendFailed
 from ._scheduler import SendPending as SendPending
