@@ -632,9 +632,7 @@ def test_a_cancel_with_a_request_id_is_answered_for_the_whole_swarm() -> None:
     assert cancel(d, "held", "r3") == [
         SendCancelReply("r3", "held", CancelResult.FINISHED, "swarm", "cancelled", None, 1)
     ]
-    assert cancel(d, "nope", "r4") == [
-        SendCancelReply("r4", "nope", CancelResult.UNKNOWN, "swarm")
-    ]
+    assert cancel(d, "nope", "r4") == [SendCancelReply("r4", "nope", CancelResult.UNKNOWN, "swarm")]
 
 
 def test_a_failed_task_s_record_written_again_keeps_its_submission() -> None:

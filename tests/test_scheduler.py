@@ -351,7 +351,8 @@ def test_a_task_nobody_online_may_take_is_cancelled_by_the_reporter() -> None:
     (failed, answer) = cancel(a, "db")
     assert isinstance(failed, SendFailed)
     assert failed.clear_marker
-    assert failed.task is not None and failed.task["type"] == "database.backup"
+    assert failed.task is not None
+    assert failed.task["type"] == "database.backup"
     assert answer == reply("db", CancelResult.CANCELLED)
     assert cancel(b, "db") == [reply("db", CancelResult.KNOWN)]
     assert cancel(a, "db") == [reply("db", CancelResult.FINISHED)]
@@ -598,7 +599,8 @@ def test_dispatch_mode_the_backlog_is_read_before_anything_starts() -> None:
     (failed,) = inbox(s, "cancel", "c")
     assert isinstance(failed, SendFailed)
     assert failed.reason is FailReason.CANCELLED
-    assert failed.task is not None and failed.task["task_id"] == "c"  # its final state
+    assert failed.task is not None
+    assert failed.task["task_id"] == "c"
     marker = env({"kind": "sync", "nonce": "other"})
     assert s.receive(T.agent_inbox("me"), marker, 0.0) == []  # not ours
     marker = env({"kind": "sync", "nonce": "n1"})

@@ -14,6 +14,17 @@ from ._claims import Holder as Holder
 from ._config import DISPATCH_MODES as DISPATCH_MODES
 from ._config import AgentConfig as AgentConfig
 from ._config import new_agent_id as new_agent_id
+from ._control import RETRYABLE_STATES as RETRYABLE_STATES
+from ._control import CancelOutcome as CancelOutcome
+from ._control import CancelReport as CancelReport
+from ._control import CancelTracker as CancelTracker
+from ._control import RetryOutcome as RetryOutcome
+from ._control import RetryRefused as RetryRefused
+from ._control import RetryReport as RetryReport
+from ._control import request_cancel as request_cancel
+from ._control import request_retry as request_retry
+from ._control import retry_confirmation as retry_confirmation
+from ._control import retry_submission as retry_submission
 from ._dispatcher import Ack as Ack
 from ._dispatcher import DispatchCommand as DispatchCommand
 from ._dispatcher import Dispatcher as Dispatcher

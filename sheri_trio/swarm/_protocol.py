@@ -315,7 +315,9 @@ def parse_task(payload: dict[str, Any], *, default_max_retries: int = 3) -> Task
         except ValueError:
             raise BadMessage("'expires_at' is not an ISO-8601 time", task_id=task_id) from None
     retry_of = payload.get("retry_of")
-    if retry_of is not None and (not isinstance(retry_of, str) or not TASK_ID_RE.fullmatch(retry_of)):
+    if retry_of is not None and (
+        not isinstance(retry_of, str) or not TASK_ID_RE.fullmatch(retry_of)
+    ):
         raise BadMessage("'retry_of' must be a task id", task_id=task_id)
     return TaskSpec(
         task_id=task_id,
