@@ -58,6 +58,13 @@ RETRYABLE_STATES: Final = frozenset({"failed", "cancelled", "expired"})
 #: the final states of the retained ``tasks/state/{id}`` (``released`` is not: it is
 #: taken over)
 _FINAL: Final = frozenset({"done", "failed", "cancelled", "expired"})
+#: a live state, as a retry's refusal says it
+_LIVE_WORDS: Final = {
+    "queued": "queued",
+    "assigned": "assigned",
+    "claimed": "running",
+    "released": "released (it is taken over)",
+}
 #: how many ``{id}.retry-{n}`` names are looked up in one read of the retained states
 _RETRY_BATCH: Final = 16
 #: the PUBACK reason code of a publish no subscription matched
@@ -376,8 +383,12 @@ def retry_submission(record: dict[str, Any], taken: Collection[str] = ()) -> dic
     if state == "done":
         raise RetryRefused(f"task {task_id} completed: only a failed task is retried")
     if state not in RETRYABLE_STATES:
+        holder = record.get("agent_id")
+        now = _LIVE_WORDS.get(str(state), str(state))
+        if state in ("assigned", "claimed") and isinstance(holder, str):
+            now += f" (held by {holder})"
         raise RetryRefused(
-            f"task {task_id} is {state!s}, it has not failed: only a failed task is retried"
+            f"task {task_id} is {now}, it has not failed: only a failed task is retried"
         )
     task = record.get("task")
     if not isinstance(task, dict) or task.get("task_id") != task_id:
