@@ -358,6 +358,22 @@ def test_a_task_nobody_online_may_take_is_cancelled_by_the_reporter() -> None:
     assert cancel(a, "db") == [reply("db", CancelResult.FINISHED)]
 
 
+def test_a_cancelled_task_whose_holder_is_gone_is_failed_by_the_takeover() -> None:
+    s = make("b-agent")
+    alive(s, "a-agent", "testing", 0.0)
+    task(s, "t")
+    claim(s, "t", "a-agent")  # a-agent holds it, and dies before it sees the cancel
+    assert cancel(s, "t") == [reply("t", CancelResult.KNOWN, holder="a-agent")]
+    offline(s, "a-agent", 2.0)
+    assert s.claims() == [SendClaim("t", 2)]
+    (failed,) = claim(s, "t", "b-agent", attempt=2)
+    assert isinstance(failed, SendFailed)  # never run
+    assert (failed.reason, failed.attempt) == (FailReason.CANCELLED, 2)
+    assert failed.task is not None
+    assert s.running == {}
+    assert s.book.is_finished("t")
+
+
 def test_an_unserved_task_is_forgotten_once_someone_claims_it() -> None:
     s = make()
     task(s, "db", task_type="database.backup")

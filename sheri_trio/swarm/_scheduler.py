@@ -117,6 +117,8 @@ class Entry:
     attempt: int = 0  # the attempt queued, claimed or held by us
     marker: bool = False  # a retained pending marker exists for it
     stop: StopReason | None = None
+    #: a cancel came while another agent held it: a takeover fails it, never runs it
+    cancelled: bool = False
 
     @property
     def task_id(self) -> str:
@@ -556,6 +558,22 @@ class Scheduler:
                     )
                     self.counters["released"] += 1
                     return [SendRelease(task_id, claim.attempt)]
+                if entry.cancelled:
+                    # taken over after a cancel its gone holder never carried out
+                    self._forget(entry)
+                    self.book.mark_finished(task_id, False)
+                    self.counters["failed"] += 1
+                    log_event(logging.INFO, "cancelled on takeover", self.me, task_id=task_id)
+                    return [
+                        SendFailed(
+                            entry.spec,
+                            claim.attempt,
+                            "cancelled by request (its holder was gone)",
+                            FailReason.CANCELLED,
+                            entry.marker,
+                            entry.submission(),
+                        )
+                    ]
                 self._set_phase(entry, Phase.RUNNING)
                 return [StartTask(entry, claim.attempt)]
             if ours is not None and ours <= claim.attempt:
@@ -629,6 +647,8 @@ class Scheduler:
             result = CancelResult.STOPPING if stopping else CancelResult.KNOWN
         elif holder is not None:
             result = CancelResult.KNOWN  # its holder answers
+            if entry is not None:
+                entry.cancelled = True  # should the holder be gone, a takeover fails it
         elif entry is not None or task_id in self.unserved:
             # Not claimed by anyone yet: it will never start. One agent says so.
             unserved = self.unserved.pop(task_id, None)
