@@ -167,7 +167,7 @@ async def test_cancel_stops_a_running_task_and_queued_ones_never_start(
 ) -> None:
     work = Work()
     with trio.fail_after(60):
-        async with swarm_of(broker, mode, work, "testing") as (swarm, client, watch):
+        async with swarm_of(broker, mode, work, "testing", "general") as (swarm, client, watch):
             await submit(client, swarm, "long-1", "testing.run", payload={"sleep": 600})
             await work.started_event("long-1").wait()
             # behind it (max_tasks 1), and one for a role nobody online has
@@ -199,6 +199,8 @@ async def test_cancel_stops_a_running_task_and_queued_ones_never_start(
             code, out = await sheri(broker, swarm, "cancel", "no-such-task", "--timeout", "5")
             assert code == 2, out
             assert "unknown task no-such-task" in out
+            if mode == "broadcast":  # both agents said so
+                assert "none of the 2 online agents knows it" in out
 
             # the agent keeps working: a task after all this runs
             await submit(client, swarm, "after-1", "testing.run", payload={})
