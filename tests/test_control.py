@@ -127,6 +127,10 @@ def test_timeouts_say_what_is_known() -> None:
     detail = tracker.outcome(3).detail
     assert "held by a2, which did not answer" in detail
     assert tracker.outcome(3).outcome is CancelOutcome.NO_ANSWER
+    tracker = CancelTracker(T, "t")
+    gone = retained(T.dispatch_status, {"agent_id": "d", "epoch": 1, "status": "offline"})
+    tracker.on_retained([status("a1"), gone])
+    assert "no dispatcher is online" in tracker.outcome(3).detail
 
 
 def record(state: str, **fields: Any) -> dict[str, Any]:

@@ -123,6 +123,7 @@ class CancelTracker:
         #: agents whose retained status says online; the dispatcher, if one is online
         self.online: set[str] = set()
         self.dispatcher: str | None = None
+        self.dispatch_mode = False  # a dispatch/status exists (online or not)
         self.replies: list[dict[str, Any]] = []
         self._unknown_to: set[str] = set()
         self._holder: str | None = None
@@ -153,6 +154,7 @@ class CancelTracker:
         """A reply, an outcome or a status seen after subscribing."""
         t, p = self.topics, env.payload
         if topic == t.dispatch_status:
+            self.dispatch_mode = True
             agent = p.get("agent_id")
             online = p.get("status") == "online" and isinstance(agent, str)
             self.dispatcher = agent if online and isinstance(agent, str) else None
@@ -214,6 +216,11 @@ class CancelTracker:
             why += f": it is held by {self._holder}, which did not answer"
         elif self.dispatcher is not None:
             why += f": the dispatcher {self.dispatcher} did not answer"
+        elif self.dispatch_mode and not self.replies:
+            why += (
+                ": no dispatcher is online (the cancel waits in the dispatch session for "
+                "the next one)"
+            )
         elif not self.online:
             why += (
                 ": no agent is online (a cancel published while agents are away waits in "
@@ -267,7 +274,7 @@ class CancelTracker:
         """Broadcast mode: unknown once every online agent said so and the broker keeps
         no state of it."""
         if (
-            self.dispatcher is not None
+            self.dispatcher is not None  # (agents that answer are in broadcast mode)
             or self.record is not None
             or self.pending
             or not self._unknown_to
