@@ -373,8 +373,7 @@ class Scheduler:
             log_event(
                 logging.DEBUG, "skipped: not our role", self.me, task_id=task_id, type=spec.type
             )
-            self._remember_unserved(entry)
-            return [] if marker else self._pending_if_nobody(entry, env.payload)
+            return self._pending_if_nobody(entry, env.payload, marker)
         self.entries[task_id] = entry
         self._enqueue(entry, 1)
         return []
@@ -797,16 +796,6 @@ class Scheduler:
             )
             return TaskSpec(exc.task_id, task_type, payload, max_retries=0), exc.reason
 
-    def _remember_unserved(self, entry: Entry) -> None:
-        """Keep a task nobody online may take (for its cancel), a bounded number of them."""
-        roles = entry.roles()
-        if roles is None or self.peers.anyone_eligible(roles, entry.spec.assigned_to):
-            return
-        self.unserved[entry.task_id] = entry
-        self.unserved.move_to_end(entry.task_id)
-        while len(self.unserved) > UNSERVED_LIMIT:
-            self.unserved.popitem(last=False)
-
     def _eligible(self, entry: Entry) -> bool:
         spec = entry.spec
         if spec.assigned_to is not None and spec.assigned_to != self.me:
@@ -814,12 +803,19 @@ class Scheduler:
         roles = entry.roles()
         return roles is None or self.role in roles
 
-    def _pending_if_nobody(self, entry: Entry, submission: dict[str, Any]) -> list[Command]:
-        """Nobody online can take this task: keep it as a retained pending marker."""
+    def _pending_if_nobody(
+        self, entry: Entry, submission: dict[str, Any], marker: bool
+    ) -> list[Command]:
+        """Nobody online can take this task (not ours): remembered, for its cancel (a
+        bounded number), and kept as a retained pending marker (by one agent)."""
         roles = entry.roles()
         if roles is None or self.peers.anyone_eligible(roles, entry.spec.assigned_to):
             return []
-        if not self.peers.is_reporter():
+        self.unserved[entry.task_id] = entry
+        self.unserved.move_to_end(entry.task_id)
+        while len(self.unserved) > UNSERVED_LIMIT:
+            self.unserved.popitem(last=False)
+        if marker or not self.peers.is_reporter():
             return []
         log_event(
             logging.WARNING,
