@@ -45,6 +45,7 @@ from ._protocol import (
     ROLES,
     TYPE_RE,
     BadMessage,
+    CancelRequest,
     Claim,
     Envelope,
     Outcome,
@@ -52,12 +53,22 @@ from ._protocol import (
     Topics,
     check_task_id,
     decode_envelope,
+    parse_cancel,
     parse_claim,
     parse_outcome,
     parse_task,
     roles_for,
 )
-from ._scheduler import ClearPending, FailReason, ReportError, SendFailed, SendPending, log_event
+from ._scheduler import (
+    CancelResult,
+    ClearPending,
+    FailReason,
+    ReportError,
+    SendCancelReply,
+    SendFailed,
+    SendPending,
+    log_event,
+)
 
 if TYPE_CHECKING:
     from ._config import AgentConfig
@@ -153,7 +164,8 @@ class WriteRecord:
     state: RecordState
     attempt: int
     agent_id: str | None = None  # the holder (assigned, claimed)
-    task: dict[str, Any] | None = None  # the submission, while the task is live
+    #: the submission (final records keep it too, for ``sheri retry``)
+    task: dict[str, Any] | None = None
 
     @property
     def final(self) -> bool:
@@ -199,6 +211,7 @@ DispatchCommand = (
     | ReportError
     | SendPending
     | ClearPending
+    | SendCancelReply
 )
 
 _ACK: Final = Ack()
@@ -232,6 +245,9 @@ class Dispatcher:
         self.jobs: dict[str, Job] = {}
         #: finished tasks, oldest first: their final state and attempt
         self.finished: OrderedDict[str, tuple[RecordState, int]] = OrderedDict()
+        #: the submissions of the finished tasks that did not succeed (their final record
+        #: keeps it when we write it again, so ``sheri retry`` works from the broker)
+        self._finished_tasks: dict[str, dict[str, Any]] = {}
         self._finished_limit = finished_limit
         #: agent id -> the jobs it holds (ASSIGNED or CLAIMED), in assignment order
         self._held: dict[str, dict[str, Job]] = {}
@@ -377,7 +393,7 @@ class Dispatcher:
         if topic == t.tasks_released:
             return self.on_released(parse_claim(env))  # same fields as a claim
         if topic == t.tasks_cancel:
-            return self.on_cancel(check_task_id(env.payload.get("task_id")))
+            return self.on_cancel(parse_cancel(env))
         if topic in (t.agents_register, t.agents_heartbeat, t.agents_shutdown):
             return self.on_presence(topic, env, now)
         if status_of is not None:
@@ -435,11 +451,11 @@ class Dispatcher:
         task_type = raw if isinstance(raw, str) and TYPE_RE.fullmatch(raw) else "invalid"
         spec = TaskSpec(task_id, task_type, payload, max_retries=0)
         self.counters["invalid"] += 1
-        self._finish(task_id, RecordState.FAILED, 1)
+        self._finish(task_id, RecordState.FAILED, 1, payload)
         log_event(logging.WARNING, "invalid task", self.me, task_id=task_id, reason=reason)
         return [
             SendFailed(spec, 1, f"invalid task: {reason}", FailReason.INVALID_TASK, False),
-            WriteRecord(task_id, RecordState.FAILED, 1),
+            WriteRecord(task_id, RecordState.FAILED, 1, None, payload),
         ]
 
     # ------------------------------------------------------------ assignment
@@ -627,7 +643,7 @@ class Dispatcher:
             state = _FINAL_BY_NAME.get(str(outcome.payload.get("reason")), RecordState.FAILED)
             if state is RecordState.DONE:
                 state = RecordState.FAILED
-        self._finish(task_id, state, job.attempt)
+        self._finish(task_id, state, job.attempt, job.task)
         self.counters["completed" if outcome.success else "failed"] += 1
         return []
 
@@ -641,20 +657,40 @@ class Dispatcher:
         log_event(logging.INFO, "released: queued again", self.me, task_id=claim.task_id)
         return self._requeue(job)
 
-    def on_cancel(self, task_id: str) -> list[DispatchCommand]:
-        """A cancel: a queued task fails as cancelled (by us); a held one is asked to stop."""
+    def on_cancel(self, request: CancelRequest) -> list[DispatchCommand]:
+        """A cancel: a queued task fails as cancelled (by us); a held one is asked to stop.
+        With a ``request_id`` we answer (scope ``swarm``: we know every live task)."""
+        task_id = request.task_id
         job = self.jobs.get(task_id)
+        out: list[DispatchCommand] = []
+        state: str | None = None
+        holder: str | None = None
+        attempt: int | None = None
         if job is None:
-            return []
-        if job.state is RecordState.QUEUED:
+            final = self.finished.get(task_id)
+            if final is not None:
+                result, state, attempt = CancelResult.FINISHED, final[0].value, final[1]
+            else:
+                result = CancelResult.UNKNOWN
+        elif job.state is RecordState.QUEUED:
             self._unqueue(job)
             del self.jobs[task_id]
-            return self._fail_cancelled(job, "cancelled before it started")
-        if job.cancel or job.agent_id is None:
-            return []
-        job.cancel = True
-        self.counters["cancels_forwarded"] += 1
-        return [ForwardCancel(job.agent_id, task_id, job.attempt)]
+            out = self._fail_cancelled(job, "cancelled before it started")
+            result, state, attempt = CancelResult.CANCELLED, RecordState.QUEUED.value, job.attempt
+        else:
+            result, state = CancelResult.STOPPING, job.state.value
+            holder, attempt = job.agent_id, job.attempt
+            if not job.cancel and job.agent_id is not None:
+                job.cancel = True
+                self.counters["cancels_forwarded"] += 1
+                out.append(ForwardCancel(job.agent_id, task_id, job.attempt))
+        if request.request_id is not None:
+            out.append(
+                SendCancelReply(
+                    request.request_id, task_id, result, "swarm", state, holder, attempt
+                )
+            )
+        return out
 
     # ------------------------------------------------------------ presence
     def on_presence(self, topic: str, env: Envelope, now: float) -> list[DispatchCommand]:
@@ -729,10 +765,10 @@ class Dispatcher:
         if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
             raise BadMessage("'attempt' must be a positive integer", task_id=task_id)
         final = _FINAL_BY_NAME.get(state) if isinstance(state, str) else None
-        if final is not None:
-            self._finish(task_id, final, attempt)
-            return []
         task = payload.get("task")
+        if final is not None:
+            self._finish(task_id, final, attempt, task if isinstance(task, dict) else None)
+            return []
         if not isinstance(task, dict):
             raise BadMessage("task state without its submission ('task')", task_id=task_id)
         spec = parse_task(task, default_max_retries=self.config.max_retries)
@@ -778,10 +814,10 @@ class Dispatcher:
 
     def _fail_cancelled(self, job: Job, error: str) -> list[DispatchCommand]:
         self.counters["cancelled"] += 1
-        self._finish(job.task_id, RecordState.CANCELLED, job.attempt)
+        self._finish(job.task_id, RecordState.CANCELLED, job.attempt, job.task)
         return [
             SendFailed(job.spec, job.attempt, error, FailReason.CANCELLED, job.pending),
-            WriteRecord(job.task_id, RecordState.CANCELLED, job.attempt),
+            WriteRecord(job.task_id, RecordState.CANCELLED, job.attempt, None, job.task),
         ]
 
     def _reassert(self, task_id: str) -> list[DispatchCommand]:
@@ -793,7 +829,8 @@ class Dispatcher:
             return [WriteRecord(task_id, job.state, job.attempt, job.agent_id, job.task)]
         final = self.finished.get(task_id)
         if final is not None:
-            return [WriteRecord(task_id, final[0], final[1])]
+            task = self._finished_tasks.get(task_id)
+            return [WriteRecord(task_id, final[0], final[1], None, task)]
         return []
 
     def _hold(self, agent_id: str, job: Job) -> None:
@@ -814,11 +851,16 @@ class Dispatcher:
                 if not held:
                     del self._held[job.agent_id]
 
-    def _finish(self, task_id: str, state: RecordState, attempt: int) -> None:
+    def _finish(
+        self, task_id: str, state: RecordState, attempt: int, task: dict[str, Any] | None = None
+    ) -> None:
         self.finished[task_id] = (state, attempt)
         self.finished.move_to_end(task_id)
+        if task is not None and state is not RecordState.DONE:
+            self._finished_tasks[task_id] = task
         while len(self.finished) > self._finished_limit:
-            self.finished.popitem(last=False)
+            gone, _ = self.finished.popitem(last=False)
+            self._finished_tasks.pop(gone, None)
 
     def _next_seq(self) -> int:
         self._seq += 1

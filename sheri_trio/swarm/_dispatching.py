@@ -61,7 +61,7 @@ from ._dispatcher import (
 )
 from ._messages import Messages, encode
 from ._protocol import BadMessage, Topics, decode_envelope
-from ._scheduler import ClearPending, ReportError, SendFailed, SendPending
+from ._scheduler import ClearPending, ReportError, SendCancelReply, SendFailed, SendPending
 from ._startup import read_retained, startup_timeout
 
 if TYPE_CHECKING:
@@ -295,6 +295,17 @@ class DispatcherShell:
         elif isinstance(command, ReportError):
             payload = m.error_report(command.topic, command.reason, command.size, command.task_id)
             await self._send(t.errors, payload)
+        elif isinstance(command, SendCancelReply):
+            payload = m.cancel_reply(
+                command.request_id,
+                command.task_id,
+                command.result.value,
+                command.scope,
+                state=command.state,
+                holder=command.holder,
+                attempt=command.attempt,
+            )
+            await self._send(t.tasks_cancel_reply, payload)
 
     async def _send(
         self,
