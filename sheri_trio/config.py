@@ -7,6 +7,10 @@ Where each setting comes from, first match wins::
 Environment variables: ``SHERI_BROKER``, ``SHERI_SWARM``, ``SHERI_ROLE``,
 ``SHERI_AGENT_ID``, ``SHERI_MAX_TASKS``, ``SHERI_DISPATCH`` (and ``SHERI_USERNAME`` /
 ``SHERI_PASSWORD`` for the broker's credentials, which keeps a password out of the process list).
+The broker's user name and password are resolved each on its own, and the URL's user
+information ranks between the environment and the file (:func:`credentials`)::
+
+    --username / --password  >  SHERI_USERNAME / SHERI_PASSWORD  >  URL  >  [broker]
 
 The file (``./sheri.toml``, or the path given with ``--config``)::
 
@@ -79,6 +83,7 @@ __all__ = [
     "FileConfig",
     "build_agent_config",
     "connection_settings",
+    "credentials",
     "load_config",
     "parse_config",
 ]
@@ -338,6 +343,29 @@ def _pick(
     return False, None
 
 
+def credentials(
+    url: BrokerURL,
+    file_broker: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    env: Mapping[str, str],
+) -> dict[str, str]:
+    """The broker's ``username`` and ``password`` (the client options), each field on its own.
+
+    For each field, first match wins: flag (``--username``/``--password``) > environment
+    (``SHERI_USERNAME``/``SHERI_PASSWORD``, empty counts as unset) > the URL's user
+    information (wherever the URL came from) > ``[broker] username``/``password``. So a
+    user name in the file combines with ``SHERI_PASSWORD``, a user in the URL with a
+    password in the file. A field no source gives is left out (the client sends none).
+    """
+    found: dict[str, str] = {}
+    for key, in_url in (("username", url.username), ("password", url.password)):
+        fallback = in_url if in_url is not None else file_broker.get(key, _MISSING)
+        got, value = _pick(key, overrides, env, string, fallback)
+        if got:
+            found[key] = value
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class Connection:
     """Where to connect and how: for agents and for the CLI's own clients."""
@@ -362,8 +390,7 @@ def connection_settings(
 ) -> Connection:
     """Broker URL, swarm and client options (credentials, TLS, timeout), by precedence.
 
-    Credentials: ``--username``/``--password`` (or ``SHERI_USERNAME``/``SHERI_PASSWORD``)
-    first, then those in the URL, then ``[broker] username``/``password``.
+    Credentials: see :func:`credentials` (each field on its own).
     """
     env = os.environ if env is None else env
     overrides = {"broker": broker, "swarm": swarm, "username": username, "password": password}
@@ -373,21 +400,8 @@ def connection_settings(
     _, swarm_name = _pick("swarm", overrides, env, _swarm, file_config.agent.get("swarm", _MISSING))
     swarm_name = swarm_name or DEFAULT_SWARM
 
-    options: dict[str, Any] = {}
-    parsed = BrokerURL.parse(url)
     b = file_config.broker
-    got_user, user = _pick("username", overrides, env, string)
-    got_pass, secret = _pick("password", overrides, env, string)
-    if got_user or got_pass:
-        if got_user:
-            options["username"] = user
-        if got_pass:
-            options["password"] = secret
-    elif parsed.username is None and parsed.password is None:
-        if "username" in b:
-            options["username"] = b["username"]
-        if "password" in b:
-            options["password"] = b["password"]
+    options: dict[str, Any] = credentials(BrokerURL.parse(url), b, overrides, env)
     if any(key in b for key in (*_FILE_KEYS, "insecure")):
         options["tls"] = TLSOptions(
             ca_file=b.get("ca_file"),

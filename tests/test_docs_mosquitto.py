@@ -250,9 +250,8 @@ async def test_the_documented_mosquitto_carries_a_swarm_over_tls(tmp_path: Path)
             "[agent]\n"
             f'swarm = "{swarm}"\n'
             "[broker]\n"
-            # the user in the URL, the password from SHERI_PASSWORD (docs/operations.md);
-            # [broker] username is not combined with SHERI_PASSWORD (config.py takes the
-            # credentials as a pair from one source)
+            # the user in the URL, the password from SHERI_PASSWORD (docs/operations.md;
+            # [broker] username would combine with it too: each field on its own)
             f'url = "mqtts://{USER}@localhost:{broker.tls_port}"\n'
             'ca_file = "broker/ca.pem"\n'
             "[executors]\n"
