@@ -7,6 +7,7 @@ Commands (``sheri COMMAND --help`` for the details)::
     sheri submit  TYPE [--payload JSON] [--wait]                   publish a task
     sheri tasks   [--state failed]                                 recent tasks, final states
     sheri monitor                                                  live table of agents, tasks
+    sheri dashboard [--port 8080] [--db PATH]                      live web page, history
     sheri demo    [--keep] [--llm] [--broker URL]                  a local swarm at work
 
 The TypeScript prototype's spelling keeps working unchanged::
@@ -27,7 +28,8 @@ failed), 2 a usage or configuration error (or, for ``submit --wait``, no agent c
 the task in time), 130 stopped by a second Ctrl+C.
 
 One module per command group: ``_agents`` (agent, swarm), ``_submit``, ``_tasks``,
-``_monitor`` (and :class:`SwarmView`, its model); ``_broker`` holds what the commands'
+``_monitor`` (and :class:`SwarmView`, its model), ``_dashboard`` (the web page of
+:mod:`sheri_trio.dashboard`); ``_broker`` holds what the commands'
 own clients share, ``_output`` the log format, secret scrubbing and exits, ``_errors``
 :func:`explain`. ``sheri demo`` lives in :mod:`sheri_trio.demo`, imported when it runs.
 """
@@ -42,6 +44,7 @@ from cyclopts import App
 from .. import __version__
 from ._agents import DEFAULT_SWARM_ROLES as DEFAULT_SWARM_ROLES
 from ._agents import agent_cmd, swarm_cmd
+from ._dashboard import dashboard_cmd
 from ._errors import NoAnswer as NoAnswer
 from ._errors import NotDelivered as NotDelivered
 from ._errors import UsageError as UsageError
@@ -89,6 +92,7 @@ app.command(swarm_cmd, name="swarm")
 app.command(submit_cmd, name="submit")
 app.command(tasks_cmd, name="tasks")
 app.command(monitor_cmd, name="monitor")
+app.command(dashboard_cmd, name="dashboard")
 # The command lives in sheri_trio/demo.py, imported only when it runs (it imports us).
 app.command(
     "sheri_trio.demo:demo_cmd",
