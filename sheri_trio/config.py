@@ -76,11 +76,11 @@ if TYPE_CHECKING:
 __all__ = [
     "AGENT_CHECKS",
     "AGENT_KEYS",
+    "DASHBOARD_KEYS",
     "DEFAULT_BROKER",
     "DEFAULT_FILE",
     "ENV_VARS",
     "NOT_AGENT_KEYS",
-    "DASHBOARD_KEYS",
     "ConfigError",
     "Connection",
     "FileConfig",

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import trio
 from cyclopts import Parameter
 
-from ..config import DASHBOARD_KEYS, ConfigError, load_config
+from ..config import DASHBOARD_KEYS, load_config
 from ..dashboard import DashboardOptions, default_db_path, run_dashboard
 from ._broker import BROKER_DEFAULTS, BrokerArgs
 from ._errors import UsageError
@@ -36,6 +36,24 @@ def _days(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def _options(
+    where: BrokerArgs, host: str | None, port: int | None, db: Path | None, retention: str | None
+) -> DashboardOptions:
+    """Flags > ``[dashboard]`` > defaults; the connection as every command has it."""
+    file_config = load_config(where.config)
+    conn = where.connection(file_config)
+    remember_secrets(conn)
+    table = file_config.dashboard
+    path = db if db is not None else table.get("db")
+    return DashboardOptions(
+        conn=conn,
+        host=_pick("host", host, table),
+        port=_pick("port", port, table),
+        db=Path(path).expanduser() if path is not None else default_db_path(conn.swarm),
+        retention=_pick("retention", retention, table),
+    )
+
+
 async def dashboard_cmd(
     *,
     host: Annotated[str | None, Parameter(help="Address to listen on (default 127.0.0.1).")] = None,
@@ -58,22 +76,9 @@ async def dashboard_cmd(
     act; without the token the page is read-only. Also serves /metrics (Prometheus).
     Runs until Ctrl+C.
     """
-    file_config = load_config(where.config)
-    conn = where.connection(file_config)
-    remember_secrets(conn)
+    options = _options(where, host, port, db, retention)
     setup_logging(log_level, "dashboard")
-    table = file_config.dashboard
-    try:
-        path = db if db is not None else table.get("db")
-        options = DashboardOptions(
-            conn=conn,
-            host=_pick("host", host, table),
-            port=_pick("port", port, table),
-            db=Path(path).expanduser() if path is not None else default_db_path(conn.swarm),
-            retention=_pick("retention", retention, table),
-        )
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+    conn = options.conn
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

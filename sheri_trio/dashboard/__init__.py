@@ -15,7 +15,9 @@ from ._errors import DashboardError as DashboardError
 from ._errors import HistoryError as HistoryError
 from ._history import History as History
 from ._history import default_db_path as default_db_path
+from ._metrics import LATENCY_BUCKETS as LATENCY_BUCKETS
 from ._metrics import Metrics as Metrics
+from ._model import SETTLED as SETTLED
 from ._model import AgentRow as AgentRow
 from ._model import Alert as Alert
 from ._model import SubmitError as SubmitError
@@ -23,6 +25,7 @@ from ._model import SwarmModel as SwarmModel
 from ._model import TaskRow as TaskRow
 from ._model import retry_submission as retry_submission
 from ._model import submission_from_form as submission_from_form
+from ._server import HISTORY_EVERY as HISTORY_EVERY
 from ._server import PAGE_HZ as PAGE_HZ
 from ._server import TOKEN_ENV as TOKEN_ENV
 from ._server import DashboardOptions as DashboardOptions

@@ -23,14 +23,16 @@ from ._model import AgentRow, Alert, TaskRow
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-__all__ = ["History", "HistoryError", "default_db_path"]
+__all__ = ["History", "default_db_path"]
 
 PRUNE_EVERY: Final = 3600.0
 
 _SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS tasks (task_id TEXT PRIMARY KEY, updated REAL NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks
+    (task_id TEXT PRIMARY KEY, updated REAL NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS tasks_updated ON tasks (updated);
-CREATE TABLE IF NOT EXISTS agents (agent_id TEXT PRIMARY KEY, updated REAL NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agents
+    (agent_id TEXT PRIMARY KEY, updated REAL NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, at REAL NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS alerts_at ON alerts (at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -35,7 +35,7 @@ class Metrics:
         self._count = 0
         self._sum = 0.0
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)  # type: ignore[arg-type]
+        self.registry.register(self)
 
     def _drain_latencies(self) -> None:
         for seconds in self.model.claim_to_start:

@@ -29,6 +29,7 @@ from ..swarm import (
 )
 
 __all__ = [
+    "SETTLED",
     "AgentRow",
     "Alert",
     "SubmitError",
