@@ -135,7 +135,8 @@ def test_a_task_from_submission_to_outcome() -> None:
     assert task.finished == pytest.approx(200.5)
     assert (task.duration_ms, task.result) == (250, {"ok": 1})
     assert [e["state"] for e in task.events] == ["running"]
-    assert task.submission is not None and task.submission["type"] == "testing.run"
+    assert task.submission is not None
+    assert task.submission["type"] == "testing.run"
     assert model.outcomes == {("completed", "testing.run"): 1}
     assert model.claim_to_start == [pytest.approx(0.2)]
     series = model.rate_series(201.0, 2)
