@@ -95,6 +95,7 @@ class TaskRow:
     retry_of: str | None = None
     retried_as: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    closed: bool = False  # its outcome (tasks/complete or tasks/failed) was seen
 
     def summary(self) -> dict[str, Any]:
         """What the task list shows (no events, result or submission)."""
@@ -523,8 +524,9 @@ class SwarmModel:
         now: float,
     ) -> None:
         task = self._task(task_id, now)
-        if attempt < task.attempt or task.state in SETTLED:
+        if attempt < task.attempt or task.closed:
             return  # fenced off, or a duplicate
+        task.closed = True
         task.attempt = attempt
         reason = p.get("reason")
         if success:
