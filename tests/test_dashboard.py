@@ -511,3 +511,15 @@ async def test_the_event_stream_starts_with_a_snapshot(site: Site) -> None:
     with trio.fail_after(1):
         async with receive:
             assert len([c async for c in receive]) == 64
+
+
+def test_the_outcome_after_its_retained_final_state_still_brings_the_result() -> None:
+    model = SwarmModel(T)
+    online(model)
+    msg(model, T.tasks_new, {"task_id": "o", "type": "testing.run"}, 1.0)
+    final = {"task_id": "o", "state": "done", "attempt": 1, "type": "testing.run"}
+    msg(model, T.task_state("o"), final, 2.0, agent=A1, retain=False)
+    done = {"task_id": "o", "attempt": 1, "type": "testing.run", "result": {"r": 1}}
+    msg(model, T.tasks_complete, done, 2.1, agent=A1)
+    assert (model.tasks["o"].state, model.tasks["o"].result) == ("done", {"r": 1})
+    assert model.outcomes == {("completed", "testing.run"): 1}

@@ -45,6 +45,24 @@ pytestmark = [
 ]
 
 SWARM = "t-dash-browser"
+AGENTS = (
+    ("testing", "b-tester"),
+    ("general", "b-general"),
+    ("database", "b-database"),
+    ("security", "b-security"),
+)
+#: a burst of mixed tasks, some slow, some failing (what the screenshot shows)
+BURST = [
+    {
+        "task_id": f"burst-{i:02d}",
+        "type": ("database.backup", "security.scan", "code.generate", "documentation.generate")[
+            i % 4
+        ],
+        "payload": {"simulate_seconds": (i % 5) / 10, "simulate_failure": i % 7 == 3},
+        "max_retries": 1,
+    }
+    for i in range(24)
+]
 TOKEN = "browser-test-token"
 
 
@@ -148,7 +166,7 @@ async def test_the_dashboard_in_a_browser(fresh_broker: MosquittoBroker, tmp_pat
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
                 agents_leave = trio.Event()
-                for role, agent_id in (("testing", "b-tester"), ("general", "b-general")):
+                for role, agent_id in AGENTS:
                     await nursery.start(
                         partial(
                             run_agent,
@@ -179,8 +197,8 @@ async def check_live_page(
 ) -> None:
     await browser.get(running.login_url)  # sets the cookie, redirects to /
     await browser.until(
-        "return document.querySelectorAll('#agents tr[data-agent]').length === 2",
-        what="both agents",
+        "return document.querySelectorAll('#agents tr[data-agent]').length === 4",
+        what="the agents",
     )
     assert await browser.js("return location.search") == ""
     await browser.until(
@@ -188,6 +206,8 @@ async def check_live_page(
         what="the token accepted",
     )
     await browser.js("window.__noReload = 'still here'")
+    for body in BURST:
+        await publish(broker, body)
     await publish(broker, {"task_id": "ok-1", "type": "testing.run", "payload": {}})
     await publish(
         broker,
@@ -236,6 +256,11 @@ async def check_live_page(
     await browser.until(
         "return document.getElementById('detail').textContent.includes('simulated')",
         what="ok-1's result",
+    )
+    await browser.until(
+        "return [...document.querySelectorAll('#tasks td.state')].filter("
+        "  (td) => ['done', 'failed'].includes(td.textContent)).length >= 27",
+        what="the burst finished",
     )
     await save_screenshot(browser, tmp_path)
     # the broker goes away while the page is open, and comes back

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -196,6 +197,20 @@ async def _serve(
         )
 
 
+def _probe_port(host: str, port: int) -> None:
+    """Bind (host, port) once and let go, as hypercorn will (SO_REUSEADDR): a port in use
+    is said here, before hypercorn (which leaks its socket when the bind fails) tries."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise DashboardError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 async def _start_server(
     nursery: trio.Nursery,
     app: Any,
@@ -205,6 +220,7 @@ async def _start_server(
 ) -> list[str]:
     """hypercorn's trio worker in ``nursery``; its bound URLs (a port in use is ours to
     explain)."""
+    _probe_port(options.host, options.port)
     try:
         binds: list[str] = await nursery.start(
             lambda task_status: serve(

@@ -115,7 +115,7 @@ function renderChart() {
   const c = $("chart"), dpr = window.devicePixelRatio || 1, W = c.clientWidth || 560, H = c.clientHeight || 150;
   if (c.width !== W * dpr) { c.width = W * dpr; c.height = H * dpr; }
   const g = c.getContext("2d"); g.setTransform(dpr, 0, 0, dpr, 0, 0); g.clearRect(0, 0, W, H);
-  const end = Math.floor(now()), n = 300, series = [];
+  const end = Math.floor(now()), n = 120, series = [];
   let max = 1;
   for (let s = end - n + 1; s <= end; s++) { const r = S.rates.get(s) || [0, 0, 0]; series.push(r); max = Math.max(max, r[0], r[1] + r[2]); }
   const bw = W / n, css = getComputedStyle(document.documentElement);

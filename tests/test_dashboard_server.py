@@ -1,0 +1,181 @@
+"""``run_dashboard`` and ``sheri dashboard`` on a real mosquitto, over real HTTP
+(hypercorn's trio worker): the event stream (a snapshot, then batched updates, at most
+PAGE_HZ a second), the broker's loss and return on the stream, and the command's clear
+errors (a port in use, a locked history)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import aclosing, asynccontextmanager
+import subprocess
+import sys
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import httpx2
+import orjson
+import pytest
+import trio
+
+from sheri_trio.config import Connection
+from sheri_trio.dashboard import PAGE_HZ, DashboardError, DashboardOptions, run_dashboard
+from sheri_trio.mqtt import open_client
+from sheri_trio.swarm import encode
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
+
+    from sheri_trio.dashboard import Running
+    from sheri_trio.testing import MosquittoBroker
+
+SWARM = "t-dash-server"
+
+
+def options(broker: MosquittoBroker, tmp_path: Path, **kw: Any) -> DashboardOptions:
+    values: dict[str, Any] = {
+        "conn": Connection(broker.tcp_url, SWARM, {}),
+        "db": tmp_path / "history.sqlite3",
+        "retention": 3600.0,
+        "port": 0,
+        "token": "tok",
+    }
+    values.update(kw)
+    return DashboardOptions(**values)
+
+
+@asynccontextmanager
+async def event_stream(
+    http: httpx2.AsyncClient, url: str
+) -> AsyncIterator[Callable[[], Awaitable[tuple[str, Any]]]]:
+    """The next (event, data) pair of the server-sent event stream at ``url``; read to
+    its end on the way out (the caller stops the server)."""
+    async with http.stream("GET", url) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.aiter_lines()
+        async with aclosing(lines):
+
+            async def next_event() -> tuple[str, Any]:
+                name, data = "", b""
+                async for line in lines:
+                    if line.startswith("event: "):
+                        name = line[7:]
+                    elif line.startswith("data: "):
+                        data = line[6:].encode()
+                    elif line == "" and name:
+                        return name, orjson.loads(data)
+                raise AssertionError("the event stream ended")
+
+            yield next_event
+            async for _ in lines:  # to its end (the server's), so nothing is left half-read
+                pass
+
+
+async def test_the_event_stream_batches_updates_and_tells_of_the_broker(
+    fresh_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    broker = fresh_broker
+    shutdown = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            running: Running = await nursery.start(
+                partial(run_dashboard, options(broker, tmp_path), shutdown=shutdown)
+            )
+            async with (
+                httpx2.AsyncClient(timeout=30) as http,
+                event_stream(http, running.url + "events") as next_event,
+            ):
+                name, snapshot = await next_event()
+                assert (name, snapshot["swarm"], snapshot["broker"]) == ("snapshot", SWARM, True)
+                assert snapshot["writable"] is False  # no token sent
+                async with open_client(broker.tcp_url) as client:
+                    started = trio.current_time()
+                    for i in range(400):
+                        body = {"task_id": f"s-{i}", "type": "testing.run"}
+                        await client.publish(f"{SWARM}/tasks/new", encode(None, None, body), qos=1)
+                seen: set[str] = set()
+                updates = 0
+                while len(seen) < 400:
+                    name, data = await next_event()
+                    assert name == "update"
+                    updates += 1
+                    seen.update(t["task_id"] for t in data["tasks"])
+                elapsed = trio.current_time() - started
+                # batched: never more than PAGE_HZ updates a second (one at the start)
+                assert updates <= PAGE_HZ * elapsed + 1, (updates, elapsed)
+                await trio.to_thread.run_sync(broker.stop)
+                name, data = await next_event()
+                while name != "broker":
+                    name, data = await next_event()
+                assert data == {"connected": False}
+                await trio.to_thread.run_sync(broker.start)
+                name, data = await next_event()
+                while name != "broker":
+                    name, data = await next_event()
+                assert data == {"connected": True}
+                metrics = await http.get(running.url + "metrics")
+                assert f'sheri_dashboard_broker_connected{{swarm="{SWARM}"}} 1.0' in metrics.text
+                shutdown.set()  # ends the event stream
+
+
+async def test_a_port_in_use_and_a_locked_history_are_clear_errors(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(DashboardError, match=rf"cannot listen on 127.0.0.1:{port}"):
+            with trio.fail_after(20):
+                await run_dashboard(options(broker, tmp_path, port=port))
+    finally:
+        taken.close()
+    shutdown = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(run_dashboard, options(broker, tmp_path), shutdown=shutdown)
+            )
+            env = {**os.environ, "SHERI_BROKER": broker.tcp_url, "SHERI_SWARM": SWARM}
+            db = str(tmp_path / "history.sqlite3")
+            result = await trio.run_process(
+                [sys.executable, "-m", "sheri_trio", "dashboard", "--port", "0", "--db", db],
+                env=env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            shutdown.set()
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == (
+        f"sheri: error: history file {db} is locked by another process (another sheri "
+        "dashboard?): stop it, or pass another --db"
+    )
+
+
+def test_bad_flags_are_usage_errors(tmp_path: Path) -> None:
+    for args, says in (
+        (["--retention", "soon"], "--retention: must be a duration such as 30s"),
+        (["--port", "70000"], "--port: must be an integer"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "sheri_trio", "dashboard", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 2, result.stderr
+        assert says in result.stderr
+    (tmp_path / "sheri.toml").write_text('[dashboard]\nretention = "-1d"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "sheri_trio", "dashboard"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "sheri.toml: dashboard.retention: must be a positive duration" in result.stderr
