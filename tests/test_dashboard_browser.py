@@ -100,13 +100,13 @@ class Browser:
     async def js(self, script: str, *args: Any) -> Any:
         return await self.run(self.driver.execute_script, script, *args)
 
-    async def until(self, script: str, *args: Any, what: str, timeout: float = 20.0) -> Any:
+    async def until(self, script: str, *args: Any, what: str, within: float = 20.0) -> Any:
         """Wait (polling the page) until ``script`` returns something truthy."""
         from selenium.common.exceptions import TimeoutException
         from selenium.webdriver.support.ui import WebDriverWait
 
         def wait() -> Any:
-            return WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(
+            return WebDriverWait(self.driver, within, poll_frequency=0.1).until(
                 lambda d: d.execute_script(script, *args)
             )
 
@@ -273,7 +273,7 @@ async def check_live_page(
     await browser.until(
         "return document.getElementById('broker').textContent === 'broker connected'",
         what="the broker back",
-        timeout=40,
+        within=40,
     )
     await trio.sleep(1.2)  # the final states' retention (1 s) runs out at the broker
     assert await browser.js("return window.__noReload") == "still here"
@@ -299,8 +299,8 @@ async def check_history(browser: Browser, running: Running) -> None:
 async def save_screenshot(browser: Browser, tmp_path: Path) -> None:
     png = await browser.run(browser.driver.get_screenshot_as_png)
     assert png.startswith(b"\x89PNG")
-    (tmp_path / "dashboard.png").write_bytes(png)
+    await trio.Path(tmp_path / "dashboard.png").write_bytes(png)
     target = os.environ.get("SHERI_DASHBOARD_SCREENSHOT")
     if target:
-        Path(target).write_bytes(png)
+        await trio.Path(target).write_bytes(png)
     print(json.dumps({"screenshot": str(tmp_path / "dashboard.png")}))

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import socket
-from contextlib import aclosing, asynccontextmanager
 import subprocess
 import sys
+from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
