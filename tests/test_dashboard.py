@@ -299,6 +299,11 @@ async def test_history_keeps_tasks_agents_and_alerts_across_a_restart(tmp_path: 
     restored.restore(tasks, agents, alerts)
     assert restored.detail("h1") is not None
     assert restored.take_changes() is None
+    assert restored.agents["tester-1"].status == "unknown"  # until it says it is online
+    assert restored.online_by_role()["testing"] == 0
+    online(restored, 2002.0)
+    assert restored.agents["tester-1"].status == "online"
+    assert not [a for a in restored.alerts if a.at > 2000.0]
 
 
 async def test_history_drops_what_is_older_than_its_retention(tmp_path: Path) -> None:

@@ -220,12 +220,15 @@ class SwarmModel:
 
     # ------------------------------------------------------------- history in
     def restore(self, tasks: list[TaskRow], agents: list[AgentRow], alerts: list[Alert]) -> None:
-        """What the history kept (tasks oldest first); nothing is marked changed."""
+        """What the history kept (tasks oldest first); nothing is marked changed. An
+        agent last seen online is ``unknown`` until a message says more."""
         for row in tasks:
             self.tasks[row.task_id] = row
             self.tasks.move_to_end(row.task_id)
         self._trim()
         for agent in agents:
+            if agent.status == "online":  # until its retained status or a heartbeat says
+                agent.status, agent.reason = "unknown", "from the history"
             self.agents[agent.agent_id] = agent
         self._online = None
         self.alerts.extend(alerts)
