@@ -9,6 +9,7 @@ internet. docs/dashboard.md says what it shows.
 
 from ._app import COOKIE as COOKIE
 from ._app import Board as Board
+from ._app import EventStream as EventStream
 from ._app import Hub as Hub
 from ._app import create_app as create_app
 from ._errors import DashboardError as DashboardError

@@ -39,15 +39,13 @@ from ..swarm import BadMessage, check_task_id, encode
 from ._model import SETTLED, SubmitError, retry_submission, submission_from_form
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from starlette.requests import Request
 
     from ..mqtt import Client
     from ._metrics import Metrics
     from ._model import SwarmModel
 
-__all__ = ["COOKIE", "Board", "Hub", "create_app"]
+__all__ = ["COOKIE", "Board", "EventStream", "Hub", "create_app"]
 
 COOKIE: Final = "sheri_dashboard_token"
 #: files of the page, served from the package
@@ -93,6 +91,32 @@ class Hub:
         for send in self.streams:
             send.close()
         self.streams.clear()
+
+
+class EventStream:
+    """One page's event stream: its first chunk, then the hub's batches until the hub
+    closes the channel. An iterator, not an async generator: Starlette stops iterating
+    when the page goes away (a cancel), and a suspended generator would only be
+    finalized by the garbage collector; here the channel is closed at once."""
+
+    def __init__(self, first: bytes, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        self.first: bytes | None = first
+        self.receive = receive
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.first is not None:
+            chunk, self.first = self.first, None
+            return chunk
+        try:
+            return await self.receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        except BaseException:
+            self.receive.close()  # the page went away (cancelled): the hub drops it
+            raise
 
 
 class Board:
@@ -214,14 +238,8 @@ def create_app(board: Board) -> Starlette:
         receive = board.hub.open()
         first = board.snapshot(writable(request))
 
-        async def stream() -> AsyncIterator[bytes]:
-            with receive:
-                yield b"retry: 1000\n" + sse("snapshot", first)
-                async for chunk in receive:
-                    yield chunk
-
         return StreamingResponse(
-            stream(),
+            EventStream(b"retry: 1000\n" + sse("snapshot", first), receive),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )

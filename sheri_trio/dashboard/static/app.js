@@ -3,7 +3,7 @@
 "use strict";
 const S = { agents: new Map(), tasks: new Map(), alerts: [], rates: new Map(), pending: {},
   writable: false, broker: null, selected: null, skew: 0, swarm: "" };
-const MAX_TASKS = 5000, SHOWN_TASKS = 400;
+const MAX_TASKS = 5000, SHOWN_TASKS = 300, SHOWN_AGENTS = 300;
 const $ = (id) => document.getElementById(id);
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const now = () => Date.now() / 1000 + S.skew;
@@ -11,6 +11,9 @@ const ago = (t) => t == null ? "-" : `${Math.max(0, now() - t).toFixed(1)} s ago
 const secs = (a, b) => (a == null || b == null) ? "-" : `${Math.max(0, b - a).toFixed(2)} s`;
 const clock = (t) => t == null ? "-" : new Date(t * 1000).toLocaleTimeString();
 const FINAL = new Set(["done", "failed", "cancelled", "expired"]);
+// the chart's colours, read once (reading computed styles per frame forces a style pass)
+const COLORS = Object.fromEntries(["line", "ok", "bad", "sub", "dim"].map((k) =>
+  [k, getComputedStyle(document.documentElement).getPropertyValue(`--${k}`).trim()]));
 
 function banner(kind, text) { const b = $("broker"); b.className = `banner ${kind}`; b.textContent = text; }
 function setBroker(up) {
@@ -42,22 +45,30 @@ function applyUpdate(u) {
   for (const r of u.rates) S.rates.set(r[0], r.slice(1));
   S.pending = u.pending;
   const changedSel = S.selected && u.tasks.some((t) => t.task_id === S.selected);
-  schedule(changedSel);
+  schedule(changedSel, [...(u.agents.length ? ["agents"] : []), ...(u.tasks.length ? ["tasks"] : [])]);
 }
 
 let queued = false, detailToo = false;
-function schedule(detail) {
+const dirty = { agents: true, tasks: true };
+function schedule(detail, what) {
   detailToo = detailToo || !!detail;
+  if (what) for (const k of what) dirty[k] = true; else { dirty.agents = dirty.tasks = true; }
   if (queued) return; queued = true;
   requestAnimationFrame(() => { queued = false; render(); if (detailToo) { detailToo = false; loadDetail(); } });
 }
 
-function render() { renderAgents(); renderTasks(); renderAlerts(); renderChart(); renderCounts(); }
+function render() {   // the chart first: drawn after the tables, it would wait for their layout
+  renderChart(); renderCounts(); renderAlerts();
+  if (dirty.agents) renderAgents();
+  if (dirty.tasks) renderTasks();
+  dirty.agents = dirty.tasks = false;
+}
 
 function renderAgents() {
+  const cmp = (x, y) => (x < y ? -1 : x > y ? 1 : 0);
   const rows = [...S.agents.values()].sort((a, b) =>
-    (a.status !== "online") - (b.status !== "online") || (a.role || "").localeCompare(b.role || "") || a.agent_id.localeCompare(b.agent_id));
-  const shown = rows.slice(0, 500);
+    (a.status !== "online") - (b.status !== "online") || cmp(a.role || "", b.role || "") || cmp(a.agent_id, b.agent_id));
+  const shown = rows.slice(0, SHOWN_AGENTS);
   $("agents").tBodies[0].innerHTML = shown.map((a) => `<tr data-agent="${esc(a.agent_id)}">
     <td>${esc(a.agent_id)}</td><td>${esc(a.role || "?")}</td>
     <td class="st-${esc(a.status)}">${esc(a.status)}${a.reason ? ` <span class="dim">(${esc(a.reason)})</span>` : ""}</td>
@@ -111,25 +122,29 @@ function renderCounts() {
   $("pending").textContent = "pending: " + (p.join(", ") || "none");
 }
 
+let chartSize = null;
+window.addEventListener("resize", () => { chartSize = null; schedule(false, []); });
 function renderChart() {
-  const c = $("chart"), dpr = window.devicePixelRatio || 1, W = c.clientWidth || 560, H = c.clientHeight || 150;
+  const c = $("chart"), dpr = window.devicePixelRatio || 1;
+  if (!chartSize) chartSize = [c.clientWidth || 560, c.clientHeight || 150];   // read once: a read forces layout
+  const [W, H] = chartSize;
   if (c.width !== W * dpr) { c.width = W * dpr; c.height = H * dpr; }
   const g = c.getContext("2d"); g.setTransform(dpr, 0, 0, dpr, 0, 0); g.clearRect(0, 0, W, H);
   const end = Math.floor(now()), n = 120, series = [];
   let max = 1;
   for (let s = end - n + 1; s <= end; s++) { const r = S.rates.get(s) || [0, 0, 0]; series.push(r); max = Math.max(max, r[0], r[1] + r[2]); }
-  const bw = W / n, css = getComputedStyle(document.documentElement);
-  g.strokeStyle = css.getPropertyValue("--line"); g.beginPath();
+  const bw = W / n;
+  g.strokeStyle = COLORS.line; g.beginPath();
   for (let i = 1; i < 4; i++) { g.moveTo(0, H - (H - 14) * i / 4); g.lineTo(W, H - (H - 14) * i / 4); } g.stroke();
   series.forEach((r, i) => {   // stacked bars: completed, then failed
     const x = i * bw, hOk = (H - 14) * r[1] / max, hBad = (H - 14) * r[2] / max;
-    g.fillStyle = css.getPropertyValue("--ok"); g.fillRect(x, H - hOk, Math.max(bw - 0.5, 0.5), hOk);
-    g.fillStyle = css.getPropertyValue("--bad"); g.fillRect(x, H - hOk - hBad, Math.max(bw - 0.5, 0.5), hBad);
+    g.fillStyle = COLORS.ok; g.fillRect(x, H - hOk, Math.max(bw - 0.5, 0.5), hOk);
+    g.fillStyle = COLORS.bad; g.fillRect(x, H - hOk - hBad, Math.max(bw - 0.5, 0.5), hBad);
   });
-  g.strokeStyle = css.getPropertyValue("--sub"); g.beginPath();   // submitted, a line
+  g.strokeStyle = COLORS.sub; g.beginPath();   // submitted, a line
   series.forEach((r, i) => { const y = H - (H - 14) * r[0] / max; if (i) g.lineTo(i * bw + bw / 2, y); else g.moveTo(bw / 2, y); });
   g.stroke();
-  g.fillStyle = css.getPropertyValue("--dim"); g.fillText(`${max}/s`, 4, 11);
+  g.fillStyle = COLORS.dim; g.fillText(`${max}/s`, 4, 11);
   const last = series.slice(-10), sum = (k) => last.reduce((a, r) => a + r[k], 0) / 10;
   $("rate-now").textContent = `last 10 s: ${sum(0).toFixed(1)} submitted/s, ${sum(1).toFixed(1)} completed/s, ${sum(2).toFixed(1)} failed/s`;
 }
@@ -171,7 +186,7 @@ $("tasks").addEventListener("click", (e) => {
   const tr = e.target.closest("tr[data-task]"); if (!tr) return;
   S.selected = tr.dataset.task; $("action-msg").textContent = ""; schedule(true);
 });
-for (const id of ["f-state", "f-type", "f-role", "f-text"]) $(id).addEventListener("input", () => schedule(false));
+for (const id of ["f-state", "f-type", "f-role", "f-text"]) $(id).addEventListener("input", () => schedule(false, ["tasks"]));
 $("cancel").addEventListener("click", async () => {
   const [ok, d] = await post(`/api/tasks/${encodeURIComponent(S.selected)}/cancel`);
   say($("action-msg"), ok, ok ? `cancel of ${d.task_id} requested` : d.error);
@@ -198,4 +213,4 @@ function connect() {
   es.onerror = () => { if (es.readyState !== EventSource.OPEN) banner("down", "dashboard unreachable: reconnecting…"); };
 }
 connect();
-setInterval(() => schedule(false), 1000);   // heartbeat ages and the chart move on
+setInterval(() => schedule(false, ["agents", "tasks"]), 1000);   // heartbeat ages and the chart move on
