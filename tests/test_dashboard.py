@@ -224,6 +224,11 @@ def test_a_task_for_a_role_nobody_has_raises_an_alert() -> None:
     msg(model, T.tasks_new, {"task_id": "d", "type": "deployment.deploy"}, 1.0)
     assert [a.kind for a in model.alerts] == ["no-agent"]
     assert model.pending_by_role()["deployment"] == 1
+    for i in range(100):  # a burst: one alert a minute
+        msg(model, T.tasks_new, {"task_id": f"d{i}", "type": "deployment.deploy"}, 2.0 + i)
+    assert [a.kind for a in model.alerts] == ["no-agent", "no-agent"]
+    msg(model, T.tasks_new, {"task_id": "ok", "type": "testing.run"}, 2.0)
+    assert len(model.alerts) == 2  # a tester is online
 
 
 def test_the_model_keeps_a_bounded_number_of_tasks() -> None:

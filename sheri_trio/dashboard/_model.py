@@ -49,6 +49,8 @@ RATE_SECONDS: Final = 600
 MAX_EVENTS: Final = 50
 #: an agent silent this long (no heartbeat) is raised as an alert
 SILENT_AFTER: Final = 30.0
+#: at most one no-agent alert per set of roles this often (a burst would flood them)
+NO_AGENT_EVERY: Final = 60.0
 
 
 @dataclass(slots=True)
@@ -176,6 +178,7 @@ class SwarmModel:
         self._dirty_alerts: list[Alert] = []
         self._silent: set[str] = set()
         self._online: dict[str, int] | None = None
+        self._no_agent: dict[tuple[str, ...], float] = {}  # roles -> its latest alert
 
     # ---------------------------------------------------------------- changes
     def take_changes(self) -> dict[str, Any] | None:
@@ -424,7 +427,13 @@ class SwarmModel:
         if task.state == "new" and task.submission is p:
             roles = roles_for(task.type or "")
             online = self.online_by_role()
-            if self.agents and not any(online.get(r) for r in roles):
+            last = self._no_agent.get(roles)
+            if (
+                self.agents
+                and not any(online.get(r) for r in roles)
+                and (last is None or now - last >= NO_AGENT_EVERY)
+            ):
+                self._no_agent[roles] = now
                 self._alert(
                     Alert(
                         now,

@@ -12,6 +12,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -76,7 +77,7 @@ class Running:
 
     @property
     def login_url(self) -> str:
-        return f"{self.url}?token={self.token}"
+        return f"{self.url}?token={quote(self.token, safe='')}"
 
 
 def new_token() -> str:
