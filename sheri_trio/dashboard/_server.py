@@ -12,8 +12,8 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
-from urllib.parse import quote
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
 
 import orjson
 import trio
