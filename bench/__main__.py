@@ -61,6 +61,8 @@ class Settings:
     peer_tasks: int
     peer_workers: int
     dispatch: str
+    presence_agents: list[int]
+    retained_records: int
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -89,6 +91,10 @@ def settings(args: argparse.Namespace) -> Settings:
         peer_tasks=args.peer_tasks or (300 if quick else 2_000),
         peer_workers=9,
         dispatch=args.dispatch,
+        presence_agents=[
+            int(x) for x in (args.presence_agents or ("100" if quick else "100,1000")).split(",")
+        ],
+        retained_records=args.retained_records or (10_000 if quick else 100_000),
     )
 
 
@@ -174,6 +180,10 @@ def plan(s: Settings, sections: set[str], have_ws: bool, nagle: bool) -> int:
     if "memory" in sections:
         steps += 2
     if "startup" in sections:
+        steps += 1
+    if "presence" in sections:
+        steps += s.reps * len(s.presence_agents)
+    if "retained" in sections:
         steps += 1
     return steps
 
@@ -391,6 +401,24 @@ def startup(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
     return run("startup", url, "--reps", str(s.startup_reps), "--timeout", "20", timeout=600)
 
 
+def presence(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
+    """One swarm of each size started at once: time to online, idle presence traffic."""
+    runs = []
+    for rep in range(s.reps):
+        for agents in s.presence_agents:
+            step(f"presence {rep + 1}/{s.reps}: {agents} agents started at once")
+            argv = ["--agents", str(agents), "--dispatch", s.dispatch, "--timeout", "120"]
+            r = run("presence", url, *argv, timeout=600)
+            runs.append({"rep": rep + 1, **r})
+    return {"agents": s.presence_agents, "reps": s.reps, "dispatch": s.dispatch, "runs": runs}
+
+
+def retained(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
+    step(f"retained: an agent started next to {s.retained_records:,} finished tasks")
+    argv = ["--records", str(s.retained_records), "--dispatch", s.dispatch, "--reps", "3"]
+    return run("retained", url, *argv, timeout=900)
+
+
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
@@ -446,9 +474,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--peer-tasks", type=int, help="peers: tasks submitted at once")
     p.add_argument(
+        "--presence-agents",
+        help="presence: swarm sizes started at once (comma-separated; default 100,1000)",
+    )
+    p.add_argument(
+        "--retained-records", type=int, help="retained: final task states left in the swarm"
+    )
+    p.add_argument(
         "--dispatch",
         default="broadcast",
-        help="scale, capacity, peers: the swarm's dispatch rule (today only broadcast)",
+        help="scale, capacity, peers, presence, retained: the swarm's dispatch rule",
     )
     p.add_argument(
         "--only",
@@ -587,6 +622,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["memory"] = memory(run, s, urls["tcp"], step)
             if "startup" in sections:
                 results["startup"] = startup(run, s, urls["tcp"], step)
+            if "presence" in sections:
+                results["presence"] = presence(run, s, urls["tcp"], step)
+            if "retained" in sections:
+                results["retained"] = retained(run, s, urls["tcp"], step)
             progress.advance(bar)
             progress.update(bar, description="done")
     finally:

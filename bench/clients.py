@@ -59,6 +59,8 @@ OTHER_KINDS = (
     "startup",
     "agent",
     "broker-version",
+    "presence",
+    "retained",
 )
 DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "ws": 80}
 PAHO_MAX_UNACKED = 60_000
@@ -706,6 +708,39 @@ def run_tasks(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
     return {"kind": "tasks", **result}
 
 
+def run_presence(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
+    """One swarm of ``--agents`` started at once: start-up and idle presence traffic."""
+    import trio
+
+    from bench.presence import swarm_presence
+
+    result = trio.run(
+        lambda: swarm_presence(
+            url_text,
+            agents=args.agents,
+            dispatch=args.dispatch,
+            heartbeat_interval=args.heartbeat,
+            intervals=args.intervals,
+            start_timeout=args.timeout,
+        )
+    )
+    return {"kind": "presence", **result}
+
+
+def run_retained(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
+    """An agent started next to ``--records`` retained final task states."""
+    import trio
+
+    from bench.presence import retained_start
+
+    result = trio.run(
+        lambda: retained_start(
+            url_text, records=args.records, dispatch=args.dispatch, reps=args.reps
+        )
+    )
+    return {"kind": "retained", **result}
+
+
 # ---------------------------------------------------------------------- peers
 def run_peer(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
     """A task queue of another project on a private Redis (``$BENCH_REDIS_URL``)."""
@@ -1048,6 +1083,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--settle", type=float, default=1.0, help="memory: seconds before measuring")
     p.add_argument("--reps", type=int, default=3, help="startup: repetitions")
+    p.add_argument(
+        "--heartbeat", type=float, default=2.0, help="presence: the agents' heartbeat_interval"
+    )
+    p.add_argument("--intervals", type=int, default=3, help="presence: heartbeat intervals counted")
+    p.add_argument("--records", type=int, default=100_000, help="retained: final task states")
     p.add_argument("--agent-id", default="bench-agent", help="agent: its id")
     p.add_argument("--swarm", default="bench", help="agent: its swarm")
     return p
@@ -1068,6 +1108,8 @@ RUNNERS = {
     "startup": run_startup,
     "agent": run_agent_process,
     "broker-version": run_broker_version,
+    "presence": lambda a, u: run_presence(a, u),
+    "retained": lambda a, u: run_retained(a, u),
 }
 
 

@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import trio
 from childproc import online_process
 
@@ -14,6 +15,7 @@ from sheri_trio.mqtt import open_client
 from sheri_trio.swarm._agent import AgentConfig, run_agent
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
     from sheri_trio.testing import MosquittoBroker
@@ -30,10 +32,23 @@ SEED_DEPLOY = {
 }
 
 
+#: the dispatch rule of every agent _config makes: each test runs under both
+_DISPATCH = {"mode": "broadcast"}
+
+
+@pytest.fixture(autouse=True, params=["broadcast", "dispatcher"])
+def dispatch(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every behaviour test runs with both dispatch rules (docs/dispatch.md)."""
+    _DISPATCH["mode"] = request.param
+    yield request.param
+    _DISPATCH["mode"] = "broadcast"
+
+
 def _config(
     broker: MosquittoBroker, role: str, agent_id: str, swarm: str, **kw: Any
 ) -> AgentConfig:
     options: dict[str, Any] = {
+        "dispatch": _DISPATCH["mode"],
         "heartbeat_interval": 0.5,
         "lease_time": 2.0,
         "grace_period": 2.0,
@@ -46,7 +61,7 @@ def _config(
 
 
 async def test_seed_task_runs_once(broker: MosquittoBroker, tmp_path: Path) -> None:
-    swarm = "t-seed"
+    swarm = f"t-seed-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     outcomes: list[dict[str, Any]] = []
     # the real deploy executor, with the seed's service configured: it writes a file
     script = "import os; open('deployed.txt', 'a').write(os.environ['SHERI_VERSION'] + '\\n')"
@@ -122,7 +137,7 @@ async def _collect_outcomes(
 
 
 async def test_contention_six_agents_thousand_tasks_each_runs_once(broker: MosquittoBroker) -> None:
-    swarm = "t-contention"
+    swarm = f"t-contention-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     executions: Counter[str] = Counter()
     total = 1000
     registry = _counting_registry(executions)
@@ -186,7 +201,7 @@ NINE_ROLES = [
 async def test_nine_agent_swarm_300_tasks_all_types(broker: MosquittoBroker) -> None:
     from sheri_trio.swarm._protocol import roles_for
 
-    swarm = "t-nine"
+    swarm = f"t-nine-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     executions: Counter[str] = Counter()
     registry = _counting_registry(executions)
     total = 300
@@ -237,7 +252,7 @@ trio.run(main)
 async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroker) -> None:
     import signal
 
-    swarm = "t-crash"
+    swarm = f"t-crash-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     topic_new = f"{swarm}/tasks/new"
     with trio.fail_after(40):
         async with open_client(broker.tcp_url) as watcher:
@@ -281,7 +296,7 @@ async def test_killed_agent_task_completes_elsewhere_once(broker: MosquittoBroke
 
 
 async def test_broker_restart_every_task_once(fresh_broker: MosquittoBroker) -> None:
-    swarm = "t-restart"
+    swarm = f"t-restart-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     executions: Counter[str] = Counter()
     registry = _counting_registry(executions, delay=0.01)
     total = 200
@@ -348,7 +363,7 @@ async def _start_agents(nursery: trio.Nursery, configs: list[AgentConfig], **kw:
 
 
 async def test_graceful_shutdown_releases_running_task(broker: MosquittoBroker) -> None:
-    swarm = "t-release"
+    swarm = f"t-release-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     release_gate = trio.Event()
     started: list[str] = []
 
@@ -430,7 +445,7 @@ BAD_INPUTS: list[bytes] = [
 
 
 async def test_bad_input_is_reported_and_agent_keeps_working(broker: MosquittoBroker) -> None:
-    swarm = "t-bad"
+    swarm = f"t-bad-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     errors: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     with trio.fail_after(30):
@@ -517,7 +532,7 @@ async def test_every_type_with_empty_payload_on_real_executors(
     (workspace / "tests").mkdir()
     (workspace / "tests" / "test_ok.py").write_text("def test_ok():\n    assert True\n")
     (workspace / "app.py").write_text("X = 1\n")
-    swarm = "t-real"
+    swarm = f"t-real-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     executor_config = {"workspace": {"root": str(workspace)}, "state_dir": str(tmp_path / "state")}
     records: list[dict[str, Any]] = []
     finals: Counter[str] = Counter()
@@ -568,7 +583,7 @@ async def test_every_type_with_empty_payload_on_real_executors(
 
 
 async def test_task_for_absent_role_waits_as_pending_marker(broker: MosquittoBroker) -> None:
-    swarm = "t-pending"
+    swarm = f"t-pending-{_DISPATCH['mode']}"  # each rule its own swarm: no retained leftovers
     with trio.fail_after(30):
         async with open_client(broker.tcp_url) as watcher:
             async with watcher.subscribe(
@@ -596,10 +611,10 @@ async def test_task_for_absent_role_waits_as_pending_marker(broker: MosquittoBro
                             task_status=task_status,
                         )
                     )
-                    done = await msgs.receive()
-                    assert done.topic == f"{swarm}/tasks/complete"
-                    assert json.loads(done.payload)["payload"]["agent_id"] == "late-db"
-                    cleared = await msgs.receive()
-                    assert cleared.topic == f"{swarm}/tasks/pending/needs-db"
-                    assert cleared.payload == b""
+                    # the marker is cleared (broadcast: once it is done; dispatcher: once
+                    # it is assigned) and the task done, by the agent that came
+                    later = {m.topic: m.payload for m in [await msgs.receive() for _ in "ab"]}
+                    done = json.loads(later[f"{swarm}/tasks/complete"])
+                    assert done["payload"]["agent_id"] == "late-db"
+                    assert later[f"{swarm}/tasks/pending/needs-db"] == b""
                     stop.set()

@@ -30,7 +30,13 @@ from sheri_trio.swarm._dispatcher import (
 from sheri_trio.swarm._messages import encode
 from sheri_trio.swarm._presence import rendezvous_score
 from sheri_trio.swarm._protocol import BadMessage, Topics
-from sheri_trio.swarm._scheduler import FailReason, ReportError, SendFailed
+from sheri_trio.swarm._scheduler import (
+    ClearPending,
+    FailReason,
+    ReportError,
+    SendFailed,
+    SendPending,
+)
 
 SWARM = "s"
 T = Topics(SWARM)
@@ -128,7 +134,8 @@ def given_to(commands: list[DispatchCommand]) -> list[tuple[str, str, int]]:
             record = commands[i - 1]
             assert record == WriteRecord(c.task_id, A, c.attempt, c.agent_id, c.task)
             out.append((c.task_id, c.agent_id, c.attempt))
-    assert len(commands) == 2 * len(out)
+    markers = [c for c in commands if isinstance(c, (SendPending, ClearPending))]
+    assert len(commands) == 2 * len(out) + len(markers)
     return out
 
 
@@ -367,16 +374,43 @@ def test_a_role_with_nobody_online_stays_queued_with_one_warning_until_someone_r
     caplog.set_level(logging.WARNING, logger="sheri_trio.agent")
     for i in range(3):
         submit(d, f"d{i}", task_type="deployment.deploy")
-    for _ in range(3):
-        assert d.assignments(0.0) == []
+    # the first heartbeat interval of a term: the agents are still announcing themselves
+    assert d.assignments(0.0) == []
+    assert d.assignments(9.9) == []
+    assert not [r for r in caplog.records if "no eligible agent online" in r.getMessage()]
+    # then each task nobody may take is kept as a retained pending marker, as broadcast does
+    tasks = {f"d{i}": sub(f"d{i}", "deployment.deploy") for i in range(3)}
+    assert d.assignments(10.0) == [SendPending(t, task) for t, task in tasks.items()]
+    assert d.assignments(10.0) == []
+    register(d, "a2", now=10.5)  # presence that changes nothing for them: no new markers
+    assert d.assignments(10.5) == []
+    submit(d, "d3", task_type="deployment.deploy", now=11.0)
+    assert d.assignments(11.0) == [SendPending("d3", sub("d3", "deployment.deploy"))]
     warnings = [r for r in caplog.records if "no eligible agent online" in r.getMessage()]
     assert len(warnings) == 1
     assert "roles=deployment" in warnings[0].getMessage()
-    stats = d.statistics(0.0)
-    assert (stats.queued, stats.queued_by_role["deployment"]) == (3, 3)
+    stats = d.statistics(11.0)
+    assert (stats.queued, stats.queued_by_role["deployment"]) == (4, 4)
     assert stats.agents_online_by_role["deployment"] == 0
-    register(d, "deployer", role="deployment", max_tasks=8, now=1.0)
-    assert [t for t, _, _ in given_to(d.assignments(1.0))] == ["d0", "d1", "d2"]
+    register(d, "deployer", role="deployment", max_tasks=8, now=12.0)
+    commands = d.assignments(12.0)
+    assert [t for t, _, _ in given_to(commands)] == ["d0", "d1", "d2", "d3"]
+    cleared = [c.task_id for c in commands if isinstance(c, ClearPending)]
+    assert cleared == ["d0", "d1", "d2", "d3"]  # each before its assignment's record
+    for task_id in cleared:
+        i = commands.index(ClearPending(task_id))
+        record = commands[i + 1]
+        assert isinstance(record, WriteRecord)
+        assert record.task_id == task_id
+
+
+def test_a_pending_task_cancelled_while_queued_clears_its_marker() -> None:
+    d = make()
+    submit(d, "t", task_type="deployment.deploy")
+    d.assignments(0.0)
+    assert d.assignments(10.0) == [SendPending("t", sub("t", "deployment.deploy"))]
+    failed = [c for c in cancel(d, "t") if isinstance(c, SendFailed)]
+    assert [(f.reason, f.clear_marker) for f in failed] == [(FailReason.CANCELLED, True)]
 
 
 # ------------------------------------------------------------------ claims and outcomes
@@ -812,6 +846,15 @@ def test_any_message_sequence_keeps_the_invariants(
                 slots = d.peers[agent_id].max_tasks
                 assert slots is not None
                 assert d.in_flight(agent_id) <= slots
+            # no hoarding, whatever the round's bookkeeping: no queued task is left while
+            # an eligible agent has a free slot (judged from scratch over every peer)
+            free = [a for a in d.peers.peers if d.free_slots(a, now + arg) > 0]
+            for job in d.jobs.values():
+                if job.state is Q:
+                    roles, to = job.key
+                    assert not [a for a in free if d.peers[a].role in roles and to in (None, a)], (
+                        job.task_id
+                    )
         elif kind == "leases":
             check(d.check_leases(now + arg))
         elif kind.startswith("holder-"):

@@ -57,7 +57,7 @@ from ._protocol import (
     parse_task,
     roles_for,
 )
-from ._scheduler import FailReason, ReportError, SendFailed, log_event
+from ._scheduler import ClearPending, FailReason, ReportError, SendFailed, SendPending, log_event
 
 if TYPE_CHECKING:
     from ._config import AgentConfig
@@ -125,6 +125,7 @@ class Job:
     agent_id: str | None = None  # the holder (ASSIGNED, CLAIMED)
     since: float = 0.0  # when it was assigned (or read at election): its lease's start
     cancel: bool = False  # a cancel was forwarded to the holder
+    pending: bool = False  # its retained pending marker is out (nobody online could take it)
 
     @property
     def task_id(self) -> str:
@@ -189,7 +190,15 @@ class ForwardCancel:
 
 
 DispatchCommand = (
-    Ack | WriteRecord | SendAssignment | SendRevocation | ForwardCancel | SendFailed | ReportError
+    Ack
+    | WriteRecord
+    | SendAssignment
+    | SendRevocation
+    | ForwardCancel
+    | SendFailed
+    | ReportError
+    | SendPending
+    | ClearPending
 )
 
 _ACK: Final = Ack()
@@ -233,6 +242,18 @@ class Dispatcher:
         self._seq = 0
         #: keys whose tasks nobody online may take: warned once until someone can
         self._unserved: set[_Key] = set()
+        #: the agents that may have a free slot (checked again when used), kept up to
+        #: date through :meth:`_touch`: an assignment round costs what changed, not the
+        #: swarm's size (time only takes slots away: a lapsed lease, found on use)
+        self._free: set[str] = set()
+        #: agents whose presence or holdings changed since the last round
+        self._dirty: set[str] = set()
+        #: whether the unserved-kinds check is due (presence or a new kind of task)
+        self._served_check = True
+        #: the first round's time: the check waits one heartbeat interval after it, so a
+        #: new term hears the agents (each announces itself to a new dispatcher) before
+        #: it calls a kind of task unserved
+        self._first_round: float | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "received",
@@ -362,6 +383,7 @@ class Dispatcher:
         if status_of is not None:
             online = env.payload.get("status") == "online"
             role = _role(env)
+            self._touch(status_of)
             if self.peers.observe(status_of, PresenceKind.STATUS, now, role=role, online=online):
                 return self._take_over_all(status_of)
             return []
@@ -426,9 +448,23 @@ class Dispatcher:
         then arrival), the least loaded eligible agent with a free slot (ties: the
         highest rendezvous score of ``"{task_id}/{agent_id}"``). Each is a
         :class:`WriteRecord` (assigned) followed by its :class:`SendAssignment`."""
-        self._warn_unserved(now)
-        free = {a: n for a in self.peers.peers if (n := self.free_slots(a, now)) > 0}
         out: list[DispatchCommand] = []
+        if self._first_round is None:
+            self._first_round = now
+        if self._served_check and now - self._first_round >= self.config.heartbeat_interval:
+            self._served_check = False
+            out += self._warn_unserved(now)
+        if self._dirty:
+            self._free |= self._dirty
+            self._dirty.clear()
+        if not self._free or not any(self._queued.values()):
+            return out
+        free: dict[str, int] = {}
+        for a in list(self._free):
+            if (n := self.free_slots(a, now)) > 0:
+                free[a] = n
+            else:
+                self._free.discard(a)
         while free:
             best: tuple[int, int, str] | None = None
             best_key: _Key | None = None
@@ -452,7 +488,11 @@ class Dispatcher:
 
     def _assign(self, job: Job, agent_id: str, now: float) -> list[DispatchCommand]:
         job.state, job.agent_id, job.since = RecordState.ASSIGNED, agent_id, now
-        self._held.setdefault(agent_id, {})[job.task_id] = job
+        self._hold(agent_id, job)
+        cleared: list[DispatchCommand] = []
+        if job.pending:  # someone could take it after all
+            job.pending = False
+            cleared.append(ClearPending(job.task_id))
         self.counters["assigned"] += 1
         log_event(
             logging.DEBUG,
@@ -463,6 +503,7 @@ class Dispatcher:
             attempt=job.attempt,
         )
         return [
+            *cleared,
             WriteRecord(job.task_id, RecordState.ASSIGNED, job.attempt, agent_id, job.task),
             SendAssignment(agent_id, job.task_id, job.task, job.attempt),
         ]
@@ -471,11 +512,17 @@ class Dispatcher:
         """The least loaded eligible free agent (load: held / max_tasks)."""
         prefix = job.task_id + "/"
 
-        def rank(agent_id: str) -> tuple[float, int]:
-            slots = self.peers[agent_id].max_tasks or 1
-            return (self.in_flight(agent_id) / slots, -rendezvous_score(prefix + agent_id))
-
-        return min((a for a in free if self._eligible(a, key)), key=rank)
+        loads = {
+            a: self.in_flight(a) / (self.peers[a].max_tasks or 1)
+            for a in free
+            if self._eligible(a, key)
+        }
+        low = min(loads.values())
+        # the hash only among the least loaded: a round costs what is free, not n hashes
+        return max(
+            (a for a, load in loads.items() if load == low),
+            key=lambda a: rendezvous_score(prefix + a),
+        )
 
     def _eligible(self, agent_id: str, key: _Key) -> bool:
         roles, assigned_to = key
@@ -483,9 +530,11 @@ class Dispatcher:
             agent_id
         ].role in roles
 
-    def _warn_unserved(self, now: float) -> None:
-        """Warn once for each kind of queued task nobody online may take (no marker:
-        its ``queued`` record is what stays); again only after someone could."""
+    def _warn_unserved(self, now: float) -> list[DispatchCommand]:
+        """Warn once for each kind of queued task nobody online may take (again only after
+        someone could), and keep each such task as a retained pending marker, as with
+        broadcast (``tasks/pending/{id}``: cleared once it is assigned or finishes)."""
+        out: list[DispatchCommand] = []
         for key, count in self._queued.items():
             served = count > 0 and any(
                 p.online and now - p.last_seen < self.lease_time and self._eligible(a, key)
@@ -493,7 +542,14 @@ class Dispatcher:
             )
             if served or not count:
                 self._unserved.discard(key)
-            elif key not in self._unserved:
+                continue
+            for _, seq, task_id in self._queues.get(key, ()):
+                job = self.jobs.get(task_id)
+                if job is not None and job.seq == seq and job.state is RecordState.QUEUED:
+                    if not job.pending:
+                        job.pending = True
+                        out.append(SendPending(task_id, job.task))
+            if key not in self._unserved:
                 self._unserved.add(key)
                 roles, assigned_to = key
                 log_event(
@@ -504,6 +560,7 @@ class Dispatcher:
                     assigned_to=assigned_to,
                     queued=count,
                 )
+        return out
 
     # ------------------------------------------------------------ holders
     def on_claim(self, claim: Claim, now: float) -> list[DispatchCommand]:
@@ -606,6 +663,7 @@ class Dispatcher:
         agent_id = env.agent_id or p.get("agent_id")
         if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id):
             raise BadMessage("presence without a valid 'agent_id'")
+        self._touch(agent_id)
         if topic == t.agents_shutdown:
             if self.peers.observe(agent_id, PresenceKind.LEFT, now):
                 return self._take_over_all(agent_id)
@@ -621,7 +679,10 @@ class Dispatcher:
 
     def check_leases(self, now: float) -> list[DispatchCommand]:
         """Take over the jobs of holders offline or silent for ``lease_time`` (counted from
-        the later of their last sign of life and the job's assignment)."""
+        the later of their last sign of life and the job's assignment). Also the rounds'
+        safety net: every agent's slots, and the unserved kinds, are looked at again."""
+        self._dirty.update(self.peers.peers)
+        self._served_check = True
         out: list[DispatchCommand] = []
         for agent_id, jobs in list(self._held.items()):
             for job in list(jobs.values()):
@@ -694,7 +755,7 @@ class Dispatcher:
             raise BadMessage("held task state without a valid 'agent_id'", task_id=task_id)
         job.state = RecordState.ASSIGNED if state == RecordState.ASSIGNED else RecordState.CLAIMED
         job.agent_id, job.since = holder, now
-        self._held.setdefault(holder, {})[task_id] = job
+        self._hold(holder, job)
         if job.state is RecordState.ASSIGNED:
             return [SendAssignment(holder, task_id, task, attempt)]
         return []
@@ -719,7 +780,7 @@ class Dispatcher:
         self.counters["cancelled"] += 1
         self._finish(job.task_id, RecordState.CANCELLED, job.attempt)
         return [
-            SendFailed(job.spec, job.attempt, error, FailReason.CANCELLED, False),
+            SendFailed(job.spec, job.attempt, error, FailReason.CANCELLED, job.pending),
             WriteRecord(job.task_id, RecordState.CANCELLED, job.attempt),
         ]
 
@@ -735,8 +796,18 @@ class Dispatcher:
             return [WriteRecord(task_id, final[0], final[1])]
         return []
 
+    def _hold(self, agent_id: str, job: Job) -> None:
+        self._held.setdefault(agent_id, {})[job.task_id] = job
+        self._dirty.add(agent_id)
+
+    def _touch(self, agent_id: str) -> None:
+        """``agent_id``'s presence changed: its slots are looked at in the next round."""
+        self._dirty.add(agent_id)
+        self._served_check = True
+
     def _release_slot(self, job: Job) -> None:
         if job.agent_id is not None:
+            self._dirty.add(job.agent_id)
             held = self._held.get(job.agent_id)
             if held is not None:
                 held.pop(job.task_id, None)
@@ -756,7 +827,10 @@ class Dispatcher:
     def _push(self, job: Job) -> None:
         key = job.key
         heapq.heappush(self._queues.setdefault(key, []), (job.spec.rank, job.seq, job.task_id))
-        self._queued[key] = self._queued.get(key, 0) + 1
+        count = self._queued.get(key, 0)
+        if not count or key in self._unserved:
+            self._served_check = True  # a kind of task newly waiting: is anyone there for it?
+        self._queued[key] = count + 1
 
     def _unqueue(self, job: Job) -> None:
         """A queued job leaves the queue (its heap entry is skipped when it comes up)."""
