@@ -1,7 +1,8 @@
 """``run_dashboard`` and ``sheri dashboard`` on a real mosquitto, over real HTTP
 (hypercorn's trio worker): the event stream (a snapshot, then batched updates, at most
 PAGE_HZ a second), the broker's loss and return on the stream, and the command's clear
-errors (a port in use, a locked history)."""
+errors (a port in use, a locked history); in dispatcher mode, the custody records and
+the pending count per role."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import trio
 from sheri_trio.config import Connection
 from sheri_trio.dashboard import PAGE_HZ, DashboardError, DashboardOptions, run_dashboard
 from sheri_trio.mqtt import open_client
-from sheri_trio.swarm import encode
+from sheri_trio.swarm import AgentConfig, encode, run_agent
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -179,3 +180,60 @@ def test_bad_flags_are_usage_errors(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "sheri.toml: dashboard.retention: must be a positive duration" in result.stderr
+
+
+async def test_in_dispatcher_mode_custody_records_and_pending_per_role(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    swarm = "t-dash-dispatch"
+    config = AgentConfig(
+        role="testing",
+        agent_id="dd-tester",
+        swarm=swarm,
+        broker=broker.tcp_url,
+        heartbeat_interval=0.5,
+        lease_time=2.0,
+        grace_period=1.0,
+        dispatch="dispatcher",
+        executor_config={"executors": {"simulate": True}},
+    )
+    leave, shutdown = trio.Event(), trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_agent, config, shutdown=leave))
+            running: Running = await nursery.start(
+                partial(
+                    run_dashboard,
+                    options(broker, tmp_path, conn=Connection(broker.tcp_url, swarm, {})),
+                    shutdown=shutdown,
+                )
+            )
+            model = running.board.model
+            async with open_client(broker.tcp_url) as client:
+                with trio.fail_after(20):  # the agent's dispatcher term is up
+                    while "dd-tester" not in model.agents or model.dispatch_view is None:
+                        await trio.sleep(0.05)
+                for body in (
+                    {"task_id": "dd-1", "type": "testing.run"},
+                    {"task_id": "dd-2", "type": "deployment.deploy"},  # nobody may take it
+                ):
+                    await client.publish(f"{swarm}/tasks/new", encode(None, None, body), qos=1)
+            with trio.fail_after(20):
+                while model.tasks.get("dd-1") is None or model.tasks["dd-1"].state != "done":
+                    await trio.sleep(0.05)
+                while model.tasks.get("dd-2") is None or model.tasks["dd-2"].state not in (
+                    "queued",
+                    "pending",
+                ):
+                    await trio.sleep(0.05)
+            assert model.tasks["dd-1"].agent == "dd-tester"
+            assert model.pending_by_role()["deployment"] == 1
+            async with httpx2.AsyncClient() as http:
+                text = (await http.get(running.url + "metrics")).text
+            assert f'sheri_tasks_pending{{role="deployment",swarm="{swarm}"}} 1.0' in text
+            assert (
+                f'sheri_tasks_finished_total{{outcome="completed",swarm="{swarm}",'
+                'type="testing.run"} 1.0'
+            ) in text
+            shutdown.set()
+            leave.set()
