@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
     from pathlib import Path
 
-    from sheri_trio.dashboard import Running
+    from sheri_trio.dashboard import Running, SwarmModel
     from sheri_trio.testing import MosquittoBroker
 
 SWARM = "t-dash-server"
@@ -182,6 +182,18 @@ def test_bad_flags_are_usage_errors(tmp_path: Path) -> None:
     assert "sheri.toml: dashboard.retention: must be a positive duration" in result.stderr
 
 
+async def until(running: Running, condition: Callable[[], object]) -> None:
+    """Wait for the page's batches (the hub's) until ``condition()`` holds."""
+    with running.board.hub.open() as batches:
+        while not condition():
+            await batches.receive()
+
+
+def state_of(model: SwarmModel, task_id: str) -> str | None:
+    task = model.tasks.get(task_id)
+    return None if task is None else task.state
+
+
 async def test_in_dispatcher_mode_custody_records_and_pending_per_role(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
@@ -211,21 +223,17 @@ async def test_in_dispatcher_mode_custody_records_and_pending_per_role(
             model = running.board.model
             async with open_client(broker.tcp_url) as client:
                 with trio.fail_after(20):  # the agent's dispatcher term is up
-                    while "dd-tester" not in model.agents or model.dispatch_view is None:
-                        await trio.sleep(0.05)
+                    await until(
+                        running, lambda: "dd-tester" in model.agents and model.dispatch_view
+                    )
                 for body in (
                     {"task_id": "dd-1", "type": "testing.run"},
                     {"task_id": "dd-2", "type": "deployment.deploy"},  # nobody may take it
                 ):
                     await client.publish(f"{swarm}/tasks/new", encode(None, None, body), qos=1)
             with trio.fail_after(20):
-                while model.tasks.get("dd-1") is None or model.tasks["dd-1"].state != "done":
-                    await trio.sleep(0.05)
-                while model.tasks.get("dd-2") is None or model.tasks["dd-2"].state not in (
-                    "queued",
-                    "pending",
-                ):
-                    await trio.sleep(0.05)
+                await until(running, lambda: state_of(model, "dd-1") == "done")
+                await until(running, lambda: state_of(model, "dd-2") in ("queued", "pending"))
             assert model.tasks["dd-1"].agent == "dd-tester"
             assert model.pending_by_role()["deployment"] == 1
             async with httpx2.AsyncClient() as http:
