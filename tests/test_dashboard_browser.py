@@ -3,7 +3,8 @@ and selenium) opens the page while real agents on a real mosquitto process tasks
 
 Asserted: the agents appear; completed and failed tasks show up live (no reload: a
 marker set in the page survives); a cancel from the page stops a long-running task; a
-bad task in the form is refused; a broker that goes away is shown, and so is its
+bad task in the form is refused, a good one runs; a failed task is retried from the page;
+the page logs no error; a broker that goes away is shown, and so is its
 return; the history survives a dashboard restart (the progress events of a finished
 task are in no retained message, and the final states expire from the broker after 1 s).
 A screenshot is saved (``SHERI_DASHBOARD_SCREENSHOT=docs/dashboard.png`` refreshes the
@@ -89,6 +90,7 @@ class Browser:
             f"--user-data-dir={profile}",
         ):
             options.add_argument(arg)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         self.driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -127,6 +129,16 @@ class Browser:
 
     async def click(self, selector: str) -> None:
         await self.js("document.querySelector(arguments[0]).click()", selector)
+
+    async def errors(self) -> list[str]:
+        """The script errors the page logged (not the refused requests: those we made
+        on purpose, e.g. the bad form's 400)."""
+        entries = await self.run(self.driver.get_log, "browser")
+        return [
+            e["message"]
+            for e in entries
+            if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]
+        ]
 
     def close(self) -> None:
         self.driver.quit()
@@ -242,6 +254,13 @@ async def check_live_page(
         "return document.getElementById('submit-msg').textContent.includes('not valid JSON')",
         what="the form's error",
     )
+    # a good one from the form
+    await browser.js(
+        "document.getElementById('s-payload').value = '{\"simulate_seconds\": 0.1}';"
+        "document.getElementById('s-id').value = 'form-1';"
+    )
+    await browser.click("#s-go")
+    await browser.state_of("form-1", "done")
     # the failed task's detail, then a retry from the page
     await browser.click("tr[data-task='bad-1']")
     await browser.until(
@@ -277,6 +296,7 @@ async def check_live_page(
     )
     await trio.sleep(1.2)  # the final states' retention (1 s) runs out at the broker
     assert await browser.js("return window.__noReload") == "still here"
+    assert await browser.errors() == []
 
 
 async def check_history(browser: Browser, running: Running) -> None:
@@ -294,6 +314,8 @@ async def check_history(browser: Browser, running: Running) -> None:
         what="ok-1's progress events from the history",
     )
     assert await browser.js("return document.getElementById('cancel').disabled") is True
+    assert await browser.js("return document.getElementById('s-go').disabled") is True
+    assert await browser.errors() == []
 
 
 async def save_screenshot(browser: Browser, tmp_path: Path) -> None:
