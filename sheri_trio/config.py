@@ -29,6 +29,12 @@ The file (``./sheri.toml``, or the path given with ``--config``)::
     connect_timeout = 10         # also bounds the CLI's waits for the broker's answers
     close_timeout = 5            # flushing and DISCONNECT when a client closes
 
+    [dashboard]                  # sheri dashboard (flags override; token: SHERI_DASHBOARD_TOKEN)
+    host = "127.0.0.1"
+    port = 8080
+    db = "~/.local/share/sheri/dashboard.sqlite3"
+    retention = "7d"             # 30s, 15m, 12h, 7d, or seconds
+
     [deploy.api]                 # every other table goes to the executors, checked by
     command = ["make", "deploy"] # sheri_trio.executors.validate_executor_config
 
@@ -74,6 +80,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AGENT_CHECKS",
     "AGENT_KEYS",
+    "DASHBOARD_KEYS",
     "DEFAULT_BROKER",
     "DEFAULT_FILE",
     "ENV_VARS",
@@ -84,6 +91,7 @@ __all__ = [
     "build_agent_config",
     "connection_settings",
     "credentials",
+    "duration",
     "load_config",
     "parse_config",
 ]
@@ -230,6 +238,38 @@ BROKER_KEYS: Final[dict[str, Check]] = {
 
 _FILE_KEYS: Final = ("ca_file", "cert_file", "key_file")
 
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(value: Any) -> float:
+    """A positive duration: seconds (a number, or digits), or ``30s``, ``15m``, ``12h``,
+    ``7d``, ``2w``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        unit = _UNITS.get(text[-1])
+        try:
+            seconds = float(text[:-1] if unit else text) * (unit or 1)
+        except ValueError:
+            raise Invalid(
+                f"must be a duration such as 30s, 15m, 12h or 7d, got {shown(value)}"
+            ) from None
+    else:
+        raise Invalid(f"must be a duration such as 30s, 15m, 12h or 7d, got {shown(value)}")
+    if not (seconds > 0 and seconds < float("inf")):
+        raise Invalid(f"must be a positive duration, got {shown(value)}")
+    return seconds
+
+
+#: ``[dashboard]``: ``sheri dashboard``'s settings (its flags override them)
+DASHBOARD_KEYS: Final[dict[str, Check]] = {
+    "host": string,
+    "port": integer(0, 65535),
+    "db": string,
+    "retention": duration,
+}
+
 
 # ---------------------------------------------------------------------- the file
 @dataclass(frozen=True, slots=True)
@@ -241,6 +281,7 @@ class FileConfig:
     agent: dict[str, Any] = field(default_factory=dict)
     broker: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # the other top-level tables
+    dashboard: dict[str, Any] = field(default_factory=dict)
 
 
 def load_config(
@@ -279,9 +320,18 @@ def parse_config(
     agent: dict[str, Any] = {}
     broker: dict[str, Any] = {}
     extra: dict[str, Any] = {}
+    dashboard: dict[str, Any] = {}
     base = path.parent if path is not None else Path.cwd()
     for key, value in data.items():
-        if key in ("agent", "broker"):
+        if key == "dashboard":
+            try:
+                dashboard.update(check_table(value, key, DASHBOARD_KEYS))
+            except Invalid as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+            if "db" in dashboard:
+                db = Path(dashboard["db"]).expanduser()
+                dashboard["db"] = str(db if db.is_absolute() else base / db)
+        elif key in ("agent", "broker"):
             keys = AGENT_KEYS if key == "agent" else BROKER_KEYS
             try:
                 (agent if key == "agent" else broker).update(check_table(value, key, keys))
@@ -292,7 +342,7 @@ def parse_config(
         else:
             raise ConfigError(
                 f"{name}: {key}: unknown top-level key (settings belong in a table: "
-                "[agent], [broker], or a table for the executors)"
+                "[agent], [broker], [dashboard], or a table for the executors)"
             )
     try:
         validate_executor_config(extra, source=name)
@@ -311,7 +361,9 @@ def parse_config(
     if "url" in broker and "broker" in agent and broker["url"] != agent["broker"]:
         raise ConfigError(f"{name}: agent.broker: conflicts with broker.url; set only one of them")
     _validate(AgentConfig(**agent), name)  # the rules between settings
-    return FileConfig(name=name, path=path, agent=agent, broker=broker, extra=extra)
+    return FileConfig(
+        name=name, path=path, agent=agent, broker=broker, extra=extra, dashboard=dashboard
+    )
 
 
 # ------------------------------------------------------------------ precedence

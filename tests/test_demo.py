@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx2
 import pytest
 import trio
 from childproc import Output, output_of
@@ -132,6 +133,10 @@ async def test_demo_keep_stays_up_until_a_signal_then_exits_0(
             await run.expect(r"^11 tasks, 10 successful, 1 failed as expected, 0 unexpected")
             config = (await run.expect(r"^  submit +sheri submit .* --config (\S+) --wait"))[1]
             await run.expect(r"^the swarm and broker stay up until Ctrl\+C")
+            dashboard = (await run.expect(r"^  dashboard +(http://\S+/)\?token=\S+$"))[1]
+            async with httpx2.AsyncClient(timeout=10) as http:
+                state = (await http.get(dashboard + "api/state")).json()
+            assert len(state["agents"]) == 9
             # what it prints works: the swarm takes more tasks after the summary
             submitted = await trio.run_process(
                 [*SHERI, "submit", "database.backup", "--config", config, "--wait"],

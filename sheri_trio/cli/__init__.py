@@ -9,6 +9,7 @@ Commands (``sheri COMMAND --help`` for the details)::
     sheri cancel  TASK_ID [--timeout 10] [--json]                  stop or never start a task
     sheri retry   TASK_ID [--timeout 10] [--json]                  submit a failed task again
     sheri monitor                                                  live table of agents, tasks
+    sheri dashboard [--port 8080] [--db PATH]                      live web page, history
     sheri demo    [--keep] [--llm] [--broker URL]                  a local swarm at work
 
 The TypeScript prototype's spelling keeps working unchanged::
@@ -32,7 +33,8 @@ fail).
 
 One module per command group: ``_agents`` (agent, swarm), ``_submit``, ``_tasks``,
 ``_control`` (cancel, retry),
-``_monitor`` (and :class:`SwarmView`, its model); ``_broker`` holds what the commands'
+``_monitor`` (and :class:`SwarmView`, its model), ``_dashboard`` (the web page of
+:mod:`sheri_trio.dashboard`); ``_broker`` holds what the commands'
 own clients share, ``_output`` the log format, secret scrubbing and exits, ``_errors``
 :func:`explain`. ``sheri demo`` lives in :mod:`sheri_trio.demo`, imported when it runs.
 """
@@ -48,6 +50,7 @@ from .. import __version__
 from ._agents import DEFAULT_SWARM_ROLES as DEFAULT_SWARM_ROLES
 from ._agents import agent_cmd, swarm_cmd
 from ._control import cancel_cmd, retry_cmd
+from ._dashboard import dashboard_cmd
 from ._errors import NoAnswer as NoAnswer
 from ._errors import NotDelivered as NotDelivered
 from ._errors import UsageError as UsageError
@@ -97,6 +100,7 @@ app.command(tasks_cmd, name="tasks")
 app.command(cancel_cmd, name="cancel")
 app.command(retry_cmd, name="retry")
 app.command(monitor_cmd, name="monitor")
+app.command(dashboard_cmd, name="dashboard")
 # The command lives in sheri_trio/demo.py, imported only when it runs (it imports us).
 app.command(
     "sheri_trio.demo:demo_cmd",

@@ -9,6 +9,7 @@ import trio
 
 from .._exceptions import leaves as leaves_of
 from ..config import ConfigError
+from ..dashboard import DashboardError
 from ..mqtt import ClientClosed, ConnectError, ConnectionLost, LocalProtocolError, MQTTError
 from ..swarm import DuplicateAgent, StartupError
 from ._output import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
@@ -68,7 +69,7 @@ def _explain_one(leaf: BaseException) -> tuple[int, str] | None:
         return EXIT_USAGE, str(leaf)
     if isinstance(leaf, LocalProtocolError):
         return EXIT_USAGE, f"{leaf}; check --broker, SHERI_BROKER or sheri.toml"
-    if isinstance(leaf, DuplicateAgent | StartupError | NoAnswer | NotDelivered):
+    if isinstance(leaf, DuplicateAgent | StartupError | NoAnswer | NotDelivered | DashboardError):
         return EXIT_FAILURE, str(leaf)
     if isinstance(leaf, AgentProcessFailed):
         return EXIT_FAILURE, str(leaf)
