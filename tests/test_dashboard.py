@@ -276,8 +276,11 @@ def test_retry_builds_a_new_task_from_the_submission() -> None:
     assert retry_submission(model, "r")["task_id"] == "r.retry-2"
     assert model.tasks["r.retry-1"].retry_of == "r"
     assert model.detail("r")["retry_chain"] == [{"task_id": "r.retry-1", "state": "new"}]
-    with pytest.raises(SubmitError, match="not finished"):
+    with pytest.raises(SubmitError, match="it has not failed: only a failed task is retried"):
         retry_submission(model, "r.retry-1")
+    run_task(model, "ok", 6.0, success=True)
+    with pytest.raises(SubmitError, match="completed: only a failed task is retried"):
+        retry_submission(model, "ok")
     with pytest.raises(SubmitError, match="unknown"):
         retry_submission(model, "nope")
 

@@ -21,6 +21,7 @@ from ._metrics import Metrics as Metrics
 from ._model import SETTLED as SETTLED
 from ._model import AgentRow as AgentRow
 from ._model import Alert as Alert
+from ._model import RetryNotAllowed as RetryNotAllowed
 from ._model import SubmitError as SubmitError
 from ._model import SwarmModel as SwarmModel
 from ._model import TaskRow as TaskRow

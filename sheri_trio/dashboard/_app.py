@@ -36,7 +36,13 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from ..swarm import BadMessage, check_task_id, encode
-from ._model import SETTLED, SubmitError, retry_submission, submission_from_form
+from ._model import (
+    SETTLED,
+    RetryNotAllowed,
+    SubmitError,
+    retry_submission,
+    submission_from_form,
+)
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -293,8 +299,10 @@ def create_app(board: Board) -> Starlette:
             return refused
         try:
             body = retry_submission(board.model, request.path_params["task_id"])
+        except RetryNotAllowed as exc:
+            return _error(409, f"not retried: {exc}")
         except SubmitError as exc:
-            return _error(409 if "not finished" in str(exc) else 400, f"not retried: {exc}")
+            return _error(400, f"not retried: {exc}")
         failed = await board.publish(board.topics.tasks_new, body, f"task {body['task_id']}")
         if failed is not None:
             return failed

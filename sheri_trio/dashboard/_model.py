@@ -21,17 +21,20 @@ from ..swarm import (
     FINAL_STATES,
     ROLES,
     BadMessage,
+    RetryRefused,
     Topics,
     check_task_id,
     decode_envelope,
     parse_task,
     roles_for,
 )
+from ..swarm import retry_submission as swarm_retry_submission
 
 __all__ = [
     "SETTLED",
     "AgentRow",
     "Alert",
+    "RetryNotAllowed",
     "SubmitError",
     "SwarmModel",
     "TaskRow",
@@ -148,6 +151,11 @@ class Alert:
 
 class SubmitError(ValueError):
     """A task from the page that the swarm would refuse: nothing is published."""
+
+
+class RetryNotAllowed(SubmitError):
+    """The task is known but may not be retried (it did not fail, or its submission
+    was not kept): the swarm's rule, :class:`sheri_trio.swarm.RetryRefused`."""
 
 
 class SwarmModel:
@@ -698,29 +706,27 @@ def submission_from_form(form: Any) -> dict[str, Any]:
 
 
 def retry_submission(model: SwarmModel, task_id: str) -> dict[str, Any]:
-    """The submission that retries ``task_id``: its own submission again, as the new
-    task ``{task_id}.retry-{n}`` with ``retry_of`` set (the old outcome stays).
+    """The submission that retries ``task_id``: the swarm's rule
+    (:func:`sheri_trio.swarm.retry_submission`, as ``sheri retry`` applies it: only a
+    failed task, as ``{task_id}.retry-{n}`` with ``retry_of``; the old outcome stays),
+    applied to what the dashboard saw of the task.
 
-    The original submission comes from what the dashboard saw: ``tasks/new``, the
-    retained ``claimed`` state or a pending marker (each carries it).
+    The original submission comes from ``tasks/new``, the retained states (which carry
+    it) or a pending marker.
     """
     task = model.tasks.get(task_id)
     if task is None:
         raise SubmitError(f"unknown task {task_id}")
-    if task.state not in SETTLED:
-        raise SubmitError(f"task {task_id} is {task.state}, not finished: nothing to retry")
-    if task.submission is None:
-        raise SubmitError(f"task {task_id}: its submission was not seen, so it cannot be retried")
-    n = 1
-    while f"{task_id}.retry-{n}" in model.tasks:
-        n += 1
-    body = {
-        k: v
-        for k, v in task.submission.items()
-        if k in ("type", "payload", "priority", "assigned_to", "max_retries", "timeout_s")
+    record = {
+        "task_id": task_id,
+        "state": task.state,
+        "agent_id": task.agent,
+        "task": task.submission,
     }
-    body["task_id"] = f"{task_id}.retry-{n}"
-    body["retry_of"] = task_id
+    try:
+        body = swarm_retry_submission(record, taken=model.tasks)
+    except RetryRefused as exc:
+        raise RetryNotAllowed(str(exc)) from None
     try:
         parse_task(body)
     except BadMessage as exc:
