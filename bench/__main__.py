@@ -21,10 +21,12 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,6 +191,8 @@ def plan(s: Settings, sections: set[str], have_ws: bool, nagle: bool) -> int:
         steps += s.reps * len(s.presence_agents)
     if "retained" in sections:
         steps += 1
+    if "dashboard" in sections:
+        steps += s.reps
     return steps
 
 
@@ -298,6 +302,7 @@ def swarm_run(
     task_seconds: float = 0.0,
     max_tasks: int = 16,
     processes: int = 1,
+    swarm: str | None = None,
 ) -> dict[str, Any]:
     """One ``tasks`` measurement (bench/tasks.py) with the given swarm and workload."""
     wait = 60 + tasks * agents / 200 + tasks * task_seconds / max(agents, 1)
@@ -305,6 +310,8 @@ def swarm_run(
     argv += ["--workload", workload, "--dispatch", dispatch, "--max-tasks", str(max_tasks)]
     argv += ["--task-seconds", str(task_seconds), "--timeout", f"{wait:.0f}"]
     argv += ["--processes", str(processes)]
+    if swarm is not None:
+        argv += ["--swarm-name", swarm]
     return run("tasks", url, *argv, timeout=180 + 2 * wait + lone * (1 + task_seconds))
 
 
@@ -419,6 +426,98 @@ def presence(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
             r = run("presence", url, *argv, timeout=600)
             runs.append({"rep": rep + 1, **r})
     return {"agents": s.presence_agents, "reps": s.reps, "dispatch": s.dispatch, "runs": runs}
+
+
+def _dashboard_finished(port: int) -> float:
+    """The outcomes the dashboard has counted (``sheri_tasks_finished`` on /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "sheri_tasks_finished"
+        for sample in family.samples
+        if sample.name == "sheri_tasks_finished_total"
+    )
+
+
+def dashboard(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
+    """``sheri dashboard`` following the biggest scale swarm's burst: whether it counted
+    every outcome, how long after the last one, and its CPU per task."""
+    agents = max(s.scale_agents)
+    runs = []
+    for rep in range(s.reps):
+        step(f"dashboard {rep + 1}/{s.reps}: following {agents} agents, {s.scale_tasks} tasks")
+        swarm = f"bench-dash-{time.monotonic_ns() % 10**9}"
+        with tempfile.TemporaryDirectory(prefix="sheri-bench-dash-") as tmp:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            env = {**os.environ, "SHERI_BROKER": url, "SHERI_DASHBOARD_TOKEN": "bench"}
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+            command = [sys.executable, "-m", "sheri_trio", "dashboard", "--swarm", swarm]
+            command += ["--port", str(port), "--db", f"{tmp}/history.db"]
+            proc = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            try:
+                deadline = time.monotonic() + 30
+                while True:  # up once /metrics answers
+                    try:
+                        _dashboard_finished(port)
+                        break
+                    except OSError:
+                        if proc.poll() is not None or time.monotonic() > deadline:
+                            err = proc.stderr.read().decode() if proc.stderr else ""
+                            raise RuntimeError(
+                                f"sheri dashboard did not start: {err[-400:]}"
+                            ) from None
+                        time.sleep(0.1)
+                cpu0 = machine.process_cpu_s(proc.pid) or 0.0
+                r = swarm_run(
+                    run,
+                    url,
+                    agents=agents,
+                    tasks=s.scale_tasks,
+                    lone=0,
+                    workload="all-types",
+                    dispatch=s.dispatch,
+                    swarm=swarm,
+                )
+                t_end = time.monotonic()
+                seen = _dashboard_finished(port)
+                while seen < r.get("completed", s.scale_tasks) and time.monotonic() < t_end + 60:
+                    time.sleep(0.05)
+                    seen = _dashboard_finished(port)
+                lag = time.monotonic() - t_end
+                cpu = (machine.process_cpu_s(proc.pid) or 0.0) - cpu0
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        runs.append(
+            {
+                "rep": rep + 1,
+                "agents": agents,
+                "tasks": s.scale_tasks,
+                "swarm_tasks_per_s": r.get("tasks_per_s"),
+                "completed": r.get("completed"),
+                "dashboard_counted": seen,
+                "dashboard_lag_s": round(lag, 3),
+                "dashboard_cpu_s": round(cpu, 3),
+                "dashboard_cpu_per_task_us": round(cpu * 1e6 / s.scale_tasks, 1),
+            }
+        )
+    return {"agents": agents, "tasks": s.scale_tasks, "dispatch": s.dispatch, "runs": runs}
 
 
 def retained(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
@@ -640,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["presence"] = presence(run, s, urls["tcp"], step)
             if "retained" in sections:
                 results["retained"] = retained(run, s, urls["tcp"], step)
+            if "dashboard" in sections:
+                results["dashboard"] = dashboard(run, s, urls["tcp"], step)
             progress.advance(bar)
             progress.update(bar, description="done")
     finally:

@@ -705,6 +705,7 @@ def run_tasks(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
             dispatch=args.dispatch,
             broker_pid=int(pid) if pid else None,
             processes=args.processes,
+            swarm=args.swarm_name,
         )
     )
     return {"kind": "tasks", **result}
@@ -1093,6 +1094,7 @@ def parser() -> argparse.ArgumentParser:
         "--processes", type=int, default=1, help="tasks: the agents, in turn, over N processes"
     )
     p.add_argument("--indices", default="", help="share: which agents of the swarm (0-based)")
+    p.add_argument("--swarm-name", default=None, help="tasks: the swarm (default: a new name)")
     p.add_argument(
         "--workload",
         choices=("unknown", "all-types"),

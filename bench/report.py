@@ -422,6 +422,31 @@ def retained_rows(results: dict[str, Any]) -> list[list[str]]:
 RETAINED_HEAD = ["retained next to it", "dispatch", "start -> online s (median)", "min - max"]
 
 
+def dashboard_rows(results: dict[str, Any]) -> list[list[str]]:
+    section = results.get("dashboard")
+    if not section:
+        return []
+    return [
+        [
+            f"{r['agents']} agents, {r['tasks']:,} tasks (rep {r['rep']})",
+            _n(r.get("swarm_tasks_per_s"), 0),
+            f"{_n(r.get('dashboard_counted'), 0)} of {_n(r.get('completed'), 0)}",
+            _n(r.get("dashboard_lag_s"), 2),
+            _n(r.get("dashboard_cpu_per_task_us"), 0),
+        ]
+        for r in section["runs"]
+    ]
+
+
+DASHBOARD_HEAD = [
+    "swarm",
+    "swarm tasks/s",
+    "outcomes the dashboard counted",
+    "behind at the end s",
+    "dashboard CPU us/task",
+]
+
+
 def target_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     for t in results.get("targets", []):
@@ -516,6 +541,7 @@ def rich_tables(results: dict[str, Any]) -> list[Any]:
     table("Start-up: process spawn to retained online status", STARTUP_HEAD, startup_rows(results))
     table("Presence: one swarm started at once, then idle", PRESENCE_HEAD, presence_rows(results))
     table("An agent started next to finished tasks", RETAINED_HEAD, retained_rows(results))
+    table("sheri dashboard following the burst", DASHBOARD_HEAD, dashboard_rows(results))
     table("Targets", TARGET_HEAD, target_rows(results))
     return out
 
@@ -594,6 +620,9 @@ def markdown(results: dict[str, Any]) -> str:
     if retained_rows(results):
         parts += ["", "### Start next to finished tasks", ""]
         parts += [_md_table(RETAINED_HEAD, retained_rows(results))]
+    if dashboard_rows(results):
+        parts += ["", "### The dashboard following a burst", ""]
+        parts += [_md_table(DASHBOARD_HEAD, dashboard_rows(results))]
     parts += ["", "### Targets", "", _md_table(TARGET_HEAD, target_rows(results))]
     return "\n".join(parts) + "\n"
 

@@ -254,6 +254,7 @@ async def task_rate(
     count_at_broker: bool = True,
     settle_max: float = 30.0,
     processes: int = 1,
+    swarm: str | None = None,
 ) -> dict[str, Any]:
     """Submit ``tasks`` tasks of ``workload`` at once, wait for every outcome.
 
@@ -272,7 +273,7 @@ async def task_rate(
     local broker), its CPU time over the same window is read from ``/proc``; the agents'
     (and the submitter's) is this process's.
     """
-    swarm = f"bench-{time.monotonic_ns() % 10**9}"
+    swarm = swarm or f"bench-{time.monotonic_ns() % 10**9}"
     types = task_types(workload)
     # Idle traffic: every agent's heartbeat (every 10 s) reaches every agent, plus slack.
     idle_limit = 2 * agents * agents / AgentConfig().heartbeat_interval + 20
