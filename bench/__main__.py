@@ -62,7 +62,8 @@ class Settings:
     peers: list[str]
     peer_tasks: int
     peer_workers: int
-    dispatch: str
+    dispatch: str  # the first of dispatches: the rule of the single-rule sections
+    dispatches: list[str]  # scale, capacity: each size with each rule, interleaved
     presence_agents: list[int]
     retained_records: int
     our_processes: list[int]
@@ -93,7 +94,8 @@ def settings(args: argparse.Namespace) -> Settings:
         peers=[x.strip() for x in args.peers.split(",") if x.strip()],
         peer_tasks=args.peer_tasks or (300 if quick else 2_000),
         peer_workers=9,
-        dispatch=args.dispatch,
+        dispatch=args.dispatch.split(",")[0].strip(),
+        dispatches=[x.strip() for x in args.dispatch.split(",") if x.strip()],
         presence_agents=[
             int(x) for x in (args.presence_agents or ("100" if quick else "100,1000")).split(",")
         ],
@@ -178,9 +180,9 @@ def plan(s: Settings, sections: set[str], have_ws: bool, nagle: bool) -> int:
     if "tasks" in sections:
         steps += s.reps
     if "scale" in sections:
-        steps += s.reps * len(s.scale_agents)
+        steps += s.reps * len(s.scale_agents) * len(s.dispatches)
     if "capacity" in sections:
-        steps += s.reps * len(s.scale_agents)
+        steps += s.reps * len(s.scale_agents) * len(s.dispatches)
     if "peers" in sections:
         steps += s.reps * (1 + len(s.peers))
     if "memory" in sections:
@@ -315,13 +317,21 @@ def swarm_run(
     return run("tasks", url, *argv, timeout=180 + 2 * wait + lone * (1 + task_seconds))
 
 
+def _interleaved(s: Settings, rep: int) -> list[tuple[int, str]]:
+    """Each swarm size with each rule, the rules' order turned at every repetition."""
+    shift = rep % len(s.dispatches)
+    rules = s.dispatches[shift:] + s.dispatches[:shift]
+    return [(agents, rule) for agents in s.scale_agents for rule in rules]
+
+
 def scale(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
     """The all-types no-op workload at each swarm size (9 and 90 agents)."""
     runs = []
     for rep in range(s.reps):
-        for agents in s.scale_agents:
+        for agents, dispatch in _interleaved(s, rep):
             step(
-                f"scale {rep + 1}/{s.reps}: {agents} agents, {s.scale_tasks} no-op tasks, all types"
+                f"scale {rep + 1}/{s.reps}: {agents} agents ({dispatch}), {s.scale_tasks} no-op "
+                "tasks, all types"
             )
             r = swarm_run(
                 run,
@@ -330,9 +340,9 @@ def scale(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
                 tasks=s.scale_tasks,
                 lone=s.scale_lone,
                 workload="all-types",
-                dispatch=s.dispatch,
+                dispatch=dispatch,
             )
-            runs.append({"rep": rep + 1, "agents": agents, "dispatch": s.dispatch, **r})
+            runs.append({"rep": rep + 1, "agents": agents, "dispatch": dispatch, **r})
     return {"tasks": s.scale_tasks, "agents": s.scale_agents, "reps": s.reps, "runs": runs}
 
 
@@ -340,10 +350,11 @@ def capacity(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
     """Tasks of ``task_seconds`` (1 s): the rate grows with the slots, if dispatch scales."""
     runs = []
     for rep in range(s.reps):
-        for agents in s.scale_agents:
+        for agents, dispatch in _interleaved(s, rep):
             tasks = s.capacity_tasks_per_agent * agents
             step(
-                f"capacity {rep + 1}/{s.reps}: {agents} agents, {tasks} tasks of {s.task_seconds} s"
+                f"capacity {rep + 1}/{s.reps}: {agents} agents ({dispatch}), {tasks} tasks of "
+                f"{s.task_seconds} s"
             )
             r = swarm_run(
                 run,
@@ -352,11 +363,11 @@ def capacity(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
                 tasks=tasks,
                 lone=0,
                 workload="all-types",
-                dispatch=s.dispatch,
+                dispatch=dispatch,
                 task_seconds=s.task_seconds,
                 max_tasks=s.capacity_max_tasks,
             )
-            runs.append({"rep": rep + 1, "agents": agents, "dispatch": s.dispatch, **r})
+            runs.append({"rep": rep + 1, "agents": agents, "dispatch": dispatch, **r})
     return {
         "task_seconds": s.task_seconds,
         "max_tasks": s.capacity_max_tasks,
@@ -595,7 +606,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--dispatch",
         default="broadcast",
-        help="scale, capacity, peers, presence, retained: the swarm's dispatch rule",
+        help="the swarm's dispatch rule; a list (dispatcher,broadcast): scale and capacity run "
+        "each size with each, interleaved, the other sections the first",
     )
     p.add_argument(
         "--only",

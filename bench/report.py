@@ -219,14 +219,39 @@ SIZE_HEAD = [
 
 
 def ratio_line(results: dict[str, Any], key: str) -> str | None:
-    r = results.get(key, {}).get("ratio")
-    if not r or r.get("median") is None:
-        return None
-    what = "no-op tasks" if key == "scale" else f"{results[key]['task_seconds']:g} s tasks"
-    return (
-        f"{r['num']} agents / {r['den']} agents, tasks/s with {what}: {r['median']:.2f}x "
-        f"(median of the repetitions: {', '.join(f'{x:.2f}' for x in r['samples'])})"
-    )
+    section = results.get(key, {})
+    ratios = section.get("ratios") or ({"": section["ratio"]} if section.get("ratio") else {})
+    what = "no-op tasks" if key == "scale" else f"{section.get('task_seconds', 1):g} s tasks"
+
+    def samples(r: dict[str, Any]) -> str:
+        return ", ".join(f"{x:.2f}" for x in r["samples"])
+
+    lines = [
+        f"{r['num']} agents / {r['den']} agents{f' ({rule})' if rule else ''}, tasks/s with "
+        f"{what}: {r['median']:.2f}x (median of the repetitions: {samples(r)})"
+        for rule, r in ratios.items()
+        if r.get("median") is not None
+    ]
+    for rule, r in section.get("lone_ratios", {}).items():
+        if r.get("median") is not None:
+            lines.append(
+                f"lone task p50, {ratios[rule]['num'] if rule in ratios else ''} agents / "
+                f"{ratios[rule]['den'] if rule in ratios else ''} agents ({rule}): "
+                f"{r['median']:.2f}x ({samples(r)})"
+            )
+    for agents, r in section.get("rule_ratios", {}).items():
+        if r.get("median") is not None:
+            lines.append(
+                f"dispatcher / broadcast at {agents} agents, tasks/s: {r['median']:.2f}x "
+                f"({samples(r)})"
+            )
+    for agents, r in section.get("lone_rule_ratios", {}).items():
+        if r.get("median") is not None:
+            lines.append(
+                f"dispatcher / broadcast at {agents} agents, lone task p50: {r['median']:.2f}x "
+                f"({samples(r)})"
+            )
+    return "; ".join(lines) if lines else None
 
 
 def peer_rows(results: dict[str, Any]) -> list[list[str]]:

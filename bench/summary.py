@@ -330,11 +330,48 @@ def summarize_sizes(section: dict[str, Any]) -> dict[str, Any]:
     out = dict(section)
     out["summary"] = rows
     sizes = sorted({r["agents"] for r in runs})
-    if len(sizes) >= 2:  # the largest swarm's rate / the smallest's, per repetition
-        out["ratio"] = {
-            "num": sizes[-1],
-            "den": sizes[0],
-            **_per_rep_ratio(runs, "agents", sizes[-1], sizes[0]),
+    rules = sorted({r.get("dispatch", "broadcast") for r in runs})
+    if len(sizes) >= 2:  # the largest swarm's rate / the smallest's, per repetition and rule
+        out["ratios"] = {
+            rule: {
+                "num": sizes[-1],
+                "den": sizes[0],
+                **_per_rep_ratio(
+                    [r for r in runs if r.get("dispatch", "broadcast") == rule],
+                    "agents",
+                    sizes[-1],
+                    sizes[0],
+                ),
+            }
+            for rule in rules
+        }
+        out["lone_ratios"] = {
+            rule: _per_rep_ratio(
+                [r for r in runs if r.get("dispatch", "broadcast") == rule],
+                "agents",
+                sizes[-1],
+                sizes[0],
+                field="lone_latency_p50_ms",
+            )
+            for rule in rules
+        }
+        out["ratio"] = out["ratios"][runs[0].get("dispatch", "broadcast")]
+    if {"dispatcher", "broadcast"} <= set(rules):  # the rules at each size, per repetition
+        out["rule_ratios"] = {
+            agents: _per_rep_ratio(
+                [r for r in runs if r["agents"] == agents], "dispatch", "dispatcher", "broadcast"
+            )
+            for agents in sizes
+        }
+        out["lone_rule_ratios"] = {
+            agents: _per_rep_ratio(
+                [r for r in runs if r["agents"] == agents],
+                "dispatch",
+                "dispatcher",
+                "broadcast",
+                field="lone_latency_p50_ms",
+            )
+            for agents in sizes
         }
     return out
 
