@@ -968,3 +968,9 @@ def test_the_swarm_view_lists_agents_and_counts_outcomes() -> None:
     assert agents["w1"]["last_seen_age"] == 10.0
     assert view["outcomes"] == {"completed": 0, "failed": 1}
     assert view["epoch"] == 4
+    submit(d, "q", task_type="deployment.deploy")  # nobody may take it: it stays queued
+    view = d.swarm_view(11.0, epoch=4)
+    assert (view["queued"], view["queued_by_role"]["deployment"]) == (1, 1)
+    assert view["queued_by_role"]["testing"] == 0
+    assert (view["assigned"], view["claimed"]) == (0, 0)
+    assert view["free_slots_by_role"]["testing"] == 2

@@ -331,6 +331,7 @@ class Dispatcher:
     def swarm_view(self, now: float, epoch: int) -> dict[str, Any]:
         """The retained ``dispatch/view``: the swarm as the dispatcher sees it, for
         ``monitoring.alerts`` (ordinary agents in dispatch mode follow no presence)."""
+        stats = self.statistics(now)
         return {
             "agents": self.peers.view(now),
             "outcomes": {
@@ -338,6 +339,13 @@ class Dispatcher:
                 "failed": self.counters["failed"],
             },
             "epoch": epoch,
+            # the queue depths (a queued task counts under every role that may take it),
+            # for the dashboard's pending per role
+            "queued": stats.queued,
+            "queued_by_role": stats.queued_by_role,
+            "assigned": stats.assigned,
+            "claimed": stats.claimed,
+            "free_slots_by_role": stats.free_slots_by_role,
         }
 
     def statistics(self, now: float) -> DispatchStatistics:
