@@ -120,14 +120,16 @@ class Output:
 
 
 @asynccontextmanager
-async def sheri(*args: str, cwd: Path, command: Sequence[str] = SHERI) -> AsyncIterator[Output]:
+async def sheri(
+    *args: str, cwd: Path, command: Sequence[str] = SHERI, env: dict[str, str] | None = None
+) -> AsyncIterator[Output]:
     proc = await trio.lowlevel.open_process(
         [*command, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         cwd=cwd,
-        env=_env(),
+        env=_env(**(env or {})),
     )
     out = Output(proc)
     try:

@@ -13,7 +13,7 @@ from cyclopts import Parameter
 from ..config import Connection, FileConfig, build_agent_config, load_config
 from ..executors import WORKSPACE_TYPES, uses_implicit_workspace
 from ..swarm import AGENT_ID_RE, ROLES, roles_for, run_agent
-from ._broker import BROKER_DEFAULTS, BrokerArgs
+from ._broker import BROKER_DEFAULTS, STORE_DEFAULTS, BrokerArgs, StoreArgs
 from ._errors import UsageError
 from ._output import (
     EXIT_INTERRUPTED,
@@ -21,6 +21,7 @@ from ._output import (
     LogLevel,
     agent_label,
     exit_now,
+    remember_password,
     remember_secrets,
     setup_logging,
 )
@@ -121,16 +122,20 @@ async def run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
     return EXIT_OK
 
 
-def _agent_config(file_config: FileConfig, where: BrokerArgs, **overrides: Any) -> AgentConfig:
+def _agent_config(
+    file_config: FileConfig, where: BrokerArgs, store: StoreArgs, **overrides: Any
+) -> AgentConfig:
     config = build_agent_config(
         file_config,
         broker=where.broker,
         swarm=where.swarm,
         username=where.username,
         password=where.password,
+        **store.overrides(),
         **overrides,
     )
     remember_secrets(Connection(config.broker, config.swarm, config.client_options))
+    remember_password(config.store.password)
     return config
 
 
@@ -148,6 +153,7 @@ async def agent_cmd(
     ] = None,
     dispatch: DispatchOpt = None,
     where: BrokerArgs = BROKER_DEFAULTS,
+    store: StoreArgs = STORE_DEFAULTS,
     log_level: LogLevelOpt = "info",
 ) -> int:
     """Run one agent until SIGINT/SIGTERM (a second Ctrl+C exits at once).
@@ -156,17 +162,24 @@ async def agent_cmd(
     """
     file_config = load_config(where.config)
     cfg = _agent_config(
-        file_config, where, role=role, agent_id=agent_id, max_tasks=max_tasks, dispatch=dispatch
+        file_config,
+        where,
+        store,
+        role=role,
+        agent_id=agent_id,
+        max_tasks=max_tasks,
+        dispatch=dispatch,
     )
     setup_logging(log_level, cfg.agent_id)
     log.info(
-        "starting agent %s: role=%s swarm=%s broker=%s max_tasks=%d dispatch=%s%s",
+        "starting agent %s: role=%s swarm=%s broker=%s max_tasks=%d dispatch=%s claim_store=%s%s",
         cfg.agent_id,
         cfg.role,
         cfg.swarm,
         Connection(cfg.broker, cfg.swarm, {}).display(),
         cfg.max_tasks,
         cfg.dispatch,
+        cfg.store.url,
         f" config={file_config.name}" if file_config.path else "",
     )
     return await run_agents([(cfg, None)])
@@ -202,6 +215,7 @@ async def swarm_cmd(
         Parameter(help="Agent id prefix: ids are <prefix>-<role>-<n> (default: the swarm)."),
     ] = None,
     where: BrokerArgs = BROKER_DEFAULTS,
+    store: StoreArgs = STORE_DEFAULTS,
     log_level: LogLevelOpt = "info",
 ) -> int:
     """Run several agents in one process (default 9: one per role, plus a second general).
@@ -226,6 +240,7 @@ async def swarm_cmd(
         cfg = _agent_config(
             file_config,
             where,
+            store,
             role=role,
             agent_id=f"{id_prefix}-{label}",
             max_tasks=max_tasks,
@@ -234,10 +249,11 @@ async def swarm_cmd(
         configs.append((cfg, label))
     setup_logging(log_level, "swarm", label_first=True)
     log.info(
-        "starting %d agents in swarm %s at %s: %s",
+        "starting %d agents in swarm %s at %s (claim store %s): %s",
         count,
         conn.swarm,
         conn.display(),
+        configs[0][0].store.url,
         ", ".join(c.agent_id for c, _ in configs),
     )
     return await run_agents(configs)

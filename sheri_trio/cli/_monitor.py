@@ -13,7 +13,7 @@ import trio
 from cyclopts import Parameter
 
 from ..swarm import FINAL_STATES, Topics
-from ._broker import BROKER_DEFAULTS, BrokerArgs, decode
+from ._broker import BROKER_DEFAULTS, STORE_DEFAULTS, BrokerArgs, StoreArgs, decode
 from ._errors import NoAnswer
 from ._output import EXIT_OK, state_type, styled_state
 
@@ -52,8 +52,10 @@ class TaskRow:
 class SwarmView:
     """What ``sheri monitor`` knows about a swarm, from the messages it has seen."""
 
-    def __init__(self, topics: Topics, *, max_tasks: int = 20) -> None:
+    def __init__(self, topics: Topics, *, max_tasks: int = 20, claim_store: str = "broker") -> None:
         self.topics = topics
+        #: the claim store's location (without its password), shown in the summary
+        self.claim_store = claim_store
         self.agents: dict[str, AgentRow] = {}
         self.tasks: OrderedDict[str, TaskRow] = OrderedDict()
         self.max_tasks = max_tasks
@@ -189,7 +191,10 @@ class SwarmView:
                 duration,
             )
         online = sum(1 for r in self.agents.values() if r.status == "online")
-        summary = Text(f"{online} online, {len(self.agents)} known; {self.messages} messages")
+        summary = Text(
+            f"{online} online, {len(self.agents)} known; {self.messages} messages; "
+            f"claim store {self.claim_store}"
+        )
         return Group(agents, tasks, summary)
 
 
@@ -198,16 +203,21 @@ async def monitor_cmd(
     once: Annotated[bool, Parameter(help="Print one snapshot (retained state) and exit.")] = False,
     recent: Annotated[int, Parameter(help="How many recent tasks to show.")] = 20,
     where: BrokerArgs = BROKER_DEFAULTS,
+    store: StoreArgs = STORE_DEFAULTS,
 ) -> int:
-    """A live table of the swarm's agents and recent tasks, until Ctrl+C."""
+    """A live table of the swarm's agents and recent tasks, until Ctrl+C.
+
+    With a claim store, it is opened and checked first (a wrong one exits 1).
+    """
     from rich.console import Console
     from rich.live import Live
 
-    link = where.link()
+    link = where.link(store)
     topics = link.topics
-    view = SwarmView(topics, max_tasks=max(recent, 1))
+    shown = link.store.url if link.store is not None else "broker"
+    view = SwarmView(topics, max_tasks=max(recent, 1), claim_store=shown)
     console = Console()
-    async with link.client("monitor") as client:
+    async with link.claim_store(), link.client("monitor") as client:
         if once:
             retained = await link.read_retained(
                 client,

@@ -26,6 +26,7 @@ from ..mqtt import (
     MQTTError,
     Subscription,
 )
+from ..stores import StoreError, open_store
 from ._config import AgentConfig, new_agent_id
 from ._dispatching import Candidate
 from ._messages import Messages, encode
@@ -48,6 +49,7 @@ from ._scheduler import (
 )
 from ._startup import (
     Startup,
+    StartupError,
     StartupStep,
     agent_connection,
     check_duplicate,
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from ..stores import ClaimStore
     from ._claims import ClaimBook
     from ._lifecycle import StateChange, TaskRecord
     from ._presence import PeerTable
@@ -85,10 +88,14 @@ class Agent:
         client: Client,
         *,
         executors: ExecutorRegistry | None = None,
+        store: ClaimStore | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self.client = client
+        #: the claim store opened at start-up (None: the broker's order decides; the
+        #: wiring of the store into claims and outcomes is still to come: docs/stores.md)
+        self.store = store
         self.agent_id = config.agent_id
         self.role = config.role
         self.topics = Topics(config.swarm)
@@ -568,14 +575,24 @@ async def run_agent(
         if agent is not None:
             agent.request_shutdown()
 
-    async with startup.guard(shutdown, leave):
+    async with startup.guard(shutdown, leave), AsyncExitStack() as stack:
+        store: ClaimStore | None = None
+        if config.store.kind != "broker":
+            with startup.step(StartupStep.CLAIM_STORE):
+                try:
+                    store = await stack.enter_async_context(open_store(config.store, config.swarm))
+                except StoreError as exc:  # unreachable, credentials refused, wrong version
+                    raise StartupError(
+                        config.agent_id, StartupStep.CLAIM_STORE, startup.timeout, cause=exc
+                    ) from None
+            log_event(logging.INFO, "claim store", config.agent_id, url=config.store.url)
         if config.check_duplicate:
             with startup.step(StartupStep.PROBE):
                 await check_duplicate(config)
-        async with AsyncExitStack() as stack:
+        async with AsyncExitStack() as connection:
             with startup.step(StartupStep.CONNECT):
-                client = await stack.enter_async_context(agent_connection(config, startup))
-            agent = Agent(config, client, executors=executors)
+                client = await connection.enter_async_context(agent_connection(config, startup))
+            agent = Agent(config, client, executors=executors, store=store)
             candidate = Candidate(config, client) if config.dispatch == "dispatcher" else None
             async with trio.open_nursery() as beside:
                 if candidate is not None:  # a candidate for dispatcher, beside the agent
