@@ -534,7 +534,7 @@ class BridgedBrokers:
     broker until the other delivers it, within 10 s), so a test starts on a working
     bridge. Each side is a :class:`MosquittoBroker` (``workdir/first``,
     ``workdir/second``) with its own password: clients use ``first.tcp_url`` or
-    ``second.tcp_url``. *options* go to both (e.g. ``tls=False``).
+    ``second.tcp_url``. *tls*, *persistence*, *nodelay* go to both.
 
     Example::
 
@@ -542,11 +542,21 @@ class BridgedBrokers:
             urls = [pair.first.tcp_url, pair.second.tcp_url]
     """
 
-    def __init__(self, workdir: Path, *, topic: str = "#", **options: bool) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        topic: str = "#",
+        tls: bool = True,
+        persistence: bool = True,
+        nodelay: bool = True,
+    ) -> None:
         self.workdir = Path(workdir).resolve()
         self.topic = topic
-        self._options = options
-        self.first = MosquittoBroker(self.workdir / "first", **options)
+        self._options = {"tls": tls, "persistence": persistence, "nodelay": nodelay}
+        self.first = MosquittoBroker(
+            self.workdir / "first", tls=tls, persistence=persistence, nodelay=nodelay
+        )
         self._second: MosquittoBroker | None = None
 
     @property
@@ -567,7 +577,9 @@ class BridgedBrokers:
                 self._second = MosquittoBroker(
                     self.workdir / "second",
                     extra_config=bridge_config(self.first, topic=self.topic),
-                    **self._options,
+                    tls=self._options["tls"],
+                    persistence=self._options["persistence"],
+                    nodelay=self._options["nodelay"],
                 )
             self._second.start()
             self.wait_bridged()

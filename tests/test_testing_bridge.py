@@ -60,5 +60,6 @@ async def test_a_pair_on_a_swarm_topic_only_bridges_that_swarm(tmp_path: Path) -
             await pub.publish("sw-2/tasks/new", b"not bridged", qos=1)
             await pub.publish("sw-1/marker", b"bridged", qos=1)  # after it, in order
             assert (await messages.receive()).topic == "sw-1/marker"
-    assert not pair.first.running and not pair.second.running
+    assert not pair.first.running
+    assert not pair.second.running
     assert "topic sw-1/# both 1" in bridge_config(pair.first, topic="sw-1/#")
