@@ -30,6 +30,10 @@ from ._dispatching import DispatcherShell as DispatcherShell
 from ._dispatching import TermEnd as TermEnd
 from ._dispatching import dispatch_client_id as dispatch_client_id
 from ._dispatching import run_candidate as run_candidate
+from ._divergence import DIVERGENCE_FIX as DIVERGENCE_FIX
+from ._divergence import DivergenceWatch as DivergenceWatch
+from ._divergence import Incident as Incident
+from ._divergence import ReportDivergence as ReportDivergence
 from ._lifecycle import FINAL_STATES as FINAL_STATES
 from ._lifecycle import STATES as STATES
 from ._lifecycle import TRANSITIONS as TRANSITIONS

@@ -29,6 +29,7 @@ from ..mqtt import (
 from ..stores import StoreError, open_store
 from ._config import AgentConfig, new_agent_id
 from ._dispatching import Candidate
+from ._divergence import ReportDivergence
 from ._messages import Messages, encode
 from ._presence import Peer, PresenceKind, rendezvous_score
 from ._protocol import BadMessage, Topics, decode_envelope
@@ -361,6 +362,8 @@ class Agent:
         elif type(command) is ReportError:
             report = m.error_report(command.topic, command.reason, command.size, command.task_id)
             await self._publish(t.errors, report, wait_ack=False)
+        elif type(command) is ReportDivergence:  # logged by the scheduler already
+            await self._publish(t.errors, m.divergence_report(command), wait_ack=False)
 
     # ------------------------------------------------------------- running
     async def _run_task(self, entry: Entry, attempt: int, scope: trio.CancelScope) -> None:

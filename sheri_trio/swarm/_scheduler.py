@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._claims import ClaimBook, ClaimVerdict
+from ._divergence import DivergenceWatch, ReportDivergence
 from ._lifecycle import FINAL_STATES
 from ._presence import PeerTable, PresenceKind
 from ._protocol import (
@@ -200,6 +201,7 @@ class ReportError:
 Command = (
     (SendClaim | StartTask | StopTask | SendRelease | SendFailed | SendPending | ClearPending)
     | ReportError
+    | ReportDivergence
     | Reannounce
 )
 
@@ -243,6 +245,8 @@ class Scheduler:
         }
         #: final outcomes seen in the swarm (ours included), for monitoring.alerts
         self.swarm_outcomes: dict[str, int] = {"completed": 0, "failed": 0}
+        #: a second holder or outcome of one attempt: the broker keeps no single order
+        self.divergence = DivergenceWatch(self.me)
 
     # ---------------------------------------------------------------- queries
     def free_slots(self) -> int:
@@ -541,19 +545,42 @@ class Scheduler:
     def on_outcome(self, outcome: Outcome) -> list[Command]:
         """A final outcome on ``tasks/complete`` or ``tasks/failed``."""
         kind = "completed" if outcome.success else "failed"
+        reports = self._divergence(outcome)
         if not self.book.observe_outcome(outcome):
             if outcome.agent_id == self.me:
                 self.swarm_outcomes[kind] += 1  # our own, marked finished before it went out
-            return []
+            return reports
         self.swarm_outcomes[kind] += 1
         entry = self.entries.get(outcome.task_id)
         if entry is None:
-            return []
+            return reports
         if entry.phase is Phase.RUNNING:
-            return [self._stop(entry, StopReason.FENCED)]
+            return [*reports, self._stop(entry, StopReason.FENCED)]
         if entry.phase is not Phase.STOPPING:
             self._forget(entry)
-        return []
+        return reports
+
+    def _divergence(self, outcome: Outcome) -> list[Command]:
+        """A second holder or final outcome of one attempt (:class:`DivergenceWatch`):
+        logged here; the report to publish, if it is ours to publish."""
+        entry = self.entries.get(outcome.task_id)
+        holding = entry.attempt if entry is not None and entry.phase in _HOLDING else None
+        topic = self.topics.tasks_complete if outcome.success else self.topics.tasks_failed
+        out: list[Command] = []
+        for report in self.divergence.on_outcome(
+            outcome.task_id, outcome.attempt, outcome.agent_id, holding=holding, topic=topic
+        ):
+            log_event(
+                logging.ERROR,
+                report.message,
+                self.me,
+                task_id=report.task_id,
+                incident=report.incident.value,
+                reporting="yes" if report.publish else None,
+            )
+            if report.publish:
+                out.append(report)
+        return out
 
     def on_cancel(self, task_id: str) -> list[Command]:
         """A cancel request: a running task stops; one nobody claimed never starts."""
@@ -631,6 +658,7 @@ class Scheduler:
         """We are about to publish ``entry``'s final outcome: it is finished here first,
         so its echo from the broker is recognised as ours."""
         self.counters["completed" if success else "failed"] += 1
+        self.divergence.finished(entry.task_id, entry.attempt)
         self.book.mark_finished(entry.task_id, success)
         self.queue.discard(entry.task_id)
         return [ClearPending(entry.task_id)] if entry.marker else []
