@@ -164,3 +164,108 @@ async def _client(
     async with open_client(broker.tcp_url, client_id=client_id) as client:
         task_status.started(client)
         await trio.sleep_forever()
+
+
+# ------------------------------------------------------------- two dispatchers
+class LogWaiter(logging.Handler):
+    """Wakes a waiter on every log record (handled synchronously, in the trio thread)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self._changed = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, text: str) -> None:
+        while not any(text in m for m in self.messages):
+            await self._changed.wait()
+
+
+@pytest.mark.parametrize("bridge", [True, False], ids=["bridged", "one-broker"])
+async def test_two_dispatchers_in_office_are_reported(
+    bridged: BridgedBrokers,
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
+    bridge: bool,
+) -> None:
+    """Dispatch mode: a is the dispatcher (on the first broker); b, on the second, is
+    made to see a vacancy (an offline status of a's term published there), stands and
+    wins a session on its own broker: two dispatchers, reported by the older term (a).
+    ``one-broker``, the control: b on a's broker takes a's session over, a's term ends:
+    no report."""
+    caplog.set_level(logging.INFO, logger="sheri_trio")
+    swarm = f"leaders-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    first, second = bridged.brokers
+    b_broker = second if bridge else first
+    watcher = Watcher()
+    shutdown = trio.Event()
+    logs = LogWaiter()
+    logging.getLogger("sheri_trio").addHandler(logs)
+    request.addfinalizer(lambda: logging.getLogger("sheri_trio").removeHandler(logs))
+
+    def config(agent_id: str, broker: MosquittoBroker) -> AgentConfig:
+        return AgentConfig(
+            role="general",
+            agent_id=agent_id,
+            swarm=swarm,
+            broker=broker.tcp_url,
+            heartbeat_interval=0.5,
+            lease_time=2.0,
+            grace_period=1.0,
+            dispatch="dispatcher",
+            executor_config={"executors": {"simulate": True}},
+        )
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(_client, first, f"watch-{secrets.token_hex(3)}")
+            started = trio.Event()
+            nursery.start_soon(watcher.run, client, topics, started)
+            await started.wait()
+            await nursery.start(partial(run_agent, config(f"{swarm}-a", first), shutdown=shutdown))
+            await nursery.start(
+                partial(run_agent, config(f"{swarm}-b", b_broker), shutdown=shutdown)
+            )
+            # b follows a; now b's broker says a's term is over (as a will would)
+            other = await nursery.start(_client, b_broker, f"forge-{secrets.token_hex(3)}")
+            async with other.subscribe(topics.dispatch_status, qos=1) as statuses:
+                status = json.loads((await statuses.receive()).payload)["payload"]
+            assert (status["agent_id"], status["status"]) == (f"{swarm}-a", "online")
+            offline = {
+                "agent_id": status["agent_id"],
+                "epoch": status["epoch"],
+                "status": "offline",
+            }
+            await other.publish(
+                topics.dispatch_status, encode(status["agent_id"], "general", offline), retain=True
+            )
+            await logs.wait(f"{swarm}-b is the dispatcher of {swarm} (epoch {status['epoch'] + 1})")
+            if bridge:
+                await watcher.wait(lambda: _leaders(watcher.reports))
+            else:  # a's term ends (taken over); then quiet: a marker through the broker
+                await logs.wait(f"{swarm}-a: dispatcher term {status['epoch']} ended")
+                marker = secrets.token_hex(4)
+                await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
+                await watcher.wait(lambda: marker in watcher.markers)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    leaders = _leaders(watcher.reports)
+    if not bridge:
+        assert leaders == []
+        return
+    (report,) = leaders
+    assert report["reported_by"] == f"{swarm}-a"  # the older term
+    assert report["agents"] == [f"{swarm}-a", f"{swarm}-b"]
+    assert report["error"] == (
+        f"two dispatchers are in office at once ({swarm}-a and {swarm}-b; epoch "
+        f"{status['epoch'] + 1}); {DIVERGENCE_FIX}"
+    )
+
+
+def _leaders(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in reports if r.get("incident") == "second_leader"]

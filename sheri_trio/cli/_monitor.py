@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import signal
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
@@ -60,6 +60,10 @@ class SwarmView:
         self.tasks: OrderedDict[str, TaskRow] = OrderedDict()
         self.max_tasks = max_tasks
         self.messages = 0
+        #: the latest reports on ``{swarm}/errors``: (reporter, error), divergence first
+        self.errors: deque[tuple[str, str]] = deque(maxlen=5)
+        #: reports that the broker keeps no single order (a second holder, outcome, leader)
+        self.divergences = 0
 
     def _agent(self, agent_id: str) -> AgentRow:
         row = self.agents.get(agent_id)
@@ -86,6 +90,14 @@ class SwarmView:
         agent_id = agent_id if isinstance(agent_id, str) else None
         role = p.get("role", env.role)
         role = role if isinstance(role, str) else None
+        if topic == t.errors:
+            error = p.get("error")
+            if isinstance(error, str):
+                reporter = p.get("reported_by", env.agent_id)
+                self.errors.append((reporter if isinstance(reporter, str) else "?", error[:500]))
+                if p.get("kind") == "divergence":
+                    self.divergences += 1
+            return
         status_of = t.status_agent_id(topic)
         if status_of is not None:
             row = self._agent(status_of)
@@ -195,7 +207,19 @@ class SwarmView:
             f"{online} online, {len(self.agents)} known; {self.messages} messages; "
             f"claim store {self.claim_store}"
         )
-        return Group(agents, tasks, summary)
+        if not self.errors:
+            return Group(agents, tasks, summary)
+        lines = [Text(f"errors reported on {self.topics.errors}:", style="bold red")]
+        if self.divergences:
+            lines.append(
+                Text(
+                    f"{self.divergences} report(s) that tasks ran twice or two dispatchers "
+                    "served: see below",
+                    style="bold red",
+                )
+            )
+        lines += [Text(f"{who}: {error}", style="red") for who, error in self.errors]
+        return Group(agents, tasks, summary, *lines)
 
 
 async def monitor_cmd(

@@ -168,6 +168,7 @@ async def _submit_and_follow(
             topics.tasks_failed,
             topics.tasks_released,
             topics.agents_status_all,
+            topics.errors,
             qos=1,
         ) as messages:
             waiting_for = f"publishing task {body['task_id']} (waiting for its PUBACK)"
@@ -210,6 +211,7 @@ async def _follow(
     book = ClaimBook()
     holder: tuple[str, int] | None = None  # (agent id, attempt) of the latest winning claim
     waiting_since = ""  # why we wait for a claim: "" (first claim) or what happened
+    reported: set[str] = set()  # the swarm's divergence reports shown (once each)
     say(f"submitted {task_id} ({body['type']}, priority {body['priority']}) to {topics.swarm}")
     deadline = trio.current_time() + wait_timeout
     while True:
@@ -228,6 +230,12 @@ async def _follow(
             continue
         p = env.payload
         topic = message.topic
+        if topic == topics.errors:
+            error = p.get("error")
+            if p.get("kind") == "divergence" and isinstance(error, str) and error not in reported:
+                reported.add(error)  # about this task or another: the swarm is affected
+                say(f"swarm error (reported by {p.get('reported_by', '?')}): {short(error, 600)}")
+            continue
         status_of = topics.status_agent_id(topic)
         if status_of is not None:
             role = p.get("role", env.role)

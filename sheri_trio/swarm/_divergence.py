@@ -8,14 +8,15 @@ make it visible in three ways, none of which happens on a single broker:
 * **a second holder**: another agent publishes the final outcome of the very attempt
   this agent holds (its own claim came back first here, the other's came first there);
 * **a second final outcome**: two agents publish final outcomes for one attempt;
-* **a second leader**: a dispatcher in its term sees another one online with an epoch
-  not newer than its own (a successor always has a newer epoch).
+* **a second leader**: a dispatcher in its term sees another one online, and its own
+  dispatch session still works after that (on one broker the other took it over).
 
 :class:`DivergenceWatch` tells them apart from the ordinary (an echo, a redelivery, a
 fenced older attempt, a successor) and says who publishes each incident, so that one
 agent reports it once on ``{swarm}/errors``: the holder that saw its task finished by
-another (only it can see that); for a second outcome or leader, the smaller id of the
-two agents involved (both see it). Every agent that sees an incident logs it once.
+another (only it can see that); for a second outcome, the smaller id of the two agents
+involved (both see it); for a second leader, the older term. Every agent that sees an
+incident logs it once.
 Nothing here reads a clock or does I/O.
 """
 
@@ -121,14 +122,19 @@ class DivergenceWatch:
         self, agent_id: str, epoch: int, *, my_epoch: int | None, topic: str
     ) -> list[ReportDivergence]:
         """Another dispatcher's online status, seen while we are in the term ``my_epoch``
-        (None: we are not the dispatcher). A newer epoch is our successor (our term is
-        over, whether we know it yet or not): not an incident."""
-        if my_epoch is None or agent_id == self.me or epoch > my_epoch:
+        (None: we are not the dispatcher).
+
+        On a single broker that happens only in a takeover (the newcomer took our
+        session: our term is over), so the caller reports the incident only once our
+        dispatch session proved alive after it (a round trip). It is published by the
+        older term (the newer may never see the older's status, published before it
+        stood), between equal epochs by the smaller id.
+        """
+        if my_epoch is None or agent_id == self.me:
             return []
         agents = tuple(sorted((self.me, agent_id)))
-        return self._incident(
-            Incident.SECOND_LEADER, None, epoch, agents, topic, self.me == agents[0]
-        )
+        publish = epoch > my_epoch or (epoch == my_epoch and self.me == agents[0])
+        return self._incident(Incident.SECOND_LEADER, None, epoch, agents, topic, publish)
 
     # --------------------------------------------------------------- helpers
     def _first(self, task_id: str, attempt: int, agent_id: str) -> str:
