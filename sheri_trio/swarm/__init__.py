@@ -77,6 +77,7 @@ from ._queue import ClaimQueue as ClaimQueue
 from ._queue import Placed as Placed
 from ._runner import Outbox as Outbox
 from ._runner import TaskRunner as TaskRunner
+from ._scheduler import AnnounceClaim as AnnounceClaim
 from ._scheduler import ClearPending as ClearPending
 from ._scheduler import Command as Command
 from ._scheduler import Entry as Entry
@@ -92,6 +93,7 @@ from ._scheduler import SendRelease as SendRelease
 from ._scheduler import StartTask as StartTask
 from ._scheduler import StopReason as StopReason
 from ._scheduler import StopTask as StopTask
+from ._scheduler import StoreClaim as StoreClaim
 from ._startup import DuplicateAgent as DuplicateAgent
 from ._startup import Startup as Startup
 from ._startup import StartupError as StartupError

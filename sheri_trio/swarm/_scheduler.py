@@ -50,9 +50,11 @@ from ._protocol import (
 from ._queue import ClaimQueue, Placed
 
 if TYPE_CHECKING:
+    from ..stores import Verdict
     from ._config import AgentConfig
 
 __all__ = [
+    "AnnounceClaim",
     "ClearPending",
     "Command",
     "Entry",
@@ -68,6 +70,7 @@ __all__ = [
     "StartTask",
     "StopReason",
     "StopTask",
+    "StoreClaim",
 ]
 
 log = logging.getLogger("sheri_trio.agent")
@@ -128,6 +131,25 @@ class Entry:
 @dataclass(frozen=True, slots=True)
 class SendClaim:
     """Publish our claim for ``attempt`` on ``tasks/assigned``."""
+
+    task_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreClaim:
+    """With a claim store: ask the store for ``attempt`` (``takeover``: the holder is dead
+    in presence), and give its verdict to :meth:`Scheduler.on_store_verdict`."""
+
+    task_id: str
+    attempt: int
+    takeover: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceClaim:
+    """With a claim store: the store gave us ``attempt``; say so on ``tasks/assigned``
+    (for observers: the broker's order no longer decides)."""
 
     task_id: str
     attempt: int
@@ -203,6 +225,8 @@ Command = (
     | ReportError
     | ReportDivergence
     | Reannounce
+    | StoreClaim
+    | AnnounceClaim
 )
 
 
@@ -247,6 +271,11 @@ class Scheduler:
         self.swarm_outcomes: dict[str, int] = {"completed": 0, "failed": 0}
         #: a second holder or outcome of one attempt: the broker keeps no single order
         self.divergence = DivergenceWatch(self.me)
+        #: a claim store decides the holder of each attempt (docs/stores.md), not the
+        #: broker's order: claims are StoreClaim commands, their verdicts come back
+        self.store_mode = config.store.kind != "broker"
+        #: tasks queued for a takeover (their holder is dead in presence)
+        self._takeovers: set[str] = set()
 
     # ---------------------------------------------------------------- queries
     def free_slots(self) -> int:
@@ -371,6 +400,7 @@ class Scheduler:
                 logging.WARNING, "resuming a task of our previous run", self.me, task_id=task_id
             )
             self._enqueue(entry, attempt + 1)
+            self._takeovers.add(task_id)  # our earlier life is gone
 
     # -------------------------------------------------------- dispatch mode
     def on_inbox(self, env: Envelope) -> list[Command]:
@@ -469,9 +499,10 @@ class Scheduler:
         return []
 
     # ------------------------------------------------------------ claiming
-    def claims(self) -> list[SendClaim]:
-        """The claims to publish now: the most urgent candidates, one per free slot."""
-        out: list[SendClaim] = []
+    def claims(self) -> list[SendClaim | StoreClaim]:
+        """The claims to make now: the most urgent candidates, one per free slot (with a
+        claim store: to ask the store, :class:`StoreClaim`)."""
+        out: list[SendClaim | StoreClaim] = []
         while self.accepting and self.free_slots() > 0:
             got = self.queue.pop(self._still_wanted)
             if got is None:
@@ -481,7 +512,11 @@ class Scheduler:
             entry.attempt = attempt
             self._set_phase(entry, Phase.CLAIMING)
             self.counters["claimed"] += 1
-            out.append(SendClaim(task_id, attempt))
+            if self.store_mode:
+                out.append(StoreClaim(task_id, attempt, task_id in self._takeovers))
+                self._takeovers.discard(task_id)
+            else:
+                out.append(SendClaim(task_id, attempt))
         return out
 
     def on_claim(self, claim: Claim, now: float) -> list[Command]:
@@ -493,6 +528,8 @@ class Scheduler:
             return []
         mine = claim.agent_id == self.me
         ours = entry.attempt if entry.phase is Phase.CLAIMING else None
+        if self.store_mode and ours is not None:
+            return []  # our claim is with the store: its verdict decides, not this order
         if verdict is ClaimVerdict.WON:
             self.queue.discard(task_id)
             if mine and ours == claim.attempt:
@@ -530,6 +567,48 @@ class Scheduler:
             else:
                 self._set_phase(entry, Phase.HELD)
         return []
+
+    def on_store_verdict(
+        self, task_id: str, attempt: int, verdict: Verdict, now: float
+    ) -> list[Command]:
+        """The claim store's answer to our :class:`StoreClaim` of ``attempt``."""
+        entry = self.entries.get(task_id)
+        wanted = entry is not None and entry.phase is Phase.CLAIMING and entry.attempt == attempt
+        if verdict.value == "won":
+            self.book.observe_claim(Claim(task_id, self.me, attempt, self.role), now)
+            if entry is None or not wanted or not self.accepting:
+                # no longer wanted (finished, cancelled meanwhile) or leaving: given back
+                if entry is not None and wanted:
+                    self._set_phase(entry, Phase.HELD)
+                log_event(logging.INFO, "won in the store, not wanted: released", self.me,
+                          task_id=task_id)  # fmt: skip
+                self.counters["released"] += 1
+                return [SendRelease(task_id, attempt)]
+            self.counters["won"] += 1
+            self.queue.discard(task_id)
+            self._set_phase(entry, Phase.RUNNING)
+            return [AnnounceClaim(task_id, attempt), StartTask(entry, attempt)]
+        if entry is None or not wanted:
+            return []
+        self.counters["lost"] += 1
+        if verdict.value == "finished":
+            self.book.mark_finished(task_id, True)  # its outcome is in the store
+            self._forget(entry)
+        else:  # lost, stale, held (a takeover too early: tried again at the next lease check)
+            self._set_phase(entry, Phase.HELD)
+        log_event(logging.DEBUG, "the store gave it to another", self.me, task_id=task_id,
+                  verdict=verdict.value)  # fmt: skip
+        return []
+
+    def on_store_unavailable(self, claim: StoreClaim) -> None:
+        """Our :class:`StoreClaim` got no answer: the task waits in the queue again (the
+        shell claims nothing more until the store is back)."""
+        entry = self.entries.get(claim.task_id)
+        if entry is not None and entry.phase is Phase.CLAIMING and entry.attempt == claim.attempt:
+            self._set_phase(entry, Phase.HELD)
+            self._enqueue(entry, claim.attempt)
+            if claim.takeover:
+                self._takeovers.add(claim.task_id)
 
     def on_released(self, claim: Claim) -> list[Command]:
         """A holder gave ``claim.attempt`` back: take it over with the next attempt."""
@@ -652,6 +731,7 @@ class Scheduler:
                     attempt=holder.attempt + 1,
                 )
                 self._enqueue(entry, holder.attempt + 1)
+                self._takeovers.add(task_id)
 
     # --------------------------------------------------------------- endings
     def finish(self, entry: Entry, success: bool) -> list[Command]:

@@ -1,0 +1,110 @@
+"""A claim store on two bridged mosquittos (issue 11): the same contention as
+tests/test_divergence_bridge.py (3 agents on each broker, 300 tasks published on one),
+now with a Redis or a PostgreSQL store deciding. Every task runs exactly once and has
+exactly one final outcome, as seen on both brokers; nothing is reported."""
+
+from __future__ import annotations
+
+import collections
+import secrets
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+from store_helpers import create_database, drop_database, pg_url, require_postgres
+from test_divergence_bridge import PER_BROKER, TASKS, Watcher, _client
+
+from sheri_trio.executors import ExecutorRegistry
+from sheri_trio.stores import parse_store_url
+from sheri_trio.swarm import AgentConfig, Topics, encode, run_agent
+from sheri_trio.testing import RedisServer
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from sheri_trio.executors import TaskContext
+    from sheri_trio.stores import StoreConfig
+    from sheri_trio.swarm import Agent
+    from sheri_trio.testing import BridgedBrokers, MosquittoBroker
+
+
+@pytest.fixture(params=["redis", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreConfig]:
+    if request.param == "redis":
+        with RedisServer(tmp_path / "redis") as server:
+            yield parse_store_url(server.url(), source="flag")
+        return
+    require_postgres()
+    name = create_database()
+    try:
+        yield parse_store_url(pg_url(name), source="flag")
+    finally:
+        drop_database(name)
+
+
+async def test_with_a_store_every_task_runs_once_on_a_bridge(
+    bridged: BridgedBrokers, store: StoreConfig
+) -> None:
+    swarm = f"stored-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    executions: collections.Counter[str] = collections.Counter()
+
+    async def count(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        await trio.lowlevel.checkpoint()
+        return {"ran": True}
+
+    registry = ExecutorRegistry({"probe.run": count})
+    brokers: tuple[MosquittoBroker, MosquittoBroker] = bridged.brokers
+    watchers = [Watcher(), Watcher()]
+    agents: list[Agent] = []
+    shutdown = trio.Event()
+    ids = [f"t{n:03d}" for n in range(TASKS)]
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            clients = []
+            for broker, watcher in zip(brokers, watchers, strict=True):
+                client = await nursery.start(_client, broker, f"watch-{secrets.token_hex(3)}")
+                clients.append(client)
+                started = trio.Event()
+                nursery.start_soon(watcher.run, client, topics, started)
+                await started.wait()
+            for side, broker in enumerate(brokers):
+                for i in range(PER_BROKER):
+                    config = AgentConfig(
+                        role="general",
+                        agent_id=f"{swarm}-{'ab'[side]}{i}",
+                        swarm=swarm,
+                        broker=broker.tcp_url,
+                        heartbeat_interval=1.0,
+                        lease_time=10.0,
+                        max_tasks=4,
+                        store=store,
+                    )
+                    agent = await nursery.start(
+                        partial(run_agent, config, executors=registry, shutdown=shutdown)
+                    )
+                    assert agent.store is not None
+                    agents.append(agent)
+            for task_id in ids:
+                body = {"task_id": task_id, "type": "probe.run", "payload": {}}
+                await clients[0].publish(topics.tasks_new, encode(None, None, body), qos=1)
+            for watcher in watchers:
+                await watcher.wait(lambda w=watcher: all(t in w.outcomes for t in ids))
+            for client in clients:  # quiet: markers from both brokers reached both
+                marker = secrets.token_hex(4)
+                await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
+                for watcher in watchers:
+                    await watcher.wait(lambda w=watcher, m=marker: m in w.markers)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert executions == dict.fromkeys(ids, 1)  # each ran exactly once
+    for watcher in watchers:
+        assert all(len(watcher.outcomes[t]) == 1 for t in ids)  # one accepted outcome each
+        assert [r for r in watcher.reports if r.get("kind") == "divergence"] == []
+    first, second = (w.holders for w in watchers)
+    assert first == second  # one holder per attempt, whichever broker one asks
+    holders = {agent for outcomes in watchers[0].outcomes.values() for _, agent in outcomes}
+    assert len(holders) > 1  # the work was shared
