@@ -6,6 +6,7 @@ exactly one final outcome, as seen on both brokers; nothing is reported."""
 from __future__ import annotations
 
 import collections
+import logging
 import secrets
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 from store_helpers import create_database, drop_database, pg_url, require_postgres
-from test_divergence_bridge import PER_BROKER, TASKS, Watcher, _client
+from test_divergence_bridge import PER_BROKER, TASKS, LogWaiter, Watcher, _client
 
 from sheri_trio.executors import ExecutorRegistry
 from sheri_trio.stores import parse_store_url
@@ -108,3 +109,76 @@ async def test_with_a_store_every_task_runs_once_on_a_bridge(
     assert first == second  # one holder per attempt, whichever broker one asks
     holders = {agent for outcomes in watchers[0].outcomes.values() for _, agent in outcomes}
     assert len(holders) > 1  # the work was shared
+
+
+async def test_a_store_that_stops_holds_new_work_back_then_restarts_empty(
+    fresh_broker: MosquittoBroker, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Redis stopped mid-run: agents claim nothing (no fallback to the broker's order),
+    the outcome of a task running meanwhile waits; Redis back, empty: every task runs
+    once and has one outcome."""
+    swarm = f"outage-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    executions: collections.Counter[str] = collections.Counter()
+    gate = trio.Event()  # the first task runs until the store is down
+    running = trio.Event()
+
+    async def work(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        if ctx.task_id == "t00":
+            running.set()
+            await gate.wait()
+        return {"ran": True}
+
+    registry = ExecutorRegistry({"probe.run": work})
+    watcher = Watcher()
+    shutdown = trio.Event()
+    logs = LogWaiter()
+    logging.getLogger("sheri_trio").addHandler(logs)
+    request.addfinalizer(lambda: logging.getLogger("sheri_trio").removeHandler(logs))
+    with RedisServer(tmp_path / "redis") as redis_server, trio.fail_after(60):
+        store = parse_store_url(redis_server.url(), source="flag")
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(_client, fresh_broker, "watch")
+            started = trio.Event()
+            nursery.start_soon(watcher.run, client, topics, started)
+            await started.wait()
+            for i in range(2):
+                config = AgentConfig(
+                    role="general",
+                    agent_id=f"{swarm}-{i}",
+                    swarm=swarm,
+                    broker=fresh_broker.tcp_url,
+                    heartbeat_interval=1.0,
+                    lease_time=10.0,
+                    store=store,
+                )
+                await nursery.start(
+                    partial(run_agent, config, executors=registry, shutdown=shutdown)
+                )
+
+            async def submit(task_id: str) -> None:
+                body = {"task_id": task_id, "type": "probe.run", "payload": {}}
+                await client.publish(topics.tasks_new, encode(None, None, body), qos=1)
+
+            await submit("t00")
+            await running.wait()
+            redis_server.stop()
+            ids = [f"t{n:02d}" for n in range(1, 11)]
+            for task_id in ids:
+                await submit(task_id)
+            await logs.wait("claim store unavailable: no new tasks")
+            gate.set()  # t00 ends while the store is down: its outcome waits
+            await logs.wait("claim store unavailable: outcome waits")
+            assert sum(executions[t] for t in ids) == 0  # nothing new taken meanwhile
+            assert "t00" not in watcher.outcomes
+            redis_server.start()  # empty: no persistence
+            for task_id in ["t00", *ids]:
+                await watcher.wait(lambda t=task_id: t in watcher.outcomes)
+            marker = secrets.token_hex(4)
+            await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
+            await watcher.wait(lambda: marker in watcher.markers)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert executions == dict.fromkeys(["t00", *ids], 1)
+    assert all(len(v) == 1 for v in watcher.outcomes.values())
