@@ -15,6 +15,8 @@ from sheri_trio.swarm._scheduler import (
     Scheduler,
     SendRelease,
     StartTask,
+    StopReason,
+    StopTask,
     StoreClaim,
 )
 
@@ -98,3 +100,17 @@ def test_a_win_no_longer_wanted_is_released() -> None:
     assert s.on_store_verdict("a", 1, Verdict.WON, 1.0) == [SendRelease("a", 1)]
     assert s.on_store_verdict("zz", 1, Verdict.WON, 1.0) == [SendRelease("zz", 1)]
     assert s.on_store_verdict("zz", 1, Verdict.LOST, 1.0) == []
+
+
+def test_holds_to_renew_and_a_hold_lost_stops_the_run() -> None:
+    s = make()
+    task(s, "a")
+    task(s, "b")
+    s.claims()
+    (_, start) = s.on_store_verdict("a", 1, Verdict.WON, 1.0)
+    assert s.holds() == [("a", 1)]  # b is still with the store
+    (stop,) = s.on_hold_lost("a", 1)
+    assert stop == StopTask(start.entry, StopReason.FENCED)  # type: ignore[union-attr]
+    assert s.holds() == []
+    assert s.on_hold_lost("a", 1) == []  # stopping already
+    assert s.on_hold_lost("b", 1) == []  # not ours yet

@@ -17,7 +17,7 @@ from store_helpers import create_database, drop_database, pg_url, require_postgr
 from test_divergence_bridge import PER_BROKER, TASKS, LogWaiter, Watcher, _client
 
 from sheri_trio.executors import ExecutorRegistry
-from sheri_trio.stores import parse_store_url
+from sheri_trio.stores import open_store, parse_store_url
 from sheri_trio.swarm import AgentConfig, Topics, encode, run_agent
 from sheri_trio.testing import RedisServer
 
@@ -182,3 +182,64 @@ async def test_a_store_that_stops_holds_new_work_back_then_restarts_empty(
             nursery.cancel_scope.cancel()
     assert executions == dict.fromkeys(["t00", *ids], 1)
     assert all(len(v) == 1 for v in watcher.outcomes.values())
+
+
+async def test_a_holder_re_asserts_its_hold_after_redis_restarts_empty(
+    fresh_broker: MosquittoBroker, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The holder's next renewal finds nothing and re-creates its hold (no other holder
+    exists); the other agent does not take the task over; it runs once."""
+    swarm = f"empty-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    executions: collections.Counter[str] = collections.Counter()
+    gate, running = trio.Event(), trio.Event()
+
+    async def work(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        running.set()
+        await gate.wait()
+        return {"by": ctx.agent_id}
+
+    watcher = Watcher()
+    shutdown = trio.Event()
+    logs = LogWaiter()
+    logging.getLogger("sheri_trio").addHandler(logs)
+    request.addfinalizer(lambda: logging.getLogger("sheri_trio").removeHandler(logs))
+    with RedisServer(tmp_path / "redis") as redis_server, trio.fail_after(60):
+        store = parse_store_url(redis_server.url(), source="flag")
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(_client, fresh_broker, "watch")
+            started = trio.Event()
+            nursery.start_soon(watcher.run, client, topics, started)
+            await started.wait()
+            for i in range(2):
+                config = AgentConfig(
+                    role="general",
+                    agent_id=f"{swarm}-{i}",
+                    swarm=swarm,
+                    broker=fresh_broker.tcp_url,
+                    heartbeat_interval=0.2,
+                    lease_time=1.0,
+                    store=store,
+                )
+                registry = ExecutorRegistry({"probe.run": work})
+                await nursery.start(
+                    partial(run_agent, config, executors=registry, shutdown=shutdown)
+                )
+            body = {"task_id": "t1", "type": "probe.run", "payload": {}}
+            await client.publish(topics.tasks_new, encode(None, None, body), qos=1)
+            await running.wait()
+            redis_server.restart()  # empty
+            await logs.wait("hold re-asserted in the claim store")
+            async with open_store(store, swarm) as probe:
+                hold = await probe.hold("t1")
+            assert hold is not None
+            assert hold.live
+            assert hold.attempt == 1
+            gate.set()
+            await watcher.wait(lambda: "t1" in watcher.outcomes)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert executions == {"t1": 1}
+    ((attempt, holder),) = watcher.outcomes["t1"]
+    assert (attempt, holder) == (1, hold.holder)

@@ -271,6 +271,28 @@ class Agent:
             await trio.sleep_until(next_beat)
             next_beat += interval
             await self._beat(self.config.max_tasks if self.scheduler.accepting else 0)
+            if self.store is not None:
+                await self._renew_holds()
+
+    async def _renew_holds(self) -> None:
+        """With a store: renew the lease of every attempt we run; one the store lost (it
+        restarted empty) is re-asserted; one another agent holds now stops (fenced)."""
+        assert self.store is not None
+        lease = self.config.lease_time
+        for task_id, attempt in self.scheduler.holds():
+            try:
+                if await self.store.renew(task_id, attempt, self.agent_id, lease):
+                    continue
+                if await self.store.assert_hold(task_id, attempt, self.agent_id, lease):
+                    self._log(logging.WARNING, "hold re-asserted in the claim store",
+                              task_id=task_id, attempt=attempt)  # fmt: skip
+                    continue
+            except StoreUnavailable as exc:
+                self._log(logging.WARNING, "claim store unavailable: lease not renewed",
+                          error=exc)  # fmt: skip
+                return
+            for command in self.scheduler.on_hold_lost(task_id, attempt):
+                await self._carry_out(command)
 
     async def _beat(self, capacity: int) -> None:
         s = self.scheduler

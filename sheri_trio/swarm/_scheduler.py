@@ -610,6 +610,20 @@ class Scheduler:
             if claim.takeover:
                 self._takeovers.add(claim.task_id)
 
+    def holds(self) -> list[tuple[str, int]]:
+        """With a store: the attempts we hold and run, whose leases the shell renews."""
+        return [(e.task_id, e.attempt) for e in self.running.values() if e.phase is Phase.RUNNING]
+
+    def on_hold_lost(self, task_id: str, attempt: int) -> list[Command]:
+        """The store neither renewed nor re-created our hold (another holder has it): the
+        run stops, fenced (its outcome would be refused)."""
+        entry = self.entries.get(task_id)
+        if entry is None or entry.phase is not Phase.RUNNING or entry.attempt != attempt:
+            return []
+        log_event(logging.WARNING, "hold lost in the claim store: stopped", self.me,
+                  task_id=task_id, attempt=attempt)  # fmt: skip
+        return [self._stop(entry, StopReason.FENCED)]
+
     def on_released(self, claim: Claim) -> list[Command]:
         """A holder gave ``claim.attempt`` back: take it over with the next attempt."""
         if self.book.release(claim.task_id, claim.attempt):
