@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_scheduler import alive, claim, offline, task
+from test_scheduler import alive, claim, offline, outcome, task
 
 from sheri_trio.stores import Verdict, parse_store_url
 from sheri_trio.swarm._config import AgentConfig
 from sheri_trio.swarm._scheduler import (
     AnnounceClaim,
     Phase,
+    RepublishOutcome,
     Scheduler,
     SendRelease,
     StartTask,
@@ -60,7 +61,8 @@ def test_a_finished_verdict_forgets_the_task_and_it_never_runs_here() -> None:
     s = make()
     task(s, "a")
     s.claims()
-    assert s.on_store_verdict("a", 1, Verdict.FINISHED, 1.0) == []
+    # its outcome never reached us: the stored one is published again
+    assert s.on_store_verdict("a", 1, Verdict.FINISHED, 1.0) == [RepublishOutcome("a")]
     assert "a" not in s.entries
     assert s.book.is_finished("a")
     assert task(s, "a") == []  # re-submitted: not run again
@@ -114,3 +116,14 @@ def test_holds_to_renew_and_a_hold_lost_stops_the_run() -> None:
     assert s.holds() == []
     assert s.on_hold_lost("a", 1) == []  # stopping already
     assert s.on_hold_lost("b", 1) == []  # not ours yet
+
+
+def test_a_finished_verdict_for_an_outcome_seen_republishes_nothing() -> None:
+    s = make()
+    alive(s, "other", "testing", 0.0)
+    task(s, "a")
+    claim(s, "a", "other")
+    offline(s, "other", 5.0)
+    s.claims()  # a takeover ...
+    outcome(s, "a", "other")  # ... while the outcome arrives
+    assert s.on_store_verdict("a", 2, Verdict.FINISHED, 6.0) == []

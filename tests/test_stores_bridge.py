@@ -17,7 +17,7 @@ from store_helpers import create_database, drop_database, pg_url, require_postgr
 from test_divergence_bridge import PER_BROKER, TASKS, LogWaiter, Watcher, _client
 
 from sheri_trio.executors import ExecutorRegistry
-from sheri_trio.stores import open_store, parse_store_url
+from sheri_trio.stores import Verdict, open_store, parse_store_url
 from sheri_trio.swarm import AgentConfig, Topics, encode, run_agent
 from sheri_trio.testing import RedisServer
 
@@ -243,3 +243,43 @@ async def test_a_holder_re_asserts_its_hold_after_redis_restarts_empty(
     assert executions == {"t1": 1}
     ((attempt, holder),) = watcher.outcomes["t1"]
     assert (attempt, holder) == (1, hold.holder)
+
+
+async def test_an_outcome_stored_but_never_published_is_published_again(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Its holder died between the store's finish and its publish: an agent that claims
+    the task (a re-submission) gets FINISHED and publishes the stored outcome."""
+    swarm = f"ghost-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    ran: list[str] = []
+
+    async def work(ctx: TaskContext) -> dict[str, Any]:
+        ran.append(ctx.task_id)
+        return {}
+
+    watcher = Watcher()
+    shutdown = trio.Event()
+    with RedisServer(tmp_path / "redis") as redis_server, trio.fail_after(30):
+        store = parse_store_url(redis_server.url(), source="flag")
+        lost = {"task_id": "t1", "agent_id": "ghost", "status": "success", "attempt": 1,
+                "type": "probe.run", "result": {"n": 7}}  # fmt: skip
+        async with open_store(store, swarm) as ghost:
+            assert await ghost.claim("t1", 1, "ghost", 30.0) is Verdict.WON
+            assert await ghost.finish("t1", 1, "ghost", lost)
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(_client, broker, "watch")
+            started = trio.Event()
+            nursery.start_soon(watcher.run, client, topics, started)
+            await started.wait()
+            config = AgentConfig(role="general", agent_id=f"{swarm}-0", swarm=swarm,
+                                 broker=broker.tcp_url, store=store)  # fmt: skip
+            registry = ExecutorRegistry({"probe.run": work})
+            await nursery.start(partial(run_agent, config, executors=registry, shutdown=shutdown))
+            body = {"task_id": "t1", "type": "probe.run", "payload": {}}
+            await client.publish(topics.tasks_new, encode(None, None, body), qos=1)
+            await watcher.wait(lambda: "t1" in watcher.outcomes)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert ran == []  # not run again
+    assert watcher.outcomes["t1"] == {(1, "ghost")}

@@ -85,6 +85,7 @@ from ._scheduler import FailReason as FailReason
 from ._scheduler import Phase as Phase
 from ._scheduler import Reannounce as Reannounce
 from ._scheduler import ReportError as ReportError
+from ._scheduler import RepublishOutcome as RepublishOutcome
 from ._scheduler import Scheduler as Scheduler
 from ._scheduler import SendClaim as SendClaim
 from ._scheduler import SendFailed as SendFailed

@@ -40,6 +40,7 @@ from ._scheduler import (
     Command,
     Reannounce,
     ReportError,
+    RepublishOutcome,
     Scheduler,
     SendClaim,
     SendFailed,
@@ -365,6 +366,8 @@ class Agent:
             await self._publish(t.tasks_assigned, claim, wait_ack=False)
         elif type(command) is StoreClaim:
             await self._store_claim(command)
+        elif type(command) is RepublishOutcome:
+            await self._republish(command.task_id)
         elif type(command) is AnnounceClaim:
             claim = m.claim(command.task_id, command.attempt)
             await self._publish(t.tasks_assigned, claim, wait_ack=False)
@@ -433,6 +436,23 @@ class Agent:
             task_id, attempt, verdict, trio.current_time()
         ):
             await self._carry_out(follow)
+
+    async def _republish(self, task_id: str) -> None:
+        """Publish the outcome the store accepted (its holder's payload, as it stored it)."""
+        assert self.store is not None
+        try:
+            stored = await self.store.outcome(task_id)
+        except StoreUnavailable as exc:
+            self._log(logging.WARNING, "claim store unavailable: outcome not republished",
+                      task_id=task_id, error=exc)  # fmt: skip
+            return
+        if stored is None:
+            return
+        payload = dict(stored.outcome)
+        topic = self.topics.tasks_complete if payload.get("status") == "success" else None
+        self._log(logging.WARNING, "republishing the stored outcome", task_id=task_id,
+                  holder=stored.holder, attempt=stored.attempt)  # fmt: skip
+        await self._publish(topic or self.topics.tasks_failed, payload)
 
     async def _store_finish(self, task_id: str, attempt: int, outcome: dict[str, Any]) -> bool:
         """With a store: the outcome is stored before it is published; False: the store

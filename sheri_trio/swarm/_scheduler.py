@@ -62,6 +62,7 @@ __all__ = [
     "Phase",
     "Reannounce",
     "ReportError",
+    "RepublishOutcome",
     "Scheduler",
     "SendClaim",
     "SendFailed",
@@ -156,6 +157,15 @@ class AnnounceClaim:
 
 
 @dataclass(frozen=True, slots=True)
+class RepublishOutcome:
+    """With a claim store: the store has the task's outcome and we never saw it on the
+    broker (its holder may have died between the store and its publish): publish the
+    stored one."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class StartTask:
     """We won ``attempt``: run it (its slot is already counted)."""
 
@@ -227,6 +237,7 @@ Command = (
     | Reannounce
     | StoreClaim
     | AnnounceClaim
+    | RepublishOutcome
 )
 
 
@@ -592,8 +603,10 @@ class Scheduler:
             return []
         self.counters["lost"] += 1
         if verdict.value == "finished":
+            seen = self.book.is_finished(task_id)
             self.book.mark_finished(task_id, True)  # its outcome is in the store
             self._forget(entry)
+            return [] if seen else [RepublishOutcome(task_id)]
         else:  # lost, stale, held (a takeover too early: tried again at the next lease check)
             self._set_phase(entry, Phase.HELD)
         log_event(logging.DEBUG, "the store gave it to another", self.me, task_id=task_id,
