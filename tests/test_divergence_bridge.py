@@ -71,12 +71,17 @@ class Watcher:
             await self.changed.wait()
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["agents-on-both", "agents-on-one"])
+@pytest.mark.parametrize(
+    ("split", "on_both"),
+    [(True, False), (False, False), (True, True)],
+    ids=["agents-on-both", "agents-on-one", "tasks-on-both"],
+)
 async def test_broker_mode_on_a_bridge_reports_every_task_that_ran_twice(
-    bridged: BridgedBrokers, caplog: pytest.LogCaptureFixture, split: bool
+    bridged: BridgedBrokers, caplog: pytest.LogCaptureFixture, split: bool, on_both: bool
 ) -> None:
     """``agents-on-one``: the control, every agent on the first broker (one order): no
-    task is held twice, nothing is reported."""
+    task is held twice, nothing is reported. ``tasks-on-both``: each task is published on
+    both brokers at once (a duplicate task id), which makes the race likelier."""
     caplog.set_level(logging.ERROR, logger="sheri_trio.agent")
     swarm = f"bridge-{secrets.token_hex(3)}"
     topics = Topics(swarm)
@@ -118,9 +123,12 @@ async def test_broker_mode_on_a_bridge_reports_every_task_that_ran_twice(
                     )
                     agents.append(agent)
             ids = [f"t{n:03d}" for n in range(TASKS)]
-            for task_id in ids:  # on the first broker only, as in the issue
+            for task_id in ids:  # on the first broker only, as in the issue (or on both)
                 body = {"task_id": task_id, "type": "probe.run", "payload": {}}
-                await clients[0].publish(topics.tasks_new, encode(None, None, body), qos=1)
+                data = encode(None, None, body)
+                async with trio.open_nursery() as at_once:
+                    for client in clients if on_both else clients[:1]:
+                        at_once.start_soon(partial(client.publish, topics.tasks_new, data, qos=1))
             for watcher in watchers:  # nothing lost, as seen on both brokers
                 await watcher.wait(lambda w=watcher: all(t in w.outcomes for t in ids))
             first, second = (w.holders for w in watchers)
@@ -137,8 +145,8 @@ async def test_broker_mode_on_a_bridge_reports_every_task_that_ran_twice(
             shutdown.set()
             nursery.cancel_scope.cancel()
     assert sorted(executions) == ids  # every task ran
-    twice = {t for t, n in executions.items() if n > 1}
-    assert twice <= held_twice  # ran twice: held by two
+    ran_twice = {t for t, n in executions.items() if n > 1}
+    assert ran_twice <= held_twice  # ran twice: held by two
     for watcher in watchers:
         reports = [r for r in watcher.reports if r.get("kind") == "divergence"]
         assert _reported(reports) == held_twice  # every one, and no false alarm
@@ -151,7 +159,7 @@ async def test_broker_mode_on_a_bridge_reports_every_task_that_ran_twice(
     assert logged == held_twice
     if not split:
         assert held_twice == set()
-    print(f"{len(held_twice)} of {TASKS} tasks held twice, {len(twice)} ran twice")
+    print(f"{len(held_twice)} of {TASKS} tasks held twice, {len(ran_twice)} ran twice")
 
 
 def _reported(reports: list[dict[str, Any]]) -> set[str]:

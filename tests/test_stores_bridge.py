@@ -283,3 +283,59 @@ async def test_an_outcome_stored_but_never_published_is_published_again(
             nursery.cancel_scope.cancel()
     assert ran == []  # not run again
     assert watcher.outcomes["t1"] == {(1, "ghost")}
+
+
+async def test_a_task_published_on_both_brokers_runs_once_with_a_store(
+    bridged: BridgedBrokers, store: StoreConfig
+) -> None:
+    """The same task ids submitted on each broker at once (a duplicate task id, each
+    side's agents seeing their own copy first): each runs once."""
+    swarm = f"dup-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    executions: collections.Counter[str] = collections.Counter()
+
+    async def count(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        await trio.lowlevel.checkpoint()
+        return {}
+
+    registry = ExecutorRegistry({"probe.run": count})
+    watchers = [Watcher(), Watcher()]
+    shutdown = trio.Event()
+    ids = [f"d{n:02d}" for n in range(50)]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            clients = []
+            for broker, watcher in zip(bridged.brokers, watchers, strict=True):
+                client = await nursery.start(_client, broker, f"watch-{secrets.token_hex(3)}")
+                clients.append(client)
+                started = trio.Event()
+                nursery.start_soon(watcher.run, client, topics, started)
+                await started.wait()
+            for side, broker in enumerate(bridged.brokers):
+                for i in range(PER_BROKER):
+                    agent_id = f"{swarm}-{'ab'[side]}{i}"
+                    config = AgentConfig(
+                        role="general", agent_id=agent_id, swarm=swarm, broker=broker.tcp_url,
+                        store=store,
+                    )  # fmt: skip
+                    await nursery.start(
+                        partial(run_agent, config, executors=registry, shutdown=shutdown)
+                    )
+            for task_id in ids:
+                data = encode(None, None, {"task_id": task_id, "type": "probe.run", "payload": {}})
+                async with trio.open_nursery() as both:  # on each broker at once
+                    for client in clients:
+                        both.start_soon(partial(client.publish, topics.tasks_new, data, qos=1))
+            for watcher in watchers:
+                await watcher.wait(lambda w=watcher: all(t in w.outcomes for t in ids))
+            for client in clients:
+                marker = secrets.token_hex(4)
+                await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
+                for watcher in watchers:
+                    await watcher.wait(lambda w=watcher, m=marker: m in w.markers)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert executions == dict.fromkeys(ids, 1)
+    for watcher in watchers:
+        assert all(len(watcher.outcomes[t]) == 1 for t in ids)
