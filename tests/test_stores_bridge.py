@@ -6,13 +6,16 @@ exactly one final outcome, as seen on both brokers; nothing is reported."""
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import secrets
+import signal
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+from childproc import online_process
 from store_helpers import create_database, drop_database, pg_url, require_postgres
 from test_divergence_bridge import PER_BROKER, TASKS, LogWaiter, Watcher, _client
 
@@ -339,3 +342,77 @@ async def test_a_task_published_on_both_brokers_runs_once_with_a_store(
     assert executions == dict.fromkeys(ids, 1)
     for watcher in watchers:
         assert all(len(watcher.outcomes[t]) == 1 for t in ids)
+
+
+_VICTIM = """
+import sys, trio, logging
+logging.basicConfig(level=logging.WARNING)
+from sheri_trio.stores import parse_store_url
+from sheri_trio.swarm import AgentConfig, run_agent
+cfg = AgentConfig(role="testing", agent_id=sys.argv[2], swarm=sys.argv[3], broker=sys.argv[1],
+                  heartbeat_interval=0.5, lease_time=2.0, keep_alive=5,
+                  store=parse_store_url(sys.argv[4], source="flag"),
+                  executor_config={"executors": {"simulate": True}})
+async def main():
+    async with trio.open_nursery() as n:
+        await n.start(run_agent, cfg)
+        print("online", flush=True)
+trio.run(main)
+"""
+
+
+async def test_a_crashed_holder_s_task_is_taken_over_once_through_the_store(
+    bridged: BridgedBrokers, store: StoreConfig
+) -> None:
+    """The holder (on the second broker) is killed mid-task; agents on the first broker
+    take it over through the store once its lease ran out there: attempt 2 runs once."""
+    swarm = f"crash-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    first, second = bridged.brokers
+    ran: list[tuple[str, int]] = []
+
+    async def quick(ctx: TaskContext) -> dict[str, Any]:
+        ran.append((ctx.agent_id, ctx.attempt))
+        return {}
+
+    watcher = Watcher()
+    shutdown = trio.Event()
+    survivors = [f"{swarm}-s{i}" for i in range(2)]
+    url = store.url.replace(":***@", "@")  # no password in these stores
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(_client, first, "watch")
+            started = trio.Event()
+            nursery.start_soon(watcher.run, client, topics, started)
+            await started.wait()
+            async with online_process(_VICTIM, second.tcp_url, f"{swarm}-v", swarm, url) as proc:
+                body = {"task_id": "t1", "type": "testing.run",
+                        "payload": {"simulate_seconds": 60}}  # fmt: skip
+                async with client.subscribe(topics.task_state("t1"), qos=1) as states:
+                    await client.publish(topics.tasks_new, encode(None, None, body), qos=1)
+                    while True:  # its claimed record is retained on the first broker too
+                        state = json.loads((await states.receive()).payload)["payload"]
+                        if state.get("state") in ("claimed", "running"):
+                            break
+                assert state["agent_id"] == f"{swarm}-v"
+                for agent_id in survivors:
+                    config = AgentConfig(
+                        role="testing", agent_id=agent_id, swarm=swarm, broker=first.tcp_url,
+                        heartbeat_interval=0.25, lease_time=1.0, store=store,
+                    )  # fmt: skip
+                    registry = ExecutorRegistry({"testing.run": quick})
+                    await nursery.start(
+                        partial(run_agent, config, executors=registry, shutdown=shutdown)
+                    )
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+            await watcher.wait(lambda: "t1" in watcher.outcomes)
+            marker = secrets.token_hex(4)
+            await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
+            await watcher.wait(lambda: marker in watcher.markers)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    ((attempt, holder),) = watcher.outcomes["t1"]
+    assert attempt == 2
+    assert holder in survivors
+    assert ran == [(holder, 2)]  # once
