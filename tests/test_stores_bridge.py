@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 from childproc import online_process
-from store_helpers import create_database, drop_database, pg_url, require_postgres
+from store_helpers import (
+    create_database,
+    drop_database,
+    pg_url,
+    require_postgres,
+    set_accepting,
+)
 from test_divergence_bridge import PER_BROKER, TASKS, LogWaiter, Watcher, _client
 
 from sheri_trio.executors import ExecutorRegistry
@@ -114,12 +120,58 @@ async def test_with_a_store_every_task_runs_once_on_a_bridge(
     assert len(holders) > 1  # the work was shared
 
 
-async def test_a_store_that_stops_holds_new_work_back_then_restarts_empty(
-    fresh_broker: MosquittoBroker, tmp_path: Path, request: pytest.FixtureRequest
+class Outage:
+    """A store of the test's own that can go away and come back: a redis-server
+    (stopped, then started empty: no persistence) or a PostgreSQL database (connections
+    refused and the open ones ended, then allowed again: its data kept)."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self._redis: RedisServer | None = None
+        self._database = ""
+        if kind == "redis":
+            self._redis = RedisServer(tmp_path / "redis")
+            self._redis.start()
+            self.config = parse_store_url(self._redis.url(), source="flag")
+        else:
+            require_postgres()
+            self._database = create_database()
+            self.config = parse_store_url(pg_url(self._database), source="flag")
+
+    async def stop(self) -> None:
+        if self._redis is not None:
+            self._redis.stop()
+        else:
+            await trio.to_thread.run_sync(set_accepting, self._database, False)
+
+    async def start(self) -> None:
+        if self._redis is not None:
+            self._redis.start()
+        else:
+            await trio.to_thread.run_sync(set_accepting, self._database, True)
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.stop()
+        else:
+            drop_database(self._database)
+
+
+@pytest.fixture(params=["redis", "postgresql"])
+def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Outage]:
+    store = Outage(request.param, tmp_path)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+async def test_a_store_that_stops_holds_new_work_back_then_comes_back(
+    fresh_broker: MosquittoBroker, outage: Outage, request: pytest.FixtureRequest
 ) -> None:
-    """Redis stopped mid-run: agents claim nothing (no fallback to the broker's order),
-    the outcome of a task running meanwhile waits; Redis back, empty: every task runs
-    once and has one outcome."""
+    """The store goes away mid-run: agents claim nothing (no fallback to the broker's
+    order), the outcome of a task running meanwhile waits; the store back (Redis: empty):
+    every task runs once and has one outcome."""
     swarm = f"outage-{secrets.token_hex(3)}"
     topics = Topics(swarm)
     executions: collections.Counter[str] = collections.Counter()
@@ -139,8 +191,8 @@ async def test_a_store_that_stops_holds_new_work_back_then_restarts_empty(
     logs = LogWaiter()
     logging.getLogger("sheri_trio").addHandler(logs)
     request.addfinalizer(lambda: logging.getLogger("sheri_trio").removeHandler(logs))
-    with RedisServer(tmp_path / "redis") as redis_server, trio.fail_after(60):
-        store = parse_store_url(redis_server.url(), source="flag")
+    store = outage.config
+    with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             client = await nursery.start(_client, fresh_broker, "watch")
             started = trio.Event()
@@ -166,7 +218,7 @@ async def test_a_store_that_stops_holds_new_work_back_then_restarts_empty(
 
             await submit("t00")
             await running.wait()
-            redis_server.stop()
+            await outage.stop()
             ids = [f"t{n:02d}" for n in range(1, 11)]
             for task_id in ids:
                 await submit(task_id)
@@ -175,7 +227,7 @@ async def test_a_store_that_stops_holds_new_work_back_then_restarts_empty(
             await logs.wait("claim store unavailable: outcome waits")
             assert sum(executions[t] for t in ids) == 0  # nothing new taken meanwhile
             assert "t00" not in watcher.outcomes
-            redis_server.start()  # empty: no persistence
+            await outage.start()  # Redis: empty
             for task_id in ["t00", *ids]:
                 await watcher.wait(lambda t=task_id: t in watcher.outcomes)
             marker = secrets.token_hex(4)
