@@ -61,6 +61,9 @@ class Settings:
     peer_tasks: int
     peer_workers: int
     dispatch: str
+    presence_agents: list[int]
+    retained_records: int
+    our_processes: list[int]
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -89,6 +92,13 @@ def settings(args: argparse.Namespace) -> Settings:
         peer_tasks=args.peer_tasks or (300 if quick else 2_000),
         peer_workers=9,
         dispatch=args.dispatch,
+        presence_agents=[
+            int(x) for x in (args.presence_agents or ("100" if quick else "100,1000")).split(",")
+        ],
+        retained_records=args.retained_records or (10_000 if quick else 100_000),
+        our_processes=[
+            int(x) for x in (args.our_processes or ("1" if quick else "1,2")).split(",")
+        ],
     )
 
 
@@ -174,6 +184,10 @@ def plan(s: Settings, sections: set[str], have_ws: bool, nagle: bool) -> int:
     if "memory" in sections:
         steps += 2
     if "startup" in sections:
+        steps += 1
+    if "presence" in sections:
+        steps += s.reps * len(s.presence_agents)
+    if "retained" in sections:
         steps += 1
     return steps
 
@@ -283,12 +297,14 @@ def swarm_run(
     dispatch: str,
     task_seconds: float = 0.0,
     max_tasks: int = 16,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """One ``tasks`` measurement (bench/tasks.py) with the given swarm and workload."""
     wait = 60 + tasks * agents / 200 + tasks * task_seconds / max(agents, 1)
     argv = ["--agents", str(agents), "--tasks", str(tasks), "--lone", str(lone)]
     argv += ["--workload", workload, "--dispatch", dispatch, "--max-tasks", str(max_tasks)]
     argv += ["--task-seconds", str(task_seconds), "--timeout", f"{wait:.0f}"]
+    argv += ["--processes", str(processes)]
     return run("tasks", url, *argv, timeout=180 + 2 * wait + lone * (1 + task_seconds))
 
 
@@ -346,13 +362,14 @@ def capacity(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
 
 def peers(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
     """Our 9-agent swarm (all types, no-op) and each peer's 9 workers, interleaved."""
-    rows = ["sheri-trio", *s.peers]
+    ours = {("sheri-trio" if p == 1 else f"sheri-trio-{p}p"): p for p in s.our_processes}
+    rows = [*ours, *s.peers]
     runs = []
     for rep in range(s.reps):
         shift = rep % len(rows)
         for row in rows[shift:] + rows[:shift]:
             step(f"peers {rep + 1}/{s.reps}: {row}, {s.peer_tasks} no-op tasks at once")
-            if row == "sheri-trio":
+            if row in ours:
                 r = swarm_run(
                     run,
                     url,
@@ -361,6 +378,7 @@ def peers(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
                     lone=s.lone_tasks,
                     workload="all-types",
                     dispatch=s.dispatch,
+                    processes=ours[row],
                 )
             else:
                 argv = ["--peer", row, "--tasks", str(s.peer_tasks), "--lone", str(s.lone_tasks)]
@@ -389,6 +407,24 @@ def memory(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
 def startup(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
     step(f"start-up to online status ({s.startup_reps} runs each)")
     return run("startup", url, "--reps", str(s.startup_reps), "--timeout", "20", timeout=600)
+
+
+def presence(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
+    """One swarm of each size started at once: time to online, idle presence traffic."""
+    runs = []
+    for rep in range(s.reps):
+        for agents in s.presence_agents:
+            step(f"presence {rep + 1}/{s.reps}: {agents} agents started at once")
+            argv = ["--agents", str(agents), "--dispatch", s.dispatch, "--timeout", "120"]
+            r = run("presence", url, *argv, timeout=600)
+            runs.append({"rep": rep + 1, **r})
+    return {"agents": s.presence_agents, "reps": s.reps, "dispatch": s.dispatch, "runs": runs}
+
+
+def retained(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
+    step(f"retained: an agent started next to {s.retained_records:,} finished tasks")
+    argv = ["--records", str(s.retained_records), "--dispatch", s.dispatch, "--reps", "3"]
+    return run("retained", url, *argv, timeout=900)
 
 
 # ---------------------------------------------------------------------------- main
@@ -446,9 +482,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--peer-tasks", type=int, help="peers: tasks submitted at once")
     p.add_argument(
+        "--presence-agents",
+        help="presence: swarm sizes started at once (comma-separated; default 100,1000)",
+    )
+    p.add_argument(
+        "--retained-records", type=int, help="retained: final task states left in the swarm"
+    )
+    p.add_argument(
+        "--our-processes",
+        help="peers: our swarm's rows, as processes its 9 agents are spread over "
+        "(sheri swarm --processes; default 1,2: two rows)",
+    )
+    p.add_argument(
         "--dispatch",
         default="broadcast",
-        help="scale, capacity, peers: the swarm's dispatch rule (today only broadcast)",
+        help="scale, capacity, peers, presence, retained: the swarm's dispatch rule",
     )
     p.add_argument(
         "--only",
@@ -532,13 +580,14 @@ def main(argv: list[str] | None = None) -> int:
             results["skipped"] = {"peers": "redis-server not found (apt-get install redis-server)"}
             console.print("[yellow]peers skipped[/]: redis-server not found")
         if "peers" in sections and s.peers:
-            from .redis_server import RedisServer
+            from sheri_trio.testing import RedisServer
 
             with console.status("starting redis-server"):
-                redis = RedisServer(Path(tmp.name) / "redis")
+                redis = RedisServer(Path(tmp.name) / "redis", password=True)
                 brokers.append(redis)
                 redis.start()
-            run.env["BENCH_REDIS_URL"] = redis.url  # never on a command line
+            # never on a command line (the server reads it from its config file)
+            run.env["BENCH_REDIS_URL"] = redis.url(credentials=True)
             run.env["BENCH_REDIS_PID"] = str(redis.pid)
             results["redis"] = {
                 "config": 'private redis-server on 127.0.0.1, save "", appendonly no, a password'
@@ -587,6 +636,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["memory"] = memory(run, s, urls["tcp"], step)
             if "startup" in sections:
                 results["startup"] = startup(run, s, urls["tcp"], step)
+            if "presence" in sections:
+                results["presence"] = presence(run, s, urls["tcp"], step)
+            if "retained" in sections:
+                results["retained"] = retained(run, s, urls["tcp"], step)
             progress.advance(bar)
             progress.update(bar, description="done")
     finally:

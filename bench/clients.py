@@ -59,6 +59,9 @@ OTHER_KINDS = (
     "startup",
     "agent",
     "broker-version",
+    "presence",
+    "retained",
+    "share",
 )
 DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "ws": 80}
 PAHO_MAX_UNACKED = 60_000
@@ -701,9 +704,63 @@ def run_tasks(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
             task_seconds=args.task_seconds,
             dispatch=args.dispatch,
             broker_pid=int(pid) if pid else None,
+            processes=args.processes,
         )
     )
     return {"kind": "tasks", **result}
+
+
+def run_share(args: argparse.Namespace, url_text: str) -> dict[str, Any] | None:
+    """One share of a ``tasks --processes N`` swarm (bench/tasks.py ``run_share``)."""
+    import trio
+
+    from bench.tasks import run_share as share
+
+    trio.run(
+        lambda: share(
+            url_text,
+            args.swarm,
+            [int(i) for i in args.indices.split(",") if i],
+            agents=args.agents,
+            max_tasks=args.max_tasks,
+            task_seconds=args.task_seconds,
+            dispatch=args.dispatch,
+        )
+    )
+    return None
+
+
+def run_presence(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
+    """One swarm of ``--agents`` started at once: start-up and idle presence traffic."""
+    import trio
+
+    from bench.presence import swarm_presence
+
+    result = trio.run(
+        lambda: swarm_presence(
+            url_text,
+            agents=args.agents,
+            dispatch=args.dispatch,
+            heartbeat_interval=args.heartbeat,
+            intervals=args.intervals,
+            start_timeout=args.timeout,
+        )
+    )
+    return {"kind": "presence", **result}
+
+
+def run_retained(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
+    """An agent started next to ``--records`` retained final task states."""
+    import trio
+
+    from bench.presence import retained_start
+
+    result = trio.run(
+        lambda: retained_start(
+            url_text, records=args.records, dispatch=args.dispatch, reps=args.reps
+        )
+    )
+    return {"kind": "retained", **result}
 
 
 # ---------------------------------------------------------------------- peers
@@ -1033,6 +1090,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-tasks", type=int, default=16, help="tasks: max_tasks of each agent")
     p.add_argument(
+        "--processes", type=int, default=1, help="tasks: the agents, in turn, over N processes"
+    )
+    p.add_argument("--indices", default="", help="share: which agents of the swarm (0-based)")
+    p.add_argument(
         "--workload",
         choices=("unknown", "all-types"),
         default="unknown",
@@ -1048,6 +1109,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--settle", type=float, default=1.0, help="memory: seconds before measuring")
     p.add_argument("--reps", type=int, default=3, help="startup: repetitions")
+    p.add_argument(
+        "--heartbeat", type=float, default=2.0, help="presence: the agents' heartbeat_interval"
+    )
+    p.add_argument("--intervals", type=int, default=3, help="presence: heartbeat intervals counted")
+    p.add_argument("--records", type=int, default=100_000, help="retained: final task states")
     p.add_argument("--agent-id", default="bench-agent", help="agent: its id")
     p.add_argument("--swarm", default="bench", help="agent: its swarm")
     return p
@@ -1068,6 +1134,9 @@ RUNNERS = {
     "startup": run_startup,
     "agent": run_agent_process,
     "broker-version": run_broker_version,
+    "presence": lambda a, u: run_presence(a, u),
+    "retained": lambda a, u: run_retained(a, u),
+    "share": run_share,
 }
 
 
@@ -1077,8 +1146,9 @@ def main(argv: list[str] | None = None) -> None:
     if not url and args.kind != "peer":
         raise SystemExit("bench.clients: set BENCH_URL (or --url) to the broker URL")
     result = RUNNERS[args.kind](args, url or "")
-    sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
+    if result is not None:  # share: it printed its own lines
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -240,15 +241,22 @@ def peer_rows(results: dict[str, Any]) -> list[list[str]]:
         rate = e["tasks_per_s"]
         ours = e.get("ours_over_peer", {}).get("median")
         lone = e.get("lone_peer_over_ours", {}).get("median")
+        others = e.get("others_over_peer", {})
+        more = "; ".join(
+            f"{row.removeprefix('sheri-trio-').removesuffix('p')} processes: {_x(r.get('median'))}"
+            for row, r in others.items()
+        )
         rows.append(
             [
                 e["label"],
                 _n(rate["median"], 0),
                 f"{_n(rate['min'], 0)} - {_n(rate['max'], 0)}",
-                "" if e["row"] == "sheri-trio" else _x(ours),
+                ""
+                if e["row"].startswith("sheri-trio")
+                else _x(ours) + (f" ({more})" if more else ""),
                 f"{e['duplicates']} / {e['losses']}",
                 _lone(e),
-                "" if e["row"] == "sheri-trio" else _x(lone),
+                "" if e["row"].startswith("sheri-trio") else _x(lone),
                 _n(e.get("workers_cpu_per_task_us"), 0),
                 _n(e.get("broker_cpu_per_task_us"), 0),
             ]
@@ -358,6 +366,62 @@ def startup_rows(results: dict[str, Any]) -> list[list[str]]:
 STARTUP_HEAD = ["process", "spawn -> online s (median)", "min - max", "note"]
 
 
+def presence_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per swarm size: medians over the repetitions (issue 10: 1,000 agents
+    online in <= 10 s, <= 3n presence deliveries per heartbeat interval)."""
+    section = results.get("presence")
+    if not section:
+        return []
+    rows = []
+    for agents in section["agents"]:
+        runs = [r for r in section["runs"] if r.get("agents") == agents and "start_s" in r]
+        if not runs:
+            continue
+        start = statistics.median(r["start_s"] for r in runs)
+        per = [r["deliveries_per_interval_per_agent"] for r in runs if "deliveries" in r]
+        rows.append(
+            [
+                f"{agents:,} agents",
+                section["dispatch"],
+                _n(start, 2),
+                f"{min(r['start_s'] for r in runs):.2f} - {max(r['start_s'] for r in runs):.2f}",
+                _n(statistics.median(per), 2) if per else "-",
+                _n(runs[0]["heartbeat_interval"], 1),
+                f"{len(runs)} runs; " + ", ".join(f"{r['online']} online" for r in runs),
+            ]
+        )
+    return rows
+
+
+PRESENCE_HEAD = [
+    "swarm (started at once)",
+    "dispatch",
+    "all online s (median)",
+    "min - max",
+    "presence deliveries / interval / agent",
+    "heartbeat s",
+    "note",
+]
+
+
+def retained_rows(results: dict[str, Any]) -> list[list[str]]:
+    r = results.get("retained")
+    if not r or "online_s" not in r:
+        return []
+    times = r["online_s"]
+    return [
+        [
+            f"{r['records']:,} final task states",
+            r["dispatch"],
+            _n(r["online_s_median"], 3),
+            f"{min(times):.3f} - {max(times):.3f}",
+        ]
+    ]
+
+
+RETAINED_HEAD = ["retained next to it", "dispatch", "start -> online s (median)", "min - max"]
+
+
 def target_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     for t in results.get("targets", []):
@@ -450,6 +514,8 @@ def rich_tables(results: dict[str, Any]) -> list[Any]:
     table("Task queues: workers and delivery guarantees", GUARANTEE_HEAD, guarantee_rows(results))
     table("Memory: RSS with n agents in one process", MEMORY_HEAD, memory_rows(results))
     table("Start-up: process spawn to retained online status", STARTUP_HEAD, startup_rows(results))
+    table("Presence: one swarm started at once, then idle", PRESENCE_HEAD, presence_rows(results))
+    table("An agent started next to finished tasks", RETAINED_HEAD, retained_rows(results))
     table("Targets", TARGET_HEAD, target_rows(results))
     return out
 
@@ -523,6 +589,11 @@ def markdown(results: dict[str, Any]) -> str:
         parts += ["", "### Memory", "", _md_table(MEMORY_HEAD, memory_rows(results))]
     if startup_rows(results):
         parts += ["", "### Start-up", "", _md_table(STARTUP_HEAD, startup_rows(results))]
+    if presence_rows(results):
+        parts += ["", "### Presence", "", _md_table(PRESENCE_HEAD, presence_rows(results))]
+    if retained_rows(results):
+        parts += ["", "### Start next to finished tasks", ""]
+        parts += [_md_table(RETAINED_HEAD, retained_rows(results))]
     parts += ["", "### Targets", "", _md_table(TARGET_HEAD, target_rows(results))]
     return "\n".join(parts) + "\n"
 

@@ -348,12 +348,24 @@ def summarize_peers(section: dict[str, Any]) -> dict[str, Any]:
         mine = [r for r in runs if r["row"] == row]
         ok = [r for r in mine if "error" not in r]
         peer = PEERS.get(row)
+        procs = (
+            int(row.removeprefix("sheri-trio-").removesuffix("p"))
+            if row.startswith("sheri-trio-")
+            else 1
+        )
         entry: dict[str, Any] = {
             "row": row,
             "label": peer.label
             if peer
-            else f"sheri-trio ({section.get('dispatch', 'broadcast')}, all types)",
-            "layout": peer.layout if peer else "9 agents in one process, max_tasks 16",
+            else f"sheri-trio ({section.get('dispatch', 'broadcast')}, all types"
+            + (f", {procs} processes)" if procs > 1 else ")"),
+            "layout": peer.layout
+            if peer
+            else (
+                f"9 agents over {procs} processes (sheri swarm --processes {procs}), max_tasks 16"
+                if procs > 1
+                else "9 agents in one process, max_tasks 16"
+            ),
             "guarantee": peer.guarantee if peer else GUARANTEE_OURS,
             "runs": len(ok),
             "errors": [r["error"] for r in mine if "error" in r],
@@ -372,6 +384,11 @@ def summarize_peers(section: dict[str, Any]) -> dict[str, Any]:
             )
         if peer is not None:
             entry["ours_over_peer"] = _per_rep_ratio(runs, "row", "sheri-trio", row)
+            for other in section["rows"]:  # sheri-trio-2p, ...: our other rows
+                if other.startswith("sheri-trio-"):
+                    entry.setdefault("others_over_peer", {})[other] = _per_rep_ratio(
+                        runs, "row", other, row
+                    )
             entry["lone_peer_over_ours"] = _per_rep_ratio(
                 runs, "row", row, "sheri-trio", field="lone_latency_p50_ms"
             )

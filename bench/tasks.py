@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -105,6 +108,137 @@ class SysCounter:
             v0, t0, r0 = v, t, r
 
 
+def _registry(executions: Counter[str], task_seconds: float) -> ExecutorRegistry:
+    async def noop(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        if task_seconds:
+            await trio.sleep(task_seconds)
+        return {}
+
+    registry = ExecutorRegistry({t: noop for t in ALL_TYPES})
+    registry.fallback = noop
+    return registry
+
+
+def _agent_config(
+    url: str, swarm: str, i: int, agents: int, max_tasks: int, dispatch: str
+) -> AgentConfig:
+    role = NINE_ROLES[i % len(NINE_ROLES)]
+    return AgentConfig(
+        role=role,
+        agent_id=f"{swarm}-{role}-{i}",
+        swarm=swarm,
+        broker=url,
+        max_tasks=max_tasks,
+        check_duplicate=False,
+        default_timeout=None,
+        state_retention=600,  # retained task states expire 10 minutes after the run
+        **dispatch_options(dispatch),
+    )
+
+
+async def _start_agents(
+    nursery: trio.Nursery,
+    configs: list[AgentConfig],
+    registry: ExecutorRegistry,
+    stop: trio.Event,
+) -> list[Agent]:
+    running: list[Agent] = []
+    for cfg in configs:
+        running.append(
+            await nursery.start(
+                lambda task_status, cfg=cfg: run_agent(
+                    cfg, executors=registry, shutdown=stop, task_status=task_status
+                )
+            )
+        )
+    return running
+
+
+async def _read_lines(stream: trio.abc.ReceiveStream) -> Any:
+    buffer = b""
+    while True:
+        chunk = await stream.receive_some()
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line.decode()
+
+
+async def run_share(
+    url: str,
+    swarm: str,
+    indices: list[int],
+    *,
+    agents: int,
+    max_tasks: int,
+    task_seconds: float,
+    dispatch: str,
+) -> None:
+    """One share of a bench swarm in a child process (``python -m bench.clients share``):
+    prints ``online`` once its agents are; then each ``stat`` line on stdin is answered
+    with this process's CPU time and its agents' deliveries; at stdin's end the agents
+    leave and their executions per task are printed (JSON), as the last line."""
+    executions: Counter[str] = Counter()
+    registry = _registry(executions, task_seconds)
+    configs = [_agent_config(url, swarm, i, agents, max_tasks, dispatch) for i in indices]
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    async with trio.open_nursery() as nursery:
+        stop = trio.Event()
+        running = await _start_agents(nursery, configs, registry, stop)
+        print("online", flush=True)
+        async for line in _read_lines(stdin):
+            if line == "stat":
+                received = sum(a.client.statistics()["messages_received"] for a in running)
+                print(json.dumps({"cpu_s": time.process_time(), "received": received}), flush=True)
+        stop.set()
+    print(json.dumps({"executions": dict(executions)}), flush=True)
+
+
+class _Share:
+    """The parent's side of one :func:`run_share` child."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        self._lines = _read_lines(proc.stdout)
+        self.stdin = proc.stdin
+
+    async def line(self) -> str:
+        line: str = await self._lines.__anext__()
+        return line
+
+    async def stat(self) -> dict[str, Any]:
+        await self.stdin.send_all(b"stat\n")
+        result: dict[str, Any] = json.loads(await self.line())
+        return result
+
+    async def finish(self) -> dict[str, int]:
+        await self.stdin.aclose()
+        last = ""
+        async for line in self._lines:
+            last = line
+        await self.proc.wait()
+        executions: dict[str, int] = json.loads(last)["executions"]
+        return executions
+
+
+async def _start_share(url: str, argv: list[str]) -> _Share:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "bench.clients", "share", *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "BENCH_URL": url},
+    )
+    share = _Share(proc)
+    if await share.line() != "online":
+        raise RuntimeError("a share of the bench swarm did not come online")
+    return share
+
+
 async def task_rate(
     url: str,
     *,
@@ -119,6 +253,7 @@ async def task_rate(
     broker_pid: int | None = None,
     count_at_broker: bool = True,
     settle_max: float = 30.0,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Submit ``tasks`` tasks of ``workload`` at once, wait for every outcome.
 
@@ -141,17 +276,9 @@ async def task_rate(
     types = task_types(workload)
     # Idle traffic: every agent's heartbeat (every 10 s) reaches every agent, plus slack.
     idle_limit = 2 * agents * agents / AgentConfig().heartbeat_interval + 20
-    options = dispatch_options(dispatch)
+    dispatch_options(dispatch)  # refused before anything starts
     executions: Counter[str] = Counter()
-
-    async def noop(ctx: TaskContext) -> dict[str, Any]:
-        executions[ctx.task_id] += 1
-        if task_seconds:
-            await trio.sleep(task_seconds)
-        return {}
-
-    registry = ExecutorRegistry({t: noop for t in ALL_TYPES})
-    registry.fallback = noop
+    registry = _registry(executions, task_seconds)
     roles = [NINE_ROLES[i % len(NINE_ROLES)] for i in range(agents)]
     missing = {r for t in types for r in TASK_ROLES.get(t, ("general",))} - set(roles)
     if missing:  # their tasks would wait for ever
@@ -162,27 +289,20 @@ async def task_rate(
     finals: Counter[str] = Counter()
     running: list[Agent] = []
     at_broker: dict[str, Any] = {}
+    shares: list[_Share] = []
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
-        for i, role in enumerate(roles):
-            cfg = AgentConfig(
-                role=role,
-                agent_id=f"{swarm}-{role}-{i}",
-                swarm=swarm,
-                broker=url,
-                max_tasks=max_tasks,
-                check_duplicate=False,
-                default_timeout=None,
-                state_retention=600,  # retained task states expire 10 minutes after the run
-                **options,
-            )
-            running.append(
-                await nursery.start(
-                    lambda task_status, cfg=cfg: run_agent(
-                        cfg, executors=registry, shutdown=stop, task_status=task_status
-                    )
-                )
-            )
+        # the agents in turn over the processes: this one runs share 0
+        for k in range(1, processes):
+            argv = ["--swarm", swarm, "--agents", str(agents), "--max-tasks", str(max_tasks)]
+            argv += ["--task-seconds", str(task_seconds), "--dispatch", dispatch]
+            argv += ["--indices", ",".join(str(i) for i in range(k, agents, processes))]
+            shares.append(await _start_share(url, argv))
+        mine = [
+            _agent_config(url, swarm, i, agents, max_tasks, dispatch)
+            for i in range(0, agents, processes)
+        ]
+        running = await _start_agents(nursery, mine, registry, stop)
         async with (
             open_client(url, client_id=f"{swarm}-submitter") as client,
             client.subscribe(f"{swarm}/tasks/complete", f"{swarm}/tasks/failed") as msgs,
@@ -202,6 +322,7 @@ async def task_rate(
                 with trio.move_on_after(settle_max):
                     at_broker["start"] = await sys_counter.wait_quiet(idle_limit)
             base = [a.client.statistics()["messages_received"] for a in running]
+            share_base = [await share.stat() for share in shares]
             cpu0, broker0 = time.process_time(), process_cpu_s(broker_pid)
             t0 = time.perf_counter()
 
@@ -234,6 +355,10 @@ async def task_rate(
                 a.client.statistics()["messages_received"] - b
                 for a, b in zip(running, base, strict=True)
             )
+            for share, before in zip(shares, share_base, strict=True):
+                after = await share.stat()
+                cpu += after["cpu_s"] - before["cpu_s"]
+                received += after["received"] - before["received"]
             for i in range(lone if len(finals) == tasks else 0):
                 task_id = f"lone-{i}"
                 body = {"payload": {"task_id": task_id, "type": types[i % len(types)]}}
@@ -247,14 +372,19 @@ async def task_rate(
                 lone_latencies.append(time.perf_counter() - sent)
             sys_scope.cancel()
         stop.set()
+        for share in shares:
+            executions.update(await share.finish())
     # Leave no retained agent status behind (task states expire by themselves).
     async with open_client(url, client_id=f"{swarm}-cleaner") as client:
-        for a in running:
-            await client.publish(a.topics.agent_status(a.agent_id), b"", qos=1, retain=True)
+        for i in range(agents):
+            cfg = _agent_config(url, swarm, i, agents, max_tasks, dispatch)
+            status = running[0].topics.agent_status(cfg.agent_id)
+            await client.publish(status, b"", qos=1, retain=True)
     latencies.sort() if latencies else latencies.append(math.nan)
     deliveries = received + len(finals)  # the agents' deliveries plus the submitter's outcomes
     out: dict[str, Any] = {
         "agents": agents,
+        "processes": processes,
         "roles": dict(Counter(roles)),
         "workload": workload,
         "types": len(types),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["leaves"]
+import trio
+
+__all__ = ["leaves", "real_errors"]
 
 
 def leaves(exc: BaseException) -> list[BaseException]:
@@ -10,3 +12,8 @@ def leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
     return [exc]
+
+
+def real_errors(exc: BaseException) -> list[BaseException]:
+    """:func:`leaves` but the ``trio.Cancelled`` that only accompany the real errors."""
+    return [leaf for leaf in leaves(exc) if not isinstance(leaf, trio.Cancelled)]

@@ -32,34 +32,27 @@ import contextlib
 import os
 import pwd
 import secrets
-import shutil
-import signal
 import socket
-import ssl
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Final, Literal, Self
+from typing import TYPE_CHECKING, ClassVar, Final, Literal, Self
 from urllib.parse import quote
 
-if TYPE_CHECKING:
-    from types import TracebackType
+from ._launcher import HOST, ExitedEarly, Launcher, find_executable, free_ports
 
-    import trustme
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
 
 __all__ = ["BridgedBrokers", "MosquittoBroker", "Scheme", "bridge_config"]
 
 Scheme = Literal["mqtt", "ws", "mqtts", "wss"]
 """URL schemes served by :class:`MosquittoBroker`."""
 
-_HOST: Final = "127.0.0.1"
-_TLS_HOST: Final = "localhost"
+_HOST: Final = HOST
 _WS_PATH: Final = "/mqtt"
-_START_TIMEOUT: Final = 10.0
-_POLL_INTERVAL: Final = 0.02
-_STOP_TIMEOUT: Final = 5.0
-_START_ATTEMPTS: Final = 3
 _READY_MARKER: Final = " running"
 _PORT_TAKEN_MARKERS: Final = ("Address already in use", "Unable to create websockets listener")
 
@@ -75,36 +68,6 @@ class _Ports:
         return [p for p in (self.tcp, self.ws, self.tls, self.wss) if p is not None]
 
 
-def _find_executable(name: str) -> str:
-    found = shutil.which(name)
-    if found is not None:
-        return found
-    for directory in ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"):
-        candidate = Path(directory) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise RuntimeError(f"{name} not found (install the Debian 'mosquitto' packages)")
-
-
-def _free_ports(count: int) -> list[int]:
-    """Return *count* distinct ports that are currently free.
-
-    Bound on the wildcard address, because Mosquitto 2.0.11 binds WebSocket
-    listeners to every interface. Another process may still take a port
-    before Mosquitto binds it; :meth:`MosquittoBroker.start` retries then.
-    """
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind(("0.0.0.0", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _accepts(port: int) -> bool:
     try:
         with socket.create_connection((_HOST, port), timeout=0.5):
@@ -113,15 +76,7 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class MosquittoBroker:
+class MosquittoBroker(Launcher[_Ports]):
     """A private Mosquitto broker for tests and demos.
 
     Everything lives in *workdir*: ``mosquitto.conf``, ``passwd``, ``ca.pem``,
@@ -133,21 +88,18 @@ class MosquittoBroker:
     blocks (options that belong to a listener apply to the last one
     written). Options that the generated configuration already sets must
     not be repeated.
+
+    Start, stop, kill, restart (on the same ports and data dir, keeping persistent
+    sessions and queued messages) and the context manager are :class:`Launcher`'s.
     """
+
+    program: ClassVar[str] = "mosquitto"
+    package: ClassVar[str] = "mosquitto"
 
     username: Final[str]
     password: Final[str]
-    host: Final[str]
-    tls_host: Final[str]
-    workdir: Final[Path]
-    config_path: Final[Path]
     password_path: Final[Path]
-    log_path: Final[Path]
-    stderr_path: Final[Path]
     data_dir: Final[Path]
-    ca_path: Final[Path]
-    cert_path: Final[Path]
-    key_path: Final[Path]
 
     def __init__(
         self,
@@ -158,110 +110,15 @@ class MosquittoBroker:
         nodelay: bool = True,
         extra_config: str = "",
     ) -> None:
-        self.workdir = Path(workdir).resolve()
-        self.tls = tls
+        super().__init__(workdir, name="mosquitto", tls=tls)
         self.persistence = persistence
         self.nodelay = nodelay
         self.extra_config = extra_config
 
         self.username = "sheri"
         self.password = secrets.token_urlsafe(16)
-        self.host = _HOST
-        self.tls_host = _TLS_HOST
-
-        self.config_path = self.workdir / "mosquitto.conf"
         self.password_path = self.workdir / "passwd"
-        self.log_path = self.workdir / "mosquitto.log"
-        self.stderr_path = self.workdir / "mosquitto.stderr.log"
         self.data_dir = self.workdir / "data"
-        self.ca_path = self.workdir / "ca.pem"
-        self.cert_path = self.workdir / "server.pem"
-        self.key_path = self.workdir / "server.key"
-
-        self._ca: trustme.CA | None = None
-        if tls:
-            import trustme
-
-            self._ca = trustme.CA()
-        self._ports: _Ports | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._stderr: IO[bytes] | None = None
-        self._prepared = False
-
-    # -- lifecycle ---------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the broker; return once every listener accepts connections.
-
-        The first start picks free ports; later starts (see :meth:`restart`)
-        reuse them. Raises :class:`RuntimeError`, with the tail of the
-        Mosquitto log, if the broker exits or is not ready within 10 s.
-        """
-        if self.running:
-            raise RuntimeError("mosquitto is already running")
-        self._prepare()
-        if self._ports is not None:
-            self._launch(self._ports)
-            return
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            ports = self._pick_ports()
-            try:
-                self._launch(ports)
-            except _ExitedEarly as exc:
-                # A port may have been taken between picking and binding.
-                if attempt == _START_ATTEMPTS or not any(
-                    marker in str(exc) for marker in _PORT_TAKEN_MARKERS
-                ):
-                    raise
-                continue
-            self._ports = ports
-            return
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Send *sig*, wait for exit (SIGKILL after 5 s). Idempotent."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                proc.send_signal(sig)
-                try:
-                    proc.wait(timeout=_STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        finally:
-            self._proc = None
-            self._close_stderr()
-
-    def kill(self) -> None:
-        """Stop abruptly with SIGKILL (no persistence save: a crash)."""
-        self.stop(signal.SIGKILL)
-
-    def restart(self, *, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Stop with *sig* and start again on the same ports and data dir."""
-        self.stop(sig)
-        self.start()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- addresses ---------------------------------------------------------
 
@@ -326,46 +183,28 @@ class MosquittoBroker:
     def wss_url(self) -> str:
         return self.url("wss")
 
-    # -- TLS -------------------------------------------------------------
-
-    @property
-    def ca(self) -> trustme.CA:
-        """The ``trustme`` CA that signed the server certificate."""
-        if self._ca is None:
-            raise RuntimeError("TLS listeners are disabled (tls=False)")
-        return self._ca
-
-    def client_ssl_context(self) -> ssl.SSLContext:
-        """A client-side SSL context that trusts :attr:`ca`."""
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        self.ca.configure_trust(ctx)
-        return ctx
-
-    # -- internals ---------------------------------------------------------
-
-    def _require_ports(self) -> _Ports:
-        if self._ports is None:
-            raise RuntimeError("broker has not been started yet")
-        return self._ports
+    # -- the launcher's hooks ---------------------------------------------
 
     def _pick_ports(self) -> _Ports:
+        # on the wildcard address: mosquitto 2.0.11 binds WebSocket listeners to every
+        # interface
         if self.tls:
-            tcp, ws, tls, wss = _free_ports(4)
+            tcp, ws, tls, wss = free_ports(4)
             return _Ports(tcp=tcp, ws=ws, tls=tls, wss=wss)
-        tcp, ws = _free_ports(2)
+        tcp, ws = free_ports(2)
         return _Ports(tcp=tcp, ws=ws, tls=None, wss=None)
 
+    def _port_taken(self, exc: ExitedEarly) -> bool:
+        return any(marker in str(exc) for marker in _PORT_TAKEN_MARKERS)
+
     def _prepare(self) -> None:
-        """Write the files that stay the same for the broker's whole life."""
-        if self._prepared:
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        super()._prepare()
         if self.persistence:
             self.data_dir.mkdir(exist_ok=True)
         self.password_path.unlink(missing_ok=True)
         subprocess.run(
             [
-                _find_executable("mosquitto_passwd"),
+                find_executable("mosquitto_passwd", self.package),
                 "-b",
                 "-c",
                 str(self.password_path),
@@ -376,14 +215,6 @@ class MosquittoBroker:
             stdin=subprocess.DEVNULL,
             capture_output=True,
         )
-        if self._ca is not None:
-            self._ca.cert_pem.write_to_path(str(self.ca_path))
-            server = self._ca.issue_cert(_TLS_HOST, _HOST)
-            server.private_key_pem.write_to_path(str(self.key_path))
-            self.cert_path.unlink(missing_ok=True)
-            for blob in server.cert_chain_pems:
-                blob.write_to_path(str(self.cert_path), append=True)
-        self._prepared = True
 
     def _config_text(self, ports: _Ports) -> str:
         # mosquitto drops root privileges to user "mosquitto" by default; it
@@ -423,45 +254,24 @@ class MosquittoBroker:
             text += "\n# extra_config\n" + self.extra_config.rstrip("\n") + "\n"
         return text
 
-    def _launch(self, ports: _Ports) -> None:
-        self.config_path.write_text(self._config_text(ports))
-        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self._stderr = self.stderr_path.open("ab")
-        self._proc = subprocess.Popen(
-            [_find_executable("mosquitto"), "-c", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._stderr,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-        )
-        try:
-            self._wait_ready(ports, log_offset)
-        except BaseException:
-            self.stop(signal.SIGKILL)
-            raise
+    def _argv(self) -> list[str]:
+        return [find_executable(self.program, self.package), "-c", str(self.config_path)]
 
-    def _wait_ready(self, ports: _Ports, log_offset: int) -> None:
-        assert self._proc is not None
+    def _readiness(self, ports: _Ports) -> Callable[[], str | None]:
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         pending = ports.all()
         logged_running = False
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                raise _ExitedEarly(self._failure(f"mosquitto exited with status {code}"))
+
+        def ready() -> str | None:
+            nonlocal pending, logged_running
             if not logged_running:
                 logged_running = self._logged_running(log_offset)
             pending = [port for port in pending if not _accepts(port)]
             if logged_running and not pending:
-                return
-            if time.monotonic() >= deadline:
-                raise RuntimeError(
-                    self._failure(
-                        f"mosquitto not ready after {_START_TIMEOUT:.0f} s "
-                        f"(ports not accepting: {pending})"
-                    )
-                )
-            time.sleep(_POLL_INTERVAL)
+                return None
+            return f"ports not accepting: {pending}"
+
+        return ready
 
     def _logged_running(self, offset: int) -> bool:
         # "mosquitto version X running" is logged once every listener is bound.
@@ -475,29 +285,6 @@ class MosquittoBroker:
             line.endswith(_READY_MARKER) and "mosquitto version" in line
             for line in text.splitlines()
         )
-
-    def _failure(self, message: str) -> str:
-        return (
-            f"{message}\nconfig: {self.config_path}\n"
-            f"--- {self.log_path} (tail) ---\n{_tail(self.log_path)}\n"
-            f"--- {self.stderr_path} (tail) ---\n{_tail(self.stderr_path)}"
-        )
-
-    def _close_stderr(self) -> None:
-        if self._stderr is not None:
-            with contextlib.suppress(OSError):
-                self._stderr.close()
-            self._stderr = None
-
-    def __repr__(self) -> str:
-        ports = self._ports.all() if self._ports is not None else None
-        return (
-            f"<MosquittoBroker workdir={str(self.workdir)!r} ports={ports} running={self.running}>"
-        )
-
-
-class _ExitedEarly(RuntimeError):
-    """mosquitto exited during start-up (often: a port was taken)."""
 
 
 # ------------------------------------------------------------------- a bridged pair
@@ -630,12 +417,15 @@ def _client_args(broker: MosquittoBroker) -> list[str]:
             "-P", broker.password, "-V", "mqttv5"]  # fmt: skip
 
 
+_CLIENTS: Final = "mosquitto-clients"  # the Debian package of mosquitto_sub / _pub
+
+
 def _cross(source: MosquittoBroker, target: MosquittoBroker, topic: str, deadline: float) -> None:
     """Publish on *source* until a subscriber of *target* receives it (the bridge may not
     have subscribed yet, so one publish can be lost); RuntimeError at *deadline*."""
     seconds = max(int(deadline - time.monotonic()) + 1, 1)
     sub = subprocess.Popen(
-        [_find_executable("mosquitto_sub"), *_client_args(target), "-t", topic,
+        [find_executable("mosquitto_sub", _CLIENTS), *_client_args(target), "-t", topic,
          "-C", "1", "-W", str(seconds), "-q", "1"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -647,7 +437,7 @@ def _cross(source: MosquittoBroker, target: MosquittoBroker, topic: str, deadlin
                     f"within its timeout; see {target.log_path} and {source.log_path}"
                 )
             subprocess.run(
-                [_find_executable("mosquitto_pub"), *_client_args(source), "-t", topic,
+                [find_executable("mosquitto_pub", _CLIENTS), *_client_args(source), "-t", topic,
                  "-m", "probe", "-q", "1"],
                 check=False, stdin=subprocess.DEVNULL, capture_output=True, timeout=5,
             )  # fmt: skip

@@ -9,6 +9,10 @@ Environment variables: ``SHERI_BROKER``, ``SHERI_SWARM``, ``SHERI_ROLE``,
 ``SHERI_PASSWORD`` for the broker's credentials, which keeps a password out of the process list),
 ``SHERI_CLAIM_STORE`` (the claim store's URL, which may carry its password) and
 ``SHERI_CLAIM_STORE_PASSWORD``: a claim store's password never comes from a flag.
+The broker's user name and password are resolved each on its own, and the URL's user
+information ranks between the environment and the file (:func:`credentials`)::
+
+    --username / --password  >  SHERI_USERNAME / SHERI_PASSWORD  >  URL  >  [broker]
 
 The file (``./sheri.toml``, or the path given with ``--config``)::
 
@@ -26,6 +30,12 @@ The file (``./sheri.toml``, or the path given with ``--config``)::
     ca_file = "ca.pem"           # relative paths are relative to the file
     connect_timeout = 10         # also bounds the CLI's waits for the broker's answers
     close_timeout = 5            # flushing and DISCONNECT when a client closes
+
+    [dashboard]                  # sheri dashboard (flags override; token: SHERI_DASHBOARD_TOKEN)
+    host = "127.0.0.1"
+    port = 8080
+    db = "~/.local/share/sheri/dashboard.sqlite3"
+    retention = "7d"             # 30s, 15m, 12h, 7d, or seconds
 
     [deploy.api]                 # every other table goes to the executors, checked by
     command = ["make", "deploy"] # sheri_trio.executors.validate_executor_config
@@ -74,6 +84,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AGENT_CHECKS",
     "AGENT_KEYS",
+    "DASHBOARD_KEYS",
     "DEFAULT_BROKER",
     "DEFAULT_FILE",
     "ENV_VARS",
@@ -83,6 +94,8 @@ __all__ = [
     "FileConfig",
     "build_agent_config",
     "connection_settings",
+    "credentials",
+    "duration",
     "load_config",
     "parse_config",
     "store_settings",
@@ -255,6 +268,38 @@ _STORE_FILE_KEYS: Final = (
     "claim_store_password_file",
 )
 
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(value: Any) -> float:
+    """A positive duration: seconds (a number, or digits), or ``30s``, ``15m``, ``12h``,
+    ``7d``, ``2w``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        unit = _UNITS.get(text[-1])
+        try:
+            seconds = float(text[:-1] if unit else text) * (unit or 1)
+        except ValueError:
+            raise Invalid(
+                f"must be a duration such as 30s, 15m, 12h or 7d, got {shown(value)}"
+            ) from None
+    else:
+        raise Invalid(f"must be a duration such as 30s, 15m, 12h or 7d, got {shown(value)}")
+    if not (seconds > 0 and seconds < float("inf")):
+        raise Invalid(f"must be a positive duration, got {shown(value)}")
+    return seconds
+
+
+#: ``[dashboard]``: ``sheri dashboard``'s settings (its flags override them)
+DASHBOARD_KEYS: Final[dict[str, Check]] = {
+    "host": string,
+    "port": integer(0, 65535),
+    "db": string,
+    "retention": duration,
+}
+
 
 # ---------------------------------------------------------------------- the file
 @dataclass(frozen=True, slots=True)
@@ -266,6 +311,7 @@ class FileConfig:
     agent: dict[str, Any] = field(default_factory=dict)
     broker: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # the other top-level tables
+    dashboard: dict[str, Any] = field(default_factory=dict)
 
 
 def load_config(
@@ -304,9 +350,18 @@ def parse_config(
     agent: dict[str, Any] = {}
     broker: dict[str, Any] = {}
     extra: dict[str, Any] = {}
+    dashboard: dict[str, Any] = {}
     base = path.parent if path is not None else Path.cwd()
     for key, value in data.items():
-        if key in ("agent", "broker"):
+        if key == "dashboard":
+            try:
+                dashboard.update(check_table(value, key, DASHBOARD_KEYS))
+            except Invalid as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+            if "db" in dashboard:
+                db = Path(dashboard["db"]).expanduser()
+                dashboard["db"] = str(db if db.is_absolute() else base / db)
+        elif key in ("agent", "broker"):
             keys = AGENT_KEYS if key == "agent" else BROKER_KEYS
             try:
                 (agent if key == "agent" else broker).update(check_table(value, key, keys))
@@ -317,7 +372,7 @@ def parse_config(
         else:
             raise ConfigError(
                 f"{name}: {key}: unknown top-level key (settings belong in a table: "
-                "[agent], [broker], or a table for the executors)"
+                "[agent], [broker], [dashboard], or a table for the executors)"
             )
     try:
         validate_executor_config(extra, source=name)
@@ -344,7 +399,9 @@ def parse_config(
     if "url" in broker and "broker" in agent and broker["url"] != agent["broker"]:
         raise ConfigError(f"{name}: agent.broker: conflicts with broker.url; set only one of them")
     _validate(AgentConfig(**agent), name)  # the rules between settings
-    return FileConfig(name=name, path=path, agent=agent, broker=broker, extra=extra)
+    return FileConfig(
+        name=name, path=path, agent=agent, broker=broker, extra=extra, dashboard=dashboard
+    )
 
 
 # ------------------------------------------------------------------ precedence
@@ -376,6 +433,29 @@ def _pick(
     return False, None
 
 
+def credentials(
+    url: BrokerURL,
+    file_broker: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    env: Mapping[str, str],
+) -> dict[str, str]:
+    """The broker's ``username`` and ``password`` (the client options), each field on its own.
+
+    For each field, first match wins: flag (``--username``/``--password``) > environment
+    (``SHERI_USERNAME``/``SHERI_PASSWORD``, empty counts as unset) > the URL's user
+    information (wherever the URL came from) > ``[broker] username``/``password``. So a
+    user name in the file combines with ``SHERI_PASSWORD``, a user in the URL with a
+    password in the file. A field no source gives is left out (the client sends none).
+    """
+    found: dict[str, str] = {}
+    for key, in_url in (("username", url.username), ("password", url.password)):
+        fallback = in_url if in_url is not None else file_broker.get(key, _MISSING)
+        got, value = _pick(key, overrides, env, string, fallback)
+        if got:
+            found[key] = value
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class Connection:
     """Where to connect and how: for agents and for the CLI's own clients."""
@@ -400,8 +480,7 @@ def connection_settings(
 ) -> Connection:
     """Broker URL, swarm and client options (credentials, TLS, timeout), by precedence.
 
-    Credentials: ``--username``/``--password`` (or ``SHERI_USERNAME``/``SHERI_PASSWORD``)
-    first, then those in the URL, then ``[broker] username``/``password``.
+    Credentials: see :func:`credentials` (each field on its own).
     """
     env = os.environ if env is None else env
     overrides = {"broker": broker, "swarm": swarm, "username": username, "password": password}
@@ -411,21 +490,8 @@ def connection_settings(
     _, swarm_name = _pick("swarm", overrides, env, _swarm, file_config.agent.get("swarm", _MISSING))
     swarm_name = swarm_name or DEFAULT_SWARM
 
-    options: dict[str, Any] = {}
-    parsed = BrokerURL.parse(url)
     b = file_config.broker
-    got_user, user = _pick("username", overrides, env, string)
-    got_pass, secret = _pick("password", overrides, env, string)
-    if got_user or got_pass:
-        if got_user:
-            options["username"] = user
-        if got_pass:
-            options["password"] = secret
-    elif parsed.username is None and parsed.password is None:
-        if "username" in b:
-            options["username"] = b["username"]
-        if "password" in b:
-            options["password"] = b["password"]
+    options: dict[str, Any] = credentials(BrokerURL.parse(url), b, overrides, env)
     if any(key in b for key in (*_FILE_KEYS, "insecure")):
         options["tls"] = TLSOptions(
             ca_file=b.get("ca_file"),

@@ -57,6 +57,7 @@ from .cli import (
 )
 from .cli import main as sheri_main
 from .config import Connection, FileConfig, connection_settings
+from .dashboard import DashboardError, DashboardOptions, run_dashboard
 from .mqtt import BrokerURL, open_client
 from .swarm import (
     TASK_ROLES,
@@ -479,7 +480,7 @@ class DemoOptions:
 
 @dataclass(frozen=True, slots=True)
 class Dashboard:
-    """Where ``--keep`` will show the dashboard (issue 13, part 2): its URL and token."""
+    """Where ``--keep`` shows the dashboard: its URL and token."""
 
     url: str
     token: str
@@ -528,10 +529,31 @@ def _keep_lines(
         f"  submit     sheri submit database.backup {where} --wait",
         f"  watch      sheri monitor {where}",
     ]
-    # the dashboard (issue 13, part 2) shows its URL and token here
     if dashboard is not None:
-        lines.append(f"  dashboard  {dashboard.url}  token {dashboard.token}")
+        lines.append(f"  dashboard  {dashboard.url}?token={dashboard.token}")
     return lines
+
+
+async def _start_dashboard(
+    nursery: trio.Nursery, conn: Connection, workdir: Path, stop: trio.Event
+) -> Dashboard:
+    """``sheri dashboard`` of the demo's swarm, until ``stop``: on port 8080, or any free
+    one if 8080 is taken; its history in the work directory."""
+    for port in (8080, 0):
+        options = DashboardOptions(
+            conn=conn, db=workdir / "dashboard.sqlite3", retention=7 * 86400.0, port=port
+        )
+        try:
+            running = await nursery.start(
+                lambda task_status, o=options: run_dashboard(
+                    o, shutdown=stop, task_status=task_status
+                )
+            )
+        except DashboardError as exc:
+            log.info("dashboard: %s", exc)
+            continue
+        return Dashboard(running.url, running.token)
+    raise DashboardError("no port to listen on")  # port 0 failed too
 
 
 async def run_demo(options: DemoOptions, console: Console) -> int:
@@ -639,7 +661,8 @@ async def _run_swarm(
             _say(console, f"{len(agents)} agents online in swarm {swarm}: {labels}")
             code = await _submit_and_watch(options, console, conn, agents, stopper)
         if options.keep and not stopper.requested.is_set():
-            for line in _keep_lines(conn, swarm, client_config, dashboard=None):
+            dashboard = await _start_dashboard(swarm_nursery, conn, workdir, stop)
+            for line in _keep_lines(conn, swarm, client_config, dashboard=dashboard):
                 _say(console, line)
             await stopper.requested.wait()
         if stopper.requested.is_set():

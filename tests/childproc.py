@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+    from pathlib import Path
 
 
 async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
@@ -47,6 +48,98 @@ async def online_process(script: str, *args: str) -> AsyncIterator[trio.Process]
         with trio.CancelScope(shield=True):
             await proc.wait()
             await proc.stdout.aclose()
+
+
+# ------------------------------------------------------------- a command's output
+class Output:
+    """What a running child process writes: its stdout lines as they come (with stderr
+    merged into them, or collected apart in :attr:`stderr`)."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.stderr = b""
+        self.closed = False
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def pump(self) -> None:
+        assert self.proc.stdout is not None
+        buffer = b""
+        async for chunk in self.proc.stdout:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            self.lines.extend(line.decode(errors="replace") for line in complete)
+            self._notify()
+        if buffer:
+            self.lines.append(buffer.decode(errors="replace"))
+        self.closed = True
+        self._notify()
+
+    async def pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        async for chunk in self.proc.stderr:
+            self.stderr += chunk
+
+    async def expect(self, pattern: str) -> re.Match[str]:
+        """Wait for a line matching ``pattern`` (seen before or after the call)."""
+        rx = re.compile(pattern)
+        while True:
+            for line in self.lines:
+                if m := rx.search(line):
+                    return m
+            if self.closed:
+                raise AssertionError(f"no line matches {pattern!r}:\n{self.text}")
+            await self._changed.wait()
+
+    async def wait_closed(self) -> None:
+        """Wait for the end of the output: every writer of the pipe has exited."""
+        while not self.closed:
+            await self._changed.wait()
+
+    @property
+    def text(self) -> str:
+        text = "\n".join(self.lines)
+        if self.stderr:
+            text += "\n--- stderr ---\n" + self.stderr.decode(errors="replace")
+        return text
+
+
+@asynccontextmanager
+async def output_of(
+    command: Sequence[str], *, cwd: Path, env: Mapping[str, str], merge_stderr: bool = True
+) -> AsyncIterator[Output]:
+    """Run *command*, reading its output while the block runs; killed (if still running)
+    and reaped on the way out."""
+    proc = await trio.lowlevel.open_process(
+        list(command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        env=env,
+    )
+    out = Output(proc)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.pump)
+            if not merge_stderr:
+                nursery.start_soon(out.pump_stderr)
+            try:
+                yield out
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    await stream.aclose()
 
 
 # ------------------------------------------------------------- a broker frozen on cue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Final
 
 import psycopg
@@ -13,7 +14,7 @@ import pytest
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
 
 PG_HOST: Final = "127.0.0.1"
 PG_PORT: Final = 5432
@@ -48,6 +49,17 @@ def create_database() -> str:
 def drop_database(name: str) -> None:
     with admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def throwaway_database() -> Iterator[str]:
+    """A new database (skipped without PostgreSQL), dropped on the way out."""
+    require_postgres()
+    name = create_database()
+    try:
+        yield name
+    finally:
+        drop_database(name)
 
 
 def set_accepting(name: str, accepting: bool) -> None:

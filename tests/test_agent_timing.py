@@ -385,7 +385,7 @@ async def test_silent_holder_is_taken_over_at_the_first_lease_check_after_expiry
             )
             await watcher.publish(T.tasks_complete, late, qos=1)
             await trio.sleep(1)
-            assert b.agent.running_tasks == ["lease-1"]
+            assert list(b.agent.scheduler.running) == ["lease-1"]
             holder = b.agent.book.holder("lease-1")
             assert holder is not None
             assert (holder.agent_id, holder.attempt) == ("B", 2)
@@ -831,7 +831,7 @@ async def test_assigned_task_is_claimed_only_by_its_agent(
             await blocker(bus, watcher, "X", 5)
             await submit(watcher, "for-x", assigned_to="X")
             await trio.sleep(2)
-            assert y.agent.statistics()["running"] == 0  # Y is idle and eligible by role
+            assert not y.agent.scheduler.running  # Y is idle and eligible by role
             await wait(bus, T.tasks_complete, task_id="for-x")
             await trio.sleep(100)
             nursery.cancel_scope.cancel()
@@ -1272,3 +1272,37 @@ async def test_a_finished_tasks_record_expires_after_final_retention(
         for r in bus.records(T.task_state("ret-1"))
     }
     assert expiries == {"claimed": 600, "done": 60}
+
+
+# ------------------------------------------------------------ final states
+async def test_a_final_state_keeps_the_submission_unless_it_would_be_too_large(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    """``sheri retry`` reads the submission from the final retained state; a record that
+    would exceed ``max_message_bytes`` with it goes without it (``task_omitted``)."""
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            watcher = bus.open("watcher")
+            await start(nursery, bus, cfg("fs", max_message_bytes=8192), script)
+            await submit(watcher, "small", payload={"fail": 9}, max_retries=0)
+            # fits as a submission (< 8 KiB), not in a final record with a long error too
+            await submit(watcher, "big", payload={"fail": 9, "pad": "x" * 7950}, max_retries=0)
+            for task_id in ("small", "big"):
+                await wait(bus, T.tasks_failed, task_id=task_id)
+            nursery.cancel_scope.cancel()
+    small = body(bus.records(T.task_state("small"))[-1])
+    assert small["state"] == "failed"
+    assert small["task"] == {
+        "task_id": "small",
+        "type": "testing.run",
+        "payload": {"fail": 9},
+        "priority": "medium",
+        "max_retries": 0,
+    }
+    (claimed, final) = bus.records(T.task_state("big"))
+    assert body(claimed)["state"] == "claimed"
+    big = body(final)
+    assert big["state"] == "failed"
+    assert "task" not in big
+    assert big["task_omitted"] == "too large"
+    assert len(final.message.payload) <= 8192

@@ -149,6 +149,53 @@ def test_sleeping_tasks_with_few_slots_all_complete(broker: MosquittoBroker) -> 
     assert result["seconds"] >= 0.2
 
 
+@pytest.mark.parametrize("dispatch", ["dispatcher", "broadcast"])
+def test_a_swarm_over_two_processes_counts_every_task_once(
+    broker: MosquittoBroker, dispatch: str
+) -> None:
+    env = {"BENCH_URL": broker.tcp_url, "BENCH_BROKER_PID": str(broker.pid)}
+    result = _bench_clients(
+        env, "tasks", "--agents", "9", "--tasks", "39", "--workload", "all-types",
+        "--processes", "2", "--dispatch", dispatch, "--lone", "2", "--timeout", "30",
+    )  # fmt: skip
+    assert (result["processes"], result["agents"]) == (2, 9)
+    # the executions counted in the child process are in the totals: each task ran once
+    assert (result["completed"], result["duplicates"], result["losses"]) == (39, 0, 0)
+    assert result["lone_tasks"] == 2
+    assert result["agents_cpu_per_task_us"] > 0
+
+
+@pytest.mark.parametrize("dispatch", ["dispatcher", "broadcast"])
+def test_presence_counts_a_swarm_started_at_once(broker: MosquittoBroker, dispatch: str) -> None:
+    result = _bench_clients(
+        {"BENCH_URL": broker.tcp_url}, "presence", "--agents", "9", "--dispatch", dispatch,
+        "--heartbeat", "0.5", "--intervals", "4", "--timeout", "30",
+    )  # fmt: skip
+    assert (result["kind"], result["agents"], result["online"]) == ("presence", 9, 9)
+    assert 0 < result["half_online_s"] <= result["start_s"]
+    assert result["window_s"] >= 4 * 0.5
+    per_agent = result["deliveries_per_interval_per_agent"]
+    if dispatch == "dispatcher":
+        # each heartbeat reaches the dispatcher only, and nothing else is periodic for the
+        # agents (dispatch/view reached every agent every interval once: 1.66)
+        assert 0.5 < per_agent <= 1.3
+    else:
+        assert per_agent >= 8  # each heartbeat reaches the 8 other agents: O(n^2)
+
+
+@pytest.mark.parametrize("dispatch", ["dispatcher", "broadcast"])
+def test_retained_start_times_an_agent_next_to_finished_tasks(
+    broker: MosquittoBroker, dispatch: str
+) -> None:
+    result = _bench_clients(
+        {"BENCH_URL": broker.tcp_url}, "retained", "--records", "200", "--dispatch", dispatch,
+        "--reps", "2",
+    )  # fmt: skip
+    assert (result["kind"], result["records"], result["dispatch"]) == ("retained", 200, dispatch)
+    assert len(result["online_s"]) == 2
+    assert 0 < result["online_s_median"] == max(result["online_s"])
+
+
 def test_a_workload_without_its_roles_is_refused() -> None:
     import trio
 
@@ -166,14 +213,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    from bench.redis_server import RedisServer
+    from sheri_trio.testing import RedisServer
 
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield {"BENCH_REDIS_URL": server.url, "BENCH_REDIS_PID": str(server.pid)}
-    finally:
-        server.stop()
+    with RedisServer(tmp_path_factory.mktemp("redis"), password=True) as server:
+        yield {"BENCH_REDIS_URL": server.url(credentials=True), "BENCH_REDIS_PID": str(server.pid)}
 
 
 @pytest.mark.parametrize("peer", ["celery-prefork", "celery-threads", "dramatiq", "arq"])

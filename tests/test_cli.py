@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from childproc import freezing_sheri
+from childproc import Output, freezing_sheri, output_of
 
 from sheri_trio.cli import rewrite_prototype_argv
 from sheri_trio.mqtt import Message, open_client
@@ -25,8 +25,10 @@ from sheri_trio.swarm import AgentConfig, encode, run_agent
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
+    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
+    from sheri_trio.mqtt import Client
     from sheri_trio.testing import MosquittoBroker
 
 SHERI = [sys.executable, "-m", "sheri_trio"]
@@ -77,75 +79,12 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ subprocesses
-class Output:
-    """The merged stdout/stderr lines of a running ``sheri`` process."""
-
-    def __init__(self, proc: trio.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self.closed = False
-        self._changed = trio.Event()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def pump(self) -> None:
-        assert self.proc.stdout is not None
-        buffer = b""
-        async for chunk in self.proc.stdout:
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            self.lines.extend(line.decode(errors="replace") for line in complete)
-            self._notify()
-        if buffer:
-            self.lines.append(buffer.decode(errors="replace"))
-        self.closed = True
-        self._notify()
-
-    async def expect(self, pattern: str) -> str:
-        """Wait for a line matching ``pattern`` (seen before or after the call)."""
-        rx = re.compile(pattern)
-        while True:
-            for line in self.lines:
-                if rx.search(line):
-                    return line
-            if self.closed:
-                raise AssertionError(f"no line matches {pattern!r}:\n" + self.text)
-            await self._changed.wait()
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-@asynccontextmanager
-async def sheri(
+def sheri(
     *args: str, cwd: Path, command: Sequence[str] = SHERI, env: dict[str, str] | None = None
-) -> AsyncIterator[Output]:
-    proc = await trio.lowlevel.open_process(
-        [*command, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-        env=_env(**(env or {})),
-    )
-    out = Output(proc)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(out.pump)
-            try:
-                yield out
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                with trio.CancelScope(shield=True):
-                    await proc.wait()
-    finally:
-        assert proc.stdout is not None
-        with trio.CancelScope(shield=True):
-            await proc.stdout.aclose()
+) -> AbstractAsyncContextManager[Output]:
+    """``sheri args...`` running (with *env* added to its environment), its stdout and
+    stderr lines merged."""
+    return output_of([*command, *args], cwd=cwd, env=_env(**(env or {})))
 
 
 async def sheri_run(
@@ -197,6 +136,23 @@ class Seen:
 
 
 @asynccontextmanager
+async def watching(
+    broker: MosquittoBroker, topic_filter: str
+) -> AsyncIterator[tuple[Client, Seen]]:
+    """A client subscribed to *topic_filter*, and what it has seen; it stops seeing with
+    the block."""
+    seen = Seen()
+    async with (
+        open_client(broker.tcp_url) as watcher,
+        watcher.subscribe(topic_filter) as messages,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(seen.pump, messages)
+        yield watcher, seen
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
 async def agent(
     broker: MosquittoBroker, swarm: str, role: str, agent_id: str
 ) -> AsyncIterator[None]:
@@ -234,14 +190,8 @@ async def test_prototype_scenario_two_agents_two_seed_tasks(
     swarm = "opencto-dev"  # the prototype's flags, exactly
     (tmp_path / "sheri.toml").write_text(SHERI_TOML)
     ids = {"testing": "test-agent-01", "deployment": "deploy-agent-01"}
-    seen = Seen()
     with trio.fail_after(30):
-        async with (
-            open_client(broker.tcp_url) as watcher,
-            watcher.subscribe(f"{swarm}/#") as messages,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(seen.pump, messages)
+        async with watching(broker, f"{swarm}/#") as (_, seen):
             flags = ["--broker", broker.tcp_url, "--swarm", swarm]
             testing = ["--mqtt", "--role", "testing", "--agent-id", ids["testing"], *flags]
             deployment = ["--mqtt", "--role", "deployment", "--agent-id", ids["deployment"], *flags]
@@ -275,8 +225,8 @@ async def test_prototype_scenario_two_agents_two_seed_tasks(
                     )
                 )
                 for line in (
-                    await tester.expect(r"\bonline\b"),
-                    await deployer.expect(r"\bonline\b"),
+                    (await tester.expect(r"\bonline\b")).string,
+                    (await deployer.expect(r"\bonline\b")).string,
                 ):
                     # one line per event: time, then the agent id
                     assert re.match(
@@ -297,7 +247,6 @@ async def test_prototype_scenario_two_agents_two_seed_tasks(
                         for agent_id in ids.values()
                     )
                 )
-            nursery.cancel_scope.cancel()
     by_task = {c["task_id"]: c for c in complete}
     assert set(by_task) == {"task_deploy_test", "task_test_test"}
     deploy, tests = by_task["task_deploy_test"], by_task["task_test_test"]
@@ -359,14 +308,8 @@ async def test_submit_without_wait_prints_the_task_id(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     swarm = _swarm("nowait")
-    seen = Seen()
     with trio.fail_after(20):
-        async with (
-            open_client(broker.tcp_url) as watcher,
-            watcher.subscribe(f"{swarm}/tasks/new") as messages,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(seen.pump, messages)
+        async with watching(broker, f"{swarm}/tasks/new") as (_, seen):
             result = await sheri_run(
                 "submit", "deployment.deploy", "--priority", "high", "--max-retries", "2",
                 "--broker", broker.tcp_url, "--swarm", swarm, cwd=tmp_path,
@@ -375,7 +318,6 @@ async def test_submit_without_wait_prints_the_task_id(
             task_id = result.stdout.decode().strip()
             assert re.fullmatch(r"task-[0-9a-f]{12}", task_id)
             body = await seen.wait_for(lambda items: items and items[0][1])
-            nursery.cancel_scope.cancel()
     assert "agent_id" not in body  # the CLI is not an agent
     assert body["payload"] == {
         "task_id": task_id,
@@ -460,14 +402,8 @@ async def test_second_ctrl_c_exits_at_once(broker: MosquittoBroker, tmp_path: Pa
     (tmp_path / "sheri.toml").write_text(SHERI_TOML)
     swarm = _swarm("ctrlc")
     flags = ["--broker", broker.tcp_url, "--swarm", swarm]
-    seen = Seen()
     with trio.fail_after(20):
-        async with (
-            open_client(broker.tcp_url) as watcher,
-            watcher.subscribe(f"{swarm}/tasks/progress") as messages,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(seen.pump, messages)
+        async with watching(broker, f"{swarm}/tasks/progress") as (watcher, seen):
             async with sheri(
                 "agent", "--role", "testing", "--agent-id", "busy-01", *flags, cwd=tmp_path
             ) as busy:
@@ -484,7 +420,6 @@ async def test_second_ctrl_c_exits_at_once(broker: MosquittoBroker, tmp_path: Pa
                 busy.proc.send_signal(signal.SIGINT)  # graceful: waits for the running task
                 await busy.expect(r"shutting down agent=busy-01 running=1")
                 assert await stop(busy) == 130  # the second one does not wait
-            nursery.cancel_scope.cancel()
     await busy.expect(r"again: exiting at once")
 
 
@@ -680,6 +615,96 @@ async def test_sigterm_during_start_up_stops_the_agent_within_the_grace_period(
     await out.expect(r"start-up interrupted: nothing to release agent=cold-02 step=subscribe$")
     assert "sheri: error" not in out.text
     assert "Traceback" not in out.text
+
+
+async def _processes_swarm(out: Output, swarm: str, labels: list[str]) -> int:
+    """Wait for every agent online; the pid of agent process 1."""
+    for label in labels:
+        await out.expect(rf"^\[{label}\] \S+ info: online agent={swarm}-{label}\b")
+    match = await out.expect(r"^\[swarm\] \S+ info: agent process 1 \(pid (\d+)\)")
+    return int(match[1])
+
+
+@pytest.mark.parametrize("dispatch", ["broadcast", "dispatcher"])
+async def test_swarm_spreads_its_agents_over_processes_and_stops_them_all(
+    broker: MosquittoBroker, tmp_path: Path, dispatch: str
+) -> None:
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    swarm = _swarm("procs")
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    labels = ["general-1", "testing-1", "general-2", "testing-2"]
+    with trio.fail_after(40):
+        async with sheri(
+            "swarm", "--agents", "4", "--roles", "general,testing", "--processes", "2",
+            "--dispatch", dispatch, *flags, cwd=tmp_path,
+        ) as out:  # fmt: skip
+            child = await _processes_swarm(out, swarm, labels)
+            assert child != out.proc.pid
+            # the agents in turn: general-1 and general-2 here, testing-1 and -2 there
+            assert re.search(rf"agent process 1 \(pid {child}\): {swarm}-testing-1, ", out.text)
+            for _ in range(2):
+                done = await sheri_run(
+                    "submit", "testing.run", "--wait", "--timeout", "20", *flags,
+                    cwd=tmp_path,
+                )  # fmt: skip
+                assert done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+                assert b"complete: success by" in done.stdout
+            assert await stop(out, signal.SIGTERM) == 0
+        for label in labels:  # each left gracefully, the other process's agents too
+            await out.expect(rf"^\[{label}\] .*offline agent={swarm}-{label}")
+    with pytest.raises(ProcessLookupError):  # reaped before the parent exited
+        os.kill(child, 0)
+
+
+async def test_swarm_stops_when_one_of_its_processes_dies(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    swarm = _swarm("procdie")
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    with trio.fail_after(40):
+        async with sheri(
+            "swarm", "--agents", "2", "--roles", "general", "--processes", "2", *flags,
+            cwd=tmp_path,
+        ) as out:  # fmt: skip
+            child = await _processes_swarm(out, swarm, ["general-1", "general-2"])
+            os.kill(child, signal.SIGKILL)
+            assert await out.proc.wait() == 1
+            await out.expect(  # the agent of this process left gracefully
+                rf"^\[general-1\] .*offline agent={swarm}-general-1"
+            )
+    await out.expect(
+        rf"^sheri: error: agent process 1 \(pid {child}: {swarm}-general-2\) ended with exit "
+        r"code -9 before a shutdown was asked for$"
+    )
+
+
+async def test_swarm_processes_do_not_outlive_a_killed_parent(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    swarm = _swarm("orphan")
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    with trio.fail_after(40):
+        async with sheri(
+            "swarm", "--agents", "2", "--roles", "general", "--processes", "2", *flags,
+            cwd=tmp_path,
+        ) as out:  # fmt: skip
+            await _processes_swarm(out, swarm, ["general-1", "general-2"])
+            out.proc.kill()
+            # the child had the parent's stderr: the pipe ends once it is gone too, after
+            # leaving gracefully on the SIGTERM that the parent's death sent it
+            await out.expect(rf"^\[general-2\] .*offline agent={swarm}-general-2")
+            await out.wait_closed()
+
+
+async def test_swarm_processes_must_fit_the_agents(tmp_path: Path) -> None:
+    for value in ("0", "4"):
+        result = await sheri_run("swarm", "--agents", "3", "--processes", value, cwd=tmp_path)
+        assert result.returncode == 2
+        assert f"--processes: must be within 1..3 (the agents), got {value}" in (
+            result.stderr.decode()
+        )
 
 
 async def test_swarm_start_up_on_a_frozen_broker_fails_or_stops_on_sigterm(

@@ -16,7 +16,14 @@ import pytest
 import trio
 import trio.testing
 
-from sheri_trio.mqtt import AckTimeout, ClientClosed, ConnectError, MQTTClient, open_client
+from sheri_trio.mqtt import (
+    AckTimeout,
+    ClientClosed,
+    ConnectError,
+    LocalProtocolError,
+    MQTTClient,
+    open_client,
+)
 from sheri_trio.testing import BrokerConnection, ScriptedBroker
 
 if TYPE_CHECKING:
@@ -29,12 +36,14 @@ URL = "mqtt://scripted-broker.invalid:1883"
 async def connected(
     broker: ScriptedBroker, **options: Any
 ) -> AsyncIterator[tuple[MQTTClient, BrokerConnection]]:
-    """A native client over ``broker``, its first connection accepted (CONNACK sent)."""
+    """A native client over ``broker``, its first connection accepted (CONNACK sent, with
+    the fields of the ``connack`` option)."""
     first: list[BrokerConnection] = []
+    connack = options.pop("connack", {})
 
     async def accept_first() -> None:
         conn = await broker.accept()
-        await conn.handshake(**options.pop("connack", {}))
+        await conn.handshake(**connack)
         first.append(conn)
 
     async with trio.open_nursery() as nursery:
@@ -277,6 +286,25 @@ async def nothing_within(conn: BrokerConnection, seconds: float) -> bool:
     return True
 
 
+@pytest.mark.parametrize(
+    ("filters", "qos", "retain_handling"),
+    [((), 1, 0), (("a/#/b",), 1, 0), (("t",), 3, 0), (("t",), 1, 3)],
+)
+async def test_a_subscription_out_of_range_is_refused_before_anything_is_sent(
+    autojump_clock: trio.testing.MockClock,
+    filters: tuple[str, ...],
+    qos: int,
+    retain_handling: int,
+) -> None:
+    broker = ScriptedBroker()
+    async with connected(broker, keep_alive=0) as (client, conn):
+        with pytest.raises(LocalProtocolError):
+            async with client.subscribe(*filters, qos=qos, retain_handling=retain_handling):
+                pass
+        assert await nothing_within(conn, 60)
+        assert client.statistics()["subscriptions"] == 0
+
+
 @asynccontextmanager
 async def granted(
     client: MQTTClient, conn: BrokerConnection, *filters: str, **kwargs: Any
@@ -513,6 +541,36 @@ async def test_close_flushes_then_disconnects_and_waits_for_the_broker(
             nursery.start_soon(broker_side)
             await client.publish("t/x", b"1", qos=1, wait_ack=False)
         assert trio.current_time() == 3  # closed when the broker closed, not at 5
+
+
+async def test_a_full_queue_makes_the_publisher_wait_until_a_puback_makes_room(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Receive Maximum 1, max_queued 2: one publish in flight, two queued, the fourth
+    waits (backpressure) until the broker acknowledges the first."""
+    broker = ScriptedBroker()
+    connack = {"receive_max": 1}
+    async with connected(broker, keep_alive=0, max_queued=2, connack=connack) as (client, conn):
+        for n in range(3):
+            await client.publish("t/x", b"%d" % n, qos=1, wait_ack=False)
+        assert trio.current_time() == 0
+        first = await conn.expect(mqtt5.PublishPacket)
+        async with trio.open_nursery() as nursery:
+            fourth_queued = trio.Event()
+
+            async def fourth() -> None:
+                await client.publish("t/x", b"3", qos=1, wait_ack=False)
+                fourth_queued.set()
+
+            nursery.start_soon(fourth)
+            await trio.sleep(60)
+            assert not fourth_queued.is_set()
+            await conn.send(mqtt5.PubAckPacket(first.packet_id))
+            await fourth_queued.wait()
+            assert trio.current_time() == 60
+        second = await conn.expect(mqtt5.PublishPacket)
+        assert second.payload == b"1"
+        assert await nothing_within(conn, 60)  # the window is full again
 
 
 # ---------------------------------------------------------------------- routing

@@ -90,9 +90,9 @@ command = ["pytest", "-q"]
         "testing": {"command": ["pytest", "-q"]},
     }
     # credentials in the URL win over the file's; --username/--password over both
+    # (each field on its own: tests/test_config_credentials.py)
     in_url = connection_settings(fc, env={}, broker="mqtt://u:p@h:1883")
-    assert "username" not in in_url.client_options
-    assert "password" not in in_url.client_options
+    assert (in_url.client_options["username"], in_url.client_options["password"]) == ("u", "p")
     flags = connection_settings(fc, env={}, username="flag-user", password="flag-pass")
     assert flags.client_options["username"] == "flag-user"
     assert flags.client_options["password"] == "flag-pass"

@@ -8,14 +8,14 @@ import secrets
 import signal
 import socket
 import stat
-import subprocess
 import sys
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx2
 import pytest
 import trio
+from childproc import Output, output_of
 
 from sheri_trio.demo import (
     DEMO_TASKS,
@@ -30,7 +30,7 @@ from sheri_trio.swarm._messages import encode
 from sheri_trio.swarm._protocol import Topics
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from contextlib import AbstractAsyncContextManager
 
     from sheri_trio.testing import MosquittoBroker
 
@@ -62,84 +62,13 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Demo:
-    """A running ``sheri demo``: its stdout lines as they come, its stderr."""
-
-    def __init__(self, proc: trio.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self.stderr = b""
-        self.closed = False
-        self._changed = trio.Event()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def pump_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        buffer = b""
-        async for chunk in self.proc.stdout:
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            self.lines.extend(line.decode(errors="replace") for line in complete)
-            self._notify()
-        if buffer:
-            self.lines.append(buffer.decode(errors="replace"))
-        self.closed = True
-        self._notify()
-
-    async def pump_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        async for chunk in self.proc.stderr:
-            self.stderr += chunk
-
-    async def expect(self, pattern: str) -> re.Match[str]:
-        """Wait for a stdout line matching ``pattern`` (seen before or after the call)."""
-        rx = re.compile(pattern)
-        while True:
-            for line in self.lines:
-                if m := rx.search(line):
-                    return m
-            if self.closed:
-                raise AssertionError(f"no line matches {pattern!r}:\n{self.text}")
-            await self._changed.wait()
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n--- stderr ---\n" + self.stderr.decode(errors="replace")
+def demo(*args: str, cwd: Path, **env: str) -> AbstractAsyncContextManager[Output]:
+    """A running ``sheri demo``: its stdout lines as they come, its stderr apart."""
+    command = [*SHERI, "demo", "--swarm", f"t-demo-{secrets.token_hex(3)}", *args]
+    return output_of(command, cwd=cwd, env=_env(**env), merge_stderr=False)
 
 
-@asynccontextmanager
-async def demo(*args: str, cwd: Path, **env: str) -> AsyncIterator[Demo]:
-    proc = await trio.lowlevel.open_process(
-        [*SHERI, "demo", "--swarm", f"t-demo-{secrets.token_hex(3)}", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-        env=_env(**env),
-    )
-    run = Demo(proc)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run.pump_stdout)
-            nursery.start_soon(run.pump_stderr)
-            try:
-                yield run
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                with trio.CancelScope(shield=True):
-                    await proc.wait()
-    finally:
-        with trio.CancelScope(shield=True):
-            for stream in (proc.stdout, proc.stderr):
-                assert stream is not None
-                await stream.aclose()
-
-
-def _outcome_lines(run: Demo) -> dict[str, str]:
+def _outcome_lines(run: Output) -> dict[str, str]:
     """task type -> its summary line (``ok``, ``expected``, ``FAIL`` or ``LOST``)."""
     found = {}
     for line in run.lines:
@@ -149,7 +78,7 @@ def _outcome_lines(run: Demo) -> dict[str, str]:
     return found
 
 
-def _check_logs(run: Demo) -> str:
+def _check_logs(run: Output) -> str:
     """No log record on the terminal; all of them in the file the demo names."""
     for line in run.lines:
         assert not LOG_RECORD.search(line), f"a log line in stdout: {line!r}\n{run.text}"
@@ -204,6 +133,10 @@ async def test_demo_keep_stays_up_until_a_signal_then_exits_0(
             await run.expect(r"^11 tasks, 10 successful, 1 failed as expected, 0 unexpected")
             config = (await run.expect(r"^  submit +sheri submit .* --config (\S+) --wait"))[1]
             await run.expect(r"^the swarm and broker stay up until Ctrl\+C")
+            dashboard = (await run.expect(r"^  dashboard +(http://\S+/)\?token=\S+$"))[1]
+            async with httpx2.AsyncClient(timeout=10) as http:
+                state = (await http.get(dashboard + "api/state")).json()
+            assert len(state["agents"]) == 9
             # what it prints works: the swarm takes more tasks after the summary
             submitted = await trio.run_process(
                 [*SHERI, "submit", "database.backup", "--config", config, "--wait"],

@@ -1,5 +1,8 @@
 """Dispatch mode end to end on a real mosquitto: real agents, one of them elected
-dispatcher (docs/dispatch.md). Submissions are the prototype's mosquitto_pub JSON."""
+dispatcher (docs/dispatch.md). Submissions are the prototype's mosquitto_pub JSON.
+
+A killed holder and a broker restart mid-burst are in tests/test_agent.py, which runs
+every behaviour test under both dispatch rules."""
 
 from __future__ import annotations
 
@@ -10,68 +13,26 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from childproc import online_process
+from swarm_helpers import (
+    AGENT_PROC,
+    Counting,
+    agent_config,
+    follow_outcomes,
+    start_agents,
+    submission,
+)
 
-from sheri_trio.executors import ExecutorRegistry, TaskContext
 from sheri_trio.mqtt import open_client
-from sheri_trio.swarm import AgentConfig, run_agent
 
 if TYPE_CHECKING:
+    from sheri_trio.swarm import AgentConfig
     from sheri_trio.testing import MosquittoBroker
 
 
 def _config(
     broker: MosquittoBroker, role: str, agent_id: str, swarm: str, **kw: Any
 ) -> AgentConfig:
-    options: dict[str, Any] = {
-        "heartbeat_interval": 0.5,
-        "lease_time": 2.0,
-        "grace_period": 2.0,
-        "retry_initial_delay": 0.01,
-        "dispatch": "dispatcher",
-        "executor_config": {"executors": {"simulate": True}},
-    }
-    options.update(kw)
-    return AgentConfig(role=role, agent_id=agent_id, swarm=swarm, broker=broker.tcp_url, **options)
-
-
-class Counting:
-    """An executor for every type that counts executions and concurrency per agent."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.executions: Counter[str] = Counter()
-        self.running: Counter[str] = Counter()
-        self.peak: Counter[str] = Counter()
-        self.delay = delay
-        self.registry = ExecutorRegistry()
-        self.registry.fallback = self
-
-    async def __call__(self, ctx: TaskContext) -> dict[str, Any]:
-        self.executions[ctx.task_id] += 1
-        self.running[ctx.agent_id] += 1
-        self.peak[ctx.agent_id] = max(self.peak[ctx.agent_id], self.running[ctx.agent_id])
-        try:
-            if self.delay:
-                await trio.sleep(self.delay)
-        finally:
-            self.running[ctx.agent_id] -= 1
-        return {"ok": True}
-
-
-def submission(task_id: str, task_type: str = "testing.run") -> str:
-    return json.dumps({"id": f"msg_{task_id}", "payload": {"task_id": task_id, "type": task_type}})
-
-
-async def follow_outcomes(
-    broker: MosquittoBroker, swarm: str, expected: int, publish: Any
-) -> Counter[str]:
-    finals: Counter[str] = Counter()
-    async with open_client(broker.tcp_url) as watcher:
-        async with watcher.subscribe(f"{swarm}/tasks/complete", f"{swarm}/tasks/failed") as msgs:
-            await publish(watcher)
-            while sum(finals.values()) < expected:
-                m = await msgs.receive()
-                finals[json.loads(m.payload)["payload"]["task_id"]] += 1
-    return finals
+    return agent_config(broker, role, agent_id, swarm, dispatch="dispatcher", **kw)
 
 
 async def test_five_agents_300_tasks_each_runs_once_within_capacity(
@@ -83,19 +44,16 @@ async def test_five_agents_300_tasks_each_runs_once_within_capacity(
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             shutdown = trio.Event()
-            for i in range(5):
-                config = _config(broker, "testing", f"d-agent-{i}", swarm, max_tasks=3)
-                await nursery.start(
-                    lambda task_status, c=config: run_agent(
-                        c, executors=counting.registry, shutdown=shutdown, task_status=task_status
-                    )
-                )
+            configs = [
+                _config(broker, "testing", f"d-agent-{i}", swarm, max_tasks=3) for i in range(5)
+            ]
+            await start_agents(nursery, configs, executors=counting.registry, shutdown=shutdown)
 
             async def publish(watcher: Any) -> None:
                 for task_id in ids:
                     await watcher.publish(f"{swarm}/tasks/new", submission(task_id), qos=1)
 
-            finals = await follow_outcomes(broker, swarm, len(ids), publish)
+            finals, _ = await follow_outcomes(broker, swarm, len(ids), publish)
             shutdown.set()
     assert set(finals) == set(ids)
     assert set(finals.values()) == {1}
@@ -112,14 +70,8 @@ async def test_duplicate_ids_run_once_and_a_role_nobody_has_waits_for_one(
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             shutdown = trio.Event()
-            await nursery.start(
-                lambda task_status: run_agent(
-                    _config(broker, "testing", "only-tester", swarm),
-                    executors=counting.registry,
-                    shutdown=shutdown,
-                    task_status=task_status,
-                )
-            )
+            tester = _config(broker, "testing", "only-tester", swarm)
+            await start_agents(nursery, [tester], executors=counting.registry, shutdown=shutdown)
             async with open_client(broker.tcp_url) as watcher:
                 async with watcher.subscribe(f"{swarm}/tasks/complete") as msgs:
                     for _ in range(3):
@@ -132,13 +84,9 @@ async def test_duplicate_ids_run_once_and_a_role_nobody_has_waits_for_one(
                     with trio.move_on_after(1.5):  # nobody can deploy: it waits, queued
                         m = await msgs.receive()
                         raise AssertionError(f"unexpected outcome {m.payload!r}")
-                    await nursery.start(
-                        lambda task_status: run_agent(
-                            _config(broker, "deployment", "late-deployer", swarm),
-                            executors=counting.registry,
-                            shutdown=shutdown,
-                            task_status=task_status,
-                        )
+                    deployer = _config(broker, "deployment", "late-deployer", swarm)
+                    await start_agents(
+                        nursery, [deployer], executors=counting.registry, shutdown=shutdown
                     )
                     m = await msgs.receive()
                     late = json.loads(m.payload)["payload"]
@@ -150,81 +98,14 @@ async def test_duplicate_ids_run_once_and_a_role_nobody_has_waits_for_one(
     assert counting.executions == Counter({"dup-1": 1, "deploy-1": 1})
 
 
-_AGENT_PROC = """
-import sys, trio, logging
-logging.basicConfig(level=logging.INFO)
-from sheri_trio.swarm import AgentConfig, run_agent
-cfg = AgentConfig(role="testing", agent_id=sys.argv[2], swarm=sys.argv[3], broker=sys.argv[1],
-                  heartbeat_interval=0.5, lease_time=2.0, keep_alive=5, dispatch="dispatcher",
-                  executor_config={"executors": {"simulate": True}})
-async def main():
-    async with trio.open_nursery() as n:
-        await n.start(run_agent, cfg)
-        print("online", flush=True)
-trio.run(main)
-"""
-
-
-async def test_a_killed_holder_s_task_completes_elsewhere_once(broker: MosquittoBroker) -> None:
-    swarm = "t-dispatch-crash"
-    with trio.fail_after(60):
-        async with open_client(broker.tcp_url) as watcher:
-            async with watcher.subscribe(f"{swarm}/tasks/#") as msgs:
-                async with online_process(_AGENT_PROC, broker.tcp_url, "victim", swarm) as proc:
-                    body = {
-                        "payload": {
-                            "task_id": "slow-1",
-                            "type": "testing.run",
-                            "payload": {"simulate_seconds": 2},
-                        }
-                    }
-                    await watcher.publish(f"{swarm}/tasks/new", json.dumps(body), qos=1)
-                    while True:
-                        m = await msgs.receive()
-                        p = json.loads(m.payload)["payload"]
-                        if m.topic.endswith("/progress") and p.get("state") == "running":
-                            assert p["agent_id"] == "victim"
-                            break
-                    proc.send_signal(signal.SIGKILL)
-                    await proc.wait()
-                    async with trio.open_nursery() as nursery:
-                        shutdown = trio.Event()
-                        await nursery.start(
-                            lambda task_status: run_agent(
-                                _config(
-                                    broker,
-                                    "testing",
-                                    "survivor",
-                                    swarm,
-                                    executor_config={"executors": {"simulate": True}},
-                                ),
-                                shutdown=shutdown,
-                                task_status=task_status,
-                            )
-                        )
-                        finals = []
-                        while not finals:
-                            m = await msgs.receive()
-                            if m.topic.endswith(("/complete", "/failed")):
-                                finals.append(json.loads(m.payload)["payload"])
-                        shutdown.set()
-    assert finals[0]["agent_id"] == "survivor"
-    assert finals[0]["attempt"] == 2
-
-
 async def test_the_dispatcher_publishes_its_view_of_the_swarm(broker: MosquittoBroker) -> None:
     """What monitoring.alerts reads in dispatch mode: agents and outcomes, retained."""
     swarm = "t-dispatch-view"
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             shutdown = trio.Event()
-            for i in range(3):
-                config = _config(broker, "monitoring", f"viewer-{i}", swarm)
-                await nursery.start(
-                    lambda task_status, c=config: run_agent(
-                        c, shutdown=shutdown, task_status=task_status
-                    )
-                )
+            configs = [_config(broker, "monitoring", f"viewer-{i}", swarm) for i in range(3)]
+            await start_agents(nursery, configs, shutdown=shutdown)
             async with open_client(broker.tcp_url) as watcher:
                 async with watcher.subscribe(f"{swarm}/dispatch/view") as views:
                     async for m in views:
@@ -252,7 +133,9 @@ async def test_the_dispatcher_killed_mid_burst_loses_nothing_and_runs_nothing_tw
                 watcher.subscribe(f"{swarm}/dispatch/status") as statuses,
                 watcher.subscribe(f"{swarm}/tasks/complete", f"{swarm}/tasks/failed") as outs,
             ):
-                async with online_process(_AGENT_PROC, broker.tcp_url, "first", swarm) as proc:
+                async with online_process(
+                    AGENT_PROC, broker.tcp_url, "first", swarm, "dispatcher"
+                ) as proc:
                     async for m in statuses:  # the first agent became the dispatcher
                         status = json.loads(m.payload)["payload"]
                         if status.get("status") == "online":
@@ -260,16 +143,10 @@ async def test_the_dispatcher_killed_mid_burst_loses_nothing_and_runs_nothing_tw
                             break
                     async with trio.open_nursery() as nursery:
                         shutdown = trio.Event()
-                        for i in range(2):
-                            config = _config(broker, "testing", f"heir-{i}", swarm)
-                            await nursery.start(
-                                lambda task_status, c=config: run_agent(
-                                    c,
-                                    executors=counting.registry,
-                                    shutdown=shutdown,
-                                    task_status=task_status,
-                                )
-                            )
+                        heirs = [_config(broker, "testing", f"heir-{i}", swarm) for i in range(2)]
+                        await start_agents(
+                            nursery, heirs, executors=counting.registry, shutdown=shutdown
+                        )
                         for n, task_id in enumerate(ids):
                             await watcher.publish(f"{swarm}/tasks/new", submission(task_id), qos=1)
                             if n == 100:
@@ -309,13 +186,8 @@ async def test_an_agent_killed_between_receiving_and_starting_never_runs_that_at
                 trio.open_nursery() as nursery,
             ):
                 shutdown = trio.Event()
-                await nursery.start(
-                    lambda task_status: run_agent(
-                        _config(broker, "testing", "dispatching-one", swarm),
-                        shutdown=shutdown,
-                        task_status=task_status,
-                    )
-                )
+                dispatching = _config(broker, "testing", "dispatching-one", swarm)
+                await start_agents(nursery, [dispatching], shutdown=shutdown)
                 async for m in statuses:
                     if json.loads(m.payload)["payload"].get("status") == "online":
                         break
@@ -328,7 +200,7 @@ async def test_an_agent_killed_between_receiving_and_starting_never_runs_that_at
                             return p
                     raise AssertionError("subscription ended")
 
-                victim = (_AGENT_PROC, broker.tcp_url, "victim", swarm)
+                victim = (AGENT_PROC, broker.tcp_url, "victim", swarm, "dispatcher")
                 async with online_process(*victim) as first:
                     first.send_signal(signal.SIGSTOP)
                     body = {"payload": {"task_id": "between-1", "type": "testing.run",
@@ -356,53 +228,3 @@ async def test_an_agent_killed_between_receiving_and_starting_never_runs_that_at
         p["attempt"] for t, p in events if t.endswith("/progress") and p.get("event") == "start"
     ]
     assert started == [2]  # attempt 1 never started
-
-
-async def test_a_broker_restart_mid_burst_ends_every_task_once(
-    fresh_broker: MosquittoBroker,
-) -> None:
-    """The broker restarts (its persistence keeps the sessions and the records) while 200
-    tasks are in flight: the dispatch term ends, one is elected again, every task gets one
-    final outcome (a task caught running may run twice: at least once, fenced)."""
-    swarm = "t-dispatch-restart"
-    counting = Counting(delay=0.01)
-    total = 200
-    finals: Counter[str] = Counter()
-    options = {"reconnect_initial_delay": 0.05, "reconnect_max_delay": 0.5}
-    with trio.fail_after(90):
-        async with trio.open_nursery() as nursery:
-            shutdown = trio.Event()
-            for i in range(3):
-                config = _config(
-                    fresh_broker, "testing", f"dr-{i}", swarm, client_options=options,
-                    lease_time=3.0,
-                )  # fmt: skip
-                await nursery.start(
-                    lambda task_status, c=config: run_agent(
-                        c, executors=counting.registry, shutdown=shutdown, task_status=task_status
-                    )
-                )
-            async with open_client(
-                fresh_broker.tcp_url,
-                client_id="dispatch-restart-watcher",
-                clean_start=False,
-                session_expiry_interval=300,
-                **options,
-            ) as watcher:
-                async with watcher.subscribe(
-                    f"{swarm}/tasks/complete", f"{swarm}/tasks/failed"
-                ) as msgs:
-                    for i in range(total):
-                        if i == total // 2:
-                            await trio.to_thread.run_sync(fresh_broker.restart)
-                        await watcher.publish(
-                            f"{swarm}/tasks/new", submission(f"dr-{i}"), qos=1, wait_ack=False
-                        )
-                    while len(finals) < total:
-                        m = await msgs.receive()
-                        finals[json.loads(m.payload)["payload"]["task_id"]] += 1
-            shutdown.set()
-    assert set(finals) == {f"dr-{i}" for i in range(total)}
-    assert set(counting.executions) == set(finals)
-    assert max(counting.executions.values()) <= 2
-    assert sum(1 for n in counting.executions.values() if n > 1) <= 3

@@ -30,7 +30,15 @@ from sheri_trio.swarm._dispatcher import (
 from sheri_trio.swarm._messages import encode
 from sheri_trio.swarm._presence import rendezvous_score
 from sheri_trio.swarm._protocol import BadMessage, Topics
-from sheri_trio.swarm._scheduler import FailReason, ReportError, SendFailed
+from sheri_trio.swarm._scheduler import (
+    CancelResult,
+    ClearPending,
+    FailReason,
+    ReportError,
+    SendCancelReply,
+    SendFailed,
+    SendPending,
+)
 
 SWARM = "s"
 T = Topics(SWARM)
@@ -115,8 +123,11 @@ def released(d: Dispatcher, task_id: str, agent_id: str, attempt: int = 1) -> li
     return body(d.receive(T.tasks_released, env(payload, agent_id), 0.0))
 
 
-def cancel(d: Dispatcher, task_id: str) -> list[DispatchCommand]:
-    return body(d.receive(T.tasks_cancel, env({"task_id": task_id}), 0.0))
+def cancel(d: Dispatcher, task_id: str, request_id: str | None = None) -> list[DispatchCommand]:
+    payload: dict[str, Any] = {"task_id": task_id}
+    if request_id is not None:
+        payload["request_id"] = request_id
+    return body(d.receive(T.tasks_cancel, env(payload), 0.0))
 
 
 def given_to(commands: list[DispatchCommand]) -> list[tuple[str, str, int]]:
@@ -128,7 +139,8 @@ def given_to(commands: list[DispatchCommand]) -> list[tuple[str, str, int]]:
             record = commands[i - 1]
             assert record == WriteRecord(c.task_id, A, c.attempt, c.agent_id, c.task)
             out.append((c.task_id, c.agent_id, c.attempt))
-    assert len(commands) == 2 * len(out)
+    markers = [c for c in commands if isinstance(c, (SendPending, ClearPending))]
+    assert len(commands) == 2 * len(out) + len(markers)
     return out
 
 
@@ -175,7 +187,8 @@ def test_an_invalid_submission_with_an_id_is_failed_once_by_the_dispatcher() -> 
         FailReason.INVALID_TASK,
     )
     assert "priority" in failed.error
-    assert record == WriteRecord("bad", RecordState.FAILED, 1)
+    # the final record keeps the submission as received (sheri retry reads it)
+    assert record == WriteRecord("bad", RecordState.FAILED, 1, None, sub("bad", priority="urgent"))
     assert record.final
     assert submit(d, "bad", priority="urgent") == []  # its redelivery: nothing more
     assert d.assignments(0.0) == []
@@ -367,16 +380,43 @@ def test_a_role_with_nobody_online_stays_queued_with_one_warning_until_someone_r
     caplog.set_level(logging.WARNING, logger="sheri_trio.agent")
     for i in range(3):
         submit(d, f"d{i}", task_type="deployment.deploy")
-    for _ in range(3):
-        assert d.assignments(0.0) == []
+    # the first heartbeat interval of a term: the agents are still announcing themselves
+    assert d.assignments(0.0) == []
+    assert d.assignments(9.9) == []
+    assert not [r for r in caplog.records if "no eligible agent online" in r.getMessage()]
+    # then each task nobody may take is kept as a retained pending marker, as broadcast does
+    tasks = {f"d{i}": sub(f"d{i}", "deployment.deploy") for i in range(3)}
+    assert d.assignments(10.0) == [SendPending(t, task) for t, task in tasks.items()]
+    assert d.assignments(10.0) == []
+    register(d, "a2", now=10.5)  # presence that changes nothing for them: no new markers
+    assert d.assignments(10.5) == []
+    submit(d, "d3", task_type="deployment.deploy", now=11.0)
+    assert d.assignments(11.0) == [SendPending("d3", sub("d3", "deployment.deploy"))]
     warnings = [r for r in caplog.records if "no eligible agent online" in r.getMessage()]
     assert len(warnings) == 1
     assert "roles=deployment" in warnings[0].getMessage()
-    stats = d.statistics(0.0)
-    assert (stats.queued, stats.queued_by_role["deployment"]) == (3, 3)
+    stats = d.statistics(11.0)
+    assert (stats.queued, stats.queued_by_role["deployment"]) == (4, 4)
     assert stats.agents_online_by_role["deployment"] == 0
-    register(d, "deployer", role="deployment", max_tasks=8, now=1.0)
-    assert [t for t, _, _ in given_to(d.assignments(1.0))] == ["d0", "d1", "d2"]
+    register(d, "deployer", role="deployment", max_tasks=8, now=12.0)
+    commands = d.assignments(12.0)
+    assert [t for t, _, _ in given_to(commands)] == ["d0", "d1", "d2", "d3"]
+    cleared = [c.task_id for c in commands if isinstance(c, ClearPending)]
+    assert cleared == ["d0", "d1", "d2", "d3"]  # each before its assignment's record
+    for task_id in cleared:
+        i = commands.index(ClearPending(task_id))
+        record = commands[i + 1]
+        assert isinstance(record, WriteRecord)
+        assert record.task_id == task_id
+
+
+def test_a_pending_task_cancelled_while_queued_clears_its_marker() -> None:
+    d = make()
+    submit(d, "t", task_type="deployment.deploy")
+    d.assignments(0.0)
+    assert d.assignments(10.0) == [SendPending("t", sub("t", "deployment.deploy"))]
+    failed = [c for c in cancel(d, "t") if isinstance(c, SendFailed)]
+    assert [(f.reason, f.clear_marker) for f in failed] == [(FailReason.CANCELLED, True)]
 
 
 # ------------------------------------------------------------------ claims and outcomes
@@ -562,7 +602,7 @@ def test_a_cancel_of_a_queued_task_fails_it_as_cancelled() -> None:
     (failed, record) = cancel(d, "t")
     assert isinstance(failed, SendFailed)
     assert (failed.spec.task_id, failed.reason, failed.attempt) == ("t", FailReason.CANCELLED, 1)
-    assert record == WriteRecord("t", RecordState.CANCELLED, 1)
+    assert record == WriteRecord("t", RecordState.CANCELLED, 1, None, sub("t"))
     assert "t" not in d.jobs
     register(d, "a1")
     assert d.assignments(0.0) == []
@@ -595,8 +635,70 @@ def test_a_cancelled_task_whose_holder_dies_is_failed_not_run_again() -> None:
     assert revoke == SendRevocation("a1", "t", 1, RevokeReason.HOLDER_GONE)
     assert isinstance(failed, SendFailed)
     assert failed.reason is FailReason.CANCELLED
-    assert record == WriteRecord("t", RecordState.CANCELLED, 1)
+    assert record == WriteRecord("t", RecordState.CANCELLED, 1, None, sub("t", assigned_to="a1"))
     assert d.assignments(0.0) == []
+
+
+def test_a_cancel_with_a_request_id_is_answered_for_the_whole_swarm() -> None:
+    d = make()
+    register(d, "a1")
+    submit(d, "held")
+    d.assignments(0.0)
+    claim(d, "held", "a1")
+    submit(d, "queued", task_type="database.backup")  # nobody can take it: stays queued
+    # queued: failed as cancelled, its record written, then the answer
+    (failed, record, reply) = cancel(d, "queued", "r1")
+    assert isinstance(failed, SendFailed)
+    assert record.final
+    assert reply == SendCancelReply(
+        "r1", "queued", CancelResult.CANCELLED, "swarm", "queued", None, 1
+    )
+    # held: forwarded once, answered "stopping" every time, naming the holder
+    stopping = SendCancelReply("r2", "held", CancelResult.STOPPING, "swarm", "claimed", "a1", 1)
+    assert cancel(d, "held", "r2") == [ForwardCancel("a1", "held", 1), stopping]
+    assert cancel(d, "held", "r2") == [stopping]
+    # finished (its final state), and unknown: nobody has it
+    outcome(d, "held", "a1", ok=False, reason="cancelled")
+    assert cancel(d, "held", "r3") == [
+        SendCancelReply("r3", "held", CancelResult.FINISHED, "swarm", "cancelled", None, 1)
+    ]
+    assert cancel(d, "nope", "r4") == [SendCancelReply("r4", "nope", CancelResult.UNKNOWN, "swarm")]
+
+
+def test_a_failed_task_s_record_written_again_keeps_its_submission() -> None:
+    d = make()
+    register(d, "a1")
+    submit(d, "t")
+    d.assignments(0.0)
+    claim(d, "t", "a1")
+    outcome(d, "t", "a1", ok=False)
+    # a stale claimant of the finished task: revoked, the final record re-asserted whole
+    (revoke, record) = claim(d, "t", "a2")
+    assert revoke == SendRevocation("a2", "t", 1, RevokeReason.FINISHED)
+    assert record == WriteRecord("t", RecordState.FAILED, 1, None, sub("t"))
+    # read at election too
+    e = make()
+    e.on_state({"task_id": "f", "state": "failed", "attempt": 2, "task": sub("f")}, 0.0)
+    (_, record) = claim(e, "f", "a2")
+    assert record == WriteRecord("f", RecordState.FAILED, 2, None, sub("f"))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"task_id": "t", "request_id": 7},
+        {"task_id": "t", "request_id": "a/b"},
+        {"task_id": "t", "request_id": "x" * 65},
+        {"request_id": "r"},
+    ],
+)
+def test_a_malformed_cancel_is_reported(payload: dict[str, Any]) -> None:
+    d = make()
+    submit(d, "t")
+    (report,) = body(d.receive(T.tasks_cancel, env(payload), 0.0))
+    assert isinstance(report, ReportError)
+    assert report.topic == T.tasks_cancel
+    assert "t" in d.jobs  # nothing cancelled
 
 
 # ------------------------------------------------------------------ election hand-over
@@ -812,6 +914,15 @@ def test_any_message_sequence_keeps_the_invariants(
                 slots = d.peers[agent_id].max_tasks
                 assert slots is not None
                 assert d.in_flight(agent_id) <= slots
+            # no hoarding, whatever the round's bookkeeping: no queued task is left while
+            # an eligible agent has a free slot (judged from scratch over every peer)
+            free = [a for a in d.peers.peers if d.free_slots(a, now + arg) > 0]
+            for job in d.jobs.values():
+                if job.state is Q:
+                    roles, to = job.key
+                    assert not [a for a in free if d.peers[a].role in roles and to in (None, a)], (
+                        job.task_id
+                    )
         elif kind == "leases":
             check(d.check_leases(now + arg))
         elif kind.startswith("holder-"):

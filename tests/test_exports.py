@@ -23,6 +23,7 @@ PACKAGES = [
     "sheri_trio.mqtt",
     "sheri_trio.testing",
     "sheri_trio.stores",
+    "sheri_trio.dashboard",
 ]
 
 

@@ -22,6 +22,7 @@ from sheri_trio.swarm._protocol import (
     TaskSpec,
     Topics,
     decode_envelope,
+    parse_cancel,
     parse_claim,
     parse_outcome,
     parse_task,
@@ -182,6 +183,7 @@ UTC_2030 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
         TaskSpec("x" * 128, "x" * 64, None, priority="high", assigned_to="agent-7"),
         TaskSpec("t2", "deployment.deploy", {"v": 1}, max_retries=0, timeout_s=0.5),
         TaskSpec("t3", "a", "text", max_retries=100, timeout_s=86400.0, expires_at=UTC_2030),
+        TaskSpec("t3.retry-1", "testing.run", {}, retry_of="t3"),
     ],
 )
 def test_task_round_trip(spec: TaskSpec) -> None:
@@ -256,6 +258,8 @@ def test_task_default_max_retries_comes_from_the_caller() -> None:
         ({"expires_at": 5}, "'expires_at'", "t1"),
         ({"expires_at": "soon"}, "'expires_at'", "t1"),
         ({"expires_at": ""}, "'expires_at'", "t1"),
+        ({"retry_of": 5}, "'retry_of'", "t1"),
+        ({"retry_of": "../t"}, "'retry_of'", "t1"),
     ],
 )
 def test_task_refusals(fields: dict[str, Any], reason: str, task_id: str | None) -> None:
@@ -492,6 +496,49 @@ def test_arbitrary_claims_and_outcomes_raise_only_bad_message(value: Any, succes
             parse(e)
         except BadMessage:
             pass
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"task_id": "t1"}, ("t1", None)),  # the prototype's form
+        ({"task_id": "t1", "request_id": "a1b2.c_d-e"}, ("t1", "a1b2.c_d-e")),
+        ({"task_id": "t1", "request_id": None}, ("t1", None)),
+    ],
+)
+def test_cancel_parsing(payload: dict[str, Any], expected: tuple[str, str | None]) -> None:
+    request = parse_cancel(decode_envelope(encode(None, None, payload)))
+    assert (request.task_id, request.request_id) == expected
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason", "task_id"),
+    [
+        ({}, "'task_id'", None),
+        ({"task_id": "a/b", "request_id": "r"}, "not allowed", None),
+        ({"task_id": "t1", "request_id": 5}, "'request_id'", "t1"),
+        ({"task_id": "t1", "request_id": ""}, "'request_id'", "t1"),
+        ({"task_id": "t1", "request_id": "r/1"}, "'request_id'", "t1"),
+        ({"task_id": "t1", "request_id": "r" * 65}, "'request_id'", "t1"),
+    ],
+)
+def test_cancel_refusals(payload: dict[str, Any], reason: str, task_id: str | None) -> None:
+    with pytest.raises(BadMessage, match=reason) as info:
+        parse_cancel(decode_envelope(encode(None, None, payload)))
+    assert info.value.task_id == task_id
+
+
+@FAST
+@given(_envelope_like(_task_like(json_values, scalars)))
+def test_arbitrary_cancels_raise_only_bad_message(value: Any) -> None:
+    try:
+        e = decode_envelope(json.dumps(value).encode())
+    except BadMessage:
+        return
+    try:
+        parse_cancel(e)
+    except BadMessage:
+        pass
 
 
 @FAST

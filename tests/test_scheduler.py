@@ -18,6 +18,7 @@ from sheri_trio.swarm._messages import encode
 from sheri_trio.swarm._presence import rendezvous_score
 from sheri_trio.swarm._protocol import Topics
 from sheri_trio.swarm._scheduler import (
+    CancelResult,
     ClearPending,
     Command,
     FailReason,
@@ -25,6 +26,7 @@ from sheri_trio.swarm._scheduler import (
     Reannounce,
     ReportError,
     Scheduler,
+    SendCancelReply,
     SendClaim,
     SendFailed,
     SendPending,
@@ -278,6 +280,128 @@ def test_a_cancel_of_an_unclaimed_task_fails_it_once_by_the_reporter() -> None:
     assert b.claims() == []
 
 
+def cancel(s: Scheduler, task_id: str, request_id: str | None = "r1") -> list[Command]:
+    body: dict[str, Any] = {"task_id": task_id}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return s.receive(T.tasks_cancel, env(body), 1.0)
+
+
+def reply(task_id: str, result: CancelResult, **kw: Any) -> SendCancelReply:
+    return SendCancelReply("r1", task_id, result, **kw)
+
+
+def test_every_agent_answers_a_cancel_request_with_what_it_knows() -> None:
+    holder, other = make("a-agent"), make("b-agent")
+    for s in (holder, other):
+        alive(s, "a-agent", "testing", 0.0)
+        alive(s, "b-agent", "testing", 0.0)
+        task(s, "run")
+    holder.claims()
+    start = win(holder, "run")
+    claim(other, "run", "a-agent")
+    # the holder stops it and says so; the other knows who holds it
+    assert cancel(holder, "run") == [
+        StopTask(start.entry, StopReason.CANCEL),
+        reply("run", CancelResult.STOPPING, holder="a-agent", attempt=1),
+    ]
+    assert cancel(other, "run") == [reply("run", CancelResult.KNOWN, holder="a-agent")]
+    assert cancel(holder, "run") == [  # asked again while it ends
+        reply("run", CancelResult.STOPPING, holder="a-agent", attempt=1)
+    ]
+    holder.finish(start.entry, success=False)
+    holder.on_ended(start.entry)
+    outcome(other, "run", "a-agent", ok=False)
+    for s in (holder, other):
+        assert cancel(s, "run") == [reply("run", CancelResult.FINISHED)]
+        assert cancel(s, "never-seen") == [reply("never-seen", CancelResult.UNKNOWN)]
+        assert cancel(s, "never-seen", None) == []  # the prototype's form: no answer
+
+
+def test_an_unclaimed_task_is_cancelled_by_the_reporter_with_its_final_state() -> None:
+    a, b = make("a-agent"), make("b-agent")
+    for s in (a, b):
+        alive(s, "a-agent", "testing", 0.0)
+        alive(s, "b-agent", "testing", 0.0)
+        task(s, "q")
+    (failed, answer) = cancel(a, "q")
+    assert isinstance(failed, SendFailed)
+    assert (failed.reason, failed.attempt) == (FailReason.CANCELLED, 1)
+    assert failed.task == {  # its final state keeps the submission
+        "task_id": "q",
+        "type": "testing.run",
+        "payload": {},
+        "priority": "medium",
+        "max_retries": 3,
+    }
+    assert answer == reply("q", CancelResult.CANCELLED)
+    assert cancel(b, "q") == [reply("q", CancelResult.KNOWN)]
+    assert a.claims() == b.claims() == []
+
+
+def test_a_task_nobody_online_may_take_is_cancelled_by_the_reporter() -> None:
+    """No database agent is online: the testing agents keep it as unserved (and one a
+    pending marker); a cancel fails it once, clears the marker, and a late claim loses."""
+    a, b = make("a-agent"), make("b-agent")
+    for s in (a, b):
+        alive(s, "a-agent", "testing", 0.0)
+        alive(s, "b-agent", "testing", 0.0)
+    (pending,) = task(a, "db", task_type="database.backup")
+    assert isinstance(pending, SendPending)
+    assert task(b, "db", task_type="database.backup") == []
+    (failed, answer) = cancel(a, "db")
+    assert isinstance(failed, SendFailed)
+    assert failed.clear_marker
+    assert failed.task is not None
+    assert failed.task["type"] == "database.backup"
+    assert answer == reply("db", CancelResult.CANCELLED)
+    assert cancel(b, "db") == [reply("db", CancelResult.KNOWN)]
+    assert cancel(a, "db") == [reply("db", CancelResult.FINISHED)]
+
+
+def test_a_cancelled_task_whose_holder_is_gone_is_failed_by_the_takeover() -> None:
+    s = make("b-agent")
+    alive(s, "a-agent", "testing", 0.0)
+    task(s, "t")
+    claim(s, "t", "a-agent")  # a-agent holds it, and dies before it sees the cancel
+    assert cancel(s, "t") == [reply("t", CancelResult.KNOWN, holder="a-agent")]
+    offline(s, "a-agent", 2.0)
+    assert s.claims() == [SendClaim("t", 2)]
+    (failed,) = claim(s, "t", "b-agent", attempt=2)
+    assert isinstance(failed, SendFailed)  # never run
+    assert (failed.reason, failed.attempt) == (FailReason.CANCELLED, 2)
+    assert failed.task is not None
+    assert s.running == {}
+    assert s.book.is_finished("t")
+
+
+def test_an_unserved_task_is_forgotten_once_someone_claims_it() -> None:
+    s = make()
+    task(s, "db", task_type="database.backup")
+    assert "db" in s.unserved
+    claim(s, "db", "db-agent")
+    assert "db" not in s.unserved
+    assert cancel(s, "db") == [reply("db", CancelResult.KNOWN, holder="db-agent")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"task_id": "t", "request_id": 7},
+        {"task_id": "t", "request_id": "has space"},
+        {"task_id": "../t"},
+        {"request_id": "r"},
+    ],
+)
+def test_a_malformed_cancel_is_reported_and_changes_nothing(body: dict[str, Any]) -> None:
+    s = make()
+    task(s, "t")
+    (report,) = s.receive(T.tasks_cancel, env(body), 1.0)
+    assert isinstance(report, ReportError)
+    assert report.topic == T.tasks_cancel
+    assert s.claims() == [SendClaim("t", 1)]
+
+
 def test_a_finished_task_is_not_run_again_when_resubmitted() -> None:
     s = make()
     task(s, "a")
@@ -492,6 +616,8 @@ def test_dispatch_mode_the_backlog_is_read_before_anything_starts() -> None:
     (failed,) = inbox(s, "cancel", "c")
     assert isinstance(failed, SendFailed)
     assert failed.reason is FailReason.CANCELLED
+    assert failed.task is not None
+    assert failed.task["task_id"] == "c"
     marker = env({"kind": "sync", "nonce": "other"})
     assert s.receive(T.agent_inbox("me"), marker, 0.0) == []  # not ours
     marker = env({"kind": "sync", "nonce": "n1"})

@@ -20,12 +20,10 @@ import pytest
 import redis
 import trio
 from store_helpers import (
-    create_database,
-    drop_database,
     free_port,
     pg_url,
-    require_postgres,
     set_accepting,
+    throwaway_database,
     wait_until,
 )
 
@@ -81,22 +79,15 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def pg_database() -> Iterator[str]:
     """A throw-away database on the machine's PostgreSQL, dropped at the end."""
-    require_postgres()
-    name = create_database()
-    try:
+    with throwaway_database() as name:
         yield name
-    finally:
-        drop_database(name)
 
 
 @pytest.fixture
 def fresh_pg_database() -> Iterator[str]:
-    require_postgres()
-    name = create_database()
-    try:
+    """A database of the test's own."""
+    with throwaway_database() as name:
         yield name
-    finally:
-        drop_database(name)
 
 
 @dataclass

@@ -282,7 +282,7 @@ def test_bad_config_raises_with_log(tmp_path: Path) -> None:
 
 
 def test_retries_when_port_taken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_free_ports = testing_mod._free_ports
+    real_free_ports = testing_mod.free_ports
     calls: list[list[int]] = []
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
@@ -296,7 +296,7 @@ def test_retries_when_port_taken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             calls.append(ports)
             return ports
 
-        monkeypatch.setattr(testing_mod, "_free_ports", fake_free_ports)
+        monkeypatch.setattr(testing_mod, "free_ports", fake_free_ports)
         with MosquittoBroker(tmp_path, tls=False) as b:
             assert len(calls) == 2
             assert b.tcp_port != taken

@@ -6,7 +6,10 @@ Commands (``sheri COMMAND --help`` for the details)::
     sheri swarm   [--agents N] [--roles a,b,...]                   N agents in one process
     sheri submit  TYPE [--payload JSON] [--wait]                   publish a task
     sheri tasks   [--state failed]                                 recent tasks, final states
+    sheri cancel  TASK_ID [--timeout 10] [--json]                  stop or never start a task
+    sheri retry   TASK_ID [--timeout 10] [--json]                  submit a failed task again
     sheri monitor                                                  live table of agents, tasks
+    sheri dashboard [--port 8080] [--db PATH]                      live web page, history
     sheri demo    [--keep] [--llm] [--broker URL]                  a local swarm at work
 
 The TypeScript prototype's spelling keeps working unchanged::
@@ -24,10 +27,14 @@ Settings come from the flags, then the environment (``SHERI_BROKER``, ``SHERI_SW
 Errors are one line on stderr, ``sheri: error: ...``. Exit codes: 0 success, 1 a
 runtime failure (broker unreachable or refusing us, duplicate agent id, a task that
 failed), 2 a usage or configuration error (or, for ``submit --wait``, no agent claimed
-the task in time), 130 stopped by a second Ctrl+C.
+the task in time; for ``cancel`` and ``retry``, an unknown task), 130 stopped by a second
+Ctrl+C. ``cancel`` and ``retry`` exit 1 for a task that had already finished (or did not
+fail).
 
 One module per command group: ``_agents`` (agent, swarm), ``_submit``, ``_tasks``,
-``_monitor`` (and :class:`SwarmView`, its model); ``_broker`` holds what the commands'
+``_control`` (cancel, retry),
+``_monitor`` (and :class:`SwarmView`, its model), ``_dashboard`` (the web page of
+:mod:`sheri_trio.dashboard`); ``_broker`` holds what the commands'
 own clients share, ``_output`` the log format, secret scrubbing and exits, ``_errors``
 :func:`explain`. ``sheri demo`` lives in :mod:`sheri_trio.demo`, imported when it runs.
 """
@@ -42,6 +49,8 @@ from cyclopts import App
 from .. import __version__
 from ._agents import DEFAULT_SWARM_ROLES as DEFAULT_SWARM_ROLES
 from ._agents import agent_cmd, swarm_cmd
+from ._control import cancel_cmd, retry_cmd
+from ._dashboard import dashboard_cmd
 from ._errors import NoAnswer as NoAnswer
 from ._errors import NotDelivered as NotDelivered
 from ._errors import UsageError as UsageError
@@ -89,7 +98,10 @@ app.command(agent_cmd, name="agent")
 app.command(swarm_cmd, name="swarm")
 app.command(submit_cmd, name="submit")
 app.command(tasks_cmd, name="tasks")
+app.command(cancel_cmd, name="cancel")
+app.command(retry_cmd, name="retry")
 app.command(monitor_cmd, name="monitor")
+app.command(dashboard_cmd, name="dashboard")
 # The command lives in sheri_trio/demo.py, imported only when it runs (it imports us).
 app.command(
     "sheri_trio.demo:demo_cmd",

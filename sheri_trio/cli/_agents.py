@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import pickle
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
@@ -14,7 +18,7 @@ from ..config import Connection, FileConfig, build_agent_config, load_config
 from ..executors import WORKSPACE_TYPES, uses_implicit_workspace
 from ..swarm import AGENT_ID_RE, ROLES, roles_for, run_agent
 from ._broker import BROKER_DEFAULTS, STORE_DEFAULTS, BrokerArgs, StoreArgs
-from ._errors import UsageError
+from ._errors import AgentProcessFailed, UsageError
 from ._output import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -49,13 +53,18 @@ DispatchOpt = Annotated[
 DEFAULT_SWARM_ROLES: Final = (*ROLES, "general")
 
 
-async def _watch_signals(signals: AsyncIterator[int], shutdown: trio.Event) -> None:
+async def _watch_signals(
+    signals: AsyncIterator[int],
+    shutdown: trio.Event,
+    children: Sequence[trio.Process] = (),
+) -> None:
     """First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
 
     At once means without clean-up: a cancelled agent would still spend seconds in its
     shielded clean-up (releasing tasks, flushing the client), which is what a second
     Ctrl+C is meant to skip. The broker sees the connection drop and publishes the
     agent's will (a retained offline status), so other agents take its tasks over.
+    ``children`` (the other agent processes) get the second signal too, and do the same.
     """
     async for signum in signals:
         name = signal.Signals(signum).name
@@ -64,7 +73,66 @@ async def _watch_signals(signals: AsyncIterator[int], shutdown: trio.Event) -> N
             shutdown.set()
         else:
             log.warning("%s again: exiting at once", name)
+            for child in children:
+                child.send_signal(signal.SIGTERM)
             exit_now(EXIT_INTERRUPTED)
+
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _die_with_parent() -> None:  # runs in the child, before exec
+    """Linux: SIGTERM when the parent dies (even by SIGKILL), so no share of the swarm
+    outlives the ``sheri swarm`` that started it."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+
+
+async def _agent_process(
+    index: int,
+    agents: Sequence[tuple[AgentConfig, str | None]],
+    log_level: str,
+    shutdown: trio.Event,
+    children: list[trio.Process],
+) -> None:
+    """One share of the swarm in a child process (:mod:`._worker`), until it ends. A
+    graceful shutdown reaches it as SIGTERM; if it ends before one was asked for, that
+    is raised as :class:`AgentProcessFailed` (the others then leave, as when an agent
+    fails)."""
+    names = ", ".join(c.agent_id for c, _ in agents)
+    command = [sys.executable, "-m", "sheri_trio.cli._worker", log_level]
+    async with trio.open_nursery() as nursery:
+        proc: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process,
+                command,
+                stdin=pickle.dumps(list(agents)),  # credentials: never on the command line
+                check=False,
+                start_new_session=True,  # a Ctrl+C at the terminal reaches us only
+                preexec_fn=_die_with_parent,
+            )
+        )
+        children.append(proc)
+        log.info("agent process %d (pid %d): %s", index, proc.pid, names)
+
+        async def forward() -> None:
+            await shutdown.wait()
+            proc.send_signal(signal.SIGTERM)
+
+        nursery.start_soon(forward)
+        await proc.wait()
+        nursery.cancel_scope.cancel()
+    children.remove(proc)
+    if not shutdown.is_set():
+        raise AgentProcessFailed(
+            f"agent process {index} (pid {proc.pid}: {names}) ended with exit code "
+            f"{proc.returncode} before a shutdown was asked for"
+        )
+    if proc.returncode:
+        log.warning("agent process %d ended with exit code %d", index, proc.returncode)
 
 
 def warn_implicit_workspace(agents: Sequence[tuple[AgentConfig, str | None]]) -> None:
@@ -87,15 +155,22 @@ def warn_implicit_workspace(agents: Sequence[tuple[AgentConfig, str | None]]) ->
         )
 
 
-async def run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
-    """Run agents in one nursery until a signal asks them to leave.
+async def run_agents(
+    agents: Sequence[tuple[AgentConfig, str | None]],
+    *,
+    processes: Sequence[Sequence[tuple[AgentConfig, str | None]]] = (),
+    log_level: str = "info",
+) -> int:
+    """Run agents in one nursery until a signal asks them to leave; with ``processes``,
+    also those shares of the swarm, each in a child process of its own.
 
-    When one fails (at start-up, or later), the others leave gracefully, as on a signal;
-    then its error is raised (several: a group).
+    When one fails (at start-up, or later), or a child process ends on its own, the
+    others leave gracefully, as on a signal; then its error is raised (several: a group).
     """
-    warn_implicit_workspace(agents)
+    warn_implicit_workspace([*agents, *(a for share in processes for a in share)])
     shutdown = trio.Event()
     errors: list[Exception] = []
+    children: list[trio.Process] = []
 
     async def one(config: AgentConfig, label: str | None) -> None:
         if label is not None:
@@ -108,10 +183,20 @@ async def run_agents(agents: Sequence[tuple[AgentConfig, str | None]]) -> int:
                 log.error("stopped: %s", exc)
             shutdown.set()
 
+    async def share(index: int, share_agents: Sequence[tuple[AgentConfig, str | None]]) -> None:
+        try:
+            await _agent_process(index, share_agents, log_level, shutdown, children)
+        except Exception as exc:
+            errors.append(exc)
+            log.error("%s", exc)
+            shutdown.set()
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
-            outer.start_soon(_watch_signals, signals, shutdown)
+            outer.start_soon(_watch_signals, signals, shutdown, children)
             async with trio.open_nursery() as nursery:
+                for index, share_agents in enumerate(processes, start=1):
+                    nursery.start_soon(share, index, share_agents)
                 for config, label in agents:
                     nursery.start_soon(one, config, label)
             outer.cancel_scope.cancel()  # every agent has left: stop watching signals
@@ -214,18 +299,29 @@ async def swarm_cmd(
         str | None,
         Parameter(help="Agent id prefix: ids are <prefix>-<role>-<n> (default: the swarm)."),
     ] = None,
+    processes: Annotated[
+        int,
+        Parameter(
+            help="Processes to spread the agents over (the agents in turn; default 1: all "
+            "in this one). More use more cores: each process runs its agents on one."
+        ),
+    ] = 1,
     where: BrokerArgs = BROKER_DEFAULTS,
     store: StoreArgs = STORE_DEFAULTS,
     log_level: LogLevelOpt = "info",
 ) -> int:
-    """Run several agents in one process (default 9: one per role, plus a second general).
+    """Run several agents (default 9: one per role, plus a second general), in this
+    process or spread over ``--processes``.
 
-    Output lines are prefixed with the agent, e.g. ``[testing-1]``. Stops like ``agent``.
+    Output lines are prefixed with the agent, e.g. ``[testing-1]``. Stops like ``agent``;
+    if one of the processes ends on its own, the others stop too (exit code 1).
     """
     role_list = parse_roles(roles)
     count = len(role_list) if agents is None else agents
     if not 1 <= count <= 1000:
         raise UsageError(f"--agents: must be within 1..1000, got {count}")
+    if not 1 <= processes <= count:
+        raise UsageError(f"--processes: must be within 1..{count} (the agents), got {processes}")
     file_config = load_config(where.config)
     conn = where.connection(file_config)
     id_prefix = prefix if prefix is not None else conn.swarm.replace("/", "-")
@@ -249,11 +345,13 @@ async def swarm_cmd(
         configs.append((cfg, label))
     setup_logging(log_level, "swarm", label_first=True)
     log.info(
-        "starting %d agents in swarm %s at %s (claim store %s): %s",
+        "starting %d agents in swarm %s at %s%s (claim store %s): %s",
         count,
         conn.swarm,
         conn.display(),
+        f" in {processes} processes" if processes > 1 else "",
         configs[0][0].store.url,
         ", ".join(c.agent_id for c, _ in configs),
     )
-    return await run_agents(configs)
+    shares = [configs[i::processes] for i in range(processes)]
+    return await run_agents(shares[0], processes=shares[1:], log_level=log_level)

@@ -9,6 +9,7 @@ import trio
 
 from .._exceptions import leaves as leaves_of
 from ..config import ConfigError
+from ..dashboard import DashboardError
 from ..mqtt import ClientClosed, ConnectError, ConnectionLost, LocalProtocolError, MQTTError
 from ..stores import StoreAuthError, StoreConfigError, StoreError, StoreUnavailable
 from ..swarm import DuplicateAgent, StartupError
@@ -19,6 +20,10 @@ __all__ = ["NoAnswer", "NotDelivered", "UsageError", "explain"]
 
 class UsageError(ValueError):
     """A bad argument that the parser could not catch (exit code 2)."""
+
+
+class AgentProcessFailed(RuntimeError):
+    """An agent process of ``sheri swarm --processes`` ended on its own (exit code 1)."""
 
 
 class NoAnswer(RuntimeError):
@@ -80,7 +85,9 @@ def _explain_one(leaf: BaseException) -> tuple[int, str] | None:
         return EXIT_USAGE, f"{leaf}; check --broker, SHERI_BROKER or sheri.toml"
     if isinstance(leaf, StartupError) and isinstance(leaf.cause, StoreError):
         return EXIT_FAILURE, f"{leaf}; {_store_hint(leaf.cause)}"
-    if isinstance(leaf, DuplicateAgent | StartupError | NoAnswer | NotDelivered):
+    if isinstance(leaf, DuplicateAgent | StartupError | NoAnswer | NotDelivered | DashboardError):
+        return EXIT_FAILURE, str(leaf)
+    if isinstance(leaf, AgentProcessFailed):
         return EXIT_FAILURE, str(leaf)
     if isinstance(leaf, ConnectError):
         return EXIT_FAILURE, f"{leaf}; {_connect_hint(leaf)}"

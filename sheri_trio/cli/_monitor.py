@@ -1,17 +1,18 @@
 """``sheri monitor``: a live table of a swarm's agents and recent tasks, and its model
-(:class:`SwarmView`, fed messages, no I/O)."""
+(:class:`SwarmView`, fed messages, no I/O). Its rows are the dashboard's
+(:class:`~sheri_trio.dashboard.AgentRow`, :class:`~sheri_trio.dashboard.TaskRow`)."""
 
 from __future__ import annotations
 
 import math
 import signal
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 import trio
 from cyclopts import Parameter
 
+from ..dashboard import SETTLED, AgentRow, TaskRow
 from ..swarm import FINAL_STATES, Topics
 from ._broker import BROKER_DEFAULTS, STORE_DEFAULTS, BrokerArgs, StoreArgs, decode
 from ._errors import NoAnswer
@@ -23,30 +24,6 @@ if TYPE_CHECKING:
     from ..mqtt import Message
 
 __all__ = ["AgentRow", "SwarmView", "TaskRow"]
-
-#: final states a later attempt's claim or state still replaces (released: taken again)
-_SETTLED = FINAL_STATES - {"released"}
-
-
-@dataclass(slots=True)
-class AgentRow:
-    agent_id: str
-    role: str | None = None
-    status: str = "?"
-    last_seen: float | None = None  # trio time of the last register/heartbeat
-    running: int | None = None
-
-
-@dataclass(slots=True)
-class TaskRow:
-    task_id: str
-    type: str | None = None
-    state: str = "new"
-    agent: str | None = None
-    attempt: int = 0
-    started: float | None = None  # trio time of the winning claim
-    duration_ms: float | None = None
-    error: str | None = None
 
 
 class SwarmView:
@@ -127,7 +104,7 @@ class SwarmView:
             task.type = str(p.get("type")) if p.get("type") else task.type
         elif topic == t.tasks_assigned:
             task = self._task(task_id)
-            if attempt > task.attempt and task.state not in _SETTLED:
+            if attempt > task.attempt and task.state not in SETTLED:
                 task.attempt, task.agent, task.state, task.started = (
                     attempt,
                     agent_id,
@@ -140,7 +117,7 @@ class SwarmView:
                 return  # progress of a task we never saw start: ignore
             task = self._task(task_id)
             task.type = state_type(p) or task.type
-            if attempt >= task.attempt and task.state not in _SETTLED:
+            if attempt >= task.attempt and task.state not in SETTLED:
                 task.attempt = attempt
                 task.state = str(p.get("state", task.state))
                 task.agent = agent_id or task.agent

@@ -24,6 +24,8 @@ from ._open import open_client as open_client
 from ._session import QOS_LEVELS as QOS_LEVELS
 from ._session import Message as Message
 from ._session import Session as Session
+from ._session import check_publish as check_publish
+from ._session import check_subscription as check_subscription
 from ._session import check_topic_filter as check_topic_filter
 from ._session import check_topic_name as check_topic_name
 from ._session import topic_matches as topic_matches

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, TypeVar
 import mqtt5
 import trio
 
-from .._exceptions import leaves
+from .._exceptions import real_errors
 from ._errors import (
     AckTimeout,
     ConnectionLost,
@@ -299,6 +299,28 @@ async def bounded_ack(
     raise error
 
 
+async def unsubscribe_on_exit(
+    unsubscribe: Callable[[], Awaitable[object]], close_timeout: float, *, body_failed: bool
+) -> None:
+    """Leaving a subscription: ``unsubscribe()`` (UNSUBSCRIBE and the wait for its
+    UNSUBACK), shielded, since the block may be leaving because it was cancelled, and
+    bounded by ``close_timeout``. Both backends end a subscription so.
+
+    Its AckTimeout is raised unless the block's own error is on its way out
+    (``body_failed``); any other error of ours (a connection closing meanwhile) is
+    dropped: the broker forgets the subscription with the connection anyway.
+    """
+    with trio.move_on_after(close_timeout) as scope:
+        scope.shield = True
+        try:
+            await unsubscribe()
+        except AckTimeout:
+            if not body_failed:
+                raise
+        except MQTTError:
+            pass
+
+
 def resubscribe_timed_out(filters: Sequence[str], url: BrokerURL, timeout: float) -> AckTimeout:
     """The SUBSCRIBEs a reconnect sent on its own (nobody else waits for them) went
     unanswered for ``timeout``: the connection is deaf, the client drops it."""
@@ -317,7 +339,7 @@ def collapse_exception_groups() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        real = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
+        real = real_errors(group)
         if len(real) == 1:
             raise real[0] from None
         if real and all(isinstance(e, MQTTError) for e in real):

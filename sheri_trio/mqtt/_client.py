@@ -29,13 +29,13 @@ from ._api import (
     publish_refused,
     resubscribe_timed_out,
     subscribe_refused,
+    unsubscribe_on_exit,
 )
 from ._errors import (
     AckTimeout,
     ClientClosed,
     ConnectError,
     ConnectionLost,
-    LocalProtocolError,
     MQTTError,
 )
 from ._reconnect import run_reconnecting
@@ -49,6 +49,7 @@ from ._session import (
     Session,
     SubscribeAcked,
     UnsubscribeAcked,
+    check_subscription,
 )
 from ._streams import BrokerURL, ByteStream, open_stream
 
@@ -232,8 +233,7 @@ class MQTTClient:
         ``message.ack()``, e.g. once it has recorded it; see docs/transports.md.
         """
         self._check_open()
-        if qos not in (0, 1, 2):
-            raise LocalProtocolError(f"invalid QoS {qos}")
+        check_subscription(filters, qos, retain_handling)
         send, receive = trio.open_memory_channel[Message](
             self.options.message_buffer if buffer is None else buffer
         )
@@ -281,18 +281,16 @@ class MQTTClient:
             self._router.remove(sub_id, sub)
             self._update_hold_acks()
             if not self._closed and self._fatal is None:
-                with trio.move_on_after(self.options.close_timeout) as scope:
-                    scope.shield = True
-                    try:
-                        upid = self._session.unsubscribe(handle)
-                        self._kick()
-                        if upid is not None and self.connected and acknowledged:
-                            await self._wait_request(upid, "UNSUBSCRIBE", "UN" + what, "UNSUBACK")
-                    except AckTimeout:
-                        if not body_failed:
-                            raise
-                    except MQTTError:
-                        pass
+
+                async def unsubscribe() -> None:
+                    upid = self._session.unsubscribe(handle)
+                    self._kick()
+                    if upid is not None and self.connected and acknowledged:
+                        await self._wait_request(upid, "UNSUBSCRIBE", "UN" + what, "UNSUBACK")
+
+                await unsubscribe_on_exit(
+                    unsubscribe, self.options.close_timeout, body_failed=body_failed
+                )
 
     async def _wait_request(self, packet_id: int, packet: str, what: str, ack: str) -> list[int]:
         event = trio.Event()

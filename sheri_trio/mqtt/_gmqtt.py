@@ -102,9 +102,9 @@ from ._api import (
     publish_refused,
     resubscribe_timed_out,
     subscribe_refused,
+    unsubscribe_on_exit,
 )
 from ._errors import (
-    AckTimeout,
     ClientClosed,
     ConnectError,
     ConnectionLost,
@@ -118,8 +118,8 @@ from ._session import (
     MAX_SUBSCRIPTION_ID,
     QOS_LEVELS,
     Message,
-    check_topic_filter,
-    check_topic_name,
+    check_publish,
+    check_subscription,
     connack_reason_name,
 )
 from ._streams import BrokerURL, TLSOptions, connect_error
@@ -421,9 +421,7 @@ class GMQTTClient:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
-        if qos not in (0, 1):
-            raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
-        check_topic_name(topic)
+        check_publish(topic, qos)
         if isinstance(payload, str):
             payload = payload.encode()
         props: dict[str, Any] = {}
@@ -599,14 +597,7 @@ class GMQTTClient:
         ``manual_ack=True``: QoS 1 messages are acknowledged at ``message.ack()``.
         """
         self._check_open()
-        if not filters:
-            raise LocalProtocolError("subscribe needs at least one topic filter")
-        for pattern in filters:
-            check_topic_filter(pattern)
-        if qos not in (0, 1, 2):
-            raise LocalProtocolError(f"invalid QoS {qos}")
-        if retain_handling not in (0, 1, 2):
-            raise LocalProtocolError(f"invalid retain handling {retain_handling}")
+        check_subscription(filters, qos, retain_handling)
         send, receive = trio.open_memory_channel[Message](
             self.options.message_buffer if buffer is None else buffer
         )
@@ -660,22 +651,20 @@ class GMQTTClient:
             self._router.remove(sub_id, sub)
             self._forget_gmqtt_subscriptions(record)
             if not self._closed and self._fatal is None and self._connected:
-                with trio.move_on_after(self.options.close_timeout) as scope:
-                    scope.shield = True
-                    try:
-                        await self._ack_bound(
-                            lambda: self._request(
-                                lambda: int(self._gmqtt.unsubscribe(list(filters))), retry=False
-                            ),
-                            "UNSUBSCRIBE",
-                            "UN" + what,
-                            "UNSUBACK",
-                        )
-                    except AckTimeout:
-                        if not body_failed:
-                            raise
-                    except MQTTError:
-                        pass
+
+                async def unsubscribe() -> None:
+                    await self._ack_bound(
+                        lambda: self._request(
+                            lambda: int(self._gmqtt.unsubscribe(list(filters))), retry=False
+                        ),
+                        "UNSUBSCRIBE",
+                        "UN" + what,
+                        "UNSUBACK",
+                    )
+
+                await unsubscribe_on_exit(
+                    unsubscribe, self.options.close_timeout, body_failed=body_failed
+                )
 
     async def _ack_bound(
         self, wait: Callable[[], Awaitable[T]], packet: str, what: str, ack: str

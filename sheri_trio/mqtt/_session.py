@@ -28,7 +28,7 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 # What the package re-exports; the events and the rest are the backends' (the
 # native client's events are its own business, see _client.py).
@@ -36,6 +36,8 @@ __all__ = [
     "QOS_LEVELS",
     "Message",
     "Session",
+    "check_publish",
+    "check_subscription",
     "check_topic_filter",
     "check_topic_name",
     "topic_matches",
@@ -484,11 +486,9 @@ class Session:
         when the broker's window has room, else waits in the queue; the caller
         bounds the queue (``queued_count``).
         """
-        if qos not in (0, 1):
-            raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
+        check_publish(topic, qos)
         if self.state is SessionState.CLOSING:
             raise LocalProtocolError("session is closing")
-        check_topic_name(topic)
         if retain and not self.retain_available:
             raise LocalProtocolError("the broker does not support retained messages")
         if qos > self.broker_max_qos:
@@ -888,6 +888,26 @@ def check_topic_name(topic: str) -> None:
     """Refuse a topic name that cannot be published to (empty, wildcards, NUL)."""
     if not topic or "+" in topic or "#" in topic or "\x00" in topic:
         raise LocalProtocolError(f"invalid topic name for publishing: {topic!r}")
+
+
+def check_publish(topic: str, qos: int) -> None:
+    """Refuse a publish no backend makes: QoS other than 0 and 1, a bad topic name."""
+    if qos not in (0, 1):
+        raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
+    check_topic_name(topic)
+
+
+def check_subscription(filters: Sequence[str], qos: int, retain_handling: int) -> None:
+    """Refuse a subscription no backend makes: no filter, a malformed one, QoS or retain
+    handling out of range."""
+    if not filters:
+        raise LocalProtocolError("subscribe needs at least one topic filter")
+    for pattern in filters:
+        check_topic_filter(pattern)
+    if qos not in (0, 1, 2):
+        raise LocalProtocolError(f"invalid QoS {qos}")
+    if retain_handling not in (0, 1, 2):
+        raise LocalProtocolError(f"invalid retain handling {retain_handling}")
 
 
 def check_topic_filter(pattern: str) -> None:

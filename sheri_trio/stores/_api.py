@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, Self
+
+import orjson
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -69,6 +71,11 @@ class StoredOutcome:
     attempt: int
     holder: str
     outcome: dict[str, object]
+
+    @classmethod
+    def decode(cls, task_id: str, attempt: int | str, holder: str, data: str | bytes) -> Self:
+        """The outcome as a backend stored it (:func:`encode_outcome`'s JSON)."""
+        return cls(task_id, int(attempt), holder, orjson.loads(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +192,33 @@ class ClaimStore(Protocol):
     async def aclose(self) -> None:
         """Close the connections; idempotent."""
         ...
+
+
+# -- the arguments' checks every backend makes (not exported) -------------------
+
+
+def check_attempt(attempt: int) -> None:
+    """Attempts count from 1."""
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, not {attempt}")
+
+
+def check_lease(lease: float) -> float:
+    """A lease is > 0 seconds; returned as a float."""
+    if not lease > 0:
+        raise ValueError(f"lease must be > 0 seconds, not {lease}")
+    return float(lease)
+
+
+def check_takeover(holder_dead: bool) -> None:
+    """A takeover needs the caller to have seen the holder dead (not only its lease out)."""
+    if not holder_dead:
+        raise ValueError("takeover needs the holder's death seen in presence (holder_dead)")
+
+
+def encode_outcome(outcome: Mapping[str, object]) -> bytes:
+    """An outcome as every backend stores it (JSON; :meth:`StoredOutcome.decode`)."""
+    return orjson.dumps(dict(outcome))
 
 
 # -- errors ------------------------------------------------------------------

@@ -26,10 +26,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-import orjson
 import trio
 
-from ._api import Hold, Leadership, StoredOutcome, StoreKind, Verdict
+from ._api import (
+    Hold,
+    Leadership,
+    StoredOutcome,
+    StoreKind,
+    Verdict,
+    check_attempt,
+    check_lease,
+    check_takeover,
+    encode_outcome,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -52,13 +61,6 @@ class _Term:
     holder: str
     epoch: int
     until: float
-
-
-def _check(attempt: int, lease: float | None = None) -> None:
-    if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, not {attempt}")
-    if lease is not None and not lease > 0:
-        raise ValueError(f"lease must be > 0 seconds, not {lease}")
 
 
 class BrokerStore:
@@ -91,16 +93,17 @@ class BrokerStore:
 
     async def claim(self, task_id: str, attempt: int, holder: str, lease: float) -> Verdict:
         await trio.lowlevel.checkpoint()
-        _check(attempt, lease)
+        check_attempt(attempt)
+        check_lease(lease)
         return self._claim(task_id, attempt, holder, takeover=False)
 
     async def takeover(
         self, task_id: str, attempt: int, holder: str, lease: float, *, holder_dead: bool
     ) -> Verdict:
         await trio.lowlevel.checkpoint()
-        _check(attempt, lease)
-        if not holder_dead:
-            raise ValueError("takeover needs the holder's death seen in presence (holder_dead)")
+        check_attempt(attempt)
+        check_lease(lease)
+        check_takeover(holder_dead)
         return self._claim(task_id, attempt, holder, takeover=True)
 
     def _claim(self, task_id: str, attempt: int, holder: str, *, takeover: bool) -> Verdict:
@@ -123,12 +126,14 @@ class BrokerStore:
 
     async def renew(self, task_id: str, attempt: int, holder: str, lease: float) -> bool:
         await trio.lowlevel.checkpoint()
-        _check(attempt, lease)
+        check_attempt(attempt)
+        check_lease(lease)
         return self._holds(task_id, attempt, holder)
 
     async def assert_hold(self, task_id: str, attempt: int, holder: str, lease: float) -> bool:
         await trio.lowlevel.checkpoint()
-        _check(attempt, lease)
+        check_attempt(attempt)
+        check_lease(lease)
         if task_id not in self._records:
             self._records[task_id] = _Record(attempt, holder)
             return True
@@ -146,7 +151,7 @@ class BrokerStore:
 
     async def release(self, task_id: str, attempt: int, holder: str) -> bool:
         await trio.lowlevel.checkpoint()
-        _check(attempt)
+        check_attempt(attempt)
         r = self._records.get(task_id)
         if r is None or r.outcome is not None or r.attempt != attempt or r.holder != holder:
             return False
@@ -157,8 +162,8 @@ class BrokerStore:
         self, task_id: str, attempt: int, holder: str, outcome: Mapping[str, object]
     ) -> bool:
         await trio.lowlevel.checkpoint()
-        _check(attempt)
-        data = orjson.dumps(dict(outcome))
+        check_attempt(attempt)
+        data = encode_outcome(outcome)
         r = self._records.get(task_id)
         if r is None:
             r = self._records[task_id] = _Record(attempt, holder)
@@ -186,7 +191,7 @@ class BrokerStore:
         r = self._records.get(task_id)
         if r is None or r.outcome is None:
             return None
-        return StoredOutcome(task_id, r.attempt, r.holder, orjson.loads(r.outcome))
+        return StoredOutcome.decode(task_id, r.attempt, r.holder, r.outcome)
 
     async def hold(self, task_id: str) -> Hold | None:
         await trio.lowlevel.checkpoint()
@@ -206,7 +211,7 @@ class BrokerStore:
         self, name: str, holder: str, lease: float, *, known_epoch: int = 0
     ) -> Leadership | None:
         await trio.lowlevel.checkpoint()
-        _check(1, lease)
+        check_lease(lease)
         term = self._live(name)
         if term is not None:
             if term.holder != holder:
@@ -220,7 +225,7 @@ class BrokerStore:
 
     async def renew_leader(self, term: Leadership, lease: float) -> bool:
         await trio.lowlevel.checkpoint()
-        _check(1, lease)
+        check_lease(lease)
         live = self._live(term.name)
         if live is None or (live.holder, live.epoch) != (term.holder, term.epoch):
             return False

@@ -20,7 +20,6 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-import orjson
 import psycopg
 import psycopg.errors as pge
 from psycopg.pq import TransactionStatus
@@ -35,6 +34,9 @@ from ._api import (
     StoreKind,
     StoreSchemaError,
     Verdict,
+    check_attempt,
+    check_lease,
+    encode_outcome,
 )
 from ._threaded import DEFAULT_THREADS, ThreadedStore
 
@@ -171,17 +173,6 @@ _AUTH_MARKERS: Final = (
 )
 
 
-def _seconds(lease: float) -> float:
-    if not lease > 0:
-        raise ValueError(f"lease must be > 0 seconds, not {lease}")
-    return float(lease)
-
-
-def _check(attempt: int) -> None:
-    if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, not {attempt}")
-
-
 class _Pool:
     """Idle connections for the store's worker threads (at most one per thread)."""
 
@@ -294,7 +285,7 @@ class PostgresStore(ThreadedStore):
         return StoreError(f"claim store {self.url}: {message}")
 
     def _params(self, task_id: str, attempt: int, holder: str, **more: object) -> dict[str, object]:
-        _check(attempt)
+        check_attempt(attempt)
         return {"swarm": self._swarm, "task": task_id, "attempt": attempt, "holder": holder, **more}
 
     # -- opening -------------------------------------------------------------
@@ -340,7 +331,7 @@ class PostgresStore(ThreadedStore):
     async def _claim_or_takeover(
         self, task_id: str, attempt: int, holder: str, lease: float, takeover: bool
     ) -> Verdict:
-        params = self._params(task_id, attempt, holder, lease=_seconds(lease), takeover=takeover)
+        params = self._params(task_id, attempt, holder, lease=check_lease(lease), takeover=takeover)
 
         def run(conn: Conn) -> Verdict:
             with conn.transaction():
@@ -358,22 +349,12 @@ class PostgresStore(ThreadedStore):
 
         return await self._call(lambda: self._pool.run(run))
 
-    async def claim(self, task_id: str, attempt: int, holder: str, lease: float) -> Verdict:
-        return await self._claim_or_takeover(task_id, attempt, holder, lease, False)
-
-    async def takeover(
-        self, task_id: str, attempt: int, holder: str, lease: float, *, holder_dead: bool
-    ) -> Verdict:
-        if not holder_dead:
-            raise ValueError("takeover needs the holder's death seen in presence (holder_dead)")
-        return await self._claim_or_takeover(task_id, attempt, holder, lease, True)
-
     async def renew(self, task_id: str, attempt: int, holder: str, lease: float) -> bool:
-        params = self._params(task_id, attempt, holder, lease=_seconds(lease))
+        params = self._params(task_id, attempt, holder, lease=check_lease(lease))
         return await self._count(_RENEW, params) == 1
 
     async def assert_hold(self, task_id: str, attempt: int, holder: str, lease: float) -> bool:
-        params = self._params(task_id, attempt, holder, lease=_seconds(lease))
+        params = self._params(task_id, attempt, holder, lease=check_lease(lease))
         return await self._one(_ASSERT, params) is not None
 
     async def release(self, task_id: str, attempt: int, holder: str) -> bool:
@@ -382,7 +363,7 @@ class PostgresStore(ThreadedStore):
     async def finish(
         self, task_id: str, attempt: int, holder: str, outcome: Mapping[str, object]
     ) -> bool:
-        data = orjson.dumps(dict(outcome)).decode()
+        data = encode_outcome(outcome).decode()
         params = self._params(task_id, attempt, holder, outcome=data)
 
         def run(conn: Conn) -> bool:
@@ -398,7 +379,7 @@ class PostgresStore(ThreadedStore):
         if row is None:
             return None
         attempt, holder, data = row
-        return StoredOutcome(task_id, attempt, holder, orjson.loads(data))
+        return StoredOutcome.decode(task_id, attempt, holder, data)
 
     async def hold(self, task_id: str) -> Hold | None:
         row = await self._one(_HOLD, {"swarm": self._swarm, "task": task_id})
@@ -415,13 +396,14 @@ class PostgresStore(ThreadedStore):
     async def acquire_leader(
         self, name: str, holder: str, lease: float, *, known_epoch: int = 0
     ) -> Leadership | None:
-        params = self._leader_params(name, holder, lease=_seconds(lease), known=max(0, known_epoch))
+        known = max(0, known_epoch)
+        params = self._leader_params(name, holder, lease=check_lease(lease), known=known)
         row = await self._one(_ACQUIRE, params)
         return None if row is None else Leadership(name, holder, int(row[0]))
 
     async def renew_leader(self, term: Leadership, lease: float) -> bool:
         params = self._leader_params(
-            term.name, term.holder, epoch=term.epoch, lease=_seconds(lease)
+            term.name, term.holder, epoch=term.epoch, lease=check_lease(lease)
         )
         return await self._count(_RENEW_LEADER, params) == 1
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final, cast
 
-import orjson
 import redis
 import redis.exceptions as rex
 from redis.backoff import NoBackoff
@@ -40,6 +39,9 @@ from ._api import (
     StoreError,
     StoreKind,
     Verdict,
+    check_attempt,
+    check_lease,
+    encode_outcome,
 )
 from ._threaded import DEFAULT_THREADS, ThreadedStore
 
@@ -53,11 +55,29 @@ __all__ = ["RedisStore"]
 DEFAULT_RETENTION: Final = 7 * 24 * 3600.0
 _TIMEOUT: Final = 5.0
 
+# Every task script reads the record first: rec[1] attempt, rec[2] holder, rec[3] released
+# ("1"), rec[4] the outcome (nil until finished).
+_RECORD: Final = """
+local rec = redis.call('HMGET', KEYS[1], 'attempt', 'holder', 'released', 'outcome')
+"""
+
+# assert_hold's and finish's rule (ARGV: attempt, holder): the record, if any, is of this
+# attempt and holder, not released, and no other holder holds the task
+_MAY_HOLD: Final = """
+local cur = tonumber(rec[1]) or 0
+if cur ~= 0 and (cur ~= tonumber(ARGV[1]) or rec[2] ~= ARGV[2] or rec[3] == '1') then
+  return 0
+end
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[2] then return 0 end
+"""
+
 # KEYS: rec, hold. ARGV: attempt, holder, lease_ms, retention_ms, takeover ("1"/"0")
-_CLAIM: Final = """
+_CLAIM: Final = (
+    _RECORD
+    + """
 local n = tonumber(ARGV[1])
 local h = ARGV[2]
-local rec = redis.call('HMGET', KEYS[1], 'attempt', 'holder', 'released', 'outcome')
 if rec[4] then return 'finished' end
 local cur = tonumber(rec[1]) or 0
 if cur > 0 then
@@ -76,10 +96,12 @@ redis.call('HSET', KEYS[1], 'attempt', ARGV[1], 'holder', h, 'released', '0')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 'won'
 """
+)
 
 # KEYS: rec, hold. ARGV: attempt, holder, lease_ms, retention_ms
-_RENEW: Final = """
-local rec = redis.call('HMGET', KEYS[1], 'attempt', 'holder', 'released', 'outcome')
+_RENEW: Final = (
+    _RECORD
+    + """
 if rec[4] or tonumber(rec[1]) ~= tonumber(ARGV[1]) or rec[2] ~= ARGV[2] or rec[3] == '1' then
   return 0
 end
@@ -88,26 +110,27 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
+)
 
 # KEYS: rec, hold. ARGV: attempt, holder, lease_ms, retention_ms
-_ASSERT: Final = """
-local rec = redis.call('HMGET', KEYS[1], 'attempt', 'holder', 'released', 'outcome')
+_ASSERT: Final = (
+    _RECORD
+    + """
 if rec[4] then return 0 end
-local cur = tonumber(rec[1]) or 0
-if cur ~= 0 and (cur ~= tonumber(ARGV[1]) or rec[2] ~= ARGV[2] or rec[3] == '1') then
-  return 0
-end
-local owner = redis.call('GET', KEYS[2])
-if owner and owner ~= ARGV[2] then return 0 end
+"""
+    + _MAY_HOLD
+    + """
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('HSET', KEYS[1], 'attempt', ARGV[1], 'holder', ARGV[2], 'released', '0')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
+)
 
 # KEYS: rec, hold. ARGV: attempt, holder, retention_ms
-_RELEASE: Final = """
-local rec = redis.call('HMGET', KEYS[1], 'attempt', 'holder', 'released', 'outcome')
+_RELEASE: Final = (
+    _RECORD
+    + """
 if rec[4] or tonumber(rec[1]) ~= tonumber(ARGV[1]) or rec[2] ~= ARGV[2] then return 0 end
 if rec[3] ~= '1' then
   redis.call('HSET', KEYS[1], 'released', '1')
@@ -116,35 +139,37 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+)
 
 # KEYS: rec, hold. ARGV: attempt, holder, outcome JSON, retention_ms
-_FINISH: Final = """
-local rec = redis.call('HMGET', KEYS[1], 'attempt', 'holder', 'released', 'outcome')
+_FINISH: Final = (
+    _RECORD
+    + """
 if rec[4] then
   if tonumber(rec[1]) == tonumber(ARGV[1]) and rec[2] == ARGV[2] then return 1 end
   return 0
 end
-local cur = tonumber(rec[1]) or 0
-if cur ~= 0 and (cur ~= tonumber(ARGV[1]) or rec[2] ~= ARGV[2] or rec[3] == '1') then
-  return 0
-end
-local owner = redis.call('GET', KEYS[2])
-if owner and owner ~= ARGV[2] then return 0 end
+"""
+    + _MAY_HOLD
+    + """
 redis.call('HSET', KEYS[1], 'attempt', ARGV[1], 'holder', ARGV[2], 'released', '0',
            'outcome', ARGV[3])
 redis.call('DEL', KEYS[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
+)
 
 # KEYS: rec, hold. -> {attempt, holder, released, finished, live} or false
-_READ: Final = """
-local rec = redis.call('HMGET', KEYS[1], 'attempt', 'holder', 'released', 'outcome')
+_READ: Final = (
+    _RECORD
+    + """
 if not rec[1] then return false end
 local finished = 0
 if rec[4] then finished = 1 end
 return {rec[1], rec[2], rec[3], finished, redis.call('EXISTS', KEYS[2])}
 """
+)
 
 # KEYS: term, epoch. ARGV: holder, lease_ms, known_epoch -> epoch, or -1
 _ACQUIRE: Final = """
@@ -180,14 +205,7 @@ _Args = list[str | int]
 
 
 def _ms(seconds: float) -> int:
-    if not seconds > 0:
-        raise ValueError(f"lease must be > 0 seconds, not {seconds}")
-    return max(1, round(seconds * 1000))
-
-
-def _check(attempt: int) -> None:
-    if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, not {attempt}")
+    return max(1, round(check_lease(seconds) * 1000))
 
 
 class RedisStore(ThreadedStore):
@@ -303,36 +321,25 @@ class RedisStore(ThreadedStore):
     async def _claim_or_takeover(
         self, task_id: str, attempt: int, holder: str, lease: float, takeover: bool
     ) -> Verdict:
-        _check(attempt)
         args: _Args = [attempt, holder, _ms(lease), self._retention_ms, "1" if takeover else "0"]
         keys = self._task_keys(task_id)
         answer = await self._call(lambda: self._claim(keys=keys, args=args))
         return Verdict(answer)
 
-    async def claim(self, task_id: str, attempt: int, holder: str, lease: float) -> Verdict:
-        return await self._claim_or_takeover(task_id, attempt, holder, lease, False)
-
-    async def takeover(
-        self, task_id: str, attempt: int, holder: str, lease: float, *, holder_dead: bool
-    ) -> Verdict:
-        if not holder_dead:
-            raise ValueError("takeover needs the holder's death seen in presence (holder_dead)")
-        return await self._claim_or_takeover(task_id, attempt, holder, lease, True)
-
     async def renew(self, task_id: str, attempt: int, holder: str, lease: float) -> bool:
-        _check(attempt)
+        check_attempt(attempt)
         keys = self._task_keys(task_id)
         args: _Args = [attempt, holder, _ms(lease), self._retention_ms]
         return bool(await self._call(lambda: self._renew(keys=keys, args=args)))
 
     async def assert_hold(self, task_id: str, attempt: int, holder: str, lease: float) -> bool:
-        _check(attempt)
+        check_attempt(attempt)
         keys = self._task_keys(task_id)
         args: _Args = [attempt, holder, _ms(lease), self._retention_ms]
         return bool(await self._call(lambda: self._assert(keys=keys, args=args)))
 
     async def release(self, task_id: str, attempt: int, holder: str) -> bool:
-        _check(attempt)
+        check_attempt(attempt)
         keys = self._task_keys(task_id)
         args: _Args = [attempt, holder, self._retention_ms]
         return bool(await self._call(lambda: self._release(keys=keys, args=args)))
@@ -340,8 +347,8 @@ class RedisStore(ThreadedStore):
     async def finish(
         self, task_id: str, attempt: int, holder: str, outcome: Mapping[str, object]
     ) -> bool:
-        _check(attempt)
-        data = orjson.dumps(dict(outcome)).decode()
+        check_attempt(attempt)
+        data = encode_outcome(outcome).decode()
         keys = self._task_keys(task_id)
         args: _Args = [attempt, holder, data, self._retention_ms]
         return bool(await self._call(lambda: self._finish(keys=keys, args=args)))
@@ -357,7 +364,7 @@ class RedisStore(ThreadedStore):
         attempt, holder, data = await self._call(read)
         if attempt is None or holder is None or data is None:
             return None
-        return StoredOutcome(task_id, int(attempt), holder, orjson.loads(data))
+        return StoredOutcome.decode(task_id, attempt, holder, data)
 
     async def hold(self, task_id: str) -> Hold | None:
         keys = self._task_keys(task_id)

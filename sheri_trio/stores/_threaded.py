@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
 
-from ._api import StoreError, StoreUnavailable, StoreUnreachable
+from ._api import (
+    StoreError,
+    StoreUnavailable,
+    StoreUnreachable,
+    Verdict,
+    check_attempt,
+    check_takeover,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -30,7 +37,8 @@ DEFAULT_THREADS: Final = 4
 
 
 class ThreadedStore:
-    """Base of the stores whose client blocks. Subclasses define :meth:`_map_error`."""
+    """Base of the stores whose client blocks. Subclasses define :meth:`_map_error` and
+    :meth:`_claim_or_takeover` (:meth:`claim` and :meth:`takeover` check and call it)."""
 
     def __init__(self, config: StoreConfig, swarm: str, *, threads: int = DEFAULT_THREADS) -> None:
         if threads < 1:
@@ -79,6 +87,23 @@ class ThreadedStore:
         if opening:
             return StoreUnreachable(f"claim store {self.url} is unreachable ({what}): {detail}")
         return StoreUnavailable(f"claim store {self.url} is unavailable ({what}): {detail}")
+
+    async def _claim_or_takeover(
+        self, task_id: str, attempt: int, holder: str, lease: float, takeover: bool
+    ) -> Verdict:
+        """A claim (*takeover* False) or a takeover, in one atomic step of the store."""
+        raise NotImplementedError
+
+    async def claim(self, task_id: str, attempt: int, holder: str, lease: float) -> Verdict:
+        check_attempt(attempt)
+        return await self._claim_or_takeover(task_id, attempt, holder, lease, False)
+
+    async def takeover(
+        self, task_id: str, attempt: int, holder: str, lease: float, *, holder_dead: bool
+    ) -> Verdict:
+        check_takeover(holder_dead)
+        check_attempt(attempt)
+        return await self._claim_or_takeover(task_id, attempt, holder, lease, True)
 
     async def ping(self) -> None:
         raise NotImplementedError

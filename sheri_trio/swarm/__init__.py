@@ -14,6 +14,17 @@ from ._claims import Holder as Holder
 from ._config import DISPATCH_MODES as DISPATCH_MODES
 from ._config import AgentConfig as AgentConfig
 from ._config import new_agent_id as new_agent_id
+from ._control import RETRYABLE_STATES as RETRYABLE_STATES
+from ._control import CancelOutcome as CancelOutcome
+from ._control import CancelReport as CancelReport
+from ._control import CancelTracker as CancelTracker
+from ._control import RetryOutcome as RetryOutcome
+from ._control import RetryRefused as RetryRefused
+from ._control import RetryReport as RetryReport
+from ._control import request_cancel as request_cancel
+from ._control import request_retry as request_retry
+from ._control import retry_confirmation as retry_confirmation
+from ._control import retry_submission as retry_submission
 from ._dispatcher import Ack as Ack
 from ._dispatcher import DispatchCommand as DispatchCommand
 from ._dispatcher import Dispatcher as Dispatcher
@@ -55,12 +66,14 @@ from ._protocol import DEFAULT_SWARM as DEFAULT_SWARM
 from ._protocol import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 from ._protocol import PRIORITIES as PRIORITIES
 from ._protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._protocol import REQUEST_ID_RE as REQUEST_ID_RE
 from ._protocol import ROLES as ROLES
 from ._protocol import SWARM_RE as SWARM_RE
 from ._protocol import TASK_ID_RE as TASK_ID_RE
 from ._protocol import TASK_ROLES as TASK_ROLES
 from ._protocol import TYPE_RE as TYPE_RE
 from ._protocol import BadMessage as BadMessage
+from ._protocol import CancelRequest as CancelRequest
 from ._protocol import Claim as Claim
 from ._protocol import Envelope as Envelope
 from ._protocol import Outcome as Outcome
@@ -68,6 +81,7 @@ from ._protocol import TaskSpec as TaskSpec
 from ._protocol import Topics as Topics
 from ._protocol import check_task_id as check_task_id
 from ._protocol import decode_envelope as decode_envelope
+from ._protocol import parse_cancel as parse_cancel
 from ._protocol import parse_claim as parse_claim
 from ._protocol import parse_outcome as parse_outcome
 from ._protocol import parse_task as parse_task
@@ -78,6 +92,7 @@ from ._queue import Placed as Placed
 from ._runner import Outbox as Outbox
 from ._runner import TaskRunner as TaskRunner
 from ._scheduler import AnnounceClaim as AnnounceClaim
+from ._scheduler import CancelResult as CancelResult
 from ._scheduler import ClearPending as ClearPending
 from ._scheduler import Command as Command
 from ._scheduler import Entry as Entry
@@ -87,6 +102,7 @@ from ._scheduler import Reannounce as Reannounce
 from ._scheduler import ReportError as ReportError
 from ._scheduler import RepublishOutcome as RepublishOutcome
 from ._scheduler import Scheduler as Scheduler
+from ._scheduler import SendCancelReply as SendCancelReply
 from ._scheduler import SendClaim as SendClaim
 from ._scheduler import SendFailed as SendFailed
 from ._scheduler import SendPending as SendPending

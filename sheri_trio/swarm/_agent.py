@@ -42,6 +42,7 @@ from ._scheduler import (
     ReportError,
     RepublishOutcome,
     Scheduler,
+    SendCancelReply,
     SendClaim,
     SendFailed,
     SendPending,
@@ -135,22 +136,6 @@ class Agent:
     @property
     def counters(self) -> dict[str, int]:
         return self.scheduler.counters
-
-    @property
-    def running_tasks(self) -> list[str]:
-        return list(self.scheduler.running)
-
-    def statistics(self) -> dict[str, Any]:
-        s = self.scheduler
-        return {
-            "agent_id": self.agent_id,
-            "role": self.role,
-            "running": len(s.running),
-            "outstanding_claims": s.claiming,
-            "queued": len(s.queue),
-            "peers": len(s.peers.online_ids()),
-            **s.counters,
-        }
 
     async def run(
         self,
@@ -389,7 +374,10 @@ class Agent:
         elif type(command) is SendFailed:
             failed = m.failed(command.spec, command.attempt, command.error, command.reason)
             if not await self._store_finish(command.spec.task_id, command.attempt, failed):
-                return
+                return  # with a store: another outcome was accepted first
+            if command.task is not None:  # never ran: its final state keeps the submission
+                state = m.never_started(command.spec, command.attempt, command.error, command.task)
+                await self._publish_state(command.spec.task_id, state, final=True)
             await self._publish(t.tasks_failed, failed)
             if command.clear_marker:
                 await self._carry_out(ClearPending(command.spec.task_id))
@@ -409,6 +397,17 @@ class Agent:
             await self._publish(t.errors, report, wait_ack=False)
         elif type(command) is ReportDivergence:  # logged by the scheduler already
             await self._publish(t.errors, m.divergence_report(command), wait_ack=False)
+        elif type(command) is SendCancelReply:
+            reply = m.cancel_reply(
+                command.request_id,
+                command.task_id,
+                command.result.value,
+                command.scope,
+                state=command.state,
+                holder=command.holder,
+                attempt=command.attempt,
+            )
+            await self._publish(t.tasks_cancel_reply, reply, wait_ack=False)
 
     # --------------------------------------------------------- the claim store
     @property
@@ -520,17 +519,11 @@ class Agent:
         if change.detail.get("reason") == "fenced":
             return  # a newer attempt's holder owns the retained record now
         if change.dest == "claimed" or record.final:
-            if change.dest in ("claimed", "released"):
-                # newcomers (and a new dispatcher) read this retained state to take over
-                payload["task"] = entry.spec.to_wire()
+            # newcomers (and a new dispatcher) read this retained state to take over;
+            # a final one keeps the submission for ``sheri retry``
             final = record.final and change.dest != "released"
-            await self._publish(
-                self.topics.task_state(record.task_id),
-                payload,
-                retain=True,
-                expiry=self.config.final_retention if final else self.config.state_retention,
-                wait_ack=False,
-            )
+            payload["task"] = entry.submission() if final else entry.spec.to_wire()
+            await self._publish_state(record.task_id, payload, final=final)
             if change.dest == "claimed" and self.scheduler.dispatched:
                 # after the record: the claim tells the dispatcher and observers we have it
                 claim = self.messages.claim(record.task_id, record.attempt)
@@ -647,6 +640,23 @@ class Agent:
         self._log(logging.INFO, "offline")
 
     # --------------------------------------------------------------- helpers
+    async def _publish_state(self, task_id: str, payload: dict[str, Any], *, final: bool) -> None:
+        """The retained ``tasks/state/{task_id}``. Its submission (``task``) came within
+        ``max_message_bytes``; should the record with it exceed that, the record goes
+        without it (``task_omitted``), so readers never refuse it."""
+        data = encode(self.agent_id, self.role, payload)
+        if len(data) > self.config.max_message_bytes and "task" in payload:
+            payload = {k: v for k, v in payload.items() if k != "task"}
+            payload["task_omitted"] = "too large"
+            data = encode(self.agent_id, self.role, payload)
+        await self._publish_data(
+            self.topics.task_state(task_id),
+            data,
+            retain=True,
+            expiry=self.config.final_retention if final else self.config.state_retention,
+            wait_ack=False,
+        )
+
     async def _publish(
         self,
         topic: str,
@@ -657,6 +667,17 @@ class Agent:
         wait_ack: bool = True,
     ) -> None:
         data = encode(self.agent_id, self.role, payload)
+        await self._publish_data(topic, data, retain=retain, expiry=expiry, wait_ack=wait_ack)
+
+    async def _publish_data(
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        retain: bool = False,
+        expiry: int | None = None,
+        wait_ack: bool = True,
+    ) -> None:
         try:
             await self.client.publish(
                 topic,

@@ -47,7 +47,7 @@ class AgentConfig:
     state_retention: int = 86_400
     #: expiry (s) of the retained record of a finished task: how long a resubmitted id is
     #: recognised as done, and how many finished records the broker keeps (rate x this)
-    final_retention: int = 86_400
+    final_retention: int = 3_600
     session_expiry: int = 3600
     keep_alive: int = 30
     #: the bound of each start-up step (None: the client's connect_timeout)

@@ -45,6 +45,7 @@ from ._protocol import (
     ROLES,
     TYPE_RE,
     BadMessage,
+    CancelRequest,
     Claim,
     Envelope,
     Outcome,
@@ -52,12 +53,22 @@ from ._protocol import (
     Topics,
     check_task_id,
     decode_envelope,
+    parse_cancel,
     parse_claim,
     parse_outcome,
     parse_task,
     roles_for,
 )
-from ._scheduler import FailReason, ReportError, SendFailed, log_event
+from ._scheduler import (
+    CancelResult,
+    ClearPending,
+    FailReason,
+    ReportError,
+    SendCancelReply,
+    SendFailed,
+    SendPending,
+    log_event,
+)
 
 if TYPE_CHECKING:
     from ._config import AgentConfig
@@ -125,6 +136,7 @@ class Job:
     agent_id: str | None = None  # the holder (ASSIGNED, CLAIMED)
     since: float = 0.0  # when it was assigned (or read at election): its lease's start
     cancel: bool = False  # a cancel was forwarded to the holder
+    pending: bool = False  # its retained pending marker is out (nobody online could take it)
 
     @property
     def task_id(self) -> str:
@@ -152,7 +164,8 @@ class WriteRecord:
     state: RecordState
     attempt: int
     agent_id: str | None = None  # the holder (assigned, claimed)
-    task: dict[str, Any] | None = None  # the submission, while the task is live
+    #: the submission (final records keep it too, for ``sheri retry``)
+    task: dict[str, Any] | None = None
 
     @property
     def final(self) -> bool:
@@ -189,7 +202,16 @@ class ForwardCancel:
 
 
 DispatchCommand = (
-    Ack | WriteRecord | SendAssignment | SendRevocation | ForwardCancel | SendFailed | ReportError
+    Ack
+    | WriteRecord
+    | SendAssignment
+    | SendRevocation
+    | ForwardCancel
+    | SendFailed
+    | ReportError
+    | SendPending
+    | ClearPending
+    | SendCancelReply
 )
 
 _ACK: Final = Ack()
@@ -223,6 +245,9 @@ class Dispatcher:
         self.jobs: dict[str, Job] = {}
         #: finished tasks, oldest first: their final state and attempt
         self.finished: OrderedDict[str, tuple[RecordState, int]] = OrderedDict()
+        #: the submissions of the finished tasks that did not succeed (their final record
+        #: keeps it when we write it again, so ``sheri retry`` works from the broker)
+        self._finished_tasks: dict[str, dict[str, Any]] = {}
         self._finished_limit = finished_limit
         #: agent id -> the jobs it holds (ASSIGNED or CLAIMED), in assignment order
         self._held: dict[str, dict[str, Job]] = {}
@@ -233,6 +258,18 @@ class Dispatcher:
         self._seq = 0
         #: keys whose tasks nobody online may take: warned once until someone can
         self._unserved: set[_Key] = set()
+        #: the agents that may have a free slot (checked again when used), kept up to
+        #: date through :meth:`_touch`: an assignment round costs what changed, not the
+        #: swarm's size (time only takes slots away: a lapsed lease, found on use)
+        self._free: set[str] = set()
+        #: agents whose presence or holdings changed since the last round
+        self._dirty: set[str] = set()
+        #: whether the unserved-kinds check is due (presence or a new kind of task)
+        self._served_check = True
+        #: the first round's time: the check waits one heartbeat interval after it, so a
+        #: new term hears the agents (each announces itself to a new dispatcher) before
+        #: it calls a kind of task unserved
+        self._first_round: float | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "received",
@@ -356,12 +393,13 @@ class Dispatcher:
         if topic == t.tasks_released:
             return self.on_released(parse_claim(env))  # same fields as a claim
         if topic == t.tasks_cancel:
-            return self.on_cancel(check_task_id(env.payload.get("task_id")))
+            return self.on_cancel(parse_cancel(env))
         if topic in (t.agents_register, t.agents_heartbeat, t.agents_shutdown):
             return self.on_presence(topic, env, now)
         if status_of is not None:
             online = env.payload.get("status") == "online"
             role = _role(env)
+            self._touch(status_of)
             if self.peers.observe(status_of, PresenceKind.STATUS, now, role=role, online=online):
                 return self._take_over_all(status_of)
             return []
@@ -413,11 +451,11 @@ class Dispatcher:
         task_type = raw if isinstance(raw, str) and TYPE_RE.fullmatch(raw) else "invalid"
         spec = TaskSpec(task_id, task_type, payload, max_retries=0)
         self.counters["invalid"] += 1
-        self._finish(task_id, RecordState.FAILED, 1)
+        self._finish(task_id, RecordState.FAILED, 1, payload)
         log_event(logging.WARNING, "invalid task", self.me, task_id=task_id, reason=reason)
         return [
             SendFailed(spec, 1, f"invalid task: {reason}", FailReason.INVALID_TASK, False),
-            WriteRecord(task_id, RecordState.FAILED, 1),
+            WriteRecord(task_id, RecordState.FAILED, 1, None, payload),
         ]
 
     # ------------------------------------------------------------ assignment
@@ -426,9 +464,23 @@ class Dispatcher:
         then arrival), the least loaded eligible agent with a free slot (ties: the
         highest rendezvous score of ``"{task_id}/{agent_id}"``). Each is a
         :class:`WriteRecord` (assigned) followed by its :class:`SendAssignment`."""
-        self._warn_unserved(now)
-        free = {a: n for a in self.peers.peers if (n := self.free_slots(a, now)) > 0}
         out: list[DispatchCommand] = []
+        if self._first_round is None:
+            self._first_round = now
+        if self._served_check and now - self._first_round >= self.config.heartbeat_interval:
+            self._served_check = False
+            out += self._warn_unserved(now)
+        if self._dirty:
+            self._free |= self._dirty
+            self._dirty.clear()
+        if not self._free or not any(self._queued.values()):
+            return out
+        free: dict[str, int] = {}
+        for a in list(self._free):
+            if (n := self.free_slots(a, now)) > 0:
+                free[a] = n
+            else:
+                self._free.discard(a)
         while free:
             best: tuple[int, int, str] | None = None
             best_key: _Key | None = None
@@ -452,7 +504,11 @@ class Dispatcher:
 
     def _assign(self, job: Job, agent_id: str, now: float) -> list[DispatchCommand]:
         job.state, job.agent_id, job.since = RecordState.ASSIGNED, agent_id, now
-        self._held.setdefault(agent_id, {})[job.task_id] = job
+        self._hold(agent_id, job)
+        cleared: list[DispatchCommand] = []
+        if job.pending:  # someone could take it after all
+            job.pending = False
+            cleared.append(ClearPending(job.task_id))
         self.counters["assigned"] += 1
         log_event(
             logging.DEBUG,
@@ -463,6 +519,7 @@ class Dispatcher:
             attempt=job.attempt,
         )
         return [
+            *cleared,
             WriteRecord(job.task_id, RecordState.ASSIGNED, job.attempt, agent_id, job.task),
             SendAssignment(agent_id, job.task_id, job.task, job.attempt),
         ]
@@ -471,11 +528,17 @@ class Dispatcher:
         """The least loaded eligible free agent (load: held / max_tasks)."""
         prefix = job.task_id + "/"
 
-        def rank(agent_id: str) -> tuple[float, int]:
-            slots = self.peers[agent_id].max_tasks or 1
-            return (self.in_flight(agent_id) / slots, -rendezvous_score(prefix + agent_id))
-
-        return min((a for a in free if self._eligible(a, key)), key=rank)
+        loads = {
+            a: self.in_flight(a) / (self.peers[a].max_tasks or 1)
+            for a in free
+            if self._eligible(a, key)
+        }
+        low = min(loads.values())
+        # the hash only among the least loaded: a round costs what is free, not n hashes
+        return max(
+            (a for a, load in loads.items() if load == low),
+            key=lambda a: rendezvous_score(prefix + a),
+        )
 
     def _eligible(self, agent_id: str, key: _Key) -> bool:
         roles, assigned_to = key
@@ -483,9 +546,11 @@ class Dispatcher:
             agent_id
         ].role in roles
 
-    def _warn_unserved(self, now: float) -> None:
-        """Warn once for each kind of queued task nobody online may take (no marker:
-        its ``queued`` record is what stays); again only after someone could."""
+    def _warn_unserved(self, now: float) -> list[DispatchCommand]:
+        """Warn once for each kind of queued task nobody online may take (again only after
+        someone could), and keep each such task as a retained pending marker, as with
+        broadcast (``tasks/pending/{id}``: cleared once it is assigned or finishes)."""
+        out: list[DispatchCommand] = []
         for key, count in self._queued.items():
             served = count > 0 and any(
                 p.online and now - p.last_seen < self.lease_time and self._eligible(a, key)
@@ -493,7 +558,14 @@ class Dispatcher:
             )
             if served or not count:
                 self._unserved.discard(key)
-            elif key not in self._unserved:
+                continue
+            for _, seq, task_id in self._queues.get(key, ()):
+                job = self.jobs.get(task_id)
+                if job is not None and job.seq == seq and job.state is RecordState.QUEUED:
+                    if not job.pending:
+                        job.pending = True
+                        out.append(SendPending(task_id, job.task))
+            if key not in self._unserved:
                 self._unserved.add(key)
                 roles, assigned_to = key
                 log_event(
@@ -504,6 +576,7 @@ class Dispatcher:
                     assigned_to=assigned_to,
                     queued=count,
                 )
+        return out
 
     # ------------------------------------------------------------ holders
     def on_claim(self, claim: Claim, now: float) -> list[DispatchCommand]:
@@ -570,7 +643,7 @@ class Dispatcher:
             state = _FINAL_BY_NAME.get(str(outcome.payload.get("reason")), RecordState.FAILED)
             if state is RecordState.DONE:
                 state = RecordState.FAILED
-        self._finish(task_id, state, job.attempt)
+        self._finish(task_id, state, job.attempt, job.task)
         self.counters["completed" if outcome.success else "failed"] += 1
         return []
 
@@ -584,20 +657,40 @@ class Dispatcher:
         log_event(logging.INFO, "released: queued again", self.me, task_id=claim.task_id)
         return self._requeue(job)
 
-    def on_cancel(self, task_id: str) -> list[DispatchCommand]:
-        """A cancel: a queued task fails as cancelled (by us); a held one is asked to stop."""
+    def on_cancel(self, request: CancelRequest) -> list[DispatchCommand]:
+        """A cancel: a queued task fails as cancelled (by us); a held one is asked to stop.
+        With a ``request_id`` we answer (scope ``swarm``: we know every live task)."""
+        task_id = request.task_id
         job = self.jobs.get(task_id)
+        out: list[DispatchCommand] = []
+        state: str | None = None
+        holder: str | None = None
+        attempt: int | None = None
         if job is None:
-            return []
-        if job.state is RecordState.QUEUED:
+            final = self.finished.get(task_id)
+            if final is not None:
+                result, state, attempt = CancelResult.FINISHED, final[0].value, final[1]
+            else:
+                result = CancelResult.UNKNOWN
+        elif job.state is RecordState.QUEUED:
             self._unqueue(job)
             del self.jobs[task_id]
-            return self._fail_cancelled(job, "cancelled before it started")
-        if job.cancel or job.agent_id is None:
-            return []
-        job.cancel = True
-        self.counters["cancels_forwarded"] += 1
-        return [ForwardCancel(job.agent_id, task_id, job.attempt)]
+            out = self._fail_cancelled(job, "cancelled before it started")
+            result, state, attempt = CancelResult.CANCELLED, RecordState.QUEUED.value, job.attempt
+        else:
+            result, state = CancelResult.STOPPING, job.state.value
+            holder, attempt = job.agent_id, job.attempt
+            if not job.cancel and job.agent_id is not None:
+                job.cancel = True
+                self.counters["cancels_forwarded"] += 1
+                out.append(ForwardCancel(job.agent_id, task_id, job.attempt))
+        if request.request_id is not None:
+            out.append(
+                SendCancelReply(
+                    request.request_id, task_id, result, "swarm", state, holder, attempt
+                )
+            )
+        return out
 
     # ------------------------------------------------------------ presence
     def on_presence(self, topic: str, env: Envelope, now: float) -> list[DispatchCommand]:
@@ -606,6 +699,7 @@ class Dispatcher:
         agent_id = env.agent_id or p.get("agent_id")
         if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id):
             raise BadMessage("presence without a valid 'agent_id'")
+        self._touch(agent_id)
         if topic == t.agents_shutdown:
             if self.peers.observe(agent_id, PresenceKind.LEFT, now):
                 return self._take_over_all(agent_id)
@@ -621,7 +715,10 @@ class Dispatcher:
 
     def check_leases(self, now: float) -> list[DispatchCommand]:
         """Take over the jobs of holders offline or silent for ``lease_time`` (counted from
-        the later of their last sign of life and the job's assignment)."""
+        the later of their last sign of life and the job's assignment). Also the rounds'
+        safety net: every agent's slots, and the unserved kinds, are looked at again."""
+        self._dirty.update(self.peers.peers)
+        self._served_check = True
         out: list[DispatchCommand] = []
         for agent_id, jobs in list(self._held.items()):
             for job in list(jobs.values()):
@@ -668,10 +765,10 @@ class Dispatcher:
         if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
             raise BadMessage("'attempt' must be a positive integer", task_id=task_id)
         final = _FINAL_BY_NAME.get(state) if isinstance(state, str) else None
-        if final is not None:
-            self._finish(task_id, final, attempt)
-            return []
         task = payload.get("task")
+        if final is not None:
+            self._finish(task_id, final, attempt, task if isinstance(task, dict) else None)
+            return []
         if not isinstance(task, dict):
             raise BadMessage("task state without its submission ('task')", task_id=task_id)
         spec = parse_task(task, default_max_retries=self.config.max_retries)
@@ -694,7 +791,7 @@ class Dispatcher:
             raise BadMessage("held task state without a valid 'agent_id'", task_id=task_id)
         job.state = RecordState.ASSIGNED if state == RecordState.ASSIGNED else RecordState.CLAIMED
         job.agent_id, job.since = holder, now
-        self._held.setdefault(holder, {})[task_id] = job
+        self._hold(holder, job)
         if job.state is RecordState.ASSIGNED:
             return [SendAssignment(holder, task_id, task, attempt)]
         return []
@@ -717,10 +814,10 @@ class Dispatcher:
 
     def _fail_cancelled(self, job: Job, error: str) -> list[DispatchCommand]:
         self.counters["cancelled"] += 1
-        self._finish(job.task_id, RecordState.CANCELLED, job.attempt)
+        self._finish(job.task_id, RecordState.CANCELLED, job.attempt, job.task)
         return [
-            SendFailed(job.spec, job.attempt, error, FailReason.CANCELLED, False),
-            WriteRecord(job.task_id, RecordState.CANCELLED, job.attempt),
+            SendFailed(job.spec, job.attempt, error, FailReason.CANCELLED, job.pending),
+            WriteRecord(job.task_id, RecordState.CANCELLED, job.attempt, None, job.task),
         ]
 
     def _reassert(self, task_id: str) -> list[DispatchCommand]:
@@ -732,22 +829,38 @@ class Dispatcher:
             return [WriteRecord(task_id, job.state, job.attempt, job.agent_id, job.task)]
         final = self.finished.get(task_id)
         if final is not None:
-            return [WriteRecord(task_id, final[0], final[1])]
+            task = self._finished_tasks.get(task_id)
+            return [WriteRecord(task_id, final[0], final[1], None, task)]
         return []
+
+    def _hold(self, agent_id: str, job: Job) -> None:
+        self._held.setdefault(agent_id, {})[job.task_id] = job
+        self._dirty.add(agent_id)
+
+    def _touch(self, agent_id: str) -> None:
+        """``agent_id``'s presence changed: its slots are looked at in the next round."""
+        self._dirty.add(agent_id)
+        self._served_check = True
 
     def _release_slot(self, job: Job) -> None:
         if job.agent_id is not None:
+            self._dirty.add(job.agent_id)
             held = self._held.get(job.agent_id)
             if held is not None:
                 held.pop(job.task_id, None)
                 if not held:
                     del self._held[job.agent_id]
 
-    def _finish(self, task_id: str, state: RecordState, attempt: int) -> None:
+    def _finish(
+        self, task_id: str, state: RecordState, attempt: int, task: dict[str, Any] | None = None
+    ) -> None:
         self.finished[task_id] = (state, attempt)
         self.finished.move_to_end(task_id)
+        if task is not None and state is not RecordState.DONE:
+            self._finished_tasks[task_id] = task
         while len(self.finished) > self._finished_limit:
-            self.finished.popitem(last=False)
+            gone, _ = self.finished.popitem(last=False)
+            self._finished_tasks.pop(gone, None)
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -756,7 +869,10 @@ class Dispatcher:
     def _push(self, job: Job) -> None:
         key = job.key
         heapq.heappush(self._queues.setdefault(key, []), (job.spec.rank, job.seq, job.task_id))
-        self._queued[key] = self._queued.get(key, 0) + 1
+        count = self._queued.get(key, 0)
+        if not count or key in self._unserved:
+            self._served_check = True  # a kind of task newly waiting: is anyone there for it?
+        self._queued[key] = count + 1
 
     def _unqueue(self, job: Job) -> None:
         """A queued job leaves the queue (its heap entry is skipped when it comes up)."""

@@ -62,7 +62,7 @@ from ._dispatcher import (
 from ._divergence import DivergenceWatch
 from ._messages import Messages, encode
 from ._protocol import BadMessage, Topics, decode_envelope
-from ._scheduler import ReportError, SendFailed
+from ._scheduler import ClearPending, ReportError, SendCancelReply, SendFailed, SendPending
 from ._startup import read_retained, startup_timeout
 
 if TYPE_CHECKING:
@@ -285,21 +285,41 @@ class DispatcherShell:
         elif isinstance(command, SendFailed):
             payload = m.failed(command.spec, command.attempt, command.error, command.reason)
             await self._send(t.tasks_failed, payload)
+            if command.clear_marker:
+                await self._send(t.task_pending(command.spec.task_id), b"", retain=True)
+        elif isinstance(command, SendPending):
+            pending = t.task_pending(command.task_id)
+            expiry = self.config.state_retention
+            await self._send(pending, command.submission, retain=True, expiry=expiry)
+        elif isinstance(command, ClearPending):
+            await self._send(t.task_pending(command.task_id), b"", retain=True)
         elif isinstance(command, ReportError):
             payload = m.error_report(command.topic, command.reason, command.size, command.task_id)
             await self._send(t.errors, payload)
+        elif isinstance(command, SendCancelReply):
+            payload = m.cancel_reply(
+                command.request_id,
+                command.task_id,
+                command.result.value,
+                command.scope,
+                state=command.state,
+                holder=command.holder,
+                attempt=command.attempt,
+            )
+            await self._send(t.tasks_cancel_reply, payload)
 
     async def _send(
         self,
         topic: str,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | bytes,
         *,
         retain: bool = False,
         expiry: int | None = None,
     ) -> None:
         """Publish in order; the previous publish goes out now, this one is held back
-        for :meth:`_confirm` to await (or for the next one to push out)."""
-        data = encode(self.me, self.role, payload)
+        for :meth:`_confirm` to await (or for the next one to push out). ``bytes`` go as
+        they are (an empty retained payload clears a retained message)."""
+        data = payload if isinstance(payload, bytes) else encode(self.me, self.role, payload)
         held, self._held = self._held, (topic, data, retain, expiry)
         if held is not None:
             await self._publish(held, wait_ack=False)
@@ -368,10 +388,12 @@ class Candidate:
         self.shell: DispatcherShell | None = None
         self.terms: list[tuple[int, TermEnd]] = []
         self._changed = trio.Event()
-        #: ``{swarm}/dispatch/+``, not the status topic itself: a client's second
+        #: ``{swarm}/+/status``, not the status topic itself: a client's second
         #: subscription to a filter replaces its first at the broker (MQTT), and the
-        #: agent on this connection may subscribe to ``dispatch/status`` of its own
-        self._status_filter = self.topics.dispatch_status.rpartition("/")[0] + "/+"
+        #: agent on this connection may subscribe to ``dispatch/status`` of its own.
+        #: Not ``dispatch/+`` either: that would bring every agent the dispatcher's
+        #: ``dispatch/view`` (the whole swarm, every heartbeat interval: O(n^2) bytes)
+        self._status_filter = f"{self.topics.swarm}/+/status"
         self._sync_topic = self.topics.sync_marker(self.me, "election-" + secrets.token_hex(3))
         self._sync_seen = 0
         self._sync_sent = 0
@@ -568,6 +590,8 @@ class Candidate:
             if not detail:
                 detail = str(exc)
         finally:
+            if end is TermEnd.FAILED and not detail:  # cancelled from outside: the agent's end
+                end, detail = TermEnd.STOPPED, "cancelled"
             self.shell = None
             self.terms.append((epoch, end))
             self._log_end(shell, epoch, end, detail)

@@ -228,6 +228,56 @@ class Messages:
             "attempt": attempt,
         }
 
+    def cancel_reply(
+        self,
+        request_id: str,
+        task_id: str,
+        result: str,
+        scope: str,
+        *,
+        state: str | None = None,
+        holder: str | None = None,
+        attempt: int | None = None,
+    ) -> dict[str, Any]:
+        """The answer to a cancel request on ``tasks/cancel/reply`` (docs/protocol.md):
+        ``scope`` ``swarm`` (the dispatcher: it knows every task) or ``agent`` (what this
+        agent knows)."""
+        payload: dict[str, Any] = {
+            "request_id": request_id,
+            "task_id": task_id,
+            "result": result,
+            "scope": scope,
+            "agent_id": self.agent_id,
+        }
+        if state is not None:
+            payload["state"] = state
+        if holder is not None:
+            payload["holder"] = holder
+        if attempt is not None:
+            payload["attempt"] = attempt
+        payload["at"] = now_iso()
+        return payload
+
+    def never_started(
+        self, spec: TaskSpec, attempt: int, error: str, task: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The retained final ``tasks/state/{id}`` of a task cancelled before anyone ran
+        it (with its submission, so ``sheri retry`` works from the broker alone)."""
+        return {
+            "task_id": spec.task_id,
+            "agent_id": self.agent_id,
+            "role": self.role,
+            "type": spec.type,
+            "attempt": attempt,
+            "try": 0,
+            "state": "cancelled",
+            "previous": "queued",
+            "event": "cancel",
+            "at": now_iso(),
+            "error": error[:4096],
+            "task": task,
+        }
+
     # ------------------------------------------------------------ dispatch
     def task_record(
         self,
@@ -238,8 +288,9 @@ class Messages:
         task: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """The dispatcher's retained ``tasks/state/{id}`` custody record (docs/dispatch.md):
-        ``agent_id`` is the holder (assigned, claimed), ``task`` the submission (while the
-        task is not final), ``dispatcher`` the writer."""
+        ``agent_id`` is the holder (assigned, claimed), ``task`` the submission (final
+        records too, so ``sheri retry`` works from the broker alone), ``dispatcher`` the
+        writer."""
         payload: dict[str, Any] = {"task_id": task_id, "state": state, "attempt": attempt}
         if holder is not None:
             payload["agent_id"] = holder

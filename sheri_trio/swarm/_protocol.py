@@ -23,6 +23,7 @@ TASK_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 AGENT_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SWARM_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9._-]{1,64}){0,3}")
 TYPE_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 ROLES: Final = (
     "general",
@@ -100,6 +101,7 @@ class Topics:
         self.tasks_failed = p + "tasks/failed"
         self.tasks_progress = p + "tasks/progress"
         self.tasks_cancel = p + "tasks/cancel"
+        self.tasks_cancel_reply = p + "tasks/cancel/reply"
         self.tasks_released = p + "tasks/released"
         self.tasks_state_all = p + "tasks/state/+"
         self.tasks_pending_all = p + "tasks/pending/+"
@@ -243,6 +245,8 @@ class TaskSpec:
     timeout_s: float | None = None
     expires_at: datetime | None = None
     submitted_by: str | None = None
+    #: the task this one retries (``sheri retry``: ``{retry_of}.retry-{n}``)
+    retry_of: str | None = None
     received_at: float = 0.0  # trio time, set by the agent
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -264,6 +268,8 @@ class TaskSpec:
             out["timeout_s"] = self.timeout_s
         if self.expires_at is not None:
             out["expires_at"] = self.expires_at.isoformat()
+        if self.retry_of is not None:
+            out["retry_of"] = self.retry_of
         return out
 
 
@@ -308,6 +314,11 @@ def parse_task(payload: dict[str, Any], *, default_max_retries: int = 3) -> Task
             expires = parse_iso(expires_at)
         except ValueError:
             raise BadMessage("'expires_at' is not an ISO-8601 time", task_id=task_id) from None
+    retry_of = payload.get("retry_of")
+    if retry_of is not None and (
+        not isinstance(retry_of, str) or not TASK_ID_RE.fullmatch(retry_of)
+    ):
+        raise BadMessage("'retry_of' must be a task id", task_id=task_id)
     return TaskSpec(
         task_id=task_id,
         type=task_type,
@@ -317,6 +328,7 @@ def parse_task(payload: dict[str, Any], *, default_max_retries: int = 3) -> Task
         max_retries=max_retries,
         timeout_s=float(timeout_s) if timeout_s is not None else None,
         expires_at=expires,
+        retry_of=retry_of,
     )
 
 
@@ -360,3 +372,25 @@ def parse_outcome(env: Envelope, *, success: bool) -> Outcome:
         raise BadMessage("'attempt' must be a positive integer", task_id=task_id)
     agent_id = p.get("agent_id", env.agent_id)
     return Outcome(task_id, agent_id if isinstance(agent_id, str) else None, attempt, success, p)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """A ``tasks/cancel``: the task, and the requester's id for the replies (None: the
+    prototype's ``{task_id}``, which nobody answers)."""
+
+    task_id: str
+    request_id: str | None = None
+
+
+def parse_cancel(env: Envelope) -> CancelRequest:
+    p = env.payload
+    task_id = check_task_id(p.get("task_id"))
+    request_id = p.get("request_id")
+    if request_id is not None and (
+        not isinstance(request_id, str) or not REQUEST_ID_RE.fullmatch(request_id)
+    ):
+        raise BadMessage(
+            "'request_id' must be 1-64 of letters, digits, '.', '_', '-'", task_id=task_id
+        )
+    return CancelRequest(task_id, request_id)

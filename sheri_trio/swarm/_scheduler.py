@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from ._presence import PeerTable, PresenceKind
 from ._protocol import (
     TYPE_RE,
     BadMessage,
+    CancelRequest,
     Claim,
     Envelope,
     Outcome,
@@ -42,6 +44,7 @@ from ._protocol import (
     Topics,
     check_task_id,
     decode_envelope,
+    parse_cancel,
     parse_claim,
     parse_outcome,
     parse_task,
@@ -64,6 +67,7 @@ __all__ = [
     "ReportError",
     "RepublishOutcome",
     "Scheduler",
+    "SendCancelReply",
     "SendClaim",
     "SendFailed",
     "SendPending",
@@ -118,6 +122,8 @@ class Entry:
     attempt: int = 0  # the attempt queued, claimed or held by us
     marker: bool = False  # a retained pending marker exists for it
     stop: StopReason | None = None
+    #: a cancel came while another agent held it: a takeover fails it, never runs it
+    cancelled: bool = False
 
     @property
     def task_id(self) -> str:
@@ -126,6 +132,12 @@ class Entry:
     def roles(self) -> tuple[str, ...] | None:
         """The roles that may take it (None: any, for an invalid submission)."""
         return None if self.invalid is not None else roles_for(self.spec.type)
+
+    def submission(self) -> dict[str, Any]:
+        """The submission as kept in retained states (an invalid one: as received)."""
+        if self.invalid is not None and isinstance(self.spec.payload, dict):
+            return self.spec.payload
+        return self.spec.to_wire()
 
 
 # ------------------------------------------------------------------ commands
@@ -191,13 +203,39 @@ class SendRelease:
 
 @dataclass(frozen=True, slots=True)
 class SendFailed:
-    """Publish a final ``tasks/failed`` for a task that never ran here."""
+    """Publish a final ``tasks/failed`` for a task that never ran here; with ``task``
+    (the submission), first its retained final state (``cancelled``), which keeps it."""
 
     spec: TaskSpec
     attempt: int
     error: str
     reason: FailReason
     clear_marker: bool
+    task: dict[str, Any] | None = None
+
+
+class CancelResult(enum.StrEnum):
+    """The ``result`` of a reply on ``tasks/cancel/reply`` (docs/protocol.md)."""
+
+    CANCELLED = "cancelled"  # it had not started: failed now (reason cancelled) by the replier
+    STOPPING = "stopping"  # it runs; its run is being stopped, its tasks/failed follows
+    FINISHED = "finished"  # it already has its final outcome
+    KNOWN = "known"  # the replier knows it; another agent (``holder``, or the reporter) acts
+    UNKNOWN = "unknown"  # the replier does not know it (scope swarm: nobody does)
+
+
+@dataclass(frozen=True, slots=True)
+class SendCancelReply:
+    """Answer a cancel request on ``tasks/cancel/reply`` (``scope``: ``agent`` from an
+    agent, ``swarm`` from the dispatcher)."""
+
+    request_id: str
+    task_id: str
+    result: CancelResult
+    scope: str = "agent"
+    state: str | None = None
+    holder: str | None = None
+    attempt: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +276,11 @@ Command = (
     | StoreClaim
     | AnnounceClaim
     | RepublishOutcome
+    | SendCancelReply
 )
+
+#: the most tasks nobody online may take that an agent remembers (for their cancel)
+UNSERVED_LIMIT = 10_000
 
 
 class Scheduler:
@@ -264,6 +306,9 @@ class Scheduler:
         #: the dispatcher we follow (``dispatch/status``): agent id and epoch
         self.dispatcher: tuple[str, int] | None = None
         self.entries: dict[str, Entry] = {}
+        #: tasks nobody online may take, not ours (kept as pending markers): remembered so
+        #: that a cancel of one is answered and carried out (by the reporter), oldest first
+        self.unserved: OrderedDict[str, Entry] = OrderedDict()
         #: entries whose slot is busy running (RUNNING or STOPPING), in start order
         self.running: dict[str, Entry] = {}
         self._claiming = 0
@@ -327,7 +372,7 @@ class Scheduler:
             if topic == t.tasks_released:
                 return self.on_released(parse_claim(env))  # same fields as a claim
             if topic == t.tasks_cancel:
-                return self.on_cancel(check_task_id(env.payload.get("task_id")))
+                return self.on_cancel(parse_cancel(env))
             if topic.startswith(self._pending_prefix):
                 return self.on_task(env, now, marker=True)
             if topic == t.broadcast:
@@ -372,7 +417,7 @@ class Scheduler:
             log_event(
                 logging.DEBUG, "skipped: not our role", self.me, task_id=task_id, type=spec.type
             )
-            return [] if marker else self._pending_if_nobody(entry, env.payload)
+            return self._pending_if_nobody(entry, env.payload, marker)
         self.entries[task_id] = entry
         self._enqueue(entry, 1)
         return []
@@ -449,7 +494,16 @@ class Scheduler:
                 self.book.mark_finished(task_id, False)
                 self.counters["failed"] += 1
                 error = "cancelled before it started"
-                return [SendFailed(held.spec, attempt, error, FailReason.CANCELLED, held.marker)]
+                return [
+                    SendFailed(
+                        held.spec,
+                        attempt,
+                        error,
+                        FailReason.CANCELLED,
+                        held.marker,
+                        held.submission(),
+                    )
+                ]
             entry = self.entries.get(task_id)
             if entry is not None and entry.phase is Phase.RUNNING:
                 return [self._stop(entry, StopReason.CANCEL)]
@@ -534,6 +588,8 @@ class Scheduler:
         """A claim on ``tasks/assigned``, in the broker's order (ours included)."""
         task_id = claim.task_id
         verdict = self.book.observe_claim(claim, now)
+        if self.unserved:
+            self.unserved.pop(task_id, None)
         entry = self.entries.get(task_id)
         if entry is None:
             return []
@@ -553,6 +609,22 @@ class Scheduler:
                     )
                     self.counters["released"] += 1
                     return [SendRelease(task_id, claim.attempt)]
+                if entry.cancelled:
+                    # taken over after a cancel its gone holder never carried out
+                    self._forget(entry)
+                    self.book.mark_finished(task_id, False)
+                    self.counters["failed"] += 1
+                    log_event(logging.INFO, "cancelled on takeover", self.me, task_id=task_id)
+                    return [
+                        SendFailed(
+                            entry.spec,
+                            claim.attempt,
+                            "cancelled by request (its holder was gone)",
+                            FailReason.CANCELLED,
+                            entry.marker,
+                            entry.submission(),
+                        )
+                    ]
                 self._set_phase(entry, Phase.RUNNING)
                 return [StartTask(entry, claim.attempt)]
             if ours is not None and ours <= claim.attempt:
@@ -652,6 +724,8 @@ class Scheduler:
         """A final outcome on ``tasks/complete`` or ``tasks/failed``."""
         kind = "completed" if outcome.success else "failed"
         reports = self._divergence(outcome)
+        if self.unserved:
+            self.unserved.pop(outcome.task_id, None)
         if not self.book.observe_outcome(outcome):
             if outcome.agent_id == self.me:
                 self.swarm_outcomes[kind] += 1  # our own, marked finished before it went out
@@ -688,27 +762,67 @@ class Scheduler:
                 out.append(report)
         return out
 
-    def on_cancel(self, task_id: str) -> list[Command]:
-        """A cancel request: a running task stops; one nobody claimed never starts."""
+    def on_cancel(self, request: CancelRequest) -> list[Command]:
+        """A cancel request: a running task stops; one nobody claimed never starts (one
+        agent fails it). With a ``request_id`` every agent answers what it knows."""
+        task_id = request.task_id
         entry = self.entries.get(task_id)
-        if entry is None:
-            return []
-        if entry.phase is Phase.RUNNING:
-            return [self._stop(entry, StopReason.CANCEL)]
-        if entry.phase is Phase.STOPPING or self.book.holder(task_id) is not None:
-            return []
-        # Not claimed by anyone yet: it will never start. One agent says so.
-        reporter = self.peers.is_reporter(entry.roles(), entry.spec.assigned_to)
-        self._forget(entry)
-        self.book.mark_finished(task_id, False)
-        if not reporter:
-            return []
-        self.counters["failed"] += 1
-        return [
-            SendFailed(
-                entry.spec, 1, "cancelled before it started", FailReason.CANCELLED, entry.marker
+        out: list[Command] = []
+        result, holder = CancelResult.UNKNOWN, self.book.holder(task_id)
+        if self.book.is_finished(task_id):
+            result = CancelResult.FINISHED
+        elif entry is not None and entry.phase is Phase.RUNNING:
+            out.append(self._stop(entry, StopReason.CANCEL))
+            result = CancelResult.STOPPING
+        elif entry is not None and entry.phase is Phase.STOPPING:
+            stopping = entry.stop is StopReason.CANCEL
+            result = CancelResult.STOPPING if stopping else CancelResult.KNOWN
+        elif holder is not None:
+            result = CancelResult.KNOWN  # its holder answers
+            if entry is not None:
+                entry.cancelled = True  # should the holder be gone, a takeover fails it
+        elif entry is not None or task_id in self.unserved:
+            # Not claimed by anyone yet: it will never start. One agent says so.
+            unserved = self.unserved.pop(task_id, None)
+            if entry is not None:
+                reporter = self.peers.is_reporter(entry.roles(), entry.spec.assigned_to)
+                self._forget(entry)
+            else:
+                # nobody online may take it (else that agent, who has it, acts)
+                assert unserved is not None
+                roles, assigned_to = unserved.roles() or (), unserved.spec.assigned_to
+                entry = unserved
+                reporter = self.peers.is_reporter() and not self.peers.anyone_eligible(
+                    roles, assigned_to
+                )
+            self.book.mark_finished(task_id, False)
+            result = CancelResult.KNOWN
+            if reporter:
+                self.counters["failed"] += 1
+                log_event(logging.INFO, "cancelled before it started", self.me, task_id=task_id)
+                out.append(
+                    SendFailed(
+                        entry.spec,
+                        1,
+                        "cancelled before it started",
+                        FailReason.CANCELLED,
+                        entry.marker or unserved is not None,
+                        entry.submission(),
+                    )
+                )
+                result = CancelResult.CANCELLED
+        if request.request_id is not None:
+            mine = holder is not None and holder.agent_id == self.me
+            out.append(
+                SendCancelReply(
+                    request.request_id,
+                    task_id,
+                    result,
+                    holder=holder.agent_id if holder is not None else None,
+                    attempt=holder.attempt if holder is not None and mine else None,
+                )
             )
-        ]
+        return out
 
     # ------------------------------------------------------------ presence
     def on_presence(self, topic: str, env: Envelope, now: float) -> list[Command]:
@@ -824,12 +938,19 @@ class Scheduler:
         roles = entry.roles()
         return roles is None or self.role in roles
 
-    def _pending_if_nobody(self, entry: Entry, submission: dict[str, Any]) -> list[Command]:
-        """Nobody online can take this task: keep it as a retained pending marker."""
+    def _pending_if_nobody(
+        self, entry: Entry, submission: dict[str, Any], marker: bool
+    ) -> list[Command]:
+        """Nobody online can take this task (not ours): remembered, for its cancel (a
+        bounded number), and kept as a retained pending marker (by one agent)."""
         roles = entry.roles()
         if roles is None or self.peers.anyone_eligible(roles, entry.spec.assigned_to):
             return []
-        if not self.peers.is_reporter():
+        self.unserved[entry.task_id] = entry
+        self.unserved.move_to_end(entry.task_id)
+        while len(self.unserved) > UNSERVED_LIMIT:
+            self.unserved.popitem(last=False)
+        if marker or not self.peers.is_reporter():
             return []
         log_event(
             logging.WARNING,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._exceptions import leaves
+from .._exceptions import real_errors
 from ..mqtt import ClientOptions, ConnectError, MQTTError, Will, open_client
 from ._messages import Messages, encode
 from ._protocol import BadMessage, Topics, decode_envelope
@@ -265,7 +265,7 @@ def _single_error() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        real = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
+        real = real_errors(group)
         if len(real) == 1:
             raise real[0] from None
         raise

@@ -29,12 +29,11 @@ import trio
 from ..mqtt import (
     QOS_LEVELS,
     ClientClosed,
-    LocalProtocolError,
     Message,
     Subscription,
     Will,
-    check_topic_filter,
-    check_topic_name,
+    check_publish,
+    check_subscription,
     topic_matches,
 )
 
@@ -568,9 +567,7 @@ class MemoryClient:
         user_properties: Sequence[tuple[str, str]] | None,
     ) -> list[tuple[_BusSubscription, Message | None]]:
         self._check_open()
-        if qos not in (0, 1):
-            raise LocalProtocolError(f"QoS {qos} is not supported for publishing (use 0 or 1)")
-        check_topic_name(topic)
+        check_publish(topic, qos)
         if isinstance(payload, str):
             payload = payload.encode()
         packet = mqtt5.PublishPacket(
@@ -605,14 +602,7 @@ class MemoryClient:
         (``held_acks``, ``messages_acked``); the bus never redelivers, acked or not.
         """
         self._check_open()
-        if not filters:
-            raise LocalProtocolError("subscribe needs at least one topic filter")
-        if qos not in (0, 1, 2):
-            raise LocalProtocolError(f"invalid QoS {qos}")
-        if retain_handling not in (0, 1, 2):
-            raise LocalProtocolError(f"invalid retain handling {retain_handling}")
-        for f in filters:
-            check_topic_filter(f)
+        check_subscription(filters, qos, retain_handling)
         await trio.lowlevel.checkpoint()  # the SUBSCRIBE / SUBACK round trip
         self._check_open()
         size = self.bus.default_buffer if buffer is None else buffer

@@ -1,0 +1,113 @@
+"""``sheri cancel`` and ``sheri retry``: one task, through the swarm's own protocol
+(:func:`sheri_trio.swarm.request_cancel`, :func:`sheri_trio.swarm.request_retry`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, Final
+
+import trio
+from cyclopts import Parameter
+
+from ..swarm import (
+    TASK_ID_RE,
+    CancelOutcome,
+    CancelTracker,
+    RetryOutcome,
+    RetryReport,
+    request_cancel,
+    request_retry,
+)
+from ._broker import BROKER_DEFAULTS, BrokerArgs
+from ._errors import UsageError
+from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, say, short
+
+#: exit codes: 0 done, 1 already finished (or not confirmed), 2 unknown task
+CANCEL_EXITS: Final = {
+    CancelOutcome.CANCELLED: EXIT_OK,
+    CancelOutcome.STOPPED: EXIT_OK,
+    CancelOutcome.FINISHED: EXIT_FAILURE,
+    CancelOutcome.UNKNOWN: EXIT_USAGE,
+    CancelOutcome.NO_ANSWER: EXIT_FAILURE,
+}
+RETRY_EXITS: Final = {
+    RetryOutcome.SUBMITTED: EXIT_OK,
+    RetryOutcome.REFUSED: EXIT_FAILURE,
+    RetryOutcome.UNKNOWN: EXIT_USAGE,
+    RetryOutcome.NO_ANSWER: EXIT_FAILURE,
+}
+
+
+def _check(task_id: str, seconds: float) -> None:
+    if not TASK_ID_RE.fullmatch(task_id):
+        raise UsageError(
+            f"TASK_ID: {short(task_id, 40)!r} is not a task id "
+            "(1-128 of letters, digits, '.', '_', '-')"
+        )
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise UsageError(f"--timeout: must be a positive number of seconds, got {seconds:g}")
+
+
+def _show(report: dict[str, Any], detail: str, json_line: bool) -> None:
+    say(json.dumps(report, separators=(",", ":")) if json_line else detail)
+
+
+async def cancel_cmd(
+    task_id: Annotated[str, Parameter(help="The task to cancel.")],
+    /,
+    *,
+    seconds: Annotated[
+        float, Parameter(name="--timeout", help="Seconds to wait for the confirmation.")
+    ] = 10.0,
+    json_line: Annotated[
+        bool, Parameter(name="--json", help="Print the outcome as one JSON object.")
+    ] = False,
+    where: BrokerArgs = BROKER_DEFAULTS,
+) -> int:
+    """Cancel a task: a running one is stopped, a queued one never starts.
+
+    Exit 0 when it is cancelled (or stopped), 1 when it had already finished (or the
+    cancel was not confirmed within --timeout), 2 for a task nobody knows.
+    """
+    _check(task_id, seconds)
+    link = where.link()
+    tracker = CancelTracker(link.topics, task_id)
+    async with link.client("cancel") as client:
+        with trio.move_on_after(seconds):
+            await request_cancel(client, tracker)
+    report = tracker.outcome(seconds)
+    _show(report.to_json(), report.detail, json_line)
+    return CANCEL_EXITS[report.outcome]
+
+
+async def retry_cmd(
+    task_id: Annotated[str, Parameter(help="The failed task to run again.")],
+    /,
+    *,
+    seconds: Annotated[
+        float, Parameter(name="--timeout", help="Seconds to wait for the confirmation.")
+    ] = 10.0,
+    json_line: Annotated[
+        bool, Parameter(name="--json", help="Print the outcome as one JSON object.")
+    ] = False,
+    where: BrokerArgs = BROKER_DEFAULTS,
+) -> int:
+    """Submit a failed task again, as TASK_ID.retry-N (retry_of: TASK_ID), from the
+    submission its final state keeps; print the new task's id.
+
+    Exit 0 once an agent (or the dispatcher) took the retry, 1 when the task did not fail
+    (completed, running) or the retry was not confirmed within --timeout, 2 for a task
+    the broker keeps no state of.
+    """
+    _check(task_id, seconds)
+    link = where.link()
+    report = RetryReport(task_id)
+    async with link.client("retry") as client:
+        with trio.move_on_after(seconds):
+            await request_retry(client, link.topics, report)
+    detail = report.detail
+    if report.outcome is RetryOutcome.NO_ANSWER:
+        detail += f" within {seconds:g} s"
+    _show({**report.to_json(), "detail": detail}, detail, json_line)
+    return RETRY_EXITS[report.outcome]
