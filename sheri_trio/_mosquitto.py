@@ -19,28 +19,34 @@ Example::
     with MosquittoBroker(tmp_path) as broker:
         url = broker.tcp_url  # mqtt://sheri:<password>@127.0.0.1:<port>
 
+:class:`BridgedBrokers` starts two of them, the second bridged to the first (as two
+sites of one swarm would be): a broker pair that keeps no single order of messages.
+
 A shipped module (not under :mod:`sheri_trio.testing`) because ``sheri demo`` uses
 it; :mod:`sheri_trio.testing` re-exports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Final, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Final, Literal, Self
 from urllib.parse import quote
 
 from ._launcher import HOST, ExitedEarly, Launcher, find_executable, free_ports
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
+    from types import TracebackType
 
-__all__ = ["MosquittoBroker", "Scheme"]
+__all__ = ["BridgedBrokers", "MosquittoBroker", "Scheme", "bridge_config"]
 
 Scheme = Literal["mqtt", "ws", "mqtts", "wss"]
 """URL schemes served by :class:`MosquittoBroker`."""
@@ -279,3 +285,171 @@ class MosquittoBroker(Launcher[_Ports]):
             line.endswith(_READY_MARKER) and "mosquitto version" in line
             for line in text.splitlines()
         )
+
+
+# ------------------------------------------------------------------- a bridged pair
+_BRIDGE_TIMEOUT: Final = 10.0
+_BRIDGE_PROBE_EVERY: Final = 0.05
+
+
+def bridge_config(
+    remote: MosquittoBroker, *, topic: str = "#", name: str = "sheri-bridge", qos: int = 1
+) -> str:
+    """The ``extra_config`` of a broker that bridges *topic* (both ways) to *remote*,
+    which must be started (its port and password go into the text), as issue 11's
+    reproduction sets it up: MQTT v5, a clean session, ``try_private``."""
+    return "\n".join(
+        [
+            f"connection {name}",
+            f"address {remote.host}:{remote.tcp_port}",
+            f"remote_username {remote.username}",
+            f"remote_password {remote.password}",
+            f"remote_clientid {name}-{secrets.token_hex(4)}",
+            "bridge_protocol_version mqttv50",
+            "cleansession true",
+            "try_private true",
+            "restart_timeout 1",  # back soon after the remote restarts
+            f"topic {topic} both {qos}",
+        ]
+    )
+
+
+class BridgedBrokers:
+    """Two private mosquittos, :attr:`second` bridged to :attr:`first` on *topic*.
+
+    :meth:`start` returns once a message crosses the bridge both ways (published on one
+    broker until the other delivers it, within 10 s), so a test starts on a working
+    bridge. Each side is a :class:`MosquittoBroker` (``workdir/first``,
+    ``workdir/second``) with its own password: clients use ``first.tcp_url`` or
+    ``second.tcp_url``. *tls*, *persistence*, *nodelay* go to both.
+
+    Example::
+
+        with BridgedBrokers(tmp_path, topic="swarm-1/#") as pair:
+            urls = [pair.first.tcp_url, pair.second.tcp_url]
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        topic: str = "#",
+        tls: bool = True,
+        persistence: bool = True,
+        nodelay: bool = True,
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.topic = topic
+        self._options = {"tls": tls, "persistence": persistence, "nodelay": nodelay}
+        self.first = MosquittoBroker(
+            self.workdir / "first", tls=tls, persistence=persistence, nodelay=nodelay
+        )
+        self._second: MosquittoBroker | None = None
+
+    @property
+    def second(self) -> MosquittoBroker:
+        if self._second is None:
+            raise RuntimeError("the bridged pair has not been started yet")
+        return self._second
+
+    @property
+    def brokers(self) -> tuple[MosquittoBroker, MosquittoBroker]:
+        return self.first, self.second
+
+    def start(self) -> None:
+        """Start both brokers, then wait until the bridge carries messages both ways."""
+        self.first.start()
+        try:
+            if self._second is None:
+                self._second = MosquittoBroker(
+                    self.workdir / "second",
+                    extra_config=bridge_config(self.first, topic=self.topic),
+                    tls=self._options["tls"],
+                    persistence=self._options["persistence"],
+                    nodelay=self._options["nodelay"],
+                )
+            self._second.start()
+            self.wait_bridged()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop both (idempotent)."""
+        try:
+            if self._second is not None:
+                self._second.stop()
+        finally:
+            self.first.stop()
+
+    def wait_bridged(self, timeout: float = _BRIDGE_TIMEOUT) -> None:
+        """Return once a message published on each broker reaches the other."""
+        deadline = time.monotonic() + timeout
+        for source, target in ((self.first, self.second), (self.second, self.first)):
+            _cross(source, target, self._probe_topic(), deadline)
+
+    def _probe_topic(self) -> str:
+        probe = f"sheri-bridge-probe/{secrets.token_hex(4)}"
+        if self.topic == "#":
+            return probe
+        if self.topic.endswith("/#"):
+            return f"{self.topic[:-2]}/{probe}"
+        return self.topic  # a topic without wildcard: the probe uses it as it is
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<BridgedBrokers {self.first!r} <-> {self._second!r} topic={self.topic!r}>"
+
+
+def _client_args(broker: MosquittoBroker) -> list[str]:
+    return ["-h", broker.host, "-p", str(broker.tcp_port), "-u", broker.username,
+            "-P", broker.password, "-V", "mqttv5"]  # fmt: skip
+
+
+_CLIENTS: Final = "mosquitto-clients"  # the Debian package of mosquitto_sub / _pub
+
+
+def _cross(source: MosquittoBroker, target: MosquittoBroker, topic: str, deadline: float) -> None:
+    """Publish on *source* until a subscriber of *target* receives it (the bridge may not
+    have subscribed yet, so one publish can be lost); RuntimeError at *deadline*."""
+    seconds = max(int(deadline - time.monotonic()) + 1, 1)
+    sub = subprocess.Popen(
+        [find_executable("mosquitto_sub", _CLIENTS), *_client_args(target), "-t", topic,
+         "-C", "1", "-W", str(seconds), "-q", "1"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        while sub.poll() is None:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"the bridge {source!r} -> {target!r} carried nothing on {topic} "
+                    f"within its timeout; see {target.log_path} and {source.log_path}"
+                )
+            subprocess.run(
+                [find_executable("mosquitto_pub", _CLIENTS), *_client_args(source), "-t", topic,
+                 "-m", "probe", "-q", "1"],
+                check=False, stdin=subprocess.DEVNULL, capture_output=True, timeout=5,
+            )  # fmt: skip
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                sub.wait(timeout=_BRIDGE_PROBE_EVERY)
+        if sub.returncode != 0:
+            _, err = sub.communicate()
+            raise RuntimeError(
+                f"the bridge {source!r} -> {target!r}: mosquitto_sub failed: "
+                f"{err.decode(errors='replace').strip()}"
+            )
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+        sub.communicate()

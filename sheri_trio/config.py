@@ -6,7 +6,9 @@ Where each setting comes from, first match wins::
 
 Environment variables: ``SHERI_BROKER``, ``SHERI_SWARM``, ``SHERI_ROLE``,
 ``SHERI_AGENT_ID``, ``SHERI_MAX_TASKS``, ``SHERI_DISPATCH`` (and ``SHERI_USERNAME`` /
-``SHERI_PASSWORD`` for the broker's credentials, which keeps a password out of the process list).
+``SHERI_PASSWORD`` for the broker's credentials, which keeps a password out of the process list),
+``SHERI_CLAIM_STORE`` (the claim store's URL, which may carry its password) and
+``SHERI_CLAIM_STORE_PASSWORD``: a claim store's password never comes from a flag.
 The broker's user name and password are resolved each on its own, and the URL's user
 information ranks between the environment and the file (:func:`credentials`)::
 
@@ -64,6 +66,8 @@ from ._checks import (
 )
 from .executors import EXECUTOR_TABLES, validate_executor_config
 from .mqtt import BrokerURL, LocalProtocolError, TLSOptions
+from .stores import ENV_URL as STORE_ENV_URL
+from .stores import StoreConfig, StoreConfigError, StoreSource, StoreTLS, resolve_store
 from .swarm import (
     AGENT_ID_RE,
     DEFAULT_SWARM,
@@ -94,6 +98,7 @@ __all__ = [
     "duration",
     "load_config",
     "parse_config",
+    "store_settings",
 ]
 
 DEFAULT_FILE: Final = "sheri.toml"
@@ -107,6 +112,7 @@ ENV_VARS: Final = {
     "agent_id": "SHERI_AGENT_ID",
     "max_tasks": "SHERI_MAX_TASKS",
     "dispatch": "SHERI_DISPATCH",
+    "claim_store": STORE_ENV_URL,
     "username": "SHERI_USERNAME",
     "password": "SHERI_PASSWORD",
 }
@@ -119,6 +125,10 @@ FLAGS: Final = {
     "agent_id": "--agent-id",
     "max_tasks": "--max-tasks",
     "dispatch": "--dispatch",
+    "claim_store": "--claim-store",
+    "claim_store_ca": "--claim-store-ca",
+    "claim_store_cert": "--claim-store-cert",
+    "claim_store_key": "--claim-store-key",
     "username": "--username",
     "password": "--password",
 }
@@ -169,11 +179,23 @@ def _broker_url(value: Any) -> str:
     return value
 
 
+def _claim_store_in_file(value: Any) -> str:
+    """A claim-store URL of ``[agent] claim_store`` (the file: no password inside)."""
+    if not isinstance(value, str):
+        raise Invalid(f"must be a URL string such as 'redis://host:6379/0', got {shown(value)}")
+    try:
+        resolve_store(value, source="config", environ={})
+    except StoreConfigError as exc:
+        raise Invalid(str(exc)) from None
+    return value
+
+
 #: AgentConfig fields that ``[agent]`` does not set, and where they come from instead
 NOT_AGENT_KEYS: Final = {
     "client_options": "[broker], --username/--password and the URL",
     "executor_config": "the other tables of the file",
     "check_duplicate": "always on outside tests (the probe for a duplicate agent id)",
+    "store": "resolved from the claim_store settings and the environment",
 }
 
 #: the checks of the settings that are more than their type
@@ -195,6 +217,7 @@ AGENT_CHECKS: Final[dict[str, Check]] = {
     "startup_timeout": number(0, exclusive=True),
     "dispatch": choice(*DISPATCH_MODES),
     "dispatch_session_expiry": _integer(1, 0xFFFF_FFFF),  # MQTT's session expiry interval
+    "claim_store": _claim_store_in_file,
 }
 
 #: the check of a setting by its type (for the fields not in AGENT_CHECKS)
@@ -237,6 +260,13 @@ BROKER_KEYS: Final[dict[str, Check]] = {
 }
 
 _FILE_KEYS: Final = ("ca_file", "cert_file", "key_file")
+#: ``[agent]`` keys that name files (relative to the file, checked when it is loaded)
+_STORE_FILE_KEYS: Final = (
+    "claim_store_ca",
+    "claim_store_cert",
+    "claim_store_key",
+    "claim_store_password_file",
+)
 
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -356,6 +386,14 @@ def parse_config(
             if not file.is_file():
                 raise ConfigError(f"{name}: broker.{key}: no such file: {file}")
             broker[key] = str(file)
+    for key in _STORE_FILE_KEYS:
+        if agent.get(key):
+            file = Path(agent[key]).expanduser()
+            if not file.is_absolute():
+                file = base / file
+            if not file.is_file():
+                raise ConfigError(f"{name}: agent.{key}: no such file: {file}")
+            agent[key] = str(file)
     if "key_file" in broker and "cert_file" not in broker:
         raise ConfigError(f"{name}: broker.key_file: needs broker.cert_file as well")
     if "url" in broker and "broker" in agent and broker["url"] != agent["broker"]:
@@ -467,6 +505,57 @@ def connection_settings(
     return Connection(url, swarm_name, options)
 
 
+def store_settings(
+    file_config: FileConfig,
+    *,
+    env: Mapping[str, str] | None = None,
+    claim_store: str | None = None,
+    claim_store_ca: str | None = None,
+    claim_store_cert: str | None = None,
+    claim_store_key: str | None = None,
+) -> StoreConfig:
+    """The claim store to use (docs/stores.md), by precedence: ``--claim-store`` >
+    ``SHERI_CLAIM_STORE`` > ``[agent] claim_store`` > ``broker``; the TLS files: flag >
+    file. The password: in ``SHERI_CLAIM_STORE``'s URL, else
+    ``SHERI_CLAIM_STORE_PASSWORD``, else ``[agent] claim_store_password_file``; a
+    password inside ``--claim-store`` (or the file's URL) is refused. Raises
+    :class:`ConfigError` naming where the bad value came from.
+    """
+    env = os.environ if env is None else env
+    a = file_config.agent
+    url: str | None
+    source: StoreSource
+    if claim_store is not None:
+        url, source, where = claim_store, "flag", FLAGS["claim_store"]
+    elif env.get(STORE_ENV_URL):
+        url, source, where = env[STORE_ENV_URL], "env", STORE_ENV_URL
+    elif a.get("claim_store"):
+        url, source, where = a["claim_store"], "config", f"{file_config.name}: agent.claim_store"
+    else:
+        url, source, where = None, "config", f"{file_config.name}: agent"
+
+    def path(flag: str | None, key: str) -> Path | None:
+        value = flag if flag is not None else a.get(key)
+        return Path(value).expanduser() if value else None
+
+    tls = StoreTLS(
+        ca_file=path(claim_store_ca, "claim_store_ca"),
+        cert_file=path(claim_store_cert, "claim_store_cert"),
+        key_file=path(claim_store_key, "claim_store_key"),
+        insecure=bool(a.get("claim_store_insecure", False)),
+    )
+    try:
+        return resolve_store(
+            url or "broker",
+            source=source,
+            environ={k: v for k, v in env.items() if k != STORE_ENV_URL},  # url decided above
+            password_file=path(None, "claim_store_password_file"),
+            tls=tls,
+        )
+    except StoreConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def build_agent_config(
     file_config: FileConfig | None = None,
     *,
@@ -492,24 +581,39 @@ def build_agent_config(
         username=overrides.get("username"),
         password=overrides.get("password"),
     )
+    store_flags = {k: overrides.get(k) for k in _STORE_FLAG_KEYS}
+    store = store_settings(file_config, env=env, **store_flags)
     values: dict[str, Any] = {}
     for key, check in AGENT_KEYS.items():
-        if key in ("broker", "swarm"):
+        if key in ("broker", "swarm", *_STORE_FLAG_KEYS):
             continue
         found, value = _pick(key, overrides, env, check, file_config.agent.get(key, _MISSING))
         if found:
             values[key] = value
+    for key in _STORE_FLAG_KEYS:  # as resolved: flag, environment (the URL) or file
+        value = store_flags[key] if store_flags[key] is not None else file_config.agent.get(key)
+        if value is not None:
+            values[key] = value
+    if store.kind == "broker":
+        values["claim_store"] = "broker"
+    elif store_flags["claim_store"] is None and env.get(STORE_ENV_URL):
+        values["claim_store"] = store.url  # from the environment: shown without its password
     config = AgentConfig(
         broker=conn.broker,
         swarm=conn.swarm,
         client_options=dict(conn.client_options),
         executor_config=dict(file_config.extra),
+        store=store,
         **values,
     )
     if not config.agent_id:
         config.agent_id = new_agent_id()
     _validate(config, file_config.name)
     return config
+
+
+#: the claim-store settings with a command-line flag (store_settings resolves them)
+_STORE_FLAG_KEYS: Final = ("claim_store", "claim_store_ca", "claim_store_cert", "claim_store_key")
 
 
 def _validate(config: AgentConfig, name: str) -> None:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from sheri_trio.testing import MosquittoBroker
+from sheri_trio.testing import BridgedBrokers, MosquittoBroker
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -25,3 +25,11 @@ def fresh_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A broker of the test's own, free to be stopped, killed or restarted."""
     with MosquittoBroker(tmp_path / "mosquitto") as b:
         yield b
+
+
+@pytest.fixture
+def bridged(tmp_path: Path) -> Iterator[BridgedBrokers]:
+    """Two mosquittos, the second bridged to the first on ``#`` (issue 11's setup), the
+    bridge already carrying messages both ways."""
+    with BridgedBrokers(tmp_path / "bridged", tls=False) as pair:
+        yield pair

@@ -103,3 +103,26 @@ def test_shutdown_marks_the_agent_offline() -> None:
     assert (view.agents["a1"].status, view.agents["a1"].last_seen) == ("online", 1.0)
     view.feed(msg("view/agents/shutdown", "a1", {"agent_id": "a1"}), 2.0)
     assert (view.agents["a1"].status, view.agents["a1"].running) == ("offline", 0)
+
+
+def test_errors_reported_by_the_swarm_are_shown() -> None:
+    view = SwarmView(Topics("view"), claim_store="redis://h:6379/0")
+    report = {
+        "error": "task t1 attempt 1 was held by two agents (a1 and b1); the broker does not "
+        "deliver one order to all agents, e.g. a cluster or a bridge: configure a claim store",
+        "kind": "divergence",
+        "incident": "second_holder",
+        "task_id": "t1",
+        "reported_by": "a1",
+    }
+    view.feed(msg("view/errors", "a1", report), 1.0)
+    view.feed(msg("view/errors", "a1", {"error": "not JSON", "topic": "view/tasks/new"}), 1.0)
+    assert view.divergences == 1
+    console = Console(width=400, record=True)
+    console.print(view.render(2.0))
+    text = console.export_text()
+    assert "a1: task t1 attempt 1 was held by two agents" in text
+    assert "configure a claim store" in text
+    assert "a1: not JSON" in text
+    assert "1 report(s) that tasks ran twice" in text
+    assert "claim store redis://h:6379/0" in text

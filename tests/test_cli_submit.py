@@ -86,3 +86,45 @@ def test_no_claim_names_the_online_agents_that_may_take_it() -> None:
         "online agents with role review or general: none; the task is assigned to t1, "
         "which is online"
     )
+
+
+async def test_wait_shows_the_swarm_s_divergence_reports_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A report on {swarm}/errors that the broker keeps no single order (issue 11) is
+    shown while --wait follows the task; other error reports are not its business."""
+    import trio
+
+    from sheri_trio.cli._submit import _follow
+    from sheri_trio.swarm import Topics, encode
+    from sheri_trio.testing import MemoryBus
+
+    topics = Topics("s")
+    bus = MemoryBus()
+    task = body(task_id="t1")
+    divergence = {
+        "error": "task t0 attempt 1 has two final outcomes (from a and b): it ran twice; "
+        "the broker does not deliver one order to all agents, e.g. a cluster or a bridge: "
+        "configure a claim store",
+        "kind": "divergence",
+        "task_id": "t0",
+        "reported_by": "a",
+    }
+    with trio.fail_after(5):
+        async with bus.connect("cli") as cli, bus.connect("a") as agent:
+            async with cli.subscribe(
+                topics.tasks_assigned, topics.tasks_complete, topics.errors, qos=1
+            ) as messages:
+                for topic, payload in (
+                    (topics.errors, {"error": "bad JSON", "topic": "s/tasks/new", "size": 3}),
+                    (topics.tasks_assigned, {"task_id": "t1", "agent_id": "a", "attempt": 1}),
+                    (topics.errors, divergence),
+                    (topics.errors, divergence),  # shown once
+                    (topics.tasks_complete, {"task_id": "t1", "agent_id": "a", "attempt": 1}),
+                ):
+                    await agent.publish(topic, encode("a", "testing", payload), qos=1)
+                assert await _follow(messages, topics, task, 5.0) == 0
+    out = capsys.readouterr().out
+    assert out.count("swarm error (reported by a): task t0 attempt 1 has two final") == 1
+    assert "bad JSON" not in out
+    assert "configure a claim store" in out

@@ -18,6 +18,7 @@ from sheri_trio.config import (
     connection_settings,
     load_config,
     parse_config,
+    store_settings,
 )
 from sheri_trio.mqtt import TLSOptions
 from sheri_trio.swarm import AgentConfig
@@ -176,6 +177,13 @@ AGENT_VALUES = {
     "session_expiry": 60,
     "keep_alive": 15,
     "startup_timeout": 4.0,
+    # files that exist, given absolute (a relative path is made absolute at load)
+    "claim_store": "rediss://claims@store.example:6380/1",
+    "claim_store_ca": __file__,
+    "claim_store_cert": __file__,
+    "claim_store_key": __file__,
+    "claim_store_insecure": True,
+    "claim_store_password_file": __file__,
 }
 
 
@@ -216,3 +224,81 @@ def test_lease_longer_than_heartbeat_is_one_rule_wherever_the_values_come_from()
         build_agent_config(file_config, env={}, lease_time=4)
     with pytest.raises(ValueError, match=r"^lease_time: must be longer than heartbeat_interval"):
         AgentConfig(heartbeat_interval=5, lease_time=5).validate()
+
+
+# ------------------------------------------------------------------ claim store
+def test_claim_store_precedence_flag_env_file_default(tmp_path: Path) -> None:
+    _write(tmp_path, '[agent]\nclaim_store = "redis://file-host:6379/0"\n')
+    file_config = load_config(cwd=tmp_path)
+    env = {"SHERI_CLAIM_STORE": "postgresql://sheri@env-host/claims"}
+    flagged = build_agent_config(file_config, env=env, claim_store="redis://flag-host/2")
+    assert (flagged.store.kind, flagged.store.host, flagged.store.database) == (
+        "redis",
+        "flag-host",
+        "2",
+    )
+    assert flagged.claim_store == "redis://flag-host/2"
+    from_env = build_agent_config(file_config, env=env)
+    assert (from_env.store.kind, from_env.store.host) == ("postgresql", "env-host")
+    from_file = build_agent_config(file_config, env={})
+    assert (from_file.store.host, from_file.claim_store) == (
+        "file-host",
+        "redis://file-host:6379/0",
+    )
+    default = build_agent_config(FileConfig(), env={})
+    assert (default.store.kind, default.claim_store) == ("broker", "broker")
+    assert store_settings(file_config, env={}).host == "file-host"  # what submit/monitor use
+
+
+def test_claim_store_password_from_the_environment_or_a_file_never_a_flag(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^--claim-store: a password inside .*refused on the "
+        r"command line: put it in SHERI_CLAIM_STORE_PASSWORD",
+    ) as caught:
+        build_agent_config(env={}, claim_store="redis://:hunter22@h/0")
+    assert "hunter22" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"^sheri\.toml: agent\.claim_store: a password inside"):
+        parse_config({"agent": {"claim_store": "redis://u:hunter22@h/0"}})
+    # the whole URL in the environment may carry it; it stays out of repr and claim_store
+    env_url = build_agent_config(env={"SHERI_CLAIM_STORE": "redis://u:hunter22@h/0"})
+    assert env_url.store.password == "hunter22"
+    assert "hunter22" not in repr(env_url)
+    assert "hunter22" not in env_url.claim_store
+    env_password = build_agent_config(
+        env={"SHERI_CLAIM_STORE_PASSWORD": "hunter22"}, claim_store="redis://u@h/0"
+    )
+    assert env_password.store.password == "hunter22"
+    (tmp_path / "store.pw").write_text("from-the-file\n")
+    _write(
+        tmp_path, '[agent]\nclaim_store = "redis://h/0"\nclaim_store_password_file = "store.pw"\n'
+    )
+    filed = build_agent_config(load_config(cwd=tmp_path), env={})
+    assert filed.store.password == "from-the-file"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('claim_store = "memcached://h"', "agent.claim_store: unknown claim store 'memcached://h'"),
+        ("claim_store = 5", "agent.claim_store: must be a URL string"),
+        ('claim_store_ca = "missing.pem"', "agent.claim_store_ca: no such file: "),
+        ('claim_store_password_file = "nope"', "agent.claim_store_password_file: no such file"),
+    ],
+)
+def test_bad_claim_store_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    _write(tmp_path, f"[agent]\n{text}\n")
+    with pytest.raises(ConfigError, match=rf"^sheri\.toml: {re.escape(message)}"):
+        load_config(cwd=tmp_path)
+
+
+def test_claim_store_tls_files_are_relative_to_the_file_and_flags_win(tmp_path: Path) -> None:
+    for name in ("ca.pem", "other-ca.pem"):
+        (tmp_path / name).write_text("")
+    _write(tmp_path, '[agent]\nclaim_store = "rediss://h:6380/0"\nclaim_store_ca = "ca.pem"\n')
+    file_config = load_config(cwd=tmp_path)
+    assert build_agent_config(file_config, env={}).store.tls.ca_file == tmp_path / "ca.pem"
+    flagged = build_agent_config(file_config, env={}, claim_store_ca=str(tmp_path / "other-ca.pem"))
+    assert flagged.store.tls.ca_file == tmp_path / "other-ca.pem"
+    with pytest.raises(ConfigError, match=r"^--claim-store: TLS options need rediss://"):
+        build_agent_config(file_config, env={}, claim_store="redis://h/0")

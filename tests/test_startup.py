@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import socket
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,8 @@ from sheri_trio.testing import MosquittoBroker
 if TYPE_CHECKING:
     from pathlib import Path
 
-STEPS = [s for s in StartupStep if s is not StartupStep.DISPATCHER]  # dispatch mode: its own test
+#: the broker's steps (dispatch mode and the claim store have tests of their own)
+STEPS = [s for s in StartupStep if s not in (StartupStep.DISPATCHER, StartupStep.CLAIM_STORE)]
 
 #: the bound of each step, and of a client's close, in the tests against a frozen broker
 BOUND = 1.0
@@ -276,3 +278,24 @@ async def test_a_refused_request_is_a_start_up_error_naming_the_step(tmp_path: P
         f"'{config.swarm}/agents/refused-1/sync/"
     ), text
     assert text.endswith("': NOT_AUTHORIZED (0x87)"), text
+
+
+async def test_a_claim_store_that_accepts_and_never_answers_fails_its_step(
+    fresh_broker: MosquittoBroker,
+) -> None:
+    """A listening socket nobody serves: TCP connects, the store's handshake never ends."""
+    from sheri_trio.stores import parse_store_url
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        config = _config(fresh_broker, "stalled-1")
+        config.store = parse_store_url(url, source="flag")
+        with trio.fail_after(20), pytest.raises(StartupError) as info:
+            await run_agent(config)
+    assert info.value.step is StartupStep.CLAIM_STORE
+    assert str(info.value).startswith(
+        "agent stalled-1: start-up step 'claim store' did not finish within 1 s (waiting for "
+        "the claim store's answer"
+    )

@@ -68,6 +68,7 @@ from ._output import LogLevel as LogLevel
 from ._output import agent_label as agent_label
 from ._output import exit_now as exit_now
 from ._output import keeping_secrets
+from ._output import remember_password as remember_password
 from ._output import remember_secrets as remember_secrets
 from ._output import scrub as scrub
 from ._output import setup_logging as setup_logging

@@ -17,7 +17,7 @@ from cyclopts import Parameter
 from ..config import Connection, FileConfig, build_agent_config, load_config
 from ..executors import WORKSPACE_TYPES, uses_implicit_workspace
 from ..swarm import AGENT_ID_RE, ROLES, roles_for, run_agent
-from ._broker import BROKER_DEFAULTS, BrokerArgs
+from ._broker import BROKER_DEFAULTS, STORE_DEFAULTS, BrokerArgs, StoreArgs
 from ._errors import AgentProcessFailed, UsageError
 from ._output import (
     EXIT_INTERRUPTED,
@@ -25,6 +25,7 @@ from ._output import (
     LogLevel,
     agent_label,
     exit_now,
+    remember_password,
     remember_secrets,
     setup_logging,
 )
@@ -206,16 +207,20 @@ async def run_agents(
     return EXIT_OK
 
 
-def _agent_config(file_config: FileConfig, where: BrokerArgs, **overrides: Any) -> AgentConfig:
+def _agent_config(
+    file_config: FileConfig, where: BrokerArgs, store: StoreArgs, **overrides: Any
+) -> AgentConfig:
     config = build_agent_config(
         file_config,
         broker=where.broker,
         swarm=where.swarm,
         username=where.username,
         password=where.password,
+        **store.overrides(),
         **overrides,
     )
     remember_secrets(Connection(config.broker, config.swarm, config.client_options))
+    remember_password(config.store.password)
     return config
 
 
@@ -233,6 +238,7 @@ async def agent_cmd(
     ] = None,
     dispatch: DispatchOpt = None,
     where: BrokerArgs = BROKER_DEFAULTS,
+    store: StoreArgs = STORE_DEFAULTS,
     log_level: LogLevelOpt = "info",
 ) -> int:
     """Run one agent until SIGINT/SIGTERM (a second Ctrl+C exits at once).
@@ -241,17 +247,24 @@ async def agent_cmd(
     """
     file_config = load_config(where.config)
     cfg = _agent_config(
-        file_config, where, role=role, agent_id=agent_id, max_tasks=max_tasks, dispatch=dispatch
+        file_config,
+        where,
+        store,
+        role=role,
+        agent_id=agent_id,
+        max_tasks=max_tasks,
+        dispatch=dispatch,
     )
     setup_logging(log_level, cfg.agent_id)
     log.info(
-        "starting agent %s: role=%s swarm=%s broker=%s max_tasks=%d dispatch=%s%s",
+        "starting agent %s: role=%s swarm=%s broker=%s max_tasks=%d dispatch=%s claim_store=%s%s",
         cfg.agent_id,
         cfg.role,
         cfg.swarm,
         Connection(cfg.broker, cfg.swarm, {}).display(),
         cfg.max_tasks,
         cfg.dispatch,
+        cfg.store.url,
         f" config={file_config.name}" if file_config.path else "",
     )
     return await run_agents([(cfg, None)])
@@ -294,6 +307,7 @@ async def swarm_cmd(
         ),
     ] = 1,
     where: BrokerArgs = BROKER_DEFAULTS,
+    store: StoreArgs = STORE_DEFAULTS,
     log_level: LogLevelOpt = "info",
 ) -> int:
     """Run several agents (default 9: one per role, plus a second general), in this
@@ -322,6 +336,7 @@ async def swarm_cmd(
         cfg = _agent_config(
             file_config,
             where,
+            store,
             role=role,
             agent_id=f"{id_prefix}-{label}",
             max_tasks=max_tasks,
@@ -330,11 +345,12 @@ async def swarm_cmd(
         configs.append((cfg, label))
     setup_logging(log_level, "swarm", label_first=True)
     log.info(
-        "starting %d agents in swarm %s at %s%s: %s",
+        "starting %d agents in swarm %s at %s%s (claim store %s): %s",
         count,
         conn.swarm,
         conn.display(),
         f" in {processes} processes" if processes > 1 else "",
+        configs[0][0].store.url,
         ", ".join(c.agent_id for c, _ in configs),
     )
     shares = [configs[i::processes] for i in range(processes)]

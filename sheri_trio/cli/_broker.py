@@ -1,6 +1,7 @@
-"""The options every command shares (:class:`BrokerArgs`) and the short-lived clients of
-``submit``, ``tasks`` and ``monitor`` (:class:`BrokerLink`), whose waits for the broker
-are bounded by ``[broker] connect_timeout``."""
+"""The options every command shares (:class:`BrokerArgs`), the claim store's
+(:class:`StoreArgs`: ``agent``, ``swarm``, ``submit`` and ``monitor``) and the short-lived
+clients of ``submit``, ``tasks`` and ``monitor`` (:class:`BrokerLink`), whose waits for
+the broker and the store are bounded by ``[broker] connect_timeout``."""
 
 from __future__ import annotations
 
@@ -8,21 +9,23 @@ import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path  # noqa: TC003 (cyclopts reads the annotations at run time)
-from typing import TYPE_CHECKING, Annotated, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import trio
 from cyclopts import Parameter
 
-from ..config import Connection, FileConfig, connection_settings, load_config
+from ..config import Connection, FileConfig, connection_settings, load_config, store_settings
 from ..mqtt import ClientOptions, open_client
+from ..stores import StoreConfig, connect_store
 from ..swarm import BadMessage, Topics, decode_envelope, read_retained
 from ._errors import NoAnswer
-from ._output import remember_secrets, setup_logging
+from ._output import remember_password, remember_secrets, setup_logging
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from ..mqtt import Client, Message
+    from ..stores import ClaimStore
     from ..swarm import Envelope
 
 
@@ -54,29 +57,108 @@ class BrokerArgs:
             password=self.password,
         )
 
-    def link(self) -> BrokerLink:
+    def link(self, store: StoreArgs | None = None) -> BrokerLink:
         """The way to the broker for a command's own client: settings checked, the
-        password remembered as a secret, warnings and worse logged on stderr."""
-        conn = self.connection(load_config(self.config))
+        password remembered as a secret, warnings and worse logged on stderr. With
+        ``store``: the claim store's settings too (:meth:`BrokerLink.claim_store`)."""
+        file_config = load_config(self.config)
+        conn = self.connection(file_config)
         remember_secrets(conn)
+        claims = store.settings(file_config) if store is not None else None
         setup_logging("warning", "sheri")
-        return BrokerLink(conn)
+        return BrokerLink(conn, claims)
 
 
 #: none of the options given
 BROKER_DEFAULTS: Final = BrokerArgs()
 
 
+@Parameter(name="*")
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StoreArgs:
+    """The claim store's options (docs/stores.md). Its password is never an option: it
+    comes from ``SHERI_CLAIM_STORE`` (the whole URL), ``SHERI_CLAIM_STORE_PASSWORD`` or
+    ``[agent] claim_store_password_file``; a password inside ``--claim-store`` is refused."""
+
+    claim_store: Annotated[
+        str | None,
+        Parameter(
+            help="Claim store: broker (default), redis://[user@]host[:port][/db], rediss://, "
+            "postgresql://[user@]host[:port]/db (env SHERI_CLAIM_STORE). No password here: "
+            "SHERI_CLAIM_STORE_PASSWORD or [agent] claim_store_password_file."
+        ),
+    ] = None
+    claim_store_ca: Annotated[
+        Path | None, Parameter(help="CA file of the claim store's TLS certificate.")
+    ] = None
+    claim_store_cert: Annotated[
+        Path | None, Parameter(help="Client certificate for the claim store (with its key).")
+    ] = None
+    claim_store_key: Annotated[Path | None, Parameter(help="Key of --claim-store-cert.")] = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The options as ``build_agent_config`` settings (None: not given)."""
+        return {
+            "claim_store": self.claim_store,
+            "claim_store_ca": _text(self.claim_store_ca),
+            "claim_store_cert": _text(self.claim_store_cert),
+            "claim_store_key": _text(self.claim_store_key),
+        }
+
+    def settings(self, file_config: FileConfig) -> StoreConfig:
+        """The claim store these options, the environment and ``file_config`` give; its
+        password remembered as a secret."""
+        store = store_settings(
+            file_config,
+            claim_store=self.claim_store,
+            claim_store_ca=_text(self.claim_store_ca),
+            claim_store_cert=_text(self.claim_store_cert),
+            claim_store_key=_text(self.claim_store_key),
+        )
+        remember_password(store.password)
+        return store
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+#: none of the claim store's options given
+STORE_DEFAULTS: Final = StoreArgs()
+
+
 class BrokerLink:
     """A command's own short-lived clients of one broker and swarm, and the bound of
     each wait for the broker's answer (``[broker] connect_timeout``)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, store: StoreConfig | None = None) -> None:
         self.conn = conn
+        self.store = store
         self.topics = Topics(conn.swarm)
         self.bound = float(
             conn.client_options.get("connect_timeout", ClientOptions().connect_timeout)
         )
+
+    @asynccontextmanager
+    async def claim_store(self) -> AsyncIterator[ClaimStore | None]:
+        """The claim store, opened and checked (None: ``broker``, nothing to open).
+
+        Raises :class:`~sheri_trio.stores.StoreError` (unreachable, credentials refused)
+        or :class:`NoAnswer` when it does not answer within :attr:`bound`.
+        """
+        if self.store is None or self.store.kind == "broker":
+            yield None
+            return
+        store: ClaimStore | None = None
+        with trio.move_on_after(self.bound):
+            store = await connect_store(self.store, self.conn.swarm)
+        if store is None:
+            raise NoAnswer(self.bound, f"opening the claim store {self.store.url}", "claim store")
+        try:
+            yield store
+        finally:
+            with trio.move_on_after(self.bound, shield=True):
+                await store.aclose()
 
     @asynccontextmanager
     async def client(self, kind: str) -> AsyncIterator[Client]:

@@ -11,6 +11,7 @@ from .._exceptions import leaves as leaves_of
 from ..config import ConfigError
 from ..dashboard import DashboardError
 from ..mqtt import ClientClosed, ConnectError, ConnectionLost, LocalProtocolError, MQTTError
+from ..stores import StoreAuthError, StoreConfigError, StoreError, StoreUnavailable
 from ..swarm import DuplicateAgent, StartupError
 from ._output import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
 
@@ -28,9 +29,9 @@ class AgentProcessFailed(RuntimeError):
 class NoAnswer(RuntimeError):
     """The broker accepted our connection but did not answer in time (exit code 1)."""
 
-    def __init__(self, seconds: float, what: str) -> None:
+    def __init__(self, seconds: float, what: str, server: str = "broker") -> None:
         super().__init__(
-            f"no answer from the broker within {seconds:g} s while {what}: it accepted the "
+            f"no answer from the {server} within {seconds:g} s while {what}: it accepted the "
             "connection but does not answer (stalled or overloaded?); the bound is "
             "[broker] connect_timeout"
         )
@@ -64,11 +65,26 @@ def _connect_hint(error: ConnectError) -> str:
     return "is the broker running, and is --broker (or SHERI_BROKER, sheri.toml) right?"
 
 
+def _store_hint(error: StoreError) -> str:
+    if isinstance(error, StoreAuthError):
+        return (
+            "check the claim store's user and password (SHERI_CLAIM_STORE, "
+            "SHERI_CLAIM_STORE_PASSWORD or [agent] claim_store_password_file)"
+        )
+    if isinstance(error, StoreUnavailable):
+        return "is the claim store running, and is --claim-store (or SHERI_CLAIM_STORE) right?"
+    if isinstance(error, StoreConfigError):
+        return "check --claim-store, SHERI_CLAIM_STORE or [agent] claim_store"
+    return "see docs/stores.md"
+
+
 def _explain_one(leaf: BaseException) -> tuple[int, str] | None:
     if isinstance(leaf, ConfigError | UsageError):
         return EXIT_USAGE, str(leaf)
     if isinstance(leaf, LocalProtocolError):
         return EXIT_USAGE, f"{leaf}; check --broker, SHERI_BROKER or sheri.toml"
+    if isinstance(leaf, StartupError) and isinstance(leaf.cause, StoreError):
+        return EXIT_FAILURE, f"{leaf}; {_store_hint(leaf.cause)}"
     if isinstance(leaf, DuplicateAgent | StartupError | NoAnswer | NotDelivered | DashboardError):
         return EXIT_FAILURE, str(leaf)
     if isinstance(leaf, AgentProcessFailed):
@@ -79,6 +95,8 @@ def _explain_one(leaf: BaseException) -> tuple[int, str] | None:
         return EXIT_FAILURE, f"lost the connection to the broker: {leaf}"
     if isinstance(leaf, MQTTError):
         return EXIT_FAILURE, f"MQTT error: {leaf}"
+    if isinstance(leaf, StoreError):  # the messages carry no password
+        return EXIT_FAILURE, f"{leaf}; {_store_hint(leaf)}"
     if isinstance(leaf, ssl.SSLError):
         return EXIT_USAGE, f"TLS settings: {leaf}; check [broker] in sheri.toml"
     return None

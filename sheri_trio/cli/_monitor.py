@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import signal
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Annotated
 
 import trio
@@ -14,7 +14,7 @@ from cyclopts import Parameter
 
 from ..dashboard import SETTLED, AgentRow, TaskRow
 from ..swarm import FINAL_STATES, Topics
-from ._broker import BROKER_DEFAULTS, BrokerArgs, decode
+from ._broker import BROKER_DEFAULTS, STORE_DEFAULTS, BrokerArgs, StoreArgs, decode
 from ._errors import NoAnswer
 from ._output import EXIT_OK, state_type, styled_state
 
@@ -29,12 +29,18 @@ __all__ = ["AgentRow", "SwarmView", "TaskRow"]
 class SwarmView:
     """What ``sheri monitor`` knows about a swarm, from the messages it has seen."""
 
-    def __init__(self, topics: Topics, *, max_tasks: int = 20) -> None:
+    def __init__(self, topics: Topics, *, max_tasks: int = 20, claim_store: str = "broker") -> None:
         self.topics = topics
+        #: the claim store's location (without its password), shown in the summary
+        self.claim_store = claim_store
         self.agents: dict[str, AgentRow] = {}
         self.tasks: OrderedDict[str, TaskRow] = OrderedDict()
         self.max_tasks = max_tasks
         self.messages = 0
+        #: the latest reports on ``{swarm}/errors``: (reporter, error), divergence first
+        self.errors: deque[tuple[str, str]] = deque(maxlen=5)
+        #: reports that the broker keeps no single order (a second holder, outcome, leader)
+        self.divergences = 0
 
     def _agent(self, agent_id: str) -> AgentRow:
         row = self.agents.get(agent_id)
@@ -61,6 +67,14 @@ class SwarmView:
         agent_id = agent_id if isinstance(agent_id, str) else None
         role = p.get("role", env.role)
         role = role if isinstance(role, str) else None
+        if topic == t.errors:
+            error = p.get("error")
+            if isinstance(error, str):
+                reporter = p.get("reported_by", env.agent_id)
+                self.errors.append((reporter if isinstance(reporter, str) else "?", error[:500]))
+                if p.get("kind") == "divergence":
+                    self.divergences += 1
+            return
         status_of = t.status_agent_id(topic)
         if status_of is not None:
             row = self._agent(status_of)
@@ -166,8 +180,23 @@ class SwarmView:
                 duration,
             )
         online = sum(1 for r in self.agents.values() if r.status == "online")
-        summary = Text(f"{online} online, {len(self.agents)} known; {self.messages} messages")
-        return Group(agents, tasks, summary)
+        summary = Text(
+            f"{online} online, {len(self.agents)} known; {self.messages} messages; "
+            f"claim store {self.claim_store}"
+        )
+        if not self.errors:
+            return Group(agents, tasks, summary)
+        lines = [Text(f"errors reported on {self.topics.errors}:", style="bold red")]
+        if self.divergences:
+            lines.append(
+                Text(
+                    f"{self.divergences} report(s) that tasks ran twice or two dispatchers "
+                    "served: see below",
+                    style="bold red",
+                )
+            )
+        lines += [Text(f"{who}: {error}", style="red") for who, error in self.errors]
+        return Group(agents, tasks, summary, *lines)
 
 
 async def monitor_cmd(
@@ -175,16 +204,21 @@ async def monitor_cmd(
     once: Annotated[bool, Parameter(help="Print one snapshot (retained state) and exit.")] = False,
     recent: Annotated[int, Parameter(help="How many recent tasks to show.")] = 20,
     where: BrokerArgs = BROKER_DEFAULTS,
+    store: StoreArgs = STORE_DEFAULTS,
 ) -> int:
-    """A live table of the swarm's agents and recent tasks, until Ctrl+C."""
+    """A live table of the swarm's agents and recent tasks, until Ctrl+C.
+
+    With a claim store, it is opened and checked first (a wrong one exits 1).
+    """
     from rich.console import Console
     from rich.live import Live
 
-    link = where.link()
+    link = where.link(store)
     topics = link.topics
-    view = SwarmView(topics, max_tasks=max(recent, 1))
+    shown = link.store.url if link.store is not None else "broker"
+    view = SwarmView(topics, max_tasks=max(recent, 1), claim_store=shown)
     console = Console()
-    async with link.client("monitor") as client:
+    async with link.claim_store(), link.client("monitor") as client:
         if once:
             retained = await link.read_retained(
                 client,

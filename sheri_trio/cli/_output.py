@@ -34,6 +34,7 @@ __all__ = [
     "LogLevel",
     "agent_label",
     "exit_now",
+    "remember_password",
     "remember_secrets",
     "scrub",
     "setup_logging",
@@ -62,6 +63,11 @@ class Secrets:
         for secret in (BrokerURL.parse(conn.broker).password, conn.client_options.get("password")):
             if isinstance(secret, str) and len(secret) >= self.MIN_LENGTH:
                 self._known.add(secret)
+
+    def add(self, secret: str | None) -> None:
+        """One more password (e.g. the claim store's)."""
+        if secret is not None and len(secret) >= self.MIN_LENGTH:
+            self._known.add(secret)
 
     def scrub(self, text: str) -> str:
         for secret in self._known:
@@ -95,6 +101,11 @@ def current_secrets() -> Secrets:
 
 def remember_secrets(conn: Connection) -> None:
     current_secrets().remember(conn)
+
+
+def remember_password(secret: str | None) -> None:
+    """Keep ``secret`` (a claim store's password) out of what this call prints."""
+    current_secrets().add(secret)
 
 
 def scrub(text: str) -> str:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 import trio
 from cyclopts import Parameter
 
+from ..stores import StoreUnavailable
 from ..swarm import (
     BadMessage,
     ClaimBook,
@@ -24,7 +25,7 @@ from ..swarm import (
     parse_task,
     roles_for,
 )
-from ._broker import BROKER_DEFAULTS, BrokerArgs, decode
+from ._broker import BROKER_DEFAULTS, STORE_DEFAULTS, BrokerArgs, StoreArgs, decode
 from ._errors import NoAnswer, NotDelivered, UsageError
 from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, say, short
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ..mqtt import Client, Message, Subscription
+    from ..stores import ClaimStore
 
 Priority = Literal["low", "medium", "high"]
 
@@ -114,18 +116,20 @@ async def submit_cmd(
     wait: Annotated[bool, Parameter(help="Follow the task to its outcome.")] = False,
     wait_timeout: Annotated[float, Parameter(help="Seconds to wait for an agent's claim.")] = 10.0,
     where: BrokerArgs = BROKER_DEFAULTS,
+    store: StoreArgs = STORE_DEFAULTS,
 ) -> int:
     """Publish a task on {swarm}/tasks/new; print its id (or, with --wait, its course).
 
     With --wait: exit 0 when it succeeds, 1 when it fails, 2 when no agent claims it
-    within --wait-timeout.
+    within --wait-timeout. With a claim store, --wait opens it first and accepts only
+    the outcome the store accepted.
     """
     body = task_body(task_type, payload, priority, task_id, assigned_to, max_retries, task_timeout)
     if not (wait_timeout > 0 and math.isfinite(wait_timeout)):
         raise UsageError(
             f"--wait-timeout: must be a positive number of seconds, got {wait_timeout:g}"
         )
-    link = where.link()
+    link = where.link(store)
     topics = link.topics
     data = encode(None, None, body)
     bound = link.bound
@@ -141,7 +145,8 @@ async def submit_cmd(
                 raise NotDelivered(body["task_id"], topics.tasks_new, topics.swarm)
             say(body["task_id"])
             return EXIT_OK
-        return await _submit_and_follow(client, topics, body, data, wait_timeout, bound)
+        async with link.claim_store() as claims:
+            return await _submit_and_follow(client, topics, body, data, wait_timeout, bound, claims)
 
 
 async def _submit_and_follow(
@@ -151,6 +156,7 @@ async def _submit_and_follow(
     data: bytes,
     wait_timeout: float,
     bound: float,
+    claims: ClaimStore | None = None,
 ) -> int:
     """Subscribe, publish (each answer of the broker within ``bound``), then follow."""
     waiting_for = "subscribing to the task's topics (waiting for the SUBACK)"
@@ -162,6 +168,7 @@ async def _submit_and_follow(
             topics.tasks_failed,
             topics.tasks_released,
             topics.agents_status_all,
+            topics.errors,
             qos=1,
         ) as messages:
             waiting_for = f"publishing task {body['task_id']} (waiting for its PUBACK)"
@@ -171,12 +178,32 @@ async def _submit_and_follow(
             if code == NO_MATCHING_SUBSCRIBERS:
                 raise NotDelivered(body["task_id"], topics.tasks_new, topics.swarm)
             answer.deadline = math.inf
-            return await _follow(messages, topics, body, wait_timeout)
+            return await _follow(messages, topics, body, wait_timeout, claims)
     raise NoAnswer(bound, waiting_for)
 
 
+async def _stored_elsewhere(
+    claims: ClaimStore | None, task_id: str, attempt: int, agent: str
+) -> str:
+    """Why the claim store did not accept this outcome ("": it did, or there is no store)."""
+    if claims is None:
+        return ""
+    try:
+        stored = await claims.outcome(task_id)
+    except StoreUnavailable as exc:
+        say(f"the claim store did not answer ({exc}): the outcome is not confirmed")
+        return ""
+    if stored is None or (stored.attempt, stored.holder) == (attempt, agent):
+        return ""
+    return f"the claim store accepted attempt {stored.attempt} by {stored.holder}"
+
+
 async def _follow(
-    messages: Subscription, topics: Topics, body: dict[str, Any], wait_timeout: float
+    messages: Subscription,
+    topics: Topics,
+    body: dict[str, Any],
+    wait_timeout: float,
+    claims: ClaimStore | None = None,
 ) -> int:
     task_id: str = body["task_id"]
     roles = roles_for(body["type"])
@@ -184,6 +211,7 @@ async def _follow(
     book = ClaimBook()
     holder: tuple[str, int] | None = None  # (agent id, attempt) of the latest winning claim
     waiting_since = ""  # why we wait for a claim: "" (first claim) or what happened
+    reported: set[str] = set()  # the swarm's divergence reports shown (once each)
     say(f"submitted {task_id} ({body['type']}, priority {body['priority']}) to {topics.swarm}")
     deadline = trio.current_time() + wait_timeout
     while True:
@@ -202,6 +230,12 @@ async def _follow(
             continue
         p = env.payload
         topic = message.topic
+        if topic == topics.errors:
+            error = p.get("error")
+            if p.get("kind") == "divergence" and isinstance(error, str) and error not in reported:
+                reported.add(error)  # about this task or another: the swarm is affected
+                say(f"swarm error (reported by {p.get('reported_by', '?')}): {short(error, 600)}")
+            continue
         status_of = topics.status_agent_id(topic)
         if status_of is not None:
             role = p.get("role", env.role)
@@ -243,6 +277,12 @@ async def _follow(
                     say(progress_line(p))
             else:
                 outcome = parse_outcome(env, success=topic == topics.tasks_complete)
+                refused = await _stored_elsewhere(
+                    claims, task_id, outcome.attempt, outcome.agent_id or ""
+                )
+                if refused:
+                    say(f"ignored an outcome of attempt {outcome.attempt}: {refused}")
+                    continue
                 if not book.observe_outcome(outcome):
                     continue  # a stale attempt's outcome: fenced off
                 if outcome.success:

@@ -18,7 +18,7 @@ import trio
 from ..config import Connection
 from ._agents import run_agents
 from ._errors import explain
-from ._output import keeping_secrets, remember_secrets, setup_logging
+from ._output import keeping_secrets, remember_password, remember_secrets, setup_logging
 
 __all__: list[str] = []  # an entry point (python -m), not an API
 
@@ -29,6 +29,7 @@ def main() -> None:
     with keeping_secrets() as secrets:
         for config, _ in agents:
             remember_secrets(Connection(config.broker, config.swarm, config.client_options))
+            remember_password(config.store.password)
         setup_logging(log_level, "swarm", label_first=True)
         try:
             code = trio.run(run_agents, agents)

@@ -41,6 +41,10 @@ from ._dispatching import DispatcherShell as DispatcherShell
 from ._dispatching import TermEnd as TermEnd
 from ._dispatching import dispatch_client_id as dispatch_client_id
 from ._dispatching import run_candidate as run_candidate
+from ._divergence import DIVERGENCE_FIX as DIVERGENCE_FIX
+from ._divergence import DivergenceWatch as DivergenceWatch
+from ._divergence import Incident as Incident
+from ._divergence import ReportDivergence as ReportDivergence
 from ._lifecycle import FINAL_STATES as FINAL_STATES
 from ._lifecycle import STATES as STATES
 from ._lifecycle import TRANSITIONS as TRANSITIONS
@@ -87,6 +91,7 @@ from ._queue import ClaimQueue as ClaimQueue
 from ._queue import Placed as Placed
 from ._runner import Outbox as Outbox
 from ._runner import TaskRunner as TaskRunner
+from ._scheduler import AnnounceClaim as AnnounceClaim
 from ._scheduler import CancelResult as CancelResult
 from ._scheduler import ClearPending as ClearPending
 from ._scheduler import Command as Command
@@ -95,6 +100,7 @@ from ._scheduler import FailReason as FailReason
 from ._scheduler import Phase as Phase
 from ._scheduler import Reannounce as Reannounce
 from ._scheduler import ReportError as ReportError
+from ._scheduler import RepublishOutcome as RepublishOutcome
 from ._scheduler import Scheduler as Scheduler
 from ._scheduler import SendCancelReply as SendCancelReply
 from ._scheduler import SendClaim as SendClaim
@@ -104,6 +110,7 @@ from ._scheduler import SendRelease as SendRelease
 from ._scheduler import StartTask as StartTask
 from ._scheduler import StopReason as StopReason
 from ._scheduler import StopTask as StopTask
+from ._scheduler import StoreClaim as StoreClaim
 from ._startup import DuplicateAgent as DuplicateAgent
 from ._startup import Startup as Startup
 from ._startup import StartupError as StartupError

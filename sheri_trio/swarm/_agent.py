@@ -26,17 +26,21 @@ from ..mqtt import (
     MQTTError,
     Subscription,
 )
+from ..stores import StoreError, StoreUnavailable, open_store
 from ._config import AgentConfig, new_agent_id
 from ._dispatching import Candidate
+from ._divergence import ReportDivergence
 from ._messages import Messages, encode
 from ._presence import Peer, PresenceKind, rendezvous_score
 from ._protocol import BadMessage, Topics, decode_envelope
 from ._runner import TaskRunner
 from ._scheduler import (
+    AnnounceClaim,
     ClearPending,
     Command,
     Reannounce,
     ReportError,
+    RepublishOutcome,
     Scheduler,
     SendCancelReply,
     SendClaim,
@@ -45,10 +49,12 @@ from ._scheduler import (
     SendRelease,
     StartTask,
     StopTask,
+    StoreClaim,
     log_event,
 )
 from ._startup import (
     Startup,
+    StartupError,
     StartupStep,
     agent_connection,
     check_duplicate,
@@ -60,6 +66,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from ..stores import ClaimStore
     from ._claims import ClaimBook
     from ._lifecycle import StateChange, TaskRecord
     from ._presence import PeerTable
@@ -86,10 +93,14 @@ class Agent:
         client: Client,
         *,
         executors: ExecutorRegistry | None = None,
+        store: ClaimStore | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self.client = client
+        #: the claim store opened at start-up (None: the broker's order decides; the
+        #: wiring of the store into claims and outcomes is still to come: docs/stores.md)
+        self.store = store
         self.agent_id = config.agent_id
         self.role = config.role
         self.topics = Topics(config.swarm)
@@ -104,6 +115,10 @@ class Agent:
         self._early_starts: list[StartTask] = []
         self._dispatcher_known = trio.Event()
         self._idle = trio.Event()
+        #: the claim store did not answer: no new claims until it does (no fallback)
+        self._store_down = False
+        #: with a store: final state changes held until the store accepts the outcome
+        self._final_changes: dict[str, tuple[Entry, TaskRecord, StateChange]] = {}
 
     # ------------------------------------------------------------ public API
     def request_shutdown(self) -> None:
@@ -242,6 +257,28 @@ class Agent:
             await trio.sleep_until(next_beat)
             next_beat += interval
             await self._beat(self.config.max_tasks if self.scheduler.accepting else 0)
+            if self.store is not None:
+                await self._renew_holds()
+
+    async def _renew_holds(self) -> None:
+        """With a store: renew the lease of every attempt we run; one the store lost (it
+        restarted empty) is re-asserted; one another agent holds now stops (fenced)."""
+        assert self.store is not None
+        lease = self.config.lease_time
+        for task_id, attempt in self.scheduler.holds():
+            try:
+                if await self.store.renew(task_id, attempt, self.agent_id, lease):
+                    continue
+                if await self.store.assert_hold(task_id, attempt, self.agent_id, lease):
+                    self._log(logging.WARNING, "hold re-asserted in the claim store",
+                              task_id=task_id, attempt=attempt)  # fmt: skip
+                    continue
+            except StoreUnavailable as exc:
+                self._log(logging.WARNING, "claim store unavailable: lease not renewed",
+                          error=exc)  # fmt: skip
+                return
+            for command in self.scheduler.on_hold_lost(task_id, attempt):
+                await self._carry_out(command)
 
     async def _beat(self, capacity: int) -> None:
         s = self.scheduler
@@ -293,8 +330,14 @@ class Agent:
         while True:
             await self._claim_wakeup.wait()
             self._claim_wakeup = trio.Event()
+            if self._store_down and self.store is not None:
+                await self.store.wait_available()  # no new work meanwhile: no fallback
+                self._store_down = False
+                self._log(logging.WARNING, "claim store available again", url=self._store_url)
             for claim in self.scheduler.claims():
                 await self._carry_out(claim)
+            if self._store_down:
+                self._claim_wakeup.set()  # wait for the store, then claim again
 
     def _wake_claimer(self) -> None:
         if self.scheduler.can_claim():
@@ -304,6 +347,13 @@ class Agent:
         """Do what the scheduler decided."""
         t, m = self.topics, self.messages
         if type(command) is SendClaim:
+            claim = m.claim(command.task_id, command.attempt)
+            await self._publish(t.tasks_assigned, claim, wait_ack=False)
+        elif type(command) is StoreClaim:
+            await self._store_claim(command)
+        elif type(command) is RepublishOutcome:
+            await self._republish(command.task_id)
+        elif type(command) is AnnounceClaim:
             claim = m.claim(command.task_id, command.attempt)
             await self._publish(t.tasks_assigned, claim, wait_ack=False)
         elif type(command) is StartTask:
@@ -318,13 +368,16 @@ class Agent:
             if running is not None:
                 running.cancel()
         elif type(command) is SendRelease:
+            await self._store_release(command.task_id, command.attempt)
             released = m.released(command.task_id, command.attempt)
             await self._publish(t.tasks_released, released, wait_ack=False)
         elif type(command) is SendFailed:
+            failed = m.failed(command.spec, command.attempt, command.error, command.reason)
+            if not await self._store_finish(command.spec.task_id, command.attempt, failed):
+                return  # with a store: another outcome was accepted first
             if command.task is not None:  # never ran: its final state keeps the submission
                 state = m.never_started(command.spec, command.attempt, command.error, command.task)
                 await self._publish_state(command.spec.task_id, state, final=True)
-            failed = m.failed(command.spec, command.attempt, command.error, command.reason)
             await self._publish(t.tasks_failed, failed)
             if command.clear_marker:
                 await self._carry_out(ClearPending(command.spec.task_id))
@@ -342,6 +395,8 @@ class Agent:
         elif type(command) is ReportError:
             report = m.error_report(command.topic, command.reason, command.size, command.task_id)
             await self._publish(t.errors, report, wait_ack=False)
+        elif type(command) is ReportDivergence:  # logged by the scheduler already
+            await self._publish(t.errors, m.divergence_report(command), wait_ack=False)
         elif type(command) is SendCancelReply:
             reply = m.cancel_reply(
                 command.request_id,
@@ -353,6 +408,78 @@ class Agent:
                 attempt=command.attempt,
             )
             await self._publish(t.tasks_cancel_reply, reply, wait_ack=False)
+
+    # --------------------------------------------------------- the claim store
+    @property
+    def _store_url(self) -> str:
+        return self.config.store.url
+
+    async def _store_claim(self, command: StoreClaim) -> None:
+        """Ask the store for the attempt; its verdict goes to the scheduler."""
+        assert self.store is not None
+        task_id, attempt, lease = command.task_id, command.attempt, self.config.lease_time
+        try:
+            if command.takeover:
+                verdict = await self.store.takeover(
+                    task_id, attempt, self.agent_id, lease, holder_dead=True
+                )
+            else:
+                verdict = await self.store.claim(task_id, attempt, self.agent_id, lease)
+        except StoreUnavailable as exc:
+            self.scheduler.on_store_unavailable(command)
+            if not self._store_down:
+                self._store_down = True
+                self._log(logging.ERROR, "claim store unavailable: no new tasks", error=exc)
+            return
+        for follow in self.scheduler.on_store_verdict(
+            task_id, attempt, verdict, trio.current_time()
+        ):
+            await self._carry_out(follow)
+
+    async def _republish(self, task_id: str) -> None:
+        """Publish the outcome the store accepted (its holder's payload, as it stored it)."""
+        assert self.store is not None
+        try:
+            stored = await self.store.outcome(task_id)
+        except StoreUnavailable as exc:
+            self._log(logging.WARNING, "claim store unavailable: outcome not republished",
+                      task_id=task_id, error=exc)  # fmt: skip
+            return
+        if stored is None:
+            return
+        payload = dict(stored.outcome)
+        topic = self.topics.tasks_complete if payload.get("status") == "success" else None
+        self._log(logging.WARNING, "republishing the stored outcome", task_id=task_id,
+                  holder=stored.holder, attempt=stored.attempt)  # fmt: skip
+        await self._publish(topic or self.topics.tasks_failed, payload)
+
+    async def _store_finish(self, task_id: str, attempt: int, outcome: dict[str, Any]) -> bool:
+        """With a store: the outcome is stored before it is published; False: the store
+        refused it (a newer attempt, or another outcome): publish nothing. Waits for a
+        store that does not answer (there is no fallback)."""
+        if self.store is None:
+            return True
+        while True:
+            try:
+                accepted = await self.store.finish(task_id, attempt, self.agent_id, outcome)
+                break
+            except StoreUnavailable as exc:
+                self._log(logging.ERROR, "claim store unavailable: outcome waits", task_id=task_id,
+                          error=exc)  # fmt: skip
+                await self.store.wait_available()
+        if not accepted:
+            self._log(logging.WARNING, "outcome refused by the claim store (fenced)",
+                      task_id=task_id, attempt=attempt)  # fmt: skip
+        return accepted
+
+    async def _store_release(self, task_id: str, attempt: int) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.release(task_id, attempt, self.agent_id)
+        except StoreUnavailable as exc:  # its lease runs out: taken over once we are gone
+            self._log(logging.WARNING, "claim store unavailable: release not stored",
+                      task_id=task_id, error=exc)  # fmt: skip
 
     # ------------------------------------------------------------- running
     async def _run_task(self, entry: Entry, attempt: int, scope: trio.CancelScope) -> None:
@@ -375,6 +502,18 @@ class Agent:
 
     # The Outbox of the runners: publish what a task did, and book it first.
     async def changed(self, entry: Entry, record: TaskRecord, change: StateChange) -> None:
+        if self.store is not None and record.final and change.dest != "released":
+            # with a store, the final state goes out once the store accepted the outcome
+            self._final_changes[record.task_id] = (entry, record, change)
+            return
+        await self._publish_change(entry, record, change)
+
+    async def _publish_final_change(self, task_id: str, accepted: bool) -> None:
+        held = self._final_changes.pop(task_id, None)
+        if held is not None and accepted:
+            await self._publish_change(*held)
+
+    async def _publish_change(self, entry: Entry, record: TaskRecord, change: StateChange) -> None:
         payload = self.messages.state_change(record, change, entry.spec.type)
         await self._publish(self.topics.tasks_progress, payload, wait_ack=False)
         if change.detail.get("reason") == "fenced":
@@ -396,16 +535,24 @@ class Agent:
 
     async def completed(self, entry: Entry, attempt: int, result: Any, duration_ms: int) -> None:
         result = await self._bounded_result(entry.task_id, attempt, result)
-        after = self.scheduler.finish(entry, success=True)
         payload = self.messages.complete(entry.spec, attempt, result, duration_ms)
+        accepted = await self._store_finish(entry.task_id, attempt, payload)
+        await self._publish_final_change(entry.task_id, accepted)
+        if not accepted:
+            return
+        after = self.scheduler.finish(entry, success=True)
         await self._publish(self.topics.tasks_complete, payload)
         for command in after:
             await self._carry_out(command)
         self._log(logging.INFO, "completed", task_id=entry.task_id, duration_ms=duration_ms)
 
     async def failed(self, entry: Entry, attempt: int, error: str, reason: FailReason) -> None:
-        after = self.scheduler.finish(entry, success=False)
         payload = self.messages.failed(entry.spec, attempt, error, reason)
+        accepted = await self._store_finish(entry.task_id, attempt, payload)
+        await self._publish_final_change(entry.task_id, accepted)
+        if not accepted:
+            return
+        after = self.scheduler.finish(entry, success=False)
         await self._publish(self.topics.tasks_failed, payload)
         for command in after:
             await self._carry_out(command)
@@ -416,6 +563,7 @@ class Agent:
     async def released(self, entry: Entry, attempt: int) -> None:
         """Give an attempt back: other eligible agents claim ``attempt + 1``."""
         self.scheduler.released(entry)
+        await self._store_release(entry.task_id, attempt)
         payload = self.messages.released(entry.task_id, attempt)
         # wait_ack=False: the client's close flushes it; a cancelled reader acks nothing
         await self._publish(self.topics.tasks_released, payload, wait_ack=False)
@@ -589,14 +737,31 @@ async def run_agent(
         if agent is not None:
             agent.request_shutdown()
 
-    async with startup.guard(shutdown, leave):
+    async with startup.guard(shutdown, leave), AsyncExitStack() as stack:
+        store: ClaimStore | None = None
+        if config.store.kind != "broker":
+            with startup.step(StartupStep.CLAIM_STORE):
+                try:
+                    store = await stack.enter_async_context(open_store(config.store, config.swarm))
+                except StoreError as exc:  # unreachable, credentials refused, wrong version
+                    raise StartupError(
+                        config.agent_id, StartupStep.CLAIM_STORE, startup.timeout, cause=exc
+                    ) from None
+            log_event(logging.INFO, "claim store", config.agent_id, url=config.store.url)
+            if config.dispatch == "dispatcher":
+                log_event(
+                    logging.WARNING,
+                    "claim store: dispatcher mode stores outcomes only; its election and "
+                    "assignments still rest on the broker's order (docs/stores.md)",
+                    config.agent_id,
+                )
         if config.check_duplicate:
             with startup.step(StartupStep.PROBE):
                 await check_duplicate(config)
-        async with AsyncExitStack() as stack:
+        async with AsyncExitStack() as connection:
             with startup.step(StartupStep.CONNECT):
-                client = await stack.enter_async_context(agent_connection(config, startup))
-            agent = Agent(config, client, executors=executors)
+                client = await connection.enter_async_context(agent_connection(config, startup))
+            agent = Agent(config, client, executors=executors, store=store)
             candidate = Candidate(config, client) if config.dispatch == "dispatcher" else None
             async with trio.open_nursery() as beside:
                 if candidate is not None:  # a candidate for dispatcher, beside the agent

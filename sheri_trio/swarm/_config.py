@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..stores import StoreConfig
 from ._protocol import AGENT_ID_RE, DEFAULT_SWARM, MAX_MESSAGE_BYTES, ROLES, Topics
 
 __all__ = ["DISPATCH_MODES", "AgentConfig", "new_agent_id"]
@@ -57,6 +58,19 @@ class AgentConfig:
     #: the session expiry of the dispatch connection (dispatcher mode): submissions wait
     #: in that session while no dispatcher is connected, for at most this long
     dispatch_session_expiry: int = 7 * 86_400
+    #: the claim store (docs/stores.md): "broker", redis://, rediss:// or postgresql://,
+    #: without a password (that comes from the environment or a password file)
+    claim_store: str = "broker"
+    #: the claim store's TLS: CA file, client certificate and key ("": none), no checks
+    claim_store_ca: str = ""
+    claim_store_cert: str = ""
+    claim_store_key: str = ""
+    claim_store_insecure: bool = False
+    #: a file whose first line is the claim store's password ("": none)
+    claim_store_password_file: str = ""
+    #: the claim store resolved from the settings above and the environment (with its
+    #: password, which its repr leaves out): what the agent opens
+    store: StoreConfig = field(default_factory=lambda: StoreConfig(kind="broker"))
     check_duplicate: bool = True
     client_options: dict[str, Any] = field(default_factory=dict)
     executor_config: dict[str, Any] = field(default_factory=dict)

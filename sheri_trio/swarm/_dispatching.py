@@ -59,6 +59,7 @@ from ._dispatcher import (
     SendRevocation,
     WriteRecord,
 )
+from ._divergence import DivergenceWatch
 from ._messages import Messages, encode
 from ._protocol import BadMessage, Topics, decode_envelope
 from ._scheduler import ClearPending, ReportError, SendCancelReply, SendFailed, SendPending
@@ -402,6 +403,9 @@ class Candidate:
         self.stopped = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._work: trio.CancelScope | None = None
+        #: a second dispatcher in office while we are (issue 11: the broker keeps no
+        #: single order, e.g. a bridge or a cluster)
+        self.divergence = DivergenceWatch(self.me)
 
     @property
     def dispatching(self) -> bool:
@@ -438,7 +442,30 @@ class Candidate:
                 epoch = self.status.get("epoch")
                 if isinstance(epoch, int) and not isinstance(epoch, bool):
                     self.epoch = max(self.epoch, epoch)
+                    await self._check_second_leader(self.status, epoch)
             self._changed.set()
+
+    async def _check_second_leader(self, status: dict[str, Any], epoch: int) -> None:
+        """Another dispatcher says it is online while we serve a term: two leaders,
+        unless it took our session over (one broker): that ends our term, so the incident
+        counts once our dispatch session answers a publish after it."""
+        shell, other = self.shell, status.get("agent_id")
+        if shell is None or status.get("status") != "online" or not isinstance(other, str):
+            return
+        topic = self.topics.dispatch_status
+        for report in self.divergence.on_leader(other, epoch, my_epoch=shell.epoch, topic=topic):
+            marker = self.topics.sync_marker(self.me, "leader-check")
+            with trio.move_on_after(startup_timeout(self.config)) as bound:
+                try:
+                    await shell.client.publish(marker, b"", qos=1)  # its PUBACK: still ours
+                except MQTTError:
+                    return  # taken over: our term is ending, not an incident
+            if bound.cancelled_caught or shell is not self.shell:
+                return
+            log.error("%s: %s (agent=%s epoch=%d)", self.me, report.message, self.me, shell.epoch)
+            if report.publish:
+                payload = encode(self.me, self.config.role, self.messages.divergence_report(report))
+                await self.client.publish(self.topics.errors, payload, qos=1, wait_ack=False)
 
     async def _look_again(self) -> None:
         """Wait until every status the broker had before now has reached us."""

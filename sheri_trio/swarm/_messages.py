@@ -20,6 +20,7 @@ import orjson
 from ._protocol import CAPABILITIES, JSON_OPTIONS, PROTOCOL_VERSION, task_types_for
 
 if TYPE_CHECKING:
+    from ._divergence import ReportDivergence
     from ._lifecycle import StateChange, TaskRecord
     from ._protocol import TaskSpec
 
@@ -318,6 +319,21 @@ class Messages:
     def dispatch_status(self, epoch: int, status: str) -> dict[str, Any]:
         """The retained ``dispatch/status`` (and, offline, the dispatcher's will)."""
         return {"agent_id": self.agent_id, "epoch": epoch, "status": status}
+
+    def divergence_report(self, report: ReportDivergence) -> dict[str, Any]:
+        """``{swarm}/errors``: the broker keeps no single order (docs/protocol.md)."""
+        payload: dict[str, Any] = {
+            "error": report.message,
+            "kind": "divergence",
+            "incident": report.incident.value,
+            "topic": report.topic,
+            "attempt": report.attempt,
+            "agents": list(report.agents),
+            "reported_by": self.agent_id,
+        }
+        if report.task_id is not None:
+            payload["task_id"] = report.task_id
+        return payload
 
     def error_report(
         self, topic: str, reason: str, size: int, task_id: str | None

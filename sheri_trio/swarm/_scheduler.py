@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._claims import ClaimBook, ClaimVerdict
+from ._divergence import DivergenceWatch, ReportDivergence
 from ._lifecycle import FINAL_STATES
 from ._presence import PeerTable, PresenceKind
 from ._protocol import (
@@ -52,9 +53,11 @@ from ._protocol import (
 from ._queue import ClaimQueue, Placed
 
 if TYPE_CHECKING:
+    from ..stores import Verdict
     from ._config import AgentConfig
 
 __all__ = [
+    "AnnounceClaim",
     "ClearPending",
     "Command",
     "Entry",
@@ -62,6 +65,7 @@ __all__ = [
     "Phase",
     "Reannounce",
     "ReportError",
+    "RepublishOutcome",
     "Scheduler",
     "SendCancelReply",
     "SendClaim",
@@ -71,6 +75,7 @@ __all__ = [
     "StartTask",
     "StopReason",
     "StopTask",
+    "StoreClaim",
 ]
 
 log = logging.getLogger("sheri_trio.agent")
@@ -142,6 +147,34 @@ class SendClaim:
 
     task_id: str
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreClaim:
+    """With a claim store: ask the store for ``attempt`` (``takeover``: the holder is dead
+    in presence), and give its verdict to :meth:`Scheduler.on_store_verdict`."""
+
+    task_id: str
+    attempt: int
+    takeover: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceClaim:
+    """With a claim store: the store gave us ``attempt``; say so on ``tasks/assigned``
+    (for observers: the broker's order no longer decides)."""
+
+    task_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class RepublishOutcome:
+    """With a claim store: the store has the task's outcome and we never saw it on the
+    broker (its holder may have died between the store and its publish): publish the
+    stored one."""
+
+    task_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +271,11 @@ class ReportError:
 Command = (
     (SendClaim | StartTask | StopTask | SendRelease | SendFailed | SendPending | ClearPending)
     | ReportError
+    | ReportDivergence
     | Reannounce
+    | StoreClaim
+    | AnnounceClaim
+    | RepublishOutcome
     | SendCancelReply
 )
 
@@ -288,6 +325,13 @@ class Scheduler:
         }
         #: final outcomes seen in the swarm (ours included), for monitoring.alerts
         self.swarm_outcomes: dict[str, int] = {"completed": 0, "failed": 0}
+        #: a second holder or outcome of one attempt: the broker keeps no single order
+        self.divergence = DivergenceWatch(self.me)
+        #: a claim store decides the holder of each attempt (docs/stores.md), not the
+        #: broker's order: claims are StoreClaim commands, their verdicts come back
+        self.store_mode = config.store.kind != "broker"
+        #: tasks queued for a takeover (their holder is dead in presence)
+        self._takeovers: set[str] = set()
 
     # ---------------------------------------------------------------- queries
     def free_slots(self) -> int:
@@ -412,6 +456,7 @@ class Scheduler:
                 logging.WARNING, "resuming a task of our previous run", self.me, task_id=task_id
             )
             self._enqueue(entry, attempt + 1)
+            self._takeovers.add(task_id)  # our earlier life is gone
 
     # -------------------------------------------------------- dispatch mode
     def on_inbox(self, env: Envelope) -> list[Command]:
@@ -519,9 +564,10 @@ class Scheduler:
         return []
 
     # ------------------------------------------------------------ claiming
-    def claims(self) -> list[SendClaim]:
-        """The claims to publish now: the most urgent candidates, one per free slot."""
-        out: list[SendClaim] = []
+    def claims(self) -> list[SendClaim | StoreClaim]:
+        """The claims to make now: the most urgent candidates, one per free slot (with a
+        claim store: to ask the store, :class:`StoreClaim`)."""
+        out: list[SendClaim | StoreClaim] = []
         while self.accepting and self.free_slots() > 0:
             got = self.queue.pop(self._still_wanted)
             if got is None:
@@ -531,7 +577,11 @@ class Scheduler:
             entry.attempt = attempt
             self._set_phase(entry, Phase.CLAIMING)
             self.counters["claimed"] += 1
-            out.append(SendClaim(task_id, attempt))
+            if self.store_mode:
+                out.append(StoreClaim(task_id, attempt, task_id in self._takeovers))
+                self._takeovers.discard(task_id)
+            else:
+                out.append(SendClaim(task_id, attempt))
         return out
 
     def on_claim(self, claim: Claim, now: float) -> list[Command]:
@@ -545,6 +595,8 @@ class Scheduler:
             return []
         mine = claim.agent_id == self.me
         ours = entry.attempt if entry.phase is Phase.CLAIMING else None
+        if self.store_mode and ours is not None:
+            return []  # our claim is with the store: its verdict decides, not this order
         if verdict is ClaimVerdict.WON:
             self.queue.discard(task_id)
             if mine and ours == claim.attempt:
@@ -599,6 +651,64 @@ class Scheduler:
                 self._set_phase(entry, Phase.HELD)
         return []
 
+    def on_store_verdict(
+        self, task_id: str, attempt: int, verdict: Verdict, now: float
+    ) -> list[Command]:
+        """The claim store's answer to our :class:`StoreClaim` of ``attempt``."""
+        entry = self.entries.get(task_id)
+        wanted = entry is not None and entry.phase is Phase.CLAIMING and entry.attempt == attempt
+        if verdict.value == "won":
+            self.book.observe_claim(Claim(task_id, self.me, attempt, self.role), now)
+            if entry is None or not wanted or not self.accepting:
+                # no longer wanted (finished, cancelled meanwhile) or leaving: given back
+                if entry is not None and wanted:
+                    self._set_phase(entry, Phase.HELD)
+                log_event(logging.INFO, "won in the store, not wanted: released", self.me,
+                          task_id=task_id)  # fmt: skip
+                self.counters["released"] += 1
+                return [SendRelease(task_id, attempt)]
+            self.counters["won"] += 1
+            self.queue.discard(task_id)
+            self._set_phase(entry, Phase.RUNNING)
+            return [AnnounceClaim(task_id, attempt), StartTask(entry, attempt)]
+        if entry is None or not wanted:
+            return []
+        self.counters["lost"] += 1
+        if verdict.value == "finished":
+            seen = self.book.is_finished(task_id)
+            self.book.mark_finished(task_id, True)  # its outcome is in the store
+            self._forget(entry)
+            return [] if seen else [RepublishOutcome(task_id)]
+        else:  # lost, stale, held (a takeover too early: tried again at the next lease check)
+            self._set_phase(entry, Phase.HELD)
+        log_event(logging.DEBUG, "the store gave it to another", self.me, task_id=task_id,
+                  verdict=verdict.value)  # fmt: skip
+        return []
+
+    def on_store_unavailable(self, claim: StoreClaim) -> None:
+        """Our :class:`StoreClaim` got no answer: the task waits in the queue again (the
+        shell claims nothing more until the store is back)."""
+        entry = self.entries.get(claim.task_id)
+        if entry is not None and entry.phase is Phase.CLAIMING and entry.attempt == claim.attempt:
+            self._set_phase(entry, Phase.HELD)
+            self._enqueue(entry, claim.attempt)
+            if claim.takeover:
+                self._takeovers.add(claim.task_id)
+
+    def holds(self) -> list[tuple[str, int]]:
+        """With a store: the attempts we hold and run, whose leases the shell renews."""
+        return [(e.task_id, e.attempt) for e in self.running.values() if e.phase is Phase.RUNNING]
+
+    def on_hold_lost(self, task_id: str, attempt: int) -> list[Command]:
+        """The store neither renewed nor re-created our hold (another holder has it): the
+        run stops, fenced (its outcome would be refused)."""
+        entry = self.entries.get(task_id)
+        if entry is None or entry.phase is not Phase.RUNNING or entry.attempt != attempt:
+            return []
+        log_event(logging.WARNING, "hold lost in the claim store: stopped", self.me,
+                  task_id=task_id, attempt=attempt)  # fmt: skip
+        return [self._stop(entry, StopReason.FENCED)]
+
     def on_released(self, claim: Claim) -> list[Command]:
         """A holder gave ``claim.attempt`` back: take it over with the next attempt."""
         if self.book.release(claim.task_id, claim.attempt):
@@ -613,21 +723,44 @@ class Scheduler:
     def on_outcome(self, outcome: Outcome) -> list[Command]:
         """A final outcome on ``tasks/complete`` or ``tasks/failed``."""
         kind = "completed" if outcome.success else "failed"
+        reports = self._divergence(outcome)
         if self.unserved:
             self.unserved.pop(outcome.task_id, None)
         if not self.book.observe_outcome(outcome):
             if outcome.agent_id == self.me:
                 self.swarm_outcomes[kind] += 1  # our own, marked finished before it went out
-            return []
+            return reports
         self.swarm_outcomes[kind] += 1
         entry = self.entries.get(outcome.task_id)
         if entry is None:
-            return []
+            return reports
         if entry.phase is Phase.RUNNING:
-            return [self._stop(entry, StopReason.FENCED)]
+            return [*reports, self._stop(entry, StopReason.FENCED)]
         if entry.phase is not Phase.STOPPING:
             self._forget(entry)
-        return []
+        return reports
+
+    def _divergence(self, outcome: Outcome) -> list[Command]:
+        """A second holder or final outcome of one attempt (:class:`DivergenceWatch`):
+        logged here; the report to publish, if it is ours to publish."""
+        entry = self.entries.get(outcome.task_id)
+        holding = entry.attempt if entry is not None and entry.phase in _HOLDING else None
+        topic = self.topics.tasks_complete if outcome.success else self.topics.tasks_failed
+        out: list[Command] = []
+        for report in self.divergence.on_outcome(
+            outcome.task_id, outcome.attempt, outcome.agent_id, holding=holding, topic=topic
+        ):
+            log_event(
+                logging.ERROR,
+                report.message,
+                self.me,
+                task_id=report.task_id,
+                incident=report.incident.value,
+                reporting="yes" if report.publish else None,
+            )
+            if report.publish:
+                out.append(report)
+        return out
 
     def on_cancel(self, request: CancelRequest) -> list[Command]:
         """A cancel request: a running task stops; one nobody claimed never starts (one
@@ -739,12 +872,14 @@ class Scheduler:
                     attempt=holder.attempt + 1,
                 )
                 self._enqueue(entry, holder.attempt + 1)
+                self._takeovers.add(task_id)
 
     # --------------------------------------------------------------- endings
     def finish(self, entry: Entry, success: bool) -> list[Command]:
         """We are about to publish ``entry``'s final outcome: it is finished here first,
         so its echo from the broker is recognised as ours."""
         self.counters["completed" if success else "failed"] += 1
+        self.divergence.finished(entry.task_id, entry.attempt)
         self.book.mark_finished(entry.task_id, success)
         self.queue.discard(entry.task_id)
         return [ClearPending(entry.task_id)] if entry.marker else []

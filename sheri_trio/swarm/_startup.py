@@ -1,6 +1,7 @@
 """An agent's start-up: named steps, each bounded, and a shutdown that works at every step.
 
-Start-up is a sequence of :class:`StartupStep`: probe (is this agent id online already?),
+Start-up is a sequence of :class:`StartupStep`: claim store (open and check it, when one is
+configured), probe (is this agent id online already?),
 connect (the agent's persistent session), subscribe, load task states, announce. One
 cancel scope spans the whole start-up (:meth:`Startup.bounded`); each step
 (:meth:`Startup.step`) logs its name and moves that scope's deadline to its bound, as the
@@ -55,6 +56,7 @@ log = logging.getLogger("sheri_trio.agent")
 class StartupStep(enum.Enum):
     """The steps of an agent's start-up, in order; the value is the name logged."""
 
+    CLAIM_STORE = "claim store"  # a store other than the broker: opened and checked
     PROBE = "probe"
     CONNECT = "connect"
     SUBSCRIBE = "subscribe"
@@ -74,6 +76,7 @@ class StartupStep(enum.Enum):
 
 
 _WAITING_FOR = {
+    StartupStep.CLAIM_STORE: "the claim store's answer (connection, credentials, version)",
     StartupStep.PROBE: "the duplicate-id probe: its own connection, our retained status "
     "and its sync marker",
     StartupStep.CONNECT: "the CONNACK of the agent's persistent session",
@@ -85,6 +88,9 @@ _WAITING_FOR = {
 }
 _STALLED = "the broker accepted the connection but does not answer (stalled or overloaded?)"
 _LIKELY_CAUSES = {
+    StartupStep.CLAIM_STORE: "the claim store accepts connections but does not answer "
+    "(stalled, overloaded, or a firewall dropping packets?); check --claim-store, "
+    "SHERI_CLAIM_STORE or [agent] claim_store",
     StartupStep.PROBE: "the broker, or a proxy in front of it, does not answer "
     "(stalled or overloaded?)",
     StartupStep.CONNECT: "the broker, or a proxy in front of it, accepts TCP connections but "
@@ -146,7 +152,7 @@ class Startup:
         self.timeout = timeout
         #: the step in progress; after a failure or an interruption, the step it ended in
         self.current: StartupStep | None = None
-        self._begun: StartupStep = StartupStep.PROBE  # the last step begun
+        self._begun: StartupStep = StartupStep.CLAIM_STORE  # the last step begun
         #: every step finished: the agent is online
         self.finished = False
         #: the step whose end makes the agent online (dispatch mode waits for a dispatcher)

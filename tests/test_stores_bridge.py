@@ -1,0 +1,470 @@
+"""A claim store on two bridged mosquittos (issue 11): the same contention as
+tests/test_divergence_bridge.py (3 agents on each broker, 300 tasks published on one),
+now with a Redis or a PostgreSQL store deciding. Every task runs exactly once and has
+exactly one final outcome, as seen on both brokers; nothing is reported."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import secrets
+import signal
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+from childproc import online_process
+from store_helpers import (
+    create_database,
+    drop_database,
+    pg_url,
+    require_postgres,
+    set_accepting,
+)
+from test_divergence_bridge import PER_BROKER, TASKS, LogWaiter, Watcher, _client
+
+from sheri_trio.executors import ExecutorRegistry
+from sheri_trio.stores import Verdict, open_store, parse_store_url
+from sheri_trio.swarm import AgentConfig, Topics, encode, run_agent
+from sheri_trio.testing import RedisServer
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from sheri_trio.executors import TaskContext
+    from sheri_trio.stores import StoreConfig
+    from sheri_trio.swarm import Agent
+    from sheri_trio.testing import BridgedBrokers, MosquittoBroker
+
+
+@pytest.fixture(params=["redis", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreConfig]:
+    if request.param == "redis":
+        with RedisServer(tmp_path / "redis") as server:
+            yield parse_store_url(server.url(), source="flag")
+        return
+    require_postgres()
+    name = create_database()
+    try:
+        yield parse_store_url(pg_url(name), source="flag")
+    finally:
+        drop_database(name)
+
+
+async def test_with_a_store_every_task_runs_once_on_a_bridge(
+    bridged: BridgedBrokers, store: StoreConfig
+) -> None:
+    swarm = f"stored-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    executions: collections.Counter[str] = collections.Counter()
+
+    async def count(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        await trio.lowlevel.checkpoint()
+        return {"ran": True}
+
+    registry = ExecutorRegistry({"probe.run": count})
+    brokers: tuple[MosquittoBroker, MosquittoBroker] = bridged.brokers
+    watchers = [Watcher(), Watcher()]
+    agents: list[Agent] = []
+    shutdown = trio.Event()
+    ids = [f"t{n:03d}" for n in range(TASKS)]
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            clients = []
+            for broker, watcher in zip(brokers, watchers, strict=True):
+                client = await nursery.start(_client, broker, f"watch-{secrets.token_hex(3)}")
+                clients.append(client)
+                started = trio.Event()
+                nursery.start_soon(watcher.run, client, topics, started)
+                await started.wait()
+            for side, broker in enumerate(brokers):
+                for i in range(PER_BROKER):
+                    config = AgentConfig(
+                        role="general",
+                        agent_id=f"{swarm}-{'ab'[side]}{i}",
+                        swarm=swarm,
+                        broker=broker.tcp_url,
+                        heartbeat_interval=1.0,
+                        lease_time=10.0,
+                        max_tasks=4,
+                        store=store,
+                    )
+                    agent = await nursery.start(
+                        partial(run_agent, config, executors=registry, shutdown=shutdown)
+                    )
+                    assert agent.store is not None
+                    agents.append(agent)
+            for task_id in ids:
+                body = {"task_id": task_id, "type": "probe.run", "payload": {}}
+                await clients[0].publish(topics.tasks_new, encode(None, None, body), qos=1)
+            for watcher in watchers:
+                await watcher.wait(lambda w=watcher: all(t in w.outcomes for t in ids))
+            for client in clients:  # quiet: markers from both brokers reached both
+                marker = secrets.token_hex(4)
+                await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
+                for watcher in watchers:
+                    await watcher.wait(lambda w=watcher, m=marker: m in w.markers)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert executions == dict.fromkeys(ids, 1)  # each ran exactly once
+    for watcher in watchers:
+        assert all(len(watcher.outcomes[t]) == 1 for t in ids)  # one accepted outcome each
+        assert [r for r in watcher.reports if r.get("kind") == "divergence"] == []
+    first, second = (w.holders for w in watchers)
+    assert first == second  # one holder per attempt, whichever broker one asks
+    holders = {agent for outcomes in watchers[0].outcomes.values() for _, agent in outcomes}
+    assert len(holders) > 1  # the work was shared
+
+
+class Outage:
+    """A store of the test's own that can go away and come back: a redis-server
+    (stopped, then started empty: no persistence) or a PostgreSQL database (connections
+    refused and the open ones ended, then allowed again: its data kept)."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self._redis: RedisServer | None = None
+        self._database = ""
+        if kind == "redis":
+            self._redis = RedisServer(tmp_path / "redis")
+            self._redis.start()
+            self.config = parse_store_url(self._redis.url(), source="flag")
+        else:
+            require_postgres()
+            self._database = create_database()
+            self.config = parse_store_url(pg_url(self._database), source="flag")
+
+    async def stop(self) -> None:
+        if self._redis is not None:
+            self._redis.stop()
+        else:
+            await trio.to_thread.run_sync(set_accepting, self._database, False)
+
+    async def start(self) -> None:
+        if self._redis is not None:
+            self._redis.start()
+        else:
+            await trio.to_thread.run_sync(set_accepting, self._database, True)
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.stop()
+        else:
+            drop_database(self._database)
+
+
+@pytest.fixture(params=["redis", "postgresql"])
+def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Outage]:
+    store = Outage(request.param, tmp_path)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+async def test_a_store_that_stops_holds_new_work_back_then_comes_back(
+    fresh_broker: MosquittoBroker, outage: Outage, request: pytest.FixtureRequest
+) -> None:
+    """The store goes away mid-run: agents claim nothing (no fallback to the broker's
+    order), the outcome of a task running meanwhile waits; the store back (Redis: empty):
+    every task runs once and has one outcome."""
+    swarm = f"outage-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    executions: collections.Counter[str] = collections.Counter()
+    gate = trio.Event()  # the first task runs until the store is down
+    running = trio.Event()
+
+    async def work(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        if ctx.task_id == "t00":
+            running.set()
+            await gate.wait()
+        return {"ran": True}
+
+    registry = ExecutorRegistry({"probe.run": work})
+    watcher = Watcher()
+    shutdown = trio.Event()
+    logs = LogWaiter()
+    logging.getLogger("sheri_trio").addHandler(logs)
+    request.addfinalizer(lambda: logging.getLogger("sheri_trio").removeHandler(logs))
+    store = outage.config
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(_client, fresh_broker, "watch")
+            started = trio.Event()
+            nursery.start_soon(watcher.run, client, topics, started)
+            await started.wait()
+            for i in range(2):
+                config = AgentConfig(
+                    role="general",
+                    agent_id=f"{swarm}-{i}",
+                    swarm=swarm,
+                    broker=fresh_broker.tcp_url,
+                    heartbeat_interval=1.0,
+                    lease_time=10.0,
+                    store=store,
+                )
+                await nursery.start(
+                    partial(run_agent, config, executors=registry, shutdown=shutdown)
+                )
+
+            async def submit(task_id: str) -> None:
+                body = {"task_id": task_id, "type": "probe.run", "payload": {}}
+                await client.publish(topics.tasks_new, encode(None, None, body), qos=1)
+
+            await submit("t00")
+            await running.wait()
+            await outage.stop()
+            ids = [f"t{n:02d}" for n in range(1, 11)]
+            for task_id in ids:
+                await submit(task_id)
+            await logs.wait("claim store unavailable: no new tasks")
+            gate.set()  # t00 ends while the store is down: its outcome waits
+            await logs.wait("claim store unavailable: outcome waits")
+            assert sum(executions[t] for t in ids) == 0  # nothing new taken meanwhile
+            assert "t00" not in watcher.outcomes
+            await outage.start()  # Redis: empty
+            for task_id in ["t00", *ids]:
+                await watcher.wait(lambda t=task_id: t in watcher.outcomes)
+            marker = secrets.token_hex(4)
+            await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
+            await watcher.wait(lambda: marker in watcher.markers)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert executions == dict.fromkeys(["t00", *ids], 1)
+    assert all(len(v) == 1 for v in watcher.outcomes.values())
+
+
+async def test_a_holder_re_asserts_its_hold_after_redis_restarts_empty(
+    fresh_broker: MosquittoBroker, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The holder's next renewal finds nothing and re-creates its hold (no other holder
+    exists); the other agent does not take the task over; it runs once."""
+    swarm = f"empty-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    executions: collections.Counter[str] = collections.Counter()
+    gate, running = trio.Event(), trio.Event()
+
+    async def work(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        running.set()
+        await gate.wait()
+        return {"by": ctx.agent_id}
+
+    watcher = Watcher()
+    shutdown = trio.Event()
+    logs = LogWaiter()
+    logging.getLogger("sheri_trio").addHandler(logs)
+    request.addfinalizer(lambda: logging.getLogger("sheri_trio").removeHandler(logs))
+    with RedisServer(tmp_path / "redis") as redis_server, trio.fail_after(60):
+        store = parse_store_url(redis_server.url(), source="flag")
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(_client, fresh_broker, "watch")
+            started = trio.Event()
+            nursery.start_soon(watcher.run, client, topics, started)
+            await started.wait()
+            for i in range(2):
+                config = AgentConfig(
+                    role="general",
+                    agent_id=f"{swarm}-{i}",
+                    swarm=swarm,
+                    broker=fresh_broker.tcp_url,
+                    heartbeat_interval=0.2,
+                    lease_time=1.0,
+                    store=store,
+                )
+                registry = ExecutorRegistry({"probe.run": work})
+                await nursery.start(
+                    partial(run_agent, config, executors=registry, shutdown=shutdown)
+                )
+            body = {"task_id": "t1", "type": "probe.run", "payload": {}}
+            await client.publish(topics.tasks_new, encode(None, None, body), qos=1)
+            await running.wait()
+            redis_server.restart()  # empty
+            await logs.wait("hold re-asserted in the claim store")
+            async with open_store(store, swarm) as probe:
+                hold = await probe.hold("t1")
+            assert hold is not None
+            assert hold.live
+            assert hold.attempt == 1
+            gate.set()
+            await watcher.wait(lambda: "t1" in watcher.outcomes)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert executions == {"t1": 1}
+    ((attempt, holder),) = watcher.outcomes["t1"]
+    assert (attempt, holder) == (1, hold.holder)
+
+
+async def test_an_outcome_stored_but_never_published_is_published_again(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Its holder died between the store's finish and its publish: an agent that claims
+    the task (a re-submission) gets FINISHED and publishes the stored outcome."""
+    swarm = f"ghost-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    ran: list[str] = []
+
+    async def work(ctx: TaskContext) -> dict[str, Any]:
+        ran.append(ctx.task_id)
+        return {}
+
+    watcher = Watcher()
+    shutdown = trio.Event()
+    with RedisServer(tmp_path / "redis") as redis_server, trio.fail_after(30):
+        store = parse_store_url(redis_server.url(), source="flag")
+        lost = {"task_id": "t1", "agent_id": "ghost", "status": "success", "attempt": 1,
+                "type": "probe.run", "result": {"n": 7}}  # fmt: skip
+        async with open_store(store, swarm) as ghost:
+            assert await ghost.claim("t1", 1, "ghost", 30.0) is Verdict.WON
+            assert await ghost.finish("t1", 1, "ghost", lost)
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(_client, broker, "watch")
+            started = trio.Event()
+            nursery.start_soon(watcher.run, client, topics, started)
+            await started.wait()
+            config = AgentConfig(role="general", agent_id=f"{swarm}-0", swarm=swarm,
+                                 broker=broker.tcp_url, store=store)  # fmt: skip
+            registry = ExecutorRegistry({"probe.run": work})
+            await nursery.start(partial(run_agent, config, executors=registry, shutdown=shutdown))
+            body = {"task_id": "t1", "type": "probe.run", "payload": {}}
+            await client.publish(topics.tasks_new, encode(None, None, body), qos=1)
+            await watcher.wait(lambda: "t1" in watcher.outcomes)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert ran == []  # not run again
+    assert watcher.outcomes["t1"] == {(1, "ghost")}
+
+
+async def test_a_task_published_on_both_brokers_runs_once_with_a_store(
+    bridged: BridgedBrokers, store: StoreConfig
+) -> None:
+    """The same task ids submitted on each broker at once (a duplicate task id, each
+    side's agents seeing their own copy first): each runs once."""
+    swarm = f"dup-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    executions: collections.Counter[str] = collections.Counter()
+
+    async def count(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        await trio.lowlevel.checkpoint()
+        return {}
+
+    registry = ExecutorRegistry({"probe.run": count})
+    watchers = [Watcher(), Watcher()]
+    shutdown = trio.Event()
+    ids = [f"d{n:02d}" for n in range(50)]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            clients = []
+            for broker, watcher in zip(bridged.brokers, watchers, strict=True):
+                client = await nursery.start(_client, broker, f"watch-{secrets.token_hex(3)}")
+                clients.append(client)
+                started = trio.Event()
+                nursery.start_soon(watcher.run, client, topics, started)
+                await started.wait()
+            for side, broker in enumerate(bridged.brokers):
+                for i in range(PER_BROKER):
+                    agent_id = f"{swarm}-{'ab'[side]}{i}"
+                    config = AgentConfig(
+                        role="general", agent_id=agent_id, swarm=swarm, broker=broker.tcp_url,
+                        store=store,
+                    )  # fmt: skip
+                    await nursery.start(
+                        partial(run_agent, config, executors=registry, shutdown=shutdown)
+                    )
+            for task_id in ids:
+                data = encode(None, None, {"task_id": task_id, "type": "probe.run", "payload": {}})
+                async with trio.open_nursery() as both:  # on each broker at once
+                    for client in clients:
+                        both.start_soon(partial(client.publish, topics.tasks_new, data, qos=1))
+            for watcher in watchers:
+                await watcher.wait(lambda w=watcher: all(t in w.outcomes for t in ids))
+            for client in clients:
+                marker = secrets.token_hex(4)
+                await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
+                for watcher in watchers:
+                    await watcher.wait(lambda w=watcher, m=marker: m in w.markers)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert executions == dict.fromkeys(ids, 1)
+    for watcher in watchers:
+        assert all(len(watcher.outcomes[t]) == 1 for t in ids)
+
+
+_VICTIM = """
+import sys, trio, logging
+logging.basicConfig(level=logging.WARNING)
+from sheri_trio.stores import parse_store_url
+from sheri_trio.swarm import AgentConfig, run_agent
+cfg = AgentConfig(role="testing", agent_id=sys.argv[2], swarm=sys.argv[3], broker=sys.argv[1],
+                  heartbeat_interval=0.5, lease_time=2.0, keep_alive=5,
+                  store=parse_store_url(sys.argv[4], source="flag"),
+                  executor_config={"executors": {"simulate": True}})
+async def main():
+    async with trio.open_nursery() as n:
+        await n.start(run_agent, cfg)
+        print("online", flush=True)
+trio.run(main)
+"""
+
+
+async def test_a_crashed_holder_s_task_is_taken_over_once_through_the_store(
+    bridged: BridgedBrokers, store: StoreConfig
+) -> None:
+    """The holder (on the second broker) is killed mid-task; agents on the first broker
+    take it over through the store once its lease ran out there: attempt 2 runs once."""
+    swarm = f"crash-{secrets.token_hex(3)}"
+    topics = Topics(swarm)
+    first, second = bridged.brokers
+    ran: list[tuple[str, int]] = []
+
+    async def quick(ctx: TaskContext) -> dict[str, Any]:
+        ran.append((ctx.agent_id, ctx.attempt))
+        return {}
+
+    watcher = Watcher()
+    shutdown = trio.Event()
+    survivors = [f"{swarm}-s{i}" for i in range(2)]
+    url = store.url.replace(":***@", "@")  # no password in these stores
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(_client, first, "watch")
+            started = trio.Event()
+            nursery.start_soon(watcher.run, client, topics, started)
+            await started.wait()
+            async with online_process(_VICTIM, second.tcp_url, f"{swarm}-v", swarm, url) as proc:
+                body = {"task_id": "t1", "type": "testing.run",
+                        "payload": {"simulate_seconds": 60}}  # fmt: skip
+                async with client.subscribe(topics.task_state("t1"), qos=1) as states:
+                    await client.publish(topics.tasks_new, encode(None, None, body), qos=1)
+                    while True:  # its claimed record is retained on the first broker too
+                        state = json.loads((await states.receive()).payload)["payload"]
+                        if state.get("state") in ("claimed", "running"):
+                            break
+                assert state["agent_id"] == f"{swarm}-v"
+                for agent_id in survivors:
+                    config = AgentConfig(
+                        role="testing", agent_id=agent_id, swarm=swarm, broker=first.tcp_url,
+                        heartbeat_interval=0.25, lease_time=1.0, store=store,
+                    )  # fmt: skip
+                    registry = ExecutorRegistry({"testing.run": quick})
+                    await nursery.start(
+                        partial(run_agent, config, executors=registry, shutdown=shutdown)
+                    )
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+            await watcher.wait(lambda: "t1" in watcher.outcomes)
+            marker = secrets.token_hex(4)
+            await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
+            await watcher.wait(lambda: marker in watcher.markers)
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    ((attempt, holder),) = watcher.outcomes["t1"]
+    assert attempt == 2
+    assert holder in survivors
+    assert ran == [(holder, 2)]  # once
