@@ -180,7 +180,9 @@ def test_presence_counts_a_swarm_started_at_once(broker: MosquittoBroker, dispat
         # agents (dispatch/view reached every agent every interval once: 1.66)
         assert 0.5 < per_agent <= 1.3
     else:
-        assert per_agent >= 8  # each heartbeat reaches the 8 other agents: O(n^2)
+        # each heartbeat reaches the 8 other agents: O(n^2) (a loaded machine delays beats,
+        # so fewer than 8 per interval may be counted; still far above the dispatcher's 1)
+        assert per_agent >= 4
 
 
 @pytest.mark.parametrize("dispatch", ["dispatcher", "broadcast"])
