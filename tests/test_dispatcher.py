@@ -26,6 +26,7 @@ from sheri_trio.swarm._dispatcher import (
     SendAssignment,
     SendRevocation,
     WriteRecord,
+    latest_records,
 )
 from sheri_trio.swarm._messages import encode
 from sheri_trio.swarm._presence import rendezvous_score
@@ -974,3 +975,31 @@ def test_the_swarm_view_lists_agents_and_counts_outcomes() -> None:
     assert view["queued_by_role"]["testing"] == 0
     assert (view["assigned"], view["claimed"]) == (0, 0)
     assert view["free_slots_by_role"]["testing"] == 2
+
+
+def test_a_batch_writes_only_the_last_record_of_each_task() -> None:
+    """A submission assigned in its own batch goes out as one record (assigned), not
+    queued then assigned: the batch is acknowledged after all of it anyway."""
+    d = make()
+    register(d, "a1", max_tasks=1)
+    commands = d.receive(T.tasks_new, env(sub("t")), 0.0)
+    commands += d.receive(T.tasks_new, env(sub("u")), 0.0)
+    commands += d.assignments(0.0)
+    assert [c for c in commands if isinstance(c, WriteRecord)] == [
+        WriteRecord("t", Q, 1, None, sub("t")),
+        WriteRecord("u", Q, 1, None, sub("u")),
+        WriteRecord("t", A, 1, "a1", sub("t")),
+    ]
+    kept = latest_records(commands)
+    # t's queued record is superseded within the batch; u stays queued (no free slot)
+    assert [c for c in kept if isinstance(c, WriteRecord)] == [
+        WriteRecord("u", Q, 1, None, sub("u")),
+        WriteRecord("t", A, 1, "a1", sub("t")),
+    ]
+    # everything else is kept, in order: both acks, then the assignment after its record
+    others = [c for c in commands if not isinstance(c, WriteRecord)]
+    assert [c for c in kept if not isinstance(c, WriteRecord)] == others
+    assert kept.index(WriteRecord("t", A, 1, "a1", sub("t"))) < kept.index(
+        SendAssignment("a1", "t", sub("t"), 1)
+    )
+    assert latest_records(others) == others

@@ -36,6 +36,7 @@ from ._dispatcher import RevokeReason as RevokeReason
 from ._dispatcher import SendAssignment as SendAssignment
 from ._dispatcher import SendRevocation as SendRevocation
 from ._dispatcher import WriteRecord as WriteRecord
+from ._dispatcher import latest_records as latest_records
 from ._dispatching import Candidate as Candidate
 from ._dispatching import DispatcherShell as DispatcherShell
 from ._dispatching import TermEnd as TermEnd

@@ -85,6 +85,7 @@ __all__ = [
     "SendAssignment",
     "SendRevocation",
     "WriteRecord",
+    "latest_records",
 ]
 
 #: the most slots an agent may announce (a larger or invalid value leaves them unknown;
@@ -215,6 +216,23 @@ DispatchCommand = (
 )
 
 _ACK: Final = Ack()
+
+
+def latest_records(commands: list[DispatchCommand]) -> list[DispatchCommand]:
+    """``commands`` without each :class:`WriteRecord` that a later one of the same task
+    supersedes (a submission queued, then assigned in the same batch): the retained
+    record keeps only the last, and nothing of the batch is acknowledged before all of
+    it has its PUBACK, so the custody rule (recorded before acknowledged) still holds.
+    Every other command stays, in order."""
+    last: dict[str, int] = {}
+    for i, command in enumerate(commands):
+        if isinstance(command, WriteRecord):
+            last[command.task_id] = i
+    if len(last) == sum(isinstance(c, WriteRecord) for c in commands):
+        return commands
+    return [
+        c for i, c in enumerate(commands) if not isinstance(c, WriteRecord) or last[c.task_id] == i
+    ]
 
 
 @dataclass(frozen=True, slots=True)

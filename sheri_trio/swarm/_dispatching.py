@@ -58,6 +58,7 @@ from ._dispatcher import (
     SendAssignment,
     SendRevocation,
     WriteRecord,
+    latest_records,
 )
 from ._divergence import DivergenceWatch
 from ._messages import Messages, encode
@@ -213,9 +214,13 @@ class DispatcherShell:
                         )
                 else:
                     batch = item
-                    for message in batch:
-                        await self._carry_out_all(core.receive(message.topic, message.payload, now))
-                await self._carry_out_all(core.assignments(now))
+                commands: list[DispatchCommand] = []
+                for message in batch:
+                    commands += core.receive(message.topic, message.payload, now)
+                commands += core.assignments(now)
+                # the batch is acknowledged only after all of it: a record superseded
+                # within it (queued, then assigned) need not go out
+                await self._carry_out_all(latest_records(commands))
                 await self._confirm()
                 for message in batch:  # in the order they came (MQTT 5 §4.6)
                     message.ack()
