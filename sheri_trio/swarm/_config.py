@@ -53,7 +53,7 @@ class AgentConfig:
     startup_timeout: float | None = None
     #: how tasks reach agents: "broadcast" (every agent sees every task; claims in the
     #: broker's order) or "dispatcher" (one elected dispatcher; docs/dispatch.md)
-    dispatch: str = "broadcast"
+    dispatch: str = "dispatcher"
     #: the session expiry of the dispatch connection (dispatcher mode): submissions wait
     #: in that session while no dispatcher is connected, for at most this long
     dispatch_session_expiry: int = 7 * 86_400
