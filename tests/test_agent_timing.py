@@ -110,6 +110,14 @@ def cfg(agent_id: str, role: str = "testing", **kw: Any) -> AgentConfig:
         "retry_initial_delay": 1.0,
         "retry_max_delay": 60.0,
         "check_duplicate": False,
+        # The broadcast rule (claims in the bus's order, the peer table, preference
+        # windows), pinned: the default, dispatcher mode, needs an elected dispatcher,
+        # whose candidate opens a real connection with a persistent session (queued while
+        # nobody serves, unacked messages redelivered), which the MemoryBus does not have.
+        # Dispatcher mode runs these behaviours on a real mosquitto (tests/test_agent.py,
+        # tests/test_dispatch_e2e.py); its agent side is tested at the end of this file,
+        # the test playing the dispatcher.
+        "dispatch": "broadcast",
     }
     options.update(kw)
     return AgentConfig(role=role, agent_id=agent_id, **options)

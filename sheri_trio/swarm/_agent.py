@@ -202,7 +202,14 @@ class Agent:
         self.scheduler.begin_drain(nonce)
         drained = trio.Event()
         nursery.start_soon(self._intake, messages, drained)
-        await self._publish(self.topics.agent_inbox(self.agent_id), self.messages.sync(nonce))
+        # not _publish(): a refused marker would only be logged, and the step would wait
+        # for it until its bound; raised, it fails the step naming the refusal
+        await self.client.publish(
+            self.topics.agent_inbox(self.agent_id),
+            encode(self.agent_id, self.role, self.messages.sync(nonce)),
+            qos=1,
+            content_type="application/json",
+        )
         await drained.wait()
 
     async def _load_task_states(self, progress: Callable[[], object] | None = None) -> None:
