@@ -1244,7 +1244,8 @@ async def test_dispatch_mode_agent_is_online_only_once_the_swarm_has_a_dispatche
 ) -> None:
     """Submissions published while no dispatch session exists have no subscriber (the
     broker drops them): a dispatch-mode agent's start-up waits for the dispatcher, a
-    bounded step of its own."""
+    bounded step of its own, and only then announces itself, so a submitter waiting for
+    its register (the prototype's scripts) never publishes into that void."""
     from sheri_trio.swarm import Startup, StartupError, StartupStep
 
     alone = Agent(cfg("A", dispatch="dispatcher"), bus.open("A"), executors=script.registry)
@@ -1253,6 +1254,8 @@ async def test_dispatch_mode_agent_is_online_only_once_the_swarm_has_a_dispatche
         await alone.run(startup=startup)
     assert info.value.step is StartupStep.DISPATCHER
     assert trio.current_time() == 5.0
+    assert not bus.records(T.agents_register)
+    assert not bus.records(T.agent_status("A"))
 
     await dispatcher_online(bus)
     b = Agent(cfg("B", dispatch="dispatcher"), bus.open("B"), executors=script.registry)
@@ -1261,6 +1264,12 @@ async def test_dispatch_mode_agent_is_online_only_once_the_swarm_has_a_dispatche
             await nursery.start(b.run)
             assert b.scheduler.dispatcher == ("disp", 1)
             nursery.cancel_scope.cancel()
+    (register,) = bus.records(T.agents_register)
+    assert register.json()["payload"]["agent_id"] == "B"
+    topics = [r.topic for r in bus.history if r.sender == "B"]
+    # B's inbox marker (load task states), then (the dispatcher known) status and register
+    assert topics.index(T.agent_status("B")) > topics.index(T.agent_inbox("B"))
+    assert topics.index(T.agents_register) > topics.index(T.agent_status("B"))
 
 
 async def test_a_finished_tasks_record_expires_after_final_retention(
