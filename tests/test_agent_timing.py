@@ -110,6 +110,14 @@ def cfg(agent_id: str, role: str = "testing", **kw: Any) -> AgentConfig:
         "retry_initial_delay": 1.0,
         "retry_max_delay": 60.0,
         "check_duplicate": False,
+        # The broadcast rule (claims in the bus's order, the peer table, preference
+        # windows), pinned: the default, dispatcher mode, needs an elected dispatcher,
+        # whose candidate opens a real connection with a persistent session (queued while
+        # nobody serves, unacked messages redelivered), which the MemoryBus does not have.
+        # Dispatcher mode runs these behaviours on a real mosquitto (tests/test_agent.py,
+        # tests/test_dispatch_e2e.py); its agent side is tested at the end of this file,
+        # the test playing the dispatcher.
+        "dispatch": "broadcast",
     }
     options.update(kw)
     return AgentConfig(role=role, agent_id=agent_id, **options)
@@ -1236,7 +1244,8 @@ async def test_dispatch_mode_agent_is_online_only_once_the_swarm_has_a_dispatche
 ) -> None:
     """Submissions published while no dispatch session exists have no subscriber (the
     broker drops them): a dispatch-mode agent's start-up waits for the dispatcher, a
-    bounded step of its own."""
+    bounded step of its own, and only then announces itself, so a submitter waiting for
+    its register (the prototype's scripts) never publishes into that void."""
     from sheri_trio.swarm import Startup, StartupError, StartupStep
 
     alone = Agent(cfg("A", dispatch="dispatcher"), bus.open("A"), executors=script.registry)
@@ -1245,6 +1254,8 @@ async def test_dispatch_mode_agent_is_online_only_once_the_swarm_has_a_dispatche
         await alone.run(startup=startup)
     assert info.value.step is StartupStep.DISPATCHER
     assert trio.current_time() == 5.0
+    assert not bus.records(T.agents_register)
+    assert not bus.records(T.agent_status("A"))
 
     await dispatcher_online(bus)
     b = Agent(cfg("B", dispatch="dispatcher"), bus.open("B"), executors=script.registry)
@@ -1253,6 +1264,12 @@ async def test_dispatch_mode_agent_is_online_only_once_the_swarm_has_a_dispatche
             await nursery.start(b.run)
             assert b.scheduler.dispatcher == ("disp", 1)
             nursery.cancel_scope.cancel()
+    (register,) = bus.records(T.agents_register)
+    assert register.json()["payload"]["agent_id"] == "B"
+    topics = [r.topic for r in bus.history if r.sender == "B"]
+    # B's inbox marker (load task states), then (the dispatcher known) status and register
+    assert topics.index(T.agent_status("B")) > topics.index(T.agent_inbox("B"))
+    assert topics.index(T.agents_register) > topics.index(T.agent_status("B"))
 
 
 async def test_a_finished_tasks_record_expires_after_final_retention(

@@ -158,7 +158,7 @@ AGENT_VALUES = {
     "swarm": "elsewhere",
     "broker": "mqtt://broker.example:1884",
     "max_tasks": 2,
-    "dispatch": "dispatcher",
+    "dispatch": "broadcast",  # the fallback; the default is "dispatcher"
     "dispatch_session_expiry": 120,
     "queue_limit": 20,
     "overflow_limit": 30,

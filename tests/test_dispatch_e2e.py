@@ -22,9 +22,11 @@ from swarm_helpers import (
     submission,
 )
 
+from sheri_trio.executors import ExecutorRegistry, TaskPayloadError
 from sheri_trio.mqtt import open_client
 
 if TYPE_CHECKING:
+    from sheri_trio.executors import TaskContext
     from sheri_trio.swarm import AgentConfig
     from sheri_trio.testing import MosquittoBroker
 
@@ -228,3 +230,67 @@ async def test_an_agent_killed_between_receiving_and_starting_never_runs_that_at
         p["attempt"] for t, p in events if t.endswith("/progress") and p.get("event") == "start"
     ]
     assert started == [2]  # attempt 1 never started
+
+
+async def test_a_submissions_fields_keep_their_meaning_in_dispatch_mode(
+    broker: MosquittoBroker,
+) -> None:
+    """What tests/test_agent_timing.py checks of the broadcast rule on the memory bus,
+    checked here through the dispatcher: ``assigned_to``, expiry, an invalid payload (one
+    failure, no retries), a retried failure, an invalid submission (failed by the
+    dispatcher) and an unknown type (a general agent's)."""
+    swarm = "t-dispatch-fields"
+    executions: Counter[str] = Counter()
+    ran_on: dict[str, str] = {}
+
+    async def script(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        ran_on[ctx.task_id] = ctx.agent_id
+        p = ctx.payload if isinstance(ctx.payload, dict) else {}
+        if p.get("invalid"):
+            raise TaskPayloadError("payload refused by the executor")
+        if ctx.try_number <= p.get("fail", 0):
+            raise RuntimeError(f"failure on try {ctx.try_number}")
+        return {"ok": True}
+
+    registry = ExecutorRegistry()
+    registry.fallback = script
+    bad_priority = {"task_id": "bad-priority", "type": "testing.run", "priority": "urgent"}
+    to_b = {"task_id": "to-b", "type": "testing.run", "assigned_to": "f-b"}
+    expired = {"task_id": "expired", "type": "testing.run", "expires_at": "2000-01-01T00:00:00Z"}
+    submissions = [
+        json.dumps({"id": "m1", "payload": to_b}),
+        json.dumps({"id": "m2", "payload": expired}),
+        submission("invalid", invalid=True),
+        submission("flaky", fail=1),
+        json.dumps({"id": "m3", "payload": bad_priority}),
+        submission("odd", "custom.thing"),
+    ]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            shutdown = trio.Event()
+            configs = [
+                _config(broker, "testing", "f-a", swarm),
+                _config(broker, "testing", "f-b", swarm),
+                _config(broker, "general", "f-g", swarm),
+            ]
+            await start_agents(nursery, configs, executors=registry, shutdown=shutdown)
+
+            async def publish(watcher: Any) -> None:
+                for body in submissions:
+                    await watcher.publish(f"{swarm}/tasks/new", body, qos=1)
+
+            finals, records = await follow_outcomes(broker, swarm, len(submissions), publish)
+            shutdown.set()
+    assert set(finals.values()) == {1}
+    outcome = {r["task_id"]: (r["status"], r.get("reason")) for r in records}
+    assert outcome == {
+        "to-b": ("success", None),
+        "expired": ("failed", "expired"),
+        "invalid": ("failed", "invalid_payload"),
+        "flaky": ("success", None),
+        "bad-priority": ("failed", "invalid_task"),
+        "odd": ("success", None),
+    }
+    assert executions == Counter({"to-b": 1, "invalid": 1, "flaky": 2, "odd": 1})
+    assert (ran_on["to-b"], ran_on["odd"]) == ("f-b", "f-g")

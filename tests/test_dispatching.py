@@ -581,13 +581,19 @@ def test_the_dispatch_flag_of_agent_and_swarm(command: str) -> None:
 def test_dispatch_from_flag_environment_and_file() -> None:
     from sheri_trio.config import ConfigError, FileConfig, build_agent_config
 
-    assert build_agent_config(FileConfig(), env={}).dispatch == "broadcast"
-    from_env = build_agent_config(FileConfig(), env={"SHERI_DISPATCH": "dispatcher"})
-    assert from_env.dispatch == "dispatcher"
+    assert build_agent_config(FileConfig(), env={}).dispatch == "dispatcher"  # the default
+    from_env = build_agent_config(FileConfig(), env={"SHERI_DISPATCH": "broadcast"})
+    assert from_env.dispatch == "broadcast"
     flag = build_agent_config(
-        FileConfig(), env={"SHERI_DISPATCH": "dispatcher"}, dispatch="broadcast"
+        FileConfig(), env={"SHERI_DISPATCH": "broadcast"}, dispatch="dispatcher"
     )
+    assert flag.dispatch == "dispatcher"
+    flag = build_agent_config(FileConfig(), env={}, dispatch="broadcast")
     assert flag.dispatch == "broadcast"
+    file = FileConfig(agent={"dispatch": "broadcast"})
+    assert build_agent_config(file, env={}).dispatch == "broadcast"
+    env_over_file = build_agent_config(file, env={"SHERI_DISPATCH": "dispatcher"})
+    assert env_over_file.dispatch == "dispatcher"
     with pytest.raises(ConfigError, match=r"^--dispatch: "):
         build_agent_config(FileConfig(), env={}, dispatch="shared")
     with pytest.raises(ConfigError, match=r"^SHERI_DISPATCH: "):

@@ -261,21 +261,26 @@ async def test_leaving_before_start_up_finished_lets_the_will_say_offline(
             assert await _retained_status(broker, config) == expected
 
 
-async def test_a_refused_request_is_a_start_up_error_naming_the_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dispatch", ["broadcast", "dispatcher"])
+async def test_a_refused_request_is_a_start_up_error_naming_the_step(
+    tmp_path: Path, dispatch: str
+) -> None:
     """mosquitto grants SUBSCRIBEs its ACL denies (and delivers nothing); it refuses
-    the publish of our sync marker: ``load task states`` fails, saying why."""
+    the publish of our sync marker (broadcast: behind the retained task states;
+    dispatcher: in our inbox, behind its backlog): ``load task states`` fails, saying why."""
     acl = tmp_path / "acl"
     acl.write_text("user sheri\ntopic readwrite elsewhere/#\n")  # nothing of the swarm
     with MosquittoBroker(tmp_path / "mosquitto", tls=False, extra_config=f"acl_file {acl}") as b:
-        config = _config(b, "refused-1", check_duplicate=False)
+        config = _config(b, "refused-1", check_duplicate=False, dispatch=dispatch)
         with trio.fail_after(10), pytest.raises(StartupError) as info:
             await run_agent(config)
     assert info.value.step is StartupStep.LOAD_TASK_STATES
     assert isinstance(info.value.cause, PublishError)
     text = str(info.value)
+    marker = "sync/" if dispatch == "broadcast" else "inbox'"
     assert text.startswith(
         "agent refused-1: start-up step 'load task states' failed: broker refused publish to "
-        f"'{config.swarm}/agents/refused-1/sync/"
+        f"'{config.swarm}/agents/refused-1/{marker}"
     ), text
     assert text.endswith("': NOT_AUTHORIZED (0x87)"), text
 

@@ -43,9 +43,11 @@ LogLevelOpt = Annotated[LogLevel, Parameter(help="Log level of the lines on stde
 DispatchOpt = Annotated[
     str | None,
     Parameter(
-        help="How tasks reach agents: broadcast (every agent sees every task) or dispatcher "
-        "(one elected dispatcher assigns them; every agent is a candidate; docs/dispatch.md) "
-        "(env SHERI_DISPATCH). Every agent of a swarm must use the same."
+        help="How tasks reach agents: dispatcher (the default: one elected dispatcher "
+        "assigns them; every agent is a candidate; docs/dispatch.md) or broadcast (every "
+        "agent sees every task: the fallback for brokers without retained messages on "
+        "wildcard subscriptions or persistent sessions) (env SHERI_DISPATCH). Every agent "
+        "of a swarm must use the same."
     ),
 ]
 

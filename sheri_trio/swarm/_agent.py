@@ -150,7 +150,6 @@ class Agent:
         self.started_at = trio.current_time()
         dispatched = self.scheduler.dispatched
         if dispatched:
-            startup.final_step = StartupStep.DISPATCHER
             # The dispatcher hands us our tasks (docs/dispatch.md): our inbox, acknowledged
             # once what it asks is carried out, and whom to follow.
             filters: tuple[str, ...] = (
@@ -184,13 +183,15 @@ class Agent:
                     await self._drain_inbox(root, messages)
                 else:
                     await self._load_task_states(progress=startup.renew)
-            with startup.step(StartupStep.ANNOUNCE):
-                await self._announce()
             if dispatched:
-                # Online once tasks can reach us: submissions published while no dispatch
-                # session exists have no subscriber, and the broker drops them.
+                # Announce once tasks can reach the swarm: submissions published while no
+                # dispatch session exists have no subscriber, and the broker drops them.
+                # A submitter that waits for our register (the prototype's scripts) must
+                # not publish into that void; and the dispatcher hears our register.
                 with startup.step(StartupStep.DISPATCHER):
                     await self._dispatcher_known.wait()
+            with startup.step(StartupStep.ANNOUNCE):
+                await self._announce()
             if not dispatched:
                 root.start_soon(self._intake, messages)
             root.start_soon(self._heartbeat_loop)
@@ -216,7 +217,14 @@ class Agent:
         self.scheduler.begin_drain(nonce)
         drained = trio.Event()
         nursery.start_soon(self._intake, messages, drained)
-        await self._publish(self.topics.agent_inbox(self.agent_id), self.messages.sync(nonce))
+        # not _publish(): a refused marker would only be logged, and the step would wait
+        # for it until its bound; raised, it fails the step naming the refusal
+        await self.client.publish(
+            self.topics.agent_inbox(self.agent_id),
+            encode(self.agent_id, self.role, self.messages.sync(nonce)),
+            qos=1,
+            content_type="application/json",
+        )
         await drained.wait()
 
     async def _load_task_states(self, progress: Callable[[], object] | None = None) -> None:

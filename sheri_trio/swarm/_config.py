@@ -52,9 +52,10 @@ class AgentConfig:
     keep_alive: int = 30
     #: the bound of each start-up step (None: the client's connect_timeout)
     startup_timeout: float | None = None
-    #: how tasks reach agents: "broadcast" (every agent sees every task; claims in the
-    #: broker's order) or "dispatcher" (one elected dispatcher; docs/dispatch.md)
-    dispatch: str = "broadcast"
+    #: how tasks reach agents: "dispatcher" (the default: one elected dispatcher;
+    #: docs/dispatch.md) or "broadcast" (every agent sees every task; claims in the
+    #: broker's order: the fallback, docs/protocol.md "Which rule")
+    dispatch: str = "dispatcher"
     #: the session expiry of the dispatch connection (dispatcher mode): submissions wait
     #: in that session while no dispatcher is connected, for at most this long
     dispatch_session_expiry: int = 7 * 86_400

@@ -61,8 +61,8 @@ class StartupStep(enum.Enum):
     CONNECT = "connect"
     SUBSCRIBE = "subscribe"
     LOAD_TASK_STATES = "load task states"
-    ANNOUNCE = "announce"
     DISPATCHER = "dispatcher"  # dispatch mode: until the swarm has an elected dispatcher
+    ANNOUNCE = "announce"
 
     @property
     def waiting_for(self) -> str:
@@ -155,8 +155,6 @@ class Startup:
         self._begun: StartupStep = StartupStep.CLAIM_STORE  # the last step begun
         #: every step finished: the agent is online
         self.finished = False
-        #: the step whose end makes the agent online (dispatch mode waits for a dispatcher)
-        self.final_step = StartupStep.ANNOUNCE
         self.interrupted = False
         self._scope: trio.CancelScope | None = None
 
@@ -194,7 +192,7 @@ class Startup:
         if self._scope is not None:
             self._scope.deadline = math.inf
         self.current = None
-        if step is self.final_step:
+        if step is StartupStep.ANNOUNCE:  # the last step: online
             self.finished = True
         elapsed = trio.current_time() - started
         self._log(logging.DEBUG, f"start-up: {step.value} done", seconds=f"{elapsed:.3f}")
