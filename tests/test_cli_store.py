@@ -10,6 +10,7 @@ import signal
 from typing import TYPE_CHECKING
 
 import pytest
+import test_cli
 import trio
 from store_helpers import create_database, drop_database, free_port, pg_url, require_postgres
 from test_cli import _swarm, agent, sheri, sheri_run, stop
@@ -23,6 +24,16 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from sheri_trio.testing import MosquittoBroker
+
+
+@pytest.fixture(autouse=True)
+def broadcast_agents(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every agent these commands start runs dispatch = "broadcast": the one mode whose
+    decisions all go through the claim store so far (dispatcher mode refuses a store)."""
+    plain = test_cli._env
+    monkeypatch.setattr(
+        test_cli, "_env", lambda **extra: plain(SHERI_DISPATCH="broadcast", **extra)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -192,10 +192,10 @@ def test_retained_states_and_dispatch_records() -> None:
     msg(model, T.task_state("q"), final, 2.0, agent=("db-1", "database"), retain=True)
     assert (model.tasks["q"].state, model.tasks["q"].agent) == ("done", "db-1")
     assert model.pending_by_role()["database"] == 0
-    # the dispatcher's view, when it carries queue depths, wins
-    view = {"agents": [], "queued_by_role": {"testing": 7}}
+    # the dispatcher's view (once per heartbeat interval) does not override the records
+    view = {"agents": [], "queued_by_role": {"testing": 7, "database": 1}}
     msg(model, T.dispatch_view, view, 3.0, retain=True)
-    assert model.pending_by_role()["testing"] == 7
+    assert model.pending_by_role()["testing"] == model.pending_by_role()["database"] == 0
 
 
 def test_errors_topic_and_untrusted_input() -> None:

@@ -110,6 +110,7 @@ async def test_broker_mode_on_a_bridge_reports_every_task_that_ran_twice(
                 broker = broker if split else brokers[0]
                 for i in range(PER_BROKER):
                     config = AgentConfig(
+                        dispatch="broadcast",
                         role="general",
                         agent_id=f"{swarm}-{'ab'[side]}{i}",
                         swarm=swarm,

@@ -84,6 +84,7 @@ async def test_with_a_store_every_task_runs_once_on_a_bridge(
             for side, broker in enumerate(brokers):
                 for i in range(PER_BROKER):
                     config = AgentConfig(
+                        dispatch="broadcast",
                         role="general",
                         agent_id=f"{swarm}-{'ab'[side]}{i}",
                         swarm=swarm,
@@ -200,6 +201,7 @@ async def test_a_store_that_stops_holds_new_work_back_then_comes_back(
             await started.wait()
             for i in range(2):
                 config = AgentConfig(
+                    dispatch="broadcast",
                     role="general",
                     agent_id=f"{swarm}-{i}",
                     swarm=swarm,
@@ -269,6 +271,7 @@ async def test_a_holder_re_asserts_its_hold_after_redis_restarts_empty(
             await started.wait()
             for i in range(2):
                 config = AgentConfig(
+                    dispatch="broadcast",
                     role="general",
                     agent_id=f"{swarm}-{i}",
                     swarm=swarm,
@@ -328,7 +331,8 @@ async def test_an_outcome_stored_but_never_published_is_published_again(
             nursery.start_soon(watcher.run, client, topics, started)
             await started.wait()
             config = AgentConfig(role="general", agent_id=f"{swarm}-0", swarm=swarm,
-                                 broker=broker.tcp_url, store=store)  # fmt: skip
+                                 broker=broker.tcp_url, store=store,
+                                 dispatch="broadcast")  # fmt: skip
             registry = ExecutorRegistry({"probe.run": work})
             await nursery.start(partial(run_agent, config, executors=registry, shutdown=shutdown))
             body = {"task_id": "t1", "type": "probe.run", "payload": {}}
@@ -371,6 +375,7 @@ async def test_a_task_published_on_both_brokers_runs_once_with_a_store(
                 for i in range(PER_BROKER):
                     agent_id = f"{swarm}-{'ab'[side]}{i}"
                     config = AgentConfig(
+                        dispatch="broadcast",
                         role="general", agent_id=agent_id, swarm=swarm, broker=broker.tcp_url,
                         store=store,
                     )  # fmt: skip
@@ -402,6 +407,7 @@ logging.basicConfig(level=logging.WARNING)
 from sheri_trio.stores import parse_store_url
 from sheri_trio.swarm import AgentConfig, run_agent
 cfg = AgentConfig(role="testing", agent_id=sys.argv[2], swarm=sys.argv[3], broker=sys.argv[1],
+                  dispatch="broadcast",
                   heartbeat_interval=0.5, lease_time=2.0, keep_alive=5,
                   store=parse_store_url(sys.argv[4], source="flag"),
                   executor_config={"executors": {"simulate": True}})
@@ -449,6 +455,7 @@ async def test_a_crashed_holder_s_task_is_taken_over_once_through_the_store(
                 assert state["agent_id"] == f"{swarm}-v"
                 for agent_id in survivors:
                     config = AgentConfig(
+                        dispatch="broadcast",
                         role="testing", agent_id=agent_id, swarm=swarm, broker=first.tcp_url,
                         heartbeat_interval=0.25, lease_time=1.0, store=store,
                     )  # fmt: skip

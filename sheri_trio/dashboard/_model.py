@@ -612,12 +612,10 @@ class SwarmModel:
         return [[s, *self.rates.get(s, empty)] for s in range(end - seconds + 1, end + 1)]
 
     def pending_by_role(self) -> dict[str, int]:
-        """Tasks nobody holds yet, per role that may take them: the dispatcher's queue
-        depths (its retained dispatch/view) when it publishes them, else what we saw."""
-        view = self.dispatch_view
-        if view is not None and isinstance(view.get("queued_by_role"), dict):
-            queued = view["queued_by_role"]
-            return {r: int(queued.get(r, 0)) for r in ROLES if isinstance(queued.get(r, 0), int)}
+        """Tasks nobody holds yet, per role that may take them, from what we saw (the
+        submissions, and in dispatcher mode the custody records, which change as the
+        queue does). Not the dispatcher's ``dispatch/view``: it is published once per
+        heartbeat interval, so its ``queued_by_role`` lags behind."""
         out = dict.fromkeys(ROLES, 0)
         for task in self.tasks.values():
             if task.state in WAITING or task.state == "released":

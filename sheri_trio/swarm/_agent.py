@@ -756,13 +756,6 @@ async def run_agent(
                         config.agent_id, StartupStep.CLAIM_STORE, startup.timeout, cause=exc
                     ) from None
             log_event(logging.INFO, "claim store", config.agent_id, url=config.store.url)
-            if config.dispatch == "dispatcher":
-                log_event(
-                    logging.WARNING,
-                    "claim store: dispatcher mode stores outcomes only; its election and "
-                    "assignments still rest on the broker's order (docs/stores.md)",
-                    config.agent_id,
-                )
         if config.check_duplicate:
             with startup.step(StartupStep.PROBE):
                 await check_duplicate(config)
