@@ -304,6 +304,33 @@ async def test_submit_wait_succeeds(broker: MosquittoBroker, tmp_path: Path) -> 
     assert broker.password not in out + result.stderr.decode()
 
 
+async def test_a_password_on_the_command_line_is_warned_about_never_shown(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    swarm = _swarm("pwwarn")
+    bare = f"mqtt://127.0.0.1:{broker.tcp_port}"
+    warning = "the broker password was given on the command line"
+    with trio.fail_after(20):
+        in_url = await sheri_run(
+            "tasks", "--broker", broker.tcp_url, "--swarm", swarm, cwd=tmp_path
+        )
+        flag = await sheri_run(
+            "tasks", "--broker", bare, "--username", broker.username, "--password",
+            broker.password, "--swarm", swarm, cwd=tmp_path,
+        )  # fmt: skip
+        from_env = await sheri_run(
+            "tasks", "--broker", bare, "--swarm", swarm, cwd=tmp_path,
+            SHERI_USERNAME=broker.username, SHERI_PASSWORD=broker.password,
+        )  # fmt: skip
+    for result in (in_url, flag, from_env):
+        assert result.returncode == 0, result.stderr.decode()
+        assert broker.password not in result.stdout.decode() + result.stderr.decode()
+    assert warning in in_url.stderr.decode()
+    assert warning in flag.stderr.decode()
+    assert "use SHERI_PASSWORD" in flag.stderr.decode()
+    assert warning not in from_env.stderr.decode()
+
+
 async def test_submit_without_wait_prints_the_task_id(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:

@@ -258,6 +258,7 @@ async def agent_cmd(
         dispatch=dispatch,
     )
     setup_logging(log_level, cfg.agent_id)
+    where.warn_visible_password()
     log.info(
         "starting agent %s: role=%s swarm=%s broker=%s max_tasks=%d dispatch=%s claim_store=%s%s",
         cfg.agent_id,
@@ -346,6 +347,7 @@ async def swarm_cmd(
         )
         configs.append((cfg, label))
     setup_logging(log_level, "swarm", label_first=True)
+    where.warn_visible_password()
     log.info(
         "starting %d agents in swarm %s at %s%s (claim store %s): %s",
         count,

@@ -5,11 +5,13 @@ the broker and the store are bounded by ``[broker] connect_timeout``."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path  # noqa: TC003 (cyclopts reads the annotations at run time)
 from typing import TYPE_CHECKING, Annotated, Any, Final
+from urllib.parse import urlsplit
 
 import trio
 from cyclopts import Parameter
@@ -57,6 +59,25 @@ class BrokerArgs:
             password=self.password,
         )
 
+    def password_on_command_line(self) -> bool:
+        """Whether a broker password came as a flag (``--password``, or inside
+        ``--broker``): every user of the machine sees it in ``ps``."""
+        if self.password:
+            return True
+        try:
+            return bool(self.broker and urlsplit(self.broker).password)
+        except ValueError:
+            return False  # a bad URL: its own error comes when it is parsed
+
+    def warn_visible_password(self) -> None:
+        """Say so, once logging is set up (the password itself is never shown)."""
+        if self.password_on_command_line():
+            logging.getLogger("sheri_trio.cli").warning(
+                "the broker password was given on the command line (--password or inside "
+                "--broker), where other users of this machine see it (ps): use "
+                "SHERI_PASSWORD, SHERI_BROKER or [broker] password in sheri.toml"
+            )
+
     def link(self, store: StoreArgs | None = None) -> BrokerLink:
         """The way to the broker for a command's own client: settings checked, the
         password remembered as a secret, warnings and worse logged on stderr. With
@@ -66,6 +87,7 @@ class BrokerArgs:
         remember_secrets(conn)
         claims = store.settings(file_config) if store is not None else None
         setup_logging("warning", "sheri")
+        self.warn_visible_password()
         return BrokerLink(conn, claims)
 
 

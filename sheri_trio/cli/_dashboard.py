@@ -78,6 +78,7 @@ async def dashboard_cmd(
     """
     options = _options(where, host, port, db, retention)
     setup_logging(log_level, "dashboard")
+    where.warn_visible_password()
     conn = options.conn
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
