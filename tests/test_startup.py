@@ -295,7 +295,7 @@ async def test_a_claim_store_that_accepts_and_never_answers_fails_its_step(
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
-        config = _config(fresh_broker, "stalled-1")
+        config = _config(fresh_broker, "stalled-1", dispatch="broadcast")  # the store's mode
         config.store = parse_store_url(url, source="flag")
         with trio.fail_after(20), pytest.raises(StartupError) as info:
             await run_agent(config)
