@@ -19,12 +19,12 @@ from swarm_helpers import (
 )
 
 from sheri_trio.mqtt import open_client
+from sheri_trio.swarm import AgentConfig
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
-    from sheri_trio.swarm import AgentConfig
     from sheri_trio.testing import MosquittoBroker
 
 SEED_DEPLOY = {
@@ -207,9 +207,13 @@ async def test_broker_restart_every_task_once(fresh_broker: MosquittoBroker, dis
     executions = counting.executions
     assert set(executions) == set(finals)
     # a task running at the moment of the restart may run again (attempt 2) if its
-    # holder looked dead; exactly one final outcome is accepted per task
+    # holder looked dead; exactly one final outcome is accepted per task. mosquitto
+    # publishes every client's will as it stops, so every holder may look dead: in
+    # dispatcher mode each task the records show held then runs again (its outcome of
+    # attempt 1 is fenced off), at most the swarm's slots
     assert max(executions.values()) <= 2
-    assert sum(1 for n in executions.values() if n > 1) <= 3
+    again = 3 if dispatch == "broadcast" else 3 * AgentConfig().max_tasks
+    assert sum(1 for n in executions.values() if n > 1) <= again
 
 
 async def test_graceful_shutdown_releases_running_task(broker: MosquittoBroker) -> None:
