@@ -145,8 +145,15 @@ class DispatcherShell:
             t.agents_shutdown,
             t.agents_status_all,
         )
-        # no_local: our own tasks/failed would only come back as an echo
-        async with self.client.subscribe(*filters, qos=1, no_local=True) as messages:
+        # no_local: our own tasks/failed would only come back as an echo.
+        # retain_handling=1: the retained statuses only with a new subscription. On a
+        # resumed session its queue has every status since the last term, and the
+        # broker sends the retained copies after that queue: stale news then, which
+        # took over tasks given since (mosquitto publishes every client's will as it
+        # stops: after a restart each agent's status is its will until it says online).
+        async with self.client.subscribe(
+            *filters, qos=1, no_local=True, retain_handling=1
+        ) as messages:
             # online once subscribed: from then on nothing published is missed
             status = self.messages.dispatch_status(self.epoch, "online")
             online = encode(self.me, self.role, status)
