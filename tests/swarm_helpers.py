@@ -156,8 +156,10 @@ async def kill_the_holder(
 async def restart_mid_burst(
     broker: MosquittoBroker, swarm: str, counting: Counting, *, total: int, dispatch: str
 ) -> Counter[str]:
-    """Three agents; *total* tasks submitted, the broker restarted (its persistence keeps
-    the sessions) after half of them. The final outcomes per task id are returned."""
+    """Three agents; half of *total* tasks submitted, the broker restarted (its
+    persistence keeps the sessions and the retained records) once a quarter have ended,
+    while the agents hold tasks, then the other half. The final outcomes per task id
+    are returned."""
     finals: Counter[str] = Counter()
     options: dict[str, Any] = {"reconnect_initial_delay": 0.05, "reconnect_max_delay": 0.5}
     async with trio.open_nursery() as nursery:
@@ -187,6 +189,9 @@ async def restart_mid_burst(
             ) as msgs:
                 for i in range(total):
                     if i == total // 2:
+                        while sum(finals.values()) < total // 4:
+                            m = await msgs.receive()
+                            finals[json.loads(m.payload)["payload"]["task_id"]] += 1
                         await trio.to_thread.run_sync(broker.restart)
                     await watcher.publish(
                         f"{swarm}/tasks/new", submission(f"r-{i}"), qos=1, wait_ack=False

@@ -1196,6 +1196,41 @@ async def test_dispatch_mode_agent_runs_what_its_inbox_assigns_and_acks_each_mes
     assert [body(r)["state"] for r in bus.records(T.task_state("d-2"))] == ["claimed"]
 
 
+async def test_dispatch_mode_a_task_taken_from_us_after_we_finished_it_runs_its_new_attempt(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    """What a broker's restart does (mosquitto publishes every client's will as it
+    stops): the dispatcher takes over a task we had finished (revocation; our outcome
+    of attempt 1 fenced off) and assigns attempt 2 to us. It runs once more and ends
+    with its outcome; ignored, it stayed assigned to us, a slot held for ever."""
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            dispatcher = await dispatcher_online(bus)
+            a = await start(nursery, bus, cfg("A", dispatch="dispatcher", max_tasks=1), script)
+            inbox = T.agent_inbox("A")
+
+            async def send(kind: str, attempt: int) -> None:
+                message: dict[str, Any] = {"kind": kind, "task_id": "r-1", "attempt": attempt}
+                if kind == "assignment":
+                    message["task"] = {"task_id": "r-1", "type": "testing.run", "payload": {}}
+                await dispatcher.publish(inbox, encode("disp", "general", message), qos=1)
+
+            await send("assignment", 1)
+            first = await wait(bus, T.tasks_complete, task_id="r-1")
+            await send("revocation", 1)
+            await send("assignment", 1)  # a redelivery of attempt 1: a duplicate
+            await send("assignment", 2)
+            second = await wait(bus, T.tasks_complete, task_id="r-1", attempt=2)
+            await send("assignment", 2)  # a redelivery of attempt 2: a duplicate
+            await trio.sleep(1)
+            assert a.agent.scheduler.free_slots() == 1
+            nursery.cancel_scope.cancel()
+    assert (body(first)["attempt"], body(second)["attempt"]) == (1, 2)
+    assert [(c.task_id, c.attempt) for c in script.calls] == [("r-1", 1), ("r-1", 2)]
+    claims = [body(r)["attempt"] for r in bus.records(T.tasks_assigned)]
+    assert claims == [1, 2]
+
+
 async def test_dispatch_mode_alerts_read_the_dispatchers_view(
     autojump_clock: trio.testing.MockClock, bus: MemoryBus, tmp_path: Any
 ) -> None:

@@ -498,13 +498,45 @@ def test_a_stale_outcome_is_fenced_off_and_the_current_one_accepted() -> None:
     assert outcome(d, "t", second, attempt=1) == [WriteRecord("t", A, 2, second, sub("t"))]
     assert outcome(d, "t", "intruder", attempt=2) == [WriteRecord("t", A, 2, second, sub("t"))]
     assert d.counters["outcomes_stale"] == 3
-    assert outcome(d, "t", second, attempt=2, ok=False) == []
+    # accepted; our records written since may be over the holder's final one: ours too
+    assert outcome(d, "t", second, attempt=2, ok=False) == [
+        WriteRecord("t", RecordState.FAILED, 2, None, sub("t"))
+    ]
     assert d.finished["t"] == (RecordState.FAILED, 2)
     assert outcome(d, "t", second, attempt=2) == []  # at most one accepted per task
     assert d.counters["outcomes_after_final"] == 1
     assert (d.counters["completed"], d.counters["failed"]) == (0, 1)
     assert outcome(d, "never-seen", "a1") == []
     assert d.counters["outcomes_unknown"] == 1
+
+
+def test_a_record_we_wrote_over_the_holders_is_made_final_when_its_outcome_comes() -> None:
+    """After a broker's restart: a stale claim (the old holder's, redelivered) makes us
+    write our record again, while the new holder runs: ours, "assigned", lands over its
+    "claimed" or even its final record. When its outcome is accepted, our final record
+    goes out, else the retained record says assigned for good and the next dispatcher
+    hands the task to an agent that ran it already."""
+    d = make()
+    register(d, "a1")
+    register(d, "a2")
+    submit(d, "t")
+    ((_, first, _),) = given_to(d.assignments(0.0))
+    second = "a2" if first == "a1" else "a1"
+    status(d, first, online=False, now=1.0)  # its will: taken over
+    assert given_to(d.assignments(1.0)) == [("t", second, 2)]
+    # the old holder's claim of attempt 1 comes late: revoked, our record written again
+    assert claim(d, "t", first, attempt=1) == [
+        SendRevocation(first, "t", 1, RevokeReason.NOT_HOLDER),
+        WriteRecord("t", A, 2, second, sub("t")),
+    ]
+    assert claim(d, "t", second, attempt=2) == []
+    assert outcome(d, "t", second, attempt=2) == [WriteRecord("t", RecordState.DONE, 2, None, None)]
+    assert d.finished["t"] == (RecordState.DONE, 2)
+    # without a rewrite of ours the holder's own final record stands: nothing written
+    submit(d, "u")
+    ((_, holder, _),) = given_to(d.assignments(2.0))
+    assert claim(d, "u", holder) == []
+    assert outcome(d, "u", holder) == []
 
 
 def test_a_release_queues_the_next_attempt_and_frees_the_slot() -> None:

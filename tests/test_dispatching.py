@@ -599,3 +599,18 @@ def test_dispatch_from_flag_environment_and_file() -> None:
     with pytest.raises(ConfigError, match=r"^SHERI_DISPATCH: "):
         build_agent_config(FileConfig(), env={"SHERI_DISPATCH": "shared"})
     assert AgentConfig().dispatch_session_expiry == 7 * 86_400
+
+
+def test_a_term_lost_while_its_decider_publishes_ends_lost_not_failed() -> None:
+    """The connection lost while the decider publishes raises ClientClosed inside the
+    term's nursery, as a group: the term ends `lost` (the candidate stands again at
+    once), not `failed` (a backoff), which is what the broker's restart is."""
+    from sheri_trio.mqtt import ClientClosed
+    from sheri_trio.swarm._dispatching import _ended_by, _one_error
+
+    lost = ClientClosed("client stopped: connection lost")
+    leaf = _one_error(BaseExceptionGroup("", [BaseExceptionGroup("", [lost])]))
+    assert leaf is lost
+    assert _ended_by(leaf) == (TermEnd.LOST, str(lost))
+    assert _one_error(BaseExceptionGroup("", [lost, ValueError("a bug")])) is None
+    assert _ended_by(trio.TooSlowError())[0] is TermEnd.FAILED

@@ -594,6 +594,30 @@ def test_dispatch_mode_starts_an_assignment_at_once_and_holds_its_slot() -> None
     assert inbox(s, "assignment", "b") == [SendRelease("b", 1)]
 
 
+def test_dispatch_mode_a_newer_attempt_of_a_task_we_finished_runs_once() -> None:
+    """A broker's restart: mosquitto publishes every client's will as it stops, so the
+    next dispatcher takes our finished task over (revocation, attempt 2; our outcome of
+    attempt 1 is fenced off) and may assign attempt 2 to us. Ignored as a duplicate, the
+    dispatcher would hold it assigned to us for ever, one slot fewer each time: the
+    swarm stalls. It runs once; a redelivery of an attempt we ran is a duplicate."""
+    s = make(max_tasks=1, dispatch="dispatcher")
+    (first,) = inbox(s, "assignment", "a")
+    s.finish(first.entry, success=True)
+    s.on_ended(first.entry)
+    assert inbox(s, "revocation", "a", reason="holder_gone") == []  # over already
+    assert inbox(s, "assignment", "a") == []  # attempt 1 redelivered: a duplicate
+    (second,) = inbox(s, "assignment", "a", attempt=2)
+    assert isinstance(second, StartTask)
+    assert (second.entry.task_id, second.attempt) == ("a", 2)
+    assert s.free_slots() == 0
+    assert inbox(s, "assignment", "a", attempt=2) == []
+    s.finish(second.entry, success=True)
+    s.on_ended(second.entry)
+    assert s.free_slots() == 1
+    assert inbox(s, "assignment", "a", attempt=2) == []
+    assert inbox(s, "assignment", "a", attempt=1) == []
+
+
 def test_dispatch_mode_a_revocation_fences_the_run_and_a_cancel_stops_it() -> None:
     s = make(dispatch="dispatcher")
     (a,) = inbox(s, "assignment", "a")

@@ -114,6 +114,8 @@ class Agent:
         self._tasks_nursery: trio.Nursery | None = None
         self._early_starts: list[StartTask] = []
         self._dispatcher_known = trio.Event()
+        #: the client's connection count when we last said online (None: not counted)
+        self._connections: object = None
         self._idle = trio.Event()
         #: the claim store did not answer: no new claims until it does (no fallback)
         self._store_down = False
@@ -250,6 +252,7 @@ class Agent:
     # ------------------------------------------------------------ presence
     async def _announce(self) -> None:
         m = self.messages
+        self._connections = self.client.statistics().get("connections")
         await self._publish(
             self.topics.agent_status(self.agent_id), m.status("online"), retain=True
         )
@@ -264,6 +267,7 @@ class Agent:
         while True:
             await trio.sleep_until(next_beat)
             next_beat += interval
+            await self._online_again()
             await self._beat(self.config.max_tasks if self.scheduler.accepting else 0)
             if self.store is not None:
                 await self._renew_holds()
@@ -287,6 +291,22 @@ class Agent:
                 return
             for command in self.scheduler.on_hold_lost(task_id, attempt):
                 await self._carry_out(command)
+
+    async def _online_again(self) -> None:
+        """After a reconnect, our retained status online again: our will may have gone
+        out meanwhile (mosquitto publishes every client's will as it stops, so after a
+        broker's restart every agent's retained status said offline)."""
+        connections = self.client.statistics().get("connections")
+        if connections == self._connections:
+            return
+        self._connections = connections
+        self._log(logging.INFO, "reconnected: online again")
+        await self._publish(
+            self.topics.agent_status(self.agent_id),
+            self.messages.status("online"),
+            retain=True,
+            wait_ack=False,
+        )
 
     async def _beat(self, capacity: int) -> None:
         s = self.scheduler

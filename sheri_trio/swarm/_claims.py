@@ -71,6 +71,11 @@ class ClaimBook:
         while len(self._finished) > self._finished_limit:
             self._finished.popitem(last=False)
 
+    def reopen(self, task_id: str) -> None:
+        """``task_id`` is not finished after all (dispatch mode: our outcome was fenced
+        off and the dispatcher assigned us a newer attempt)."""
+        self._finished.pop(task_id, None)
+
     def is_finished(self, task_id: str) -> bool:
         return task_id in self._finished
 

@@ -138,6 +138,9 @@ class Job:
     since: float = 0.0  # when it was assigned (or read at election): its lease's start
     cancel: bool = False  # a cancel was forwarded to the holder
     pending: bool = False  # its retained pending marker is out (nobody online could take it)
+    #: we wrote its record again while it was held (a stale message): ours may have
+    #: landed over the holder's own, so its accepted outcome gets our final record
+    rewritten: bool = False
 
     @property
     def task_id(self) -> str:
@@ -530,6 +533,7 @@ class Dispatcher:
 
     def _assign(self, job: Job, agent_id: str, now: float) -> list[DispatchCommand]:
         job.state, job.agent_id, job.since = RecordState.ASSIGNED, agent_id, now
+        job.rewritten = False
         self._hold(agent_id, job)
         cleared: list[DispatchCommand] = []
         if job.pending:  # someone could take it after all
@@ -671,6 +675,8 @@ class Dispatcher:
                 state = RecordState.FAILED
         self._finish(task_id, state, job.attempt, job.task)
         self.counters["completed" if outcome.success else "failed"] += 1
+        if job.rewritten:  # our record may be over the holder's final one
+            return self._reassert(task_id)
         return []
 
     def on_released(self, claim: Claim) -> list[DispatchCommand]:
@@ -852,6 +858,7 @@ class Dispatcher:
         if job is not None:
             if job.state is RecordState.QUEUED:
                 return [WriteRecord(task_id, job.state, job.attempt, None, job.task)]
+            job.rewritten = True
             return [WriteRecord(task_id, job.state, job.attempt, job.agent_id, job.task)]
         final = self.finished.get(task_id)
         if final is not None:

@@ -147,8 +147,15 @@ class DispatcherShell:
             t.agents_shutdown,
             t.agents_status_all,
         )
-        # no_local: our own tasks/failed would only come back as an echo
-        async with self.client.subscribe(*filters, qos=1, no_local=True) as messages:
+        # no_local: our own tasks/failed would only come back as an echo.
+        # retain_handling=1: the retained statuses only with a new subscription. On a
+        # resumed session its queue has every status since the last term, and the
+        # broker sends the retained copies after that queue: stale news then, which
+        # took over tasks given since (mosquitto publishes every client's will as it
+        # stops: after a restart each agent's status is its will until it says online).
+        async with self.client.subscribe(
+            *filters, qos=1, no_local=True, retain_handling=1
+        ) as messages:
             # online once subscribed: from then on nothing published is missed
             status = self.messages.dispatch_status(self.epoch, "online")
             online = encode(self.me, self.role, status)
@@ -578,13 +585,15 @@ class Candidate:
                     if self._work.cancelled_caught:
                         end, detail = TermEnd.STOPPED, "the agent leaves"
                 except (MQTTError, trio.TooSlowError) as exc:
-                    cause = _cause(exc)
-                    if isinstance(cause, SessionTakenOver):
-                        end, detail = TermEnd.TAKEN_OVER, str(cause)
-                    elif isinstance(exc, ClientClosed):
-                        end, detail = TermEnd.LOST, str(exc)
-                    else:
-                        detail = str(exc) or "the task records were not read in time"
+                    end, detail = _ended_by(exc)
+                except BaseExceptionGroup as group:
+                    # the error from one of the term's nurseries (the connection lost
+                    # while the decider published): else open_client's exit would
+                    # collapse it to the ClientClosed, seen as a failed connection
+                    leaf = _one_error(group)
+                    if leaf is None:
+                        raise
+                    end, detail = _ended_by(leaf)
                 finally:
                     self._work = None
                     # our online status of this term is stale from now on
@@ -639,6 +648,34 @@ class Candidate:
                 )
             except MQTTError:
                 pass  # the will says it
+
+
+def _ended_by(exc: BaseException) -> tuple[TermEnd, str]:
+    """Why a term ended, from the error that ended it."""
+    cause = _cause(exc)
+    if isinstance(cause, SessionTakenOver):
+        return TermEnd.TAKEN_OVER, str(cause)
+    if isinstance(exc, ClientClosed):
+        return TermEnd.LOST, str(exc)
+    return TermEnd.FAILED, str(exc) or "the task records were not read in time"
+
+
+def _one_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first MQTT error or timeout of ``group`` if that is all it holds (besides
+    cancellations), else None."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    if leaves and all(isinstance(e, (MQTTError, trio.TooSlowError)) for e in leaves):
+        return leaves[0]
+    return None
 
 
 def _cause(exc: BaseException) -> BaseException:

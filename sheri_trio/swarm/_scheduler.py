@@ -281,6 +281,9 @@ Command = (
 
 #: the most tasks nobody online may take that an agent remembers (for their cancel)
 UNSERVED_LIMIT = 10_000
+#: dispatch mode: how many finished tasks' attempts an agent remembers (as the ClaimBook
+#: its finished tasks)
+FINISHED_ATTEMPTS = 100_000
 
 
 class Scheduler:
@@ -303,6 +306,9 @@ class Scheduler:
         #: assignments wait here, so one revoked later in the backlog never starts
         self.draining: str | None = None
         self._held: dict[str, Entry] = {}
+        #: dispatch mode: the attempt each task we finished ran as (oldest forgotten
+        #: first), so a newer attempt's assignment is told from a duplicate
+        self._finished_attempts: OrderedDict[str, int] = OrderedDict()
         #: the dispatcher we follow (``dispatch/status``): agent id and epoch
         self.dispatcher: tuple[str, int] | None = None
         self.entries: dict[str, Entry] = {}
@@ -513,7 +519,13 @@ class Scheduler:
     def _on_assignment(self, env: Envelope, task: dict[str, Any], attempt: int) -> list[Command]:
         task_id = task["task_id"]
         if self.book.is_finished(task_id):
-            return []  # a duplicate of one we finished
+            if attempt <= self._finished_attempts.get(task_id, attempt):
+                return []  # a duplicate of one we finished
+            # A newer attempt of a task we finished: the dispatcher took it from us (we
+            # looked gone: our will, e.g. at a broker's restart) and fenced our outcome
+            # off. Ignored, it would stay assigned to us for ever, holding a slot.
+            log_event(logging.INFO, "assigned again after our outcome", self.me, task_id=task_id)
+            self.book.reopen(task_id)
         known = self.entries.get(task_id)
         if known is not None and known.attempt >= attempt:
             return []  # a duplicate (the dispatcher sends again after a hand-over)
@@ -881,6 +893,12 @@ class Scheduler:
         self.counters["completed" if success else "failed"] += 1
         self.divergence.finished(entry.task_id, entry.attempt)
         self.book.mark_finished(entry.task_id, success)
+        if self.dispatched:
+            done = self._finished_attempts
+            done[entry.task_id] = entry.attempt
+            done.move_to_end(entry.task_id)
+            while len(done) > FINISHED_ATTEMPTS:
+                done.popitem(last=False)
         self.queue.discard(entry.task_id)
         return [ClearPending(entry.task_id)] if entry.marker else []
 
