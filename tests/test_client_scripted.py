@@ -508,6 +508,34 @@ async def test_max_reconnect_attempts_then_the_client_stops(
             await client.publish("t/x", b"late")
 
 
+async def test_a_waited_publish_hears_at_once_that_the_client_stopped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Taken over (DISCONNECT 0x8E) without reconnecting: a publish waiting for its PUBACK
+    gets ClientClosed then, not AckTimeout ack_timeout later (a dispatcher's term that was
+    taken over hung 10 s so)."""
+    broker = ScriptedBroker()
+    async with connected(broker, ack_timeout=10, reconnect=False, keep_alive=0) as (client, conn):
+        errors: list[BaseException] = []
+
+        async def publish() -> None:
+            try:
+                await client.publish("t/p", b"x", qos=1)
+            except ClientClosed as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish)
+            await conn.expect(mqtt5.PublishPacket)
+            start = trio.current_time()
+            await conn.send(
+                mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER)
+            )
+        assert trio.current_time() - start < 1
+        (error,) = errors
+        assert "before the PUBACK came" in str(error)
+
+
 # ------------------------------------------------------------------------ close
 async def test_close_waits_close_timeout_for_unacknowledged_publishes(
     autojump_clock: trio.testing.MockClock,

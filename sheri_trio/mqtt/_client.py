@@ -89,6 +89,9 @@ class MQTTClient:
         self._sending = False  # the writer is in send_all
         self._space = trio.lowlevel.ParkingLot()
         self._requests: dict[int, tuple[trio.Event, list[Any]]] = {}
+        #: the publishes waiting for their PUBACK: told ClientClosed when the client stops
+        #: (else they would wait out ack_timeout for an answer that cannot come)
+        self._publish_waiters: dict[trio.Event, list[BaseException]] = {}
         self._router = Router(options.orphan_buffer)
         self._next_sub_id = random.randint(1, 1 << 26)
         self._connected_event = trio.Event()
@@ -194,7 +197,14 @@ class MQTTClient:
             return None
         done = trio.Event()
         pub.waiter = done
-        await self._wait_ack(done, "PUBLISH", f"PUBLISH to {topic!r}", "PUBACK")
+        stopped: list[BaseException] = []
+        self._publish_waiters[done] = stopped
+        try:
+            await self._wait_ack(done, "PUBLISH", f"PUBLISH to {topic!r}", "PUBACK")
+        finally:
+            del self._publish_waiters[done]
+        if stopped and pub.reason_code is None:
+            raise stopped[0]
         code = pub.reason_code
         if code is not None and code >= 0x80:
             raise publish_refused(topic, code, pub.reason_string)
@@ -373,6 +383,7 @@ class MQTTClient:
             for event, slot in list(self._requests.values()):
                 slot.append(ClientClosed("client closed"))
                 event.set()
+            self._wake_publishers(ClientClosed("client closed before the PUBACK came"))
             if self._manager_scope is not None:
                 self._manager_scope.cancel()
 
@@ -415,8 +426,14 @@ class MQTTClient:
         for event, slot in list(self._requests.values()):
             slot.append(ClientClosed(f"client stopped: {exc}"))
             event.set()
+        self._wake_publishers(ClientClosed(f"client stopped before the PUBACK came: {exc}"))
         for sub in self._router.subs:
             sub.close()
+
+    def _wake_publishers(self, error: ClientClosed) -> None:
+        for event, slot in list(self._publish_waiters.items()):
+            slot.append(error)
+            event.set()
 
     async def _connect_and_serve(self, on_connected: Callable[[], None]) -> None:
         opts = self.options
