@@ -101,14 +101,18 @@ def _env() -> dict[str, str]:
 
 
 async def sheri(broker: MosquittoBroker, swarm: str, *args: str) -> tuple[int, str]:
-    """Run ``sheri ARGS --broker ... --swarm ...``: its exit code and its output."""
+    """Run ``sheri ARGS --broker ... --swarm ...``: its exit code and its output. The
+    credentials go in the environment, as docs/operations.md says (on the command line
+    the CLI warns that ``ps`` shows them)."""
+    url = broker.url("mqtt", credentials=False)
+    env = {**_env(), "SHERI_USERNAME": broker.username, "SHERI_PASSWORD": broker.password}
     result = await trio.run_process(
-        [sys.executable, "-m", "sheri_trio", *args, "--broker", broker.tcp_url, "--swarm", swarm],
+        [sys.executable, "-m", "sheri_trio", *args, "--broker", url, "--swarm", swarm],
         capture_stdout=True,
         capture_stderr=True,
         stdin=subprocess.DEVNULL,
         check=False,
-        env=_env(),
+        env=env,
     )
     out = result.stdout.decode() + result.stderr.decode()
     return result.returncode, out
