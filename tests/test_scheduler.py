@@ -651,6 +651,21 @@ def test_dispatch_mode_the_backlog_is_read_before_anything_starts() -> None:
     assert s.free_slots() == 3
 
 
+def test_dispatch_mode_a_revocation_before_its_assignment_still_wins() -> None:
+    """A resumed session may get the revocation before the redelivered assignment it
+    revokes: that attempt never starts, in the backlog or after; the next one does."""
+    s = make(max_tasks=4, dispatch="dispatcher")
+    s.begin_drain("n1")
+    assert inbox(s, "revocation", "a", reason="holder_gone") == []
+    assert inbox(s, "assignment", "a") == []  # attempt 1, revoked already
+    starts = s.receive(T.agent_inbox("me"), env({"kind": "sync", "nonce": "n1"}), 0.0)
+    assert not [c for c in starts if isinstance(c, StartTask)]
+    assert inbox(s, "assignment", "a") == []  # redelivered again: still never
+    (second,) = inbox(s, "assignment", "a", attempt=2)
+    assert isinstance(second, StartTask)
+    assert (second.entry.task_id, second.attempt) == ("a", 2)
+
+
 def test_dispatch_mode_refuses_bad_inbox_messages_and_hands_back_while_leaving() -> None:
     s = make(dispatch="dispatcher")
     (report,) = s.receive(

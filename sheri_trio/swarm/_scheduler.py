@@ -309,6 +309,10 @@ class Scheduler:
         #: dispatch mode: the attempt each task we finished ran as (oldest forgotten
         #: first), so a newer attempt's assignment is told from a duplicate
         self._finished_attempts: OrderedDict[str, int] = OrderedDict()
+        #: dispatch mode: the highest attempt of each task revoked before we held it
+        #: (oldest forgotten first): the broker may hand a resumed session a revocation
+        #: before the redelivered assignment it revokes, which must then never start
+        self._revoked: OrderedDict[str, int] = OrderedDict()
         #: the dispatcher we follow (``dispatch/status``): agent id and epoch
         self.dispatcher: tuple[str, int] | None = None
         self.entries: dict[str, Entry] = {}
@@ -492,6 +496,12 @@ class Scheduler:
             entry = self.entries.get(task_id)
             if entry is not None and entry.phase is Phase.RUNNING and entry.attempt <= attempt:
                 return [self._stop(entry, StopReason.FENCED)]
+            if entry is None or entry.attempt < attempt:
+                revoked = self._revoked
+                revoked[task_id] = max(attempt, revoked.get(task_id, 0))
+                revoked.move_to_end(task_id)
+                while len(revoked) > FINISHED_ATTEMPTS:
+                    revoked.popitem(last=False)
             return []
         if kind == "cancel":
             held = self._held.pop(task_id, None)
@@ -518,6 +528,9 @@ class Scheduler:
 
     def _on_assignment(self, env: Envelope, task: dict[str, Any], attempt: int) -> list[Command]:
         task_id = task["task_id"]
+        if attempt <= self._revoked.get(task_id, 0):
+            log_event(logging.INFO, "revoked before it came", self.me, task_id=task_id)
+            return []  # its revocation came first: it never starts
         if self.book.is_finished(task_id):
             if attempt <= self._finished_attempts.get(task_id, attempt):
                 return []  # a duplicate of one we finished
