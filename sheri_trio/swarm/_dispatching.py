@@ -84,6 +84,12 @@ BATCH: Final = 1024
 ELECTION_DELAY: Final = (0.05, 0.5)
 #: after a term, the least wait before standing again (a taker says online meanwhile)
 HANDOVER_GRACE: Final = 0.25
+#: the dispatch connection's Will Delay Interval (s): a session taken over within it (the
+#: same client id, clean_start=False) never publishes the earlier connection's will
+#: (MQTT 5 §3.1.3.2.2), so a takeover does not say "offline" to every candidate (each of
+#: which would then stand again: 1,000 candidates starting at once kept taking the session
+#: from each other); a dispatcher that dies is declared offline this much later
+WILL_DELAY: Final = 2
 
 
 def dispatch_client_id(swarm: str) -> str:
@@ -393,6 +399,9 @@ class Candidate:
         self.status: dict[str, Any] | None = None
         #: the highest epoch seen
         self.epoch = 0
+        #: the highest epoch seen online: an offline status of an earlier term (its will,
+        #: come late) does not make the place vacant again
+        self.online_epoch = 0
         #: the epoch of the term in progress (an online status of ours with another epoch
         #: is from a term that is over, or from an earlier process of this agent: stale)
         self.my_epochs: set[int] = set()
@@ -430,6 +439,9 @@ class Candidate:
         if s is None:
             return "no dispatcher status"
         if s.get("status") != "online":
+            epoch = s.get("epoch")
+            if isinstance(epoch, int) and epoch < self.online_epoch:
+                return None  # the will of a term that a later one replaced
             return "dispatcher offline" + (f" ({s['agent_id']})" if s.get("agent_id") else "")
         if s.get("agent_id") == self.me and s.get("epoch") not in self.my_epochs:
             return "our own online status, of a term that is over"
@@ -454,6 +466,8 @@ class Candidate:
                 epoch = self.status.get("epoch")
                 if isinstance(epoch, int) and not isinstance(epoch, bool):
                     self.epoch = max(self.epoch, epoch)
+                    if self.status.get("status") == "online":
+                        self.online_epoch = max(self.online_epoch, epoch)
                     await self._check_second_leader(self.status, epoch)
             self._changed.set()
 
@@ -555,6 +569,7 @@ class Candidate:
             encode(c.agent_id, c.role, self.messages.dispatch_status(epoch, "offline")),
             qos=1,
             retain=True,
+            delay_interval=WILL_DELAY,
         )
         options: dict[str, Any] = {"keep_alive": c.keep_alive, **c.client_options}
         options["close_timeout"] = min(float(options.get("close_timeout", 5.0)), CLOSE_TIMEOUT)
