@@ -228,10 +228,12 @@ def latest_records(commands: list[DispatchCommand]) -> list[DispatchCommand]:
     it has its PUBACK, so the custody rule (recorded before acknowledged) still holds.
     Every other command stays, in order."""
     last: dict[str, int] = {}
+    records = 0
     for i, command in enumerate(commands):
         if isinstance(command, WriteRecord):
             last[command.task_id] = i
-    if len(last) == sum(isinstance(c, WriteRecord) for c in commands):
+            records += 1
+    if len(last) == records:
         return commands
     return [
         c for i, c in enumerate(commands) if not isinstance(c, WriteRecord) or last[c.task_id] == i
@@ -287,6 +289,9 @@ class Dispatcher:
         self._dirty: set[str] = set()
         #: whether the unserved-kinds check is due (presence or a new kind of task)
         self._served_check = True
+        #: jobs queued under a kind already unserved since the last check: they get their
+        #: pending marker then (a kind newly unserved has its whole queue walked once)
+        self._unmarked: list[Job] = []
         #: the first round's time: the check waits one heartbeat interval after it, so a
         #: new term hears the agents (each announces itself to a new dispatcher) before
         #: it calls a kind of task unserved
@@ -428,10 +433,10 @@ class Dispatcher:
         if status_of is not None:
             online = env.payload.get("status") == "online"
             role = _role(env)
-            self._touch(status_of)
-            if self.peers.observe(status_of, PresenceKind.STATUS, now, role=role, online=online):
-                return self._take_over_all(status_of)
-            return []
+            before = self._presence(status_of, now)
+            gone = self.peers.observe(status_of, PresenceKind.STATUS, now, role=role, online=online)
+            self._touched(status_of, before, now)
+            return self._take_over_all(status_of) if gone else []
         return []  # progress, broadcast, ...: nothing for the dispatcher
 
     def _bad_message(self, topic: str, exc: BadMessage, size: int) -> list[DispatchCommand]:
@@ -589,13 +594,11 @@ class Dispatcher:
             if served or not count:
                 self._unserved.discard(key)
                 continue
-            for _, seq, task_id in self._queues.get(key, ()):
-                job = self.jobs.get(task_id)
-                if job is not None and job.seq == seq and job.state is RecordState.QUEUED:
-                    if not job.pending:
-                        job.pending = True
-                        out.append(SendPending(task_id, job.task))
-            if key not in self._unserved:
+            if key not in self._unserved:  # newly unserved: its whole queue, once
+                for _, seq, task_id in self._queues.get(key, ()):
+                    job = self.jobs.get(task_id)
+                    if job is not None and job.seq == seq:
+                        out += self._mark_pending(job)
                 self._unserved.add(key)
                 roles, assigned_to = key
                 log_event(
@@ -606,7 +609,17 @@ class Dispatcher:
                     assigned_to=assigned_to,
                     queued=count,
                 )
+        for job in self._unmarked:  # queued since, under a kind still unserved
+            if job.key in self._unserved:
+                out += self._mark_pending(job)
+        self._unmarked.clear()
         return out
+
+    def _mark_pending(self, job: Job) -> list[DispatchCommand]:
+        if job.state is not RecordState.QUEUED or job.pending:
+            return []
+        job.pending = True
+        return [SendPending(job.task_id, job.task)]
 
     # ------------------------------------------------------------ holders
     def on_claim(self, claim: Claim, now: float) -> list[DispatchCommand]:
@@ -731,11 +744,11 @@ class Dispatcher:
         agent_id = env.agent_id or p.get("agent_id")
         if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id):
             raise BadMessage("presence without a valid 'agent_id'")
-        self._touch(agent_id)
+        before = self._presence(agent_id, now)
         if topic == t.agents_shutdown:
-            if self.peers.observe(agent_id, PresenceKind.LEFT, now):
-                return self._take_over_all(agent_id)
-            return []
+            gone = self.peers.observe(agent_id, PresenceKind.LEFT, now)
+            self._touched(agent_id, before, now)
+            return self._take_over_all(agent_id) if gone else []
         slots = p.get("max_tasks" if topic == t.agents_register else "capacity")
         max_tasks = (
             slots
@@ -743,6 +756,7 @@ class Dispatcher:
             else None
         )
         self.peers.observe(agent_id, PresenceKind.ALIVE, now, role=_role(env), max_tasks=max_tasks)
+        self._touched(agent_id, before, now)
         return []
 
     def check_leases(self, now: float) -> list[DispatchCommand]:
@@ -870,10 +884,22 @@ class Dispatcher:
         self._held.setdefault(agent_id, {})[job.task_id] = job
         self._dirty.add(agent_id)
 
-    def _touch(self, agent_id: str) -> None:
-        """``agent_id``'s presence changed: its slots are looked at in the next round."""
+    def _presence(self, agent_id: str, now: float) -> tuple[bool, str | None]:
+        """What makes ``agent_id`` serve a kind of task: alive (online, heard of within
+        ``lease_time``), and its role."""
+        peer = self.peers.get(agent_id)
+        if peer is None:
+            return False, None
+        return peer.online and now - peer.last_seen < self.lease_time, peer.role
+
+    def _touched(self, agent_id: str, before: tuple[bool, str | None], now: float) -> None:
+        """A presence message of ``agent_id``: its slots are looked at in the next round,
+        and the unserved kinds only if it came, went or changed role (not at every
+        heartbeat: with n agents that is n checks per interval; a lapse by time alone is
+        found at the lease check)."""
         self._dirty.add(agent_id)
-        self._served_check = True
+        if self._presence(agent_id, now) != before:
+            self._served_check = True
 
     def _release_slot(self, job: Job) -> None:
         if job.agent_id is not None:
@@ -903,7 +929,10 @@ class Dispatcher:
         key = job.key
         heapq.heappush(self._queues.setdefault(key, []), (job.spec.rank, job.seq, job.task_id))
         count = self._queued.get(key, 0)
-        if not count or key in self._unserved:
+        if key in self._unserved:
+            self._unmarked.append(job)  # its pending marker goes out at the next check
+            self._served_check = True
+        elif not count:
             self._served_check = True  # a kind of task newly waiting: is anyone there for it?
         self._queued[key] = count + 1
 
