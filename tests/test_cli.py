@@ -683,18 +683,28 @@ async def test_swarm_spreads_its_agents_over_processes_and_stops_them_all(
         os.kill(child, 0)
 
 
+@asynccontextmanager
+async def _two_general_processes(
+    broker: MosquittoBroker, tmp_path: Path, name: str
+) -> AsyncIterator[tuple[Output, str, int]]:
+    """``sheri swarm --agents 2 --roles general --processes 2``, both agents online: its
+    output, the swarm and the pid of agent process 1."""
+    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
+    swarm = _swarm(name)
+    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
+    async with sheri(
+        "swarm", "--agents", "2", "--roles", "general", "--processes", "2", *flags,
+        cwd=tmp_path,
+    ) as out:  # fmt: skip
+        child = await _processes_swarm(out, swarm, ["general-1", "general-2"])
+        yield out, swarm, child
+
+
 async def test_swarm_stops_when_one_of_its_processes_dies(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
-    swarm = _swarm("procdie")
-    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
     with trio.fail_after(40):
-        async with sheri(
-            "swarm", "--agents", "2", "--roles", "general", "--processes", "2", *flags,
-            cwd=tmp_path,
-        ) as out:  # fmt: skip
-            child = await _processes_swarm(out, swarm, ["general-1", "general-2"])
+        async with _two_general_processes(broker, tmp_path, "procdie") as (out, swarm, child):
             os.kill(child, signal.SIGKILL)
             assert await out.proc.wait() == 1
             await out.expect(  # the agent of this process left gracefully
@@ -709,15 +719,8 @@ async def test_swarm_stops_when_one_of_its_processes_dies(
 async def test_swarm_processes_do_not_outlive_a_killed_parent(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    (tmp_path / "sheri.toml").write_text(SHERI_TOML)
-    swarm = _swarm("orphan")
-    flags = ["--broker", broker.tcp_url, "--swarm", swarm]
     with trio.fail_after(40):
-        async with sheri(
-            "swarm", "--agents", "2", "--roles", "general", "--processes", "2", *flags,
-            cwd=tmp_path,
-        ) as out:  # fmt: skip
-            await _processes_swarm(out, swarm, ["general-1", "general-2"])
+        async with _two_general_processes(broker, tmp_path, "orphan") as (out, swarm, _):
             out.proc.kill()
             # the child had the parent's stderr: the pipe ends once it is gone too, after
             # leaving gracefully on the SIGTERM that the parent's death sent it
