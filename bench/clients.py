@@ -791,21 +791,16 @@ def run_memory(args: argparse.Namespace, url_text: str) -> dict[str, Any]:
     costs O(n^2) messages and memory.
     """
     import gc
-    import resource
 
     import trio
 
+    from bench.machine import raise_fd_limit
     from sheri_trio.executors import default_registry
     from sheri_trio.mqtt import open_client
     from sheri_trio.swarm import AgentConfig, run_agent
 
     counts = sorted({int(c) for c in args.counts.split(",")})
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = max(counts) + 64
-    if soft != resource.RLIM_INFINITY and soft < need:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
-    fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fd_limit = raise_fd_limit(max(counts) + 64)
     swarm = f"bench-mem-{new_tag()}"
     registry = default_registry()
     points: list[dict[str, Any]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -156,3 +157,13 @@ def tree_cpu_s(pid: int | None) -> float | None:
             total += cpu
         todo += children.get(p, [])
     return total
+
+
+def raise_fd_limit(need: int) -> int:
+    """Raise this process's open-file limit to ``need`` (at most the hard limit) if it is
+    lower; the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

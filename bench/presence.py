@@ -14,9 +14,7 @@ from its start to online.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import resource
 import time
 from typing import Any
 
@@ -26,15 +24,8 @@ from sheri_trio.executors import default_registry
 from sheri_trio.mqtt import open_client
 from sheri_trio.swarm import AgentConfig, Topics, run_agent
 
+from .machine import raise_fd_limit
 from .tasks import NINE_ROLES, SysCounter, dispatch_options
-
-
-def _raise_fd_limit(need: int) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < need:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 async def _clear_statuses(url: str, swarm: str, agent_ids: list[str]) -> None:
@@ -60,7 +51,7 @@ async def swarm_presence(
     start_timeout: float = 120.0,
 ) -> dict[str, Any]:
     swarm = f"bench-presence-{time.monotonic_ns() % 10**9}"
-    fd_limit = _raise_fd_limit(2 * agents + 64)
+    fd_limit = raise_fd_limit(2 * agents + 64)
     registry = default_registry()
     options = dispatch_options(dispatch)
     ids = [f"{swarm}-{i}" for i in range(agents)]
