@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -431,6 +432,37 @@ async def test_two_candidates_racing_one_dispatcher_the_other_follows(
             assert len(loser.terms) + len(winner.terms) <= 2  # no fight
             await submit_all(submitter, swarm, ["r2"])
             await tally.wait_for(lambda: tally.completed["r2"] == 1)
+            await stop_all(*candidates)
+            nursery.cancel_scope.cancel()
+
+
+async def test_candidates_of_one_process_stand_one_at_a_time(broker: MosquittoBroker) -> None:
+    """A cold start of many agents in one process (``sheri swarm``): every candidate finds
+    no status at once, and without a turn each would connect the dispatch session and take
+    it from the one before (an election storm: 1,890 takeovers at 1,000 agents). With the
+    process's turn exactly one term is started, and everyone follows it."""
+    swarm = "d-storm"
+    n = 20
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            follows = [
+                await stack.enter_async_context(open_client(broker.tcp_url)) for _ in range(n)
+            ]
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            candidates = [
+                Candidate(dispatcher_config(broker, f"s{i}", swarm), f, delay=(0.0, 0.0))
+                for i, f in enumerate(follows)
+            ]
+            for c in candidates:
+                nursery.start_soon(c.run)
+            async with follows[0].subscribe(f"{swarm}/dispatch/status") as statuses:
+                await wait_status(statuses, lambda s: s["status"] == "online")
+            for c in candidates:
+                await c._look_again()
+            dispatching = [c for c in candidates if c.dispatching]
+            assert len(dispatching) == 1
+            assert sum(len(c.terms) for c in candidates) == 0  # no term has ended: no takeover
+            assert all(c.vacancy() is None for c in candidates)
             await stop_all(*candidates)
             nursery.cancel_scope.cancel()
 

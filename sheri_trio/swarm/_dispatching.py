@@ -22,12 +22,13 @@ round trip per batch instead of one per record. What this gives up: a publish th
 
 :class:`Candidate` is the election: it follows the retained ``dispatch/status`` on the
 agent's connection; while it says offline (or nothing, or online from an earlier process
-of this very agent), it waits a short random delay, looks again (a marker round trip
-through its own subscription), and runs a term. The broker allows one connection per
-client id: a later candidate takes the session over (DISCONNECT 0x8E), and the one taken
-over steps down and follows again; it never reconnects to fight back. A term ends
-cleanly when the candidate is cancelled (the agent leaves): status offline, DISCONNECT,
-both within :data:`CLOSE_TIMEOUT`.
+of this very agent), it waits a short random delay, takes this process's turn (the
+candidates of one process stand one at a time, until the term says online), looks
+again (a marker round trip through its own subscription), and runs a term. The broker
+allows one connection per client id: a later candidate takes the session over
+(DISCONNECT 0x8E), and the one taken over steps down and follows again; it never
+reconnects to fight back. A term ends cleanly when the candidate is cancelled (the
+agent leaves): status offline, DISCONNECT, both within :data:`CLOSE_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import secrets
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
+from trio.lowlevel import RunVar
 
 from ..mqtt import (
     AckTimeout,
@@ -67,6 +69,8 @@ from ._scheduler import ClearPending, ReportError, SendCancelReply, SendFailed, 
 from ._startup import read_retained, startup_timeout
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..mqtt import Client, Message, Subscription
     from ._config import AgentConfig
     from ._dispatcher import DispatchCommand
@@ -90,6 +94,30 @@ HANDOVER_GRACE: Final = 0.25
 #: which would then stand again: 1,000 candidates starting at once kept taking the session
 #: from each other); a dispatcher that dies is declared offline this much later
 WILL_DELAY: Final = 2
+
+
+#: per trio run, one semaphore per (broker, swarm): the candidates of one process stand one
+#: at a time, from "vacant" until their term's status is online (or the term ended). A
+#: swarm started in one process (``sheri swarm``, hundreds of agents) would otherwise see
+#: every candidate find the place vacant at once and take the session from each other: an
+#: election storm that no random delay of a fixed length prevents at that size, because the
+#: broker's round trip grows with the load the start itself makes. Across processes the
+#: random delay still spreads them; at most one per process stands at once.
+_STANDING: RunVar[dict[tuple[str, str], trio.Semaphore]] = RunVar("sheri_trio_standing")
+
+
+def _standing_turn(config: AgentConfig) -> trio.Semaphore:
+    """This process's turn to stand for dispatcher of ``config.swarm`` on its broker."""
+    try:
+        table = _STANDING.get()
+    except LookupError:
+        table = {}
+        _STANDING.set(table)
+    key = (str(config.broker), config.swarm)
+    turn = table.get(key)
+    if turn is None:
+        turn = table[key] = trio.Semaphore(1)
+    return turn
 
 
 def dispatch_client_id(swarm: str) -> str:
@@ -128,6 +156,8 @@ class DispatcherShell:
         self._marker = self.topics.sync_marker(self.me, "dispatch")
         self.batches = 0
         self.records_loaded = 0
+        #: called once the term's status is online (the candidate's turn ends then)
+        self.on_online: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ the term
     async def run(self) -> None:
@@ -166,6 +196,8 @@ class DispatcherShell:
             status = self.messages.dispatch_status(self.epoch, "online")
             online = encode(self.me, self.role, status)
             await self.client.publish(t.dispatch_status, online, qos=1, retain=True)
+            if self.on_online is not None:
+                self.on_online()
             await self._load_records()
             await self._carry_out_all(self.core.assignments(trio.current_time()))
             await self._confirm()
@@ -504,8 +536,14 @@ class Candidate:
             await self._wait_changed()
 
     async def _wait_changed(self) -> None:
-        await self._changed.wait()
-        self._changed = trio.Event()
+        """Wait for the next change. Several tasks may wait at once (the loop of
+        :meth:`_run` and a :meth:`_look_again` of a leader check or a caller): only the
+        first to wake replaces the event, else a later waker would drop a change that came
+        in between (the waiter of the new event would then sleep through it)."""
+        changed = self._changed
+        await changed.wait()
+        if self._changed is changed:
+            self._changed = trio.Event()
 
     # ------------------------------------------------------------------ running
     async def run(
@@ -531,15 +569,31 @@ class Candidate:
                 nursery.start_soon(self._follow, statuses)
                 await self._look_again()  # the retained status, if there is one
                 task_status.started(self)
+                turn = _standing_turn(self.config)
                 while not self._stopping.is_set():
                     while self.vacancy() is None:
                         await self._wait_changed()
                     await trio.sleep(random.uniform(*self.delay))
-                    await self._look_again()
-                    why = self.vacancy()
-                    if why is None:
-                        continue
-                    end = await self._term(why)
+                    await turn.acquire()
+                    released = False
+
+                    def release() -> None:
+                        nonlocal released
+                        if not released:
+                            released = True
+                            turn.release()
+
+                    try:
+                        # a sibling's term may have said online while we waited our turn
+                        if self.vacancy() is None:
+                            continue
+                        await self._look_again()
+                        why = self.vacancy()
+                        if why is None:
+                            continue
+                        end = await self._term(why, on_online=release)
+                    finally:
+                        release()
                     if self._stopping.is_set():
                         break
                     # A lost connection may have been a takeover (mosquitto 2.0 often
@@ -559,7 +613,7 @@ class Candidate:
         elif self._scope is not None:
             self._scope.cancel()
 
-    async def _term(self, why: str) -> TermEnd:
+    async def _term(self, why: str, *, on_online: Callable[[], None] | None = None) -> TermEnd:
         """Connect the dispatch session and serve until it ends."""
         c = self.config
         epoch = self.epoch + 1
@@ -590,6 +644,7 @@ class Candidate:
                 **options,
             ) as dclient:
                 shell = self.shell = DispatcherShell(c, dclient, self.client, epoch)
+                shell.on_online = on_online
                 try:
                     with trio.CancelScope() as self._work:
                         if self._stopping.is_set():
