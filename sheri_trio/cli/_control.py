@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import trio
 from cyclopts import Parameter
@@ -23,6 +23,12 @@ from ._broker import BROKER_DEFAULTS, BrokerArgs
 from ._errors import UsageError
 from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, say, short
 
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ..mqtt import Client
+    from ._broker import BrokerLink
+
 #: exit codes: 0 done, 1 already finished (or not confirmed), 2 unknown task
 CANCEL_EXITS: Final = {
     CancelOutcome.CANCELLED: EXIT_OK,
@@ -39,6 +45,12 @@ RETRY_EXITS: Final = {
 }
 
 
+TimeoutOpt = Annotated[
+    float, Parameter(name="--timeout", help="Seconds to wait for the confirmation.")
+]
+JsonOpt = Annotated[bool, Parameter(name="--json", help="Print the outcome as one JSON object.")]
+
+
 def _check(task_id: str, seconds: float) -> None:
     if not TASK_ID_RE.fullmatch(task_id):
         raise UsageError(
@@ -49,6 +61,15 @@ def _check(task_id: str, seconds: float) -> None:
         raise UsageError(f"--timeout: must be a positive number of seconds, got {seconds:g}")
 
 
+async def _ask(
+    link: BrokerLink, kind: str, seconds: float, request: Callable[[Client], Awaitable[object]]
+) -> None:
+    """``request`` over a client of the CLI's own, for at most ``seconds``."""
+    async with link.client(kind) as client:
+        with trio.move_on_after(seconds):
+            await request(client)
+
+
 def _show(report: dict[str, Any], detail: str, json_line: bool) -> None:
     say(json.dumps(report, separators=(",", ":")) if json_line else detail)
 
@@ -57,12 +78,8 @@ async def cancel_cmd(
     task_id: Annotated[str, Parameter(help="The task to cancel.")],
     /,
     *,
-    seconds: Annotated[
-        float, Parameter(name="--timeout", help="Seconds to wait for the confirmation.")
-    ] = 10.0,
-    json_line: Annotated[
-        bool, Parameter(name="--json", help="Print the outcome as one JSON object.")
-    ] = False,
+    seconds: TimeoutOpt = 10.0,
+    json_line: JsonOpt = False,
     where: BrokerArgs = BROKER_DEFAULTS,
 ) -> int:
     """Cancel a task: a running one is stopped, a queued one never starts.
@@ -73,9 +90,7 @@ async def cancel_cmd(
     _check(task_id, seconds)
     link = where.link()
     tracker = CancelTracker(link.topics, task_id)
-    async with link.client("cancel") as client:
-        with trio.move_on_after(seconds):
-            await request_cancel(client, tracker)
+    await _ask(link, "cancel", seconds, lambda client: request_cancel(client, tracker))
     report = tracker.outcome(seconds)
     _show(report.to_json(), report.detail, json_line)
     return CANCEL_EXITS[report.outcome]
@@ -85,12 +100,8 @@ async def retry_cmd(
     task_id: Annotated[str, Parameter(help="The failed task to run again.")],
     /,
     *,
-    seconds: Annotated[
-        float, Parameter(name="--timeout", help="Seconds to wait for the confirmation.")
-    ] = 10.0,
-    json_line: Annotated[
-        bool, Parameter(name="--json", help="Print the outcome as one JSON object.")
-    ] = False,
+    seconds: TimeoutOpt = 10.0,
+    json_line: JsonOpt = False,
     where: BrokerArgs = BROKER_DEFAULTS,
 ) -> int:
     """Submit a failed task again, as TASK_ID.retry-N (retry_of: TASK_ID), from the
@@ -103,9 +114,7 @@ async def retry_cmd(
     _check(task_id, seconds)
     link = where.link()
     report = RetryReport(task_id)
-    async with link.client("retry") as client:
-        with trio.move_on_after(seconds):
-            await request_retry(client, link.topics, report)
+    await _ask(link, "retry", seconds, lambda client: request_retry(client, link.topics, report))
     detail = report.detail
     if report.outcome is RetryOutcome.NO_ANSWER:
         detail += f" within {seconds:g} s"
