@@ -29,10 +29,13 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 from . import machine
 from .summary import DESIGN_CARD_MIN, ROWS, derive
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
@@ -539,6 +542,21 @@ def retained(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
     return run("retained", url, *argv, timeout=900)
 
 
+#: the sections that take the broker's TCP URL, in the order they run (after throughput
+#: and latency, which take every URL)
+ON_THE_BROKER: Final[dict[str, Callable[[Runner, Settings, str, Any], dict[str, Any]]]] = {
+    "tasks": tasks,
+    "scale": scale,
+    "capacity": capacity,
+    "peers": peers,
+    "memory": memory,
+    "startup": startup,
+    "presence": presence,
+    "retained": retained,
+    "dashboard": dashboard,
+}
+
+
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
@@ -738,24 +756,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["throughput"] = throughput(run, s, urls, step)
             if "latency" in sections:
                 results["latency"] = latency(run, s, urls, nagle_url, step)
-            if "tasks" in sections:
-                results["tasks"] = tasks(run, s, urls["tcp"], step)
-            if "scale" in sections:
-                results["scale"] = scale(run, s, urls["tcp"], step)
-            if "capacity" in sections:
-                results["capacity"] = capacity(run, s, urls["tcp"], step)
-            if "peers" in sections:
-                results["peers"] = peers(run, s, urls["tcp"], step)
-            if "memory" in sections:
-                results["memory"] = memory(run, s, urls["tcp"], step)
-            if "startup" in sections:
-                results["startup"] = startup(run, s, urls["tcp"], step)
-            if "presence" in sections:
-                results["presence"] = presence(run, s, urls["tcp"], step)
-            if "retained" in sections:
-                results["retained"] = retained(run, s, urls["tcp"], step)
-            if "dashboard" in sections:
-                results["dashboard"] = dashboard(run, s, urls["tcp"], step)
+            for name, section in ON_THE_BROKER.items():
+                if name in sections:
+                    results[name] = section(run, s, urls["tcp"], step)
             progress.advance(bar)
             progress.update(bar, description="done")
     finally:

@@ -5,12 +5,14 @@
 own: free ports picked at the first start (and kept by :meth:`Launcher.restart`), a
 generated configuration file, an optional ``trustme`` CA with a server certificate for
 ``localhost`` and ``127.0.0.1``, a wait until the server is ready (or its exit, with the
-tail of its log), stop / kill / restart and the context manager. A subclass says which
+tail of its log), stop / kill / restart and the context manager (:class:`StartStop`, which
+:class:`~sheri_trio._mosquitto.BridgedBrokers` uses too). A subclass says which
 program, which ports, what configuration and what "ready" means.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import shutil
@@ -28,7 +30,15 @@ if TYPE_CHECKING:
 
     import trustme
 
-__all__ = ["HOST", "TLS_HOST", "ExitedEarly", "Launcher", "find_executable", "free_ports"]
+__all__ = [
+    "HOST",
+    "TLS_HOST",
+    "ExitedEarly",
+    "Launcher",
+    "StartStop",
+    "find_executable",
+    "free_ports",
+]
 
 HOST: Final = "127.0.0.1"
 """The address every launched server listens on."""
@@ -88,7 +98,29 @@ class ExitedEarly(RuntimeError):
     """The server exited during start-up (often: a port was taken)."""
 
 
-class Launcher(Generic[P]):
+class StartStop(abc.ABC):
+    """A ``with`` block around :meth:`start` and :meth:`stop`."""
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Launcher(StartStop, Generic[P]):
     """A private server process in *workdir*: ``<name>.conf`` (its configuration),
     ``<name>.log`` (its log), ``<name>.stderr.log`` (its output) and, with *tls*,
     ``ca.pem``, ``server.pem`` and ``server.key``.
@@ -198,18 +230,6 @@ class Launcher(Generic[P]):
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- TLS -------------------------------------------------------------
 

@@ -37,14 +37,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Final, Literal, Self
+from typing import TYPE_CHECKING, ClassVar, Final, Literal
 from urllib.parse import quote
 
-from ._launcher import HOST, ExitedEarly, Launcher, find_executable, free_ports
+from ._launcher import HOST, ExitedEarly, Launcher, StartStop, find_executable, free_ports
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import TracebackType
 
 __all__ = ["BridgedBrokers", "MosquittoBroker", "Scheme", "bridge_config"]
 
@@ -314,7 +313,7 @@ def bridge_config(
     )
 
 
-class BridgedBrokers:
+class BridgedBrokers(StartStop):
     """Two private mosquittos, :attr:`second` bridged to :attr:`first` on *topic*.
 
     :meth:`start` returns once a message crosses the bridge both ways (published on one
@@ -395,18 +394,6 @@ class BridgedBrokers:
         if self.topic.endswith("/#"):
             return f"{self.topic[:-2]}/{probe}"
         return self.topic  # a topic without wildcard: the probe uses it as it is
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<BridgedBrokers {self.first!r} <-> {self._second!r} topic={self.topic!r}>"

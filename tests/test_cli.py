@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from sheri_trio.mqtt import Message, open_client
 from sheri_trio.swarm import AgentConfig, encode, run_agent
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterator, Sequence
     from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
@@ -577,6 +577,25 @@ def _frozen_toml(**agent: float) -> str:
     )
 
 
+@contextmanager
+def _frozen(broker: MosquittoBroker, pattern: str) -> Iterator[list[str]]:
+    """The ``sheri`` command that freezes ``broker`` (SIGSTOP) once it logs a line matching
+    ``pattern``; the broker runs again (SIGCONT) when the block ends."""
+    pid = broker.pid
+    assert pid is not None
+    try:
+        yield freezing_sheri(pid, pattern)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def _stopped_by_sigterm(out: Output) -> float:
+    """SIGTERM, and the seconds until the process exited (with 0)."""
+    began = trio.current_time()
+    assert await stop(out, signal.SIGTERM) == 0
+    return trio.current_time() - began
+
+
 def _error_line(text: str) -> str:
     errors = [line for line in text.splitlines() if line.startswith("sheri: error:")]
     assert len(errors) == 1, text
@@ -587,24 +606,19 @@ async def test_agent_start_up_on_a_frozen_broker_fails_naming_the_step(
     fresh_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     """The issue's case: connected, then the broker answers nothing (SIGSTOP after CONNACK)."""
-    pid = fresh_broker.pid
-    assert pid is not None
     (tmp_path / "sheri.toml").write_text(_frozen_toml())
     flags = ["--broker", fresh_broker.tcp_url, "--swarm", _swarm("frozen")]
-    command = freezing_sheri(pid, r"^connected to .* as 'cold-01'")
-    try:
-        with trio.fail_after(30):
-            async with sheri(
-                "agent", "--role", "monitoring", "--agent-id", "cold-01", *flags,
-                cwd=tmp_path, command=command,
-            ) as out:  # fmt: skip
-                await out.expect(r"froze broker")
-                await out.expect(r"info: start-up: subscribe agent=cold-01 timeout=1$")
-                began = trio.current_time()
-                assert await out.proc.wait() == 1
-                took = trio.current_time() - began
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    connected = r"^connected to .* as 'cold-01'"
+    with _frozen(fresh_broker, connected) as command, trio.fail_after(30):
+        async with sheri(
+            "agent", "--role", "monitoring", "--agent-id", "cold-01", *flags,
+            cwd=tmp_path, command=command,
+        ) as out:  # fmt: skip
+            await out.expect(r"froze broker")
+            await out.expect(r"info: start-up: subscribe agent=cold-01 timeout=1$")
+            began = trio.current_time()
+            assert await out.proc.wait() == 1
+            took = trio.current_time() - began
     error = _error_line(out.text)
     assert error.startswith(
         "sheri: error: agent cold-01: start-up step 'subscribe' did not finish within 1 s "
@@ -620,23 +634,16 @@ async def test_agent_start_up_on_a_frozen_broker_fails_naming_the_step(
 async def test_sigterm_during_start_up_stops_the_agent_within_the_grace_period(
     fresh_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    pid = fresh_broker.pid
-    assert pid is not None
     (tmp_path / "sheri.toml").write_text(_frozen_toml(startup_timeout=60))
     flags = ["--broker", fresh_broker.tcp_url, "--swarm", _swarm("frozen")]
-    command = freezing_sheri(pid, r"^connected to .* as 'cold-02'")
-    try:
-        with trio.fail_after(30):
-            async with sheri(
-                "agent", "--agent-id", "cold-02", *flags, cwd=tmp_path, command=command
-            ) as out:
-                await out.expect(r"froze broker")
-                await out.expect(r"info: start-up: subscribe agent=cold-02 timeout=60$")
-                began = trio.current_time()
-                assert await stop(out, signal.SIGTERM) == 0
-                took = trio.current_time() - began
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    connected = r"^connected to .* as 'cold-02'"
+    with _frozen(fresh_broker, connected) as command, trio.fail_after(30):
+        async with sheri(
+            "agent", "--agent-id", "cold-02", *flags, cwd=tmp_path, command=command
+        ) as out:
+            await out.expect(r"froze broker")
+            await out.expect(r"info: start-up: subscribe agent=cold-02 timeout=60$")
+            took = await _stopped_by_sigterm(out)
     assert took <= 2.0, took  # grace_period
     await out.expect(r"SIGTERM: shutting down gracefully")
     await out.expect(r"start-up interrupted: nothing to release agent=cold-02 step=subscribe$")
@@ -741,18 +748,13 @@ async def test_swarm_start_up_on_a_frozen_broker_fails_or_stops_on_sigterm(
     fresh_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     """Frozen once the first probe is connected: every agent is in its probe."""
-    pid = fresh_broker.pid
-    assert pid is not None
     swarm = _swarm("frozen")
     flags = ["--agents", "3", "--broker", fresh_broker.tcp_url, "--swarm", swarm]
     labels = ["general-1", "deployment-1", "testing-1"]
-    command = freezing_sheri(pid, r"^connected to .* as '[^']*\.probe\.")
+    probing = r"^connected to .* as '[^']*\.probe\."
     (tmp_path / "sheri.toml").write_text(_frozen_toml())
-    try:
-        with trio.fail_after(30):
-            failed = await sheri_run("swarm", *flags, cwd=tmp_path, command=command)
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    with _frozen(fresh_broker, probing) as command, trio.fail_after(30):
+        failed = await sheri_run("swarm", *flags, cwd=tmp_path, command=command)
     err = failed.stderr.decode()
     assert failed.returncode == 1, err
     assert re.match(
@@ -769,17 +771,12 @@ async def test_swarm_start_up_on_a_frozen_broker_fails_or_stops_on_sigterm(
     assert "Traceback" not in err
 
     (tmp_path / "sheri.toml").write_text(_frozen_toml(startup_timeout=60))
-    try:
-        with trio.fail_after(30):
-            async with sheri("swarm", *flags, cwd=tmp_path, command=command) as out:
-                await out.expect(r"froze broker")
-                for label in labels:
-                    await out.expect(rf"^\[{label}\] .* start-up: probe agent={swarm}-{label} ")
-                began = trio.current_time()
-                assert await stop(out, signal.SIGTERM) == 0
-                took = trio.current_time() - began
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    with _frozen(fresh_broker, probing) as command, trio.fail_after(30):
+        async with sheri("swarm", *flags, cwd=tmp_path, command=command) as out:
+            await out.expect(r"froze broker")
+            for label in labels:
+                await out.expect(rf"^\[{label}\] .* start-up: probe agent={swarm}-{label} ")
+            took = await _stopped_by_sigterm(out)
     assert took <= 2.0, took  # grace_period
     for label in labels:
         await out.expect(rf"^\[{label}\] .*start-up interrupted: .* step=probe$")
@@ -802,19 +799,14 @@ async def test_swarm_start_up_on_a_frozen_broker_fails_or_stops_on_sigterm(
 async def test_cli_waits_on_a_frozen_broker_are_bounded_and_say_what_they_waited_for(
     fresh_broker: MosquittoBroker, tmp_path: Path, args: tuple[str, ...], waiting_for: str
 ) -> None:
-    pid = fresh_broker.pid
-    assert pid is not None
     (tmp_path / "sheri.toml").write_text(_frozen_toml())
     swarm = _swarm("frozen")
-    command = freezing_sheri(pid, r"^connected to .* as 'sheri-(submit|tasks|monitor)-")
-    try:
-        with trio.fail_after(30):
-            result = await sheri_run(
-                *args, "--broker", fresh_broker.tcp_url, "--swarm", swarm,
-                cwd=tmp_path, command=command,
-            )  # fmt: skip
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    connected = r"^connected to .* as 'sheri-(submit|tasks|monitor)-"
+    with _frozen(fresh_broker, connected) as command, trio.fail_after(30):
+        result = await sheri_run(
+            *args, "--broker", fresh_broker.tcp_url, "--swarm", swarm,
+            cwd=tmp_path, command=command,
+        )  # fmt: skip
     err = result.stderr.decode()
     assert result.returncode == 1, err
     assert "froze broker" in err

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 import test_cli
 import trio
-from store_helpers import create_database, drop_database, free_port, pg_url, require_postgres
+from store_helpers import free_port, pg_url, throwaway_database
 from test_cli import _swarm, agent, sheri, sheri_run, stop
 
 from sheri_trio.cli._submit import _stored_elsewhere
@@ -45,12 +45,8 @@ def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture
 def pg_database() -> Iterator[str]:
-    require_postgres()
-    name = create_database()
-    try:
+    with throwaway_database() as name:
         yield name
-    finally:
-        drop_database(name)
 
 
 def _errors(result_stderr: bytes) -> list[str]:

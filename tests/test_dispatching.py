@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -38,6 +39,8 @@ from sheri_trio.swarm import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from sheri_trio.mqtt import Client
     from sheri_trio.testing import MosquittoBroker
 
@@ -244,6 +247,50 @@ async def stop_all(*candidates: Candidate) -> None:
         await c.stopped.wait()
 
 
+@dataclass
+class Scene:
+    """A swarm of scripted agents on ``broker``: a follower connection (for candidates),
+    a submitter's, and the nursery they all run in."""
+
+    broker: MosquittoBroker
+    swarm: str
+    tally: Tally
+    follow: Client
+    submitter: Client
+    nursery: trio.Nursery
+
+    async def agent(self, agent_id: str, **options: Any) -> ScriptedAgent:
+        """A scripted agent, registered and subscribed to its inbox."""
+        agent = ScriptedAgent(self.broker, self.swarm, agent_id, self.tally, **options)
+        started: ScriptedAgent = await self.nursery.start(agent.run)
+        return started
+
+    async def dispatcher(self, agent_id: str = "d1") -> Candidate:
+        """A candidate on the follower connection, once the status names it online."""
+        config = dispatcher_config(self.broker, agent_id, self.swarm)
+        candidate = Candidate(config, self.follow, delay=ELECTION)
+        await elect(self.nursery, candidate, self.submitter)
+        return candidate
+
+    async def submit(self, ids: list[str]) -> None:
+        await submit_all(self.submitter, self.swarm, ids)
+
+    async def end(self, *candidates: Candidate) -> None:
+        """The candidates stop (their terms end cleanly), then everything else."""
+        await stop_all(*candidates)
+        self.nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def scene(broker: MosquittoBroker, swarm: str, tally: Tally) -> AsyncIterator[Scene]:
+    async with (
+        open_client(broker.tcp_url) as follow,
+        open_client(broker.tcp_url) as submitter,
+        trio.open_nursery() as nursery,
+    ):
+        yield Scene(broker, swarm, tally, follow, submitter, nursery)
+
+
 async def submit_all(client: Client, swarm: str, ids: list[str]) -> None:
     for task_id in ids:
         await client.publish(f"{swarm}/tasks/new", submission(task_id), qos=1, wait_ack=False)
@@ -277,35 +324,26 @@ async def test_each_submission_reaches_one_agent_within_its_capacity(
     tally = Tally()
     ids = [f"t{i}" for i in range(40)]
     with trio.fail_after(30):
-        async with (
-            open_client(broker.tcp_url) as follow,
-            open_client(broker.tcp_url) as submitter,
-            trio.open_nursery() as nursery,
-        ):
-            agents = [
-                await nursery.start(
-                    ScriptedAgent(broker, swarm, f"a{i}", tally, max_tasks=2, work=0.01).run
-                )
-                for i in range(2)
-            ]
-            async with follow.subscribe(f"{swarm}/dispatch/status") as statuses:
+        async with scene(broker, swarm, tally) as sc:
+            agents = [await sc.agent(f"a{i}", max_tasks=2, work=0.01) for i in range(2)]
+            async with sc.follow.subscribe(f"{swarm}/dispatch/status") as statuses:
                 candidate = Candidate(
-                    dispatcher_config(broker, "d1", swarm), follow, delay=ELECTION
+                    dispatcher_config(broker, "d1", swarm), sc.follow, delay=ELECTION
                 )
-                await nursery.start(candidate.run)
+                await sc.nursery.start(candidate.run)
                 status = await wait_status(statuses, lambda s: s["status"] == "online")
             assert status["agent_id"] == "d1"
             assert candidate.dispatching
-            await submit_all(submitter, swarm, ids)
+            await sc.submit(ids)
             # an invalid submission with a task id: failed once, by the dispatcher
-            async with submitter.subscribe(f"{swarm}/tasks/failed") as failed:
-                await submitter.publish(f"{swarm}/tasks/new", submission("bad", "no such"), qos=1)
+            async with sc.submitter.subscribe(f"{swarm}/tasks/failed") as failed:
+                bad = submission("bad", "no such")
+                await sc.submitter.publish(f"{swarm}/tasks/new", bad, qos=1)
                 outcome = decode_envelope((await failed.receive()).payload).payload
             assert outcome["task_id"] == "bad"
             assert outcome["reason"] == "invalid_task"
             await tally.wait_for(lambda: len(tally.completed) == len(ids))
-            await stop_all(candidate)
-            nursery.cancel_scope.cancel()
+            await sc.end(candidate)
     assert_each_once(tally, ids)
     assert all(a.max_running <= a.max_tasks for a in agents)
     assert all(a.max_running == a.max_tasks for a in agents)  # both were kept busy
@@ -319,26 +357,17 @@ async def test_300_tasks_over_5_agents_one_assignment_and_one_outcome_each(
     tally = Tally()
     ids = [f"t{i}" for i in range(300)]
     with trio.fail_after(60):
-        async with (
-            open_client(broker.tcp_url) as follow,
-            open_client(broker.tcp_url) as submitter,
-            trio.open_nursery() as nursery,
-        ):
-            agents = [
-                await nursery.start(ScriptedAgent(broker, swarm, f"a{i}", tally, max_tasks=4).run)
-                for i in range(5)
-            ]
-            candidate = Candidate(dispatcher_config(broker, "d1", swarm), follow, delay=ELECTION)
-            await elect(nursery, candidate, submitter)
-            await submit_all(submitter, swarm, ids)
+        async with scene(broker, swarm, tally) as sc:
+            agents = [await sc.agent(f"a{i}", max_tasks=4) for i in range(5)]
+            candidate = await sc.dispatcher()
+            await sc.submit(ids)
             await tally.wait_for(lambda: len(tally.completed) == len(ids))
             shell = candidate.shell
             assert shell is not None
             await eventually(lambda: shell.core.counters["completed"] == len(ids))
 
             stats = shell.core.statistics(trio.current_time())
-            await stop_all(candidate)
-            nursery.cancel_scope.cancel()
+            await sc.end(candidate)
     assert_each_once(tally, ids)
     assert all(a.max_running <= a.max_tasks for a in agents)
     assert all(a.seen for a in agents)  # everyone got work
@@ -354,26 +383,16 @@ async def test_a_killed_agent_s_tasks_are_revoked_and_reassigned_once(
     tally = Tally()
     ids = ["k1", "k2"]
     with trio.fail_after(30):
-        async with (
-            open_client(broker.tcp_url) as follow,
-            open_client(broker.tcp_url) as submitter,
-            trio.open_nursery() as nursery,
-        ):
-            victim = ScriptedAgent(
-                broker, swarm, "victim", tally, max_tasks=2, hold=True, reconnect=False
-            )
-            await nursery.start(victim.run)
-            candidate = Candidate(dispatcher_config(broker, "d1", swarm), follow, delay=ELECTION)
-            await elect(nursery, candidate, submitter)
-            await submit_all(submitter, swarm, ids)
+        async with scene(broker, swarm, tally) as sc:
+            victim = await sc.agent("victim", max_tasks=2, hold=True, reconnect=False)
+            candidate = await sc.dispatcher()
+            await sc.submit(ids)
             await tally.wait_for(lambda: sum(tally.assigned.values()) == 2)
-            survivor = ScriptedAgent(broker, swarm, "survivor", tally, max_tasks=2)
-            await nursery.start(survivor.run)
+            await sc.agent("survivor", max_tasks=2)
             assert victim.client is not None
             victim.client.abort_connection()  # as a crash: the broker publishes its will
             await tally.wait_for(lambda: len(tally.completed) == 2)
-            await stop_all(candidate)
-            nursery.cancel_scope.cancel()
+            await sc.end(candidate)
     for task_id in ids:
         assert tally.attempts[task_id] == [(1, "victim"), (2, "survivor")]
         assert tally.completed[task_id] == 1
@@ -397,23 +416,18 @@ async def test_two_candidates_racing_one_dispatcher_the_other_follows(
     swarm = "d-race"
     tally = Tally()
     with trio.fail_after(30):
-        async with (
-            open_client(broker.tcp_url) as f1,
-            open_client(broker.tcp_url) as f2,
-            open_client(broker.tcp_url) as submitter,
-            trio.open_nursery() as nursery,
-        ):
-            await nursery.start(ScriptedAgent(broker, swarm, "a0", tally).run)
+        async with open_client(broker.tcp_url) as f2, scene(broker, swarm, tally) as sc:
+            await sc.agent("a0")
             candidates = [
                 Candidate(dispatcher_config(broker, f"d{i}", swarm), f, delay=(0.0, 0.005))
-                for i, f in enumerate((f1, f2))
+                for i, f in enumerate((sc.follow, f2))
             ]
             for c in candidates:
-                nursery.start_soon(c.run)
-            async with submitter.subscribe(f"{swarm}/dispatch/status") as statuses:
+                sc.nursery.start_soon(c.run)
+            async with sc.submitter.subscribe(f"{swarm}/dispatch/status") as statuses:
                 await wait_status(statuses, lambda s: s["status"] == "online")
             # a submission makes the round trip through whoever is the dispatcher
-            await submit_all(submitter, swarm, ["r1"])
+            await sc.submit(["r1"])
             await tally.wait_for(lambda: tally.completed["r1"] == 1)
             # both followers have seen the final status: one of them names itself in it
             for c in candidates:
@@ -430,10 +444,9 @@ async def test_two_candidates_racing_one_dispatcher_the_other_follows(
             assert {end for _, end in loser.terms} <= handed_over
             assert {end for _, end in winner.terms} <= handed_over
             assert len(loser.terms) + len(winner.terms) <= 2  # no fight
-            await submit_all(submitter, swarm, ["r2"])
+            await sc.submit(["r2"])
             await tally.wait_for(lambda: tally.completed["r2"] == 1)
-            await stop_all(*candidates)
-            nursery.cancel_scope.cancel()
+            await sc.end(*candidates)
 
 
 async def test_candidates_of_one_process_stand_one_at_a_time(broker: MosquittoBroker) -> None:
@@ -496,26 +509,24 @@ async def test_dispatcher_killed_mid_burst_another_takes_over_nothing_lost_or_do
         try:
             assert proc.stdout is not None
             async with (
-                open_client(broker.tcp_url) as follow,
-                open_client(broker.tcp_url) as submitter,
-                submitter.subscribe(f"{swarm}/dispatch/status") as statuses,
-                trio.open_nursery() as nursery,
+                scene(broker, swarm, tally) as sc,
+                sc.submitter.subscribe(f"{swarm}/dispatch/status") as statuses,
             ):
                 assert (await read_line(proc.stdout)).strip() == b"following"
                 await wait_status(statuses, lambda s: s == s | {"agent_id": "doomed"})
-                heir = Candidate(dispatcher_config(broker, "heir", swarm), follow, delay=ELECTION)
-                await nursery.start(heir.run)
+                heir_config = dispatcher_config(broker, "heir", swarm)
+                heir = Candidate(heir_config, sc.follow, delay=ELECTION)
+                await sc.nursery.start(heir.run)
                 for i in range(4):
-                    await nursery.start(ScriptedAgent(broker, swarm, f"a{i}", tally).run)
-                await submit_all(submitter, swarm, ids)
+                    await sc.agent(f"a{i}")
+                await sc.submit(ids)
                 await tally.wait_for(lambda: len(tally.completed) >= 60)
                 proc.send_signal(signal.SIGKILL)
                 status = await wait_status(statuses, lambda s: s["status"] == "online")
                 assert status["agent_id"] == "heir"
                 assert status["epoch"] == 2
                 await tally.wait_for(lambda: len(tally.completed) == len(ids))
-                await stop_all(heir)
-                nursery.cancel_scope.cancel()
+                await sc.end(heir)
         finally:
             proc.kill()
             with trio.CancelScope(shield=True):
@@ -530,24 +541,16 @@ async def test_broker_restart_mid_burst_carries_on(fresh_broker: MosquittoBroker
     tally = Tally()
     ids = [f"t{i}" for i in range(200)]
     with trio.fail_after(60):
-        async with (
-            open_client(fresh_broker.tcp_url) as follow,
-            open_client(fresh_broker.tcp_url) as submitter,
-            trio.open_nursery() as nursery,
-        ):
+        async with scene(fresh_broker, swarm, tally) as sc:
             for i in range(3):
-                await nursery.start(ScriptedAgent(fresh_broker, swarm, f"a{i}", tally).run)
-            candidate = Candidate(
-                dispatcher_config(fresh_broker, "d1", swarm), follow, delay=ELECTION
-            )
-            await elect(nursery, candidate, submitter)
-            await submit_all(submitter, swarm, ids[:100])
+                await sc.agent(f"a{i}")
+            candidate = await sc.dispatcher()
+            await sc.submit(ids[:100])
             await tally.wait_for(lambda: len(tally.completed) >= 30)
             await trio.to_thread.run_sync(fresh_broker.restart)
-            await submit_all(submitter, swarm, ids[100:])
+            await sc.submit(ids[100:])
             await tally.wait_for(lambda: len(accepted(tally)) == len(ids))
-            await stop_all(candidate)
-            nursery.cancel_scope.cancel()
+            await sc.end(candidate)
     # one accepted outcome per task: holders the broker's restart made look gone (their
     # wills) were revoked, and stopped, or their late outcome was fenced off
     assert set(accepted(tally)) == set(ids)

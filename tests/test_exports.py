@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import sheri_trio.mqtt
 import sheri_trio.testing
 
 MQTT = Path(sheri_trio.mqtt.__file__).parent
+SWARM = MQTT.parent / "swarm"
 
 
 PACKAGES = [
@@ -118,3 +122,64 @@ def test_the_cli_entry_points_and_the_names_the_demo_uses_are_public() -> None:
                  "LineFormatter", "agent_label", "exit_now", "remember_secrets", "scrub",
                  "setup_logging", "UsageError", "DEFAULT_SWARM_ROLES"):  # fmt: skip
         assert hasattr(cli, attr), attr
+
+
+def _type_checking_imports(module: Path) -> set[tuple[str, str]]:
+    """(module, name) of the ``from .x import name`` lines under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(module.read_text())
+    blocks = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.If)
+        and isinstance(node.test, ast.Name)
+        and node.test.id == "TYPE_CHECKING"
+    ]
+    return {
+        (node.module or "", alias.name)
+        for block in blocks
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+
+
+def test_the_swarm_s_trio_shell_is_listed_for_type_checkers() -> None:
+    """Every public name of the shell is in the TYPE_CHECKING block (or imported eagerly,
+    when the shell re-exports a sans-IO name), and the block imports only from the shell."""
+    import sheri_trio.swarm as swarm
+
+    listed = _type_checking_imports(SWARM / "__init__.py")
+    assert listed
+    assert {module for module, _ in listed} == set(swarm._SHELL)
+    eager = {  # the sans-IO names, imported at the package's top
+        alias.asname or alias.name
+        for node in ast.parse((SWARM / "__init__.py").read_text()).body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    for sub in swarm._SHELL:
+        module = importlib.import_module(f"sheri_trio.swarm.{sub}")
+        for name in module.__all__:
+            assert (sub, name) in listed or name in eager, f"{sub}.{name}"
+        assert {name for m, name in listed if m == sub} <= set(module.__all__), sub
+
+
+def test_importing_the_config_does_not_load_the_agent_runtime() -> None:
+    """``sheri_trio.config`` needs AgentConfig and the protocol's checks, not the agent."""
+    probe = (
+        "import sys, sheri_trio.config, sheri_trio.swarm as swarm\n"
+        "swarm.AgentConfig, swarm.Topics, swarm.Scheduler\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sheri_trio.swarm.')))\n"
+        "swarm.Agent\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sheri_trio.swarm.')))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(MQTT.parent.parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    before, after = (set(ast.literal_eval(line)) for line in done.stdout.splitlines())
+    shell = {f"sheri_trio.swarm.{sub}" for sub in ("_agent", "_control", "_dispatching",
+             "_runner", "_startup")}  # fmt: skip
+    assert "sheri_trio.swarm._config" in before
+    assert before.isdisjoint(shell)
+    assert shell <= after  # the first use of a shell name loads it

@@ -55,6 +55,7 @@ from ._errors import NoAnswer as NoAnswer
 from ._errors import NotDelivered as NotDelivered
 from ._errors import UsageError as UsageError
 from ._errors import explain as explain
+from ._errors import print_error
 from ._monitor import AgentRow as AgentRow
 from ._monitor import SwarmView as SwarmView
 from ._monitor import TaskRow as TaskRow
@@ -131,9 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except SystemExit:
             raise
         except BaseException as exc:
-            explained = explain(exc)
-            if explained is None:
+            code = print_error(exc, secrets)
+            if code is None:
                 raise
-            code, message = explained
-            print(f"sheri: error: {secrets.scrub(message)}", file=sys.stderr, flush=True)
             raise SystemExit(code) from None

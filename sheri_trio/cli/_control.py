@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import trio
 from cyclopts import Parameter
@@ -23,6 +24,12 @@ from ._broker import BROKER_DEFAULTS, BrokerArgs
 from ._errors import UsageError
 from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, say, short
 
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ..mqtt import Client
+    from ._broker import BrokerLink
+
 #: exit codes: 0 done, 1 already finished (or not confirmed), 2 unknown task
 CANCEL_EXITS: Final = {
     CancelOutcome.CANCELLED: EXIT_OK,
@@ -39,30 +46,52 @@ RETRY_EXITS: Final = {
 }
 
 
-def _check(task_id: str, seconds: float) -> None:
-    if not TASK_ID_RE.fullmatch(task_id):
-        raise UsageError(
-            f"TASK_ID: {short(task_id, 40)!r} is not a task id "
-            "(1-128 of letters, digits, '.', '_', '-')"
-        )
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise UsageError(f"--timeout: must be a positive number of seconds, got {seconds:g}")
+@Parameter(name="*")  # its fields are the command's own options: --timeout, --json
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AnswerArgs:
+    """How long cancel and retry wait for the swarm's answer, and how they print it."""
+
+    seconds: Annotated[
+        float, Parameter(name="--timeout", help="Seconds to wait for the confirmation.")
+    ] = 10.0
+    json_line: Annotated[
+        bool, Parameter(name="--json", help="Print the outcome as one JSON object.")
+    ] = False
+
+    def check(self, task_id: str) -> None:
+        """Refuse a bad TASK_ID or --timeout (:class:`UsageError`)."""
+        if not TASK_ID_RE.fullmatch(task_id):
+            raise UsageError(
+                f"TASK_ID: {short(task_id, 40)!r} is not a task id "
+                "(1-128 of letters, digits, '.', '_', '-')"
+            )
+        if not (self.seconds > 0 and math.isfinite(self.seconds)):
+            raise UsageError(
+                f"--timeout: must be a positive number of seconds, got {self.seconds:g}"
+            )
+
+    def show(self, report: dict[str, Any], detail: str) -> None:
+        say(json.dumps(report, separators=(",", ":")) if self.json_line else detail)
 
 
-def _show(report: dict[str, Any], detail: str, json_line: bool) -> None:
-    say(json.dumps(report, separators=(",", ":")) if json_line else detail)
+#: none of the options given
+ANSWER_DEFAULTS: Final = AnswerArgs()
+
+
+async def _ask(
+    link: BrokerLink, kind: str, seconds: float, request: Callable[[Client], Awaitable[object]]
+) -> None:
+    """``request`` over a client of the CLI's own, for at most ``seconds``."""
+    async with link.client(kind) as client:
+        with trio.move_on_after(seconds):
+            await request(client)
 
 
 async def cancel_cmd(
     task_id: Annotated[str, Parameter(help="The task to cancel.")],
     /,
     *,
-    seconds: Annotated[
-        float, Parameter(name="--timeout", help="Seconds to wait for the confirmation.")
-    ] = 10.0,
-    json_line: Annotated[
-        bool, Parameter(name="--json", help="Print the outcome as one JSON object.")
-    ] = False,
+    answer: AnswerArgs = ANSWER_DEFAULTS,
     where: BrokerArgs = BROKER_DEFAULTS,
 ) -> int:
     """Cancel a task: a running one is stopped, a queued one never starts.
@@ -70,14 +99,12 @@ async def cancel_cmd(
     Exit 0 when it is cancelled (or stopped), 1 when it had already finished (or the
     cancel was not confirmed within --timeout), 2 for a task nobody knows.
     """
-    _check(task_id, seconds)
+    answer.check(task_id)
     link = where.link()
     tracker = CancelTracker(link.topics, task_id)
-    async with link.client("cancel") as client:
-        with trio.move_on_after(seconds):
-            await request_cancel(client, tracker)
-    report = tracker.outcome(seconds)
-    _show(report.to_json(), report.detail, json_line)
+    await _ask(link, "cancel", answer.seconds, lambda client: request_cancel(client, tracker))
+    report = tracker.outcome(answer.seconds)
+    answer.show(report.to_json(), report.detail)
     return CANCEL_EXITS[report.outcome]
 
 
@@ -85,12 +112,7 @@ async def retry_cmd(
     task_id: Annotated[str, Parameter(help="The failed task to run again.")],
     /,
     *,
-    seconds: Annotated[
-        float, Parameter(name="--timeout", help="Seconds to wait for the confirmation.")
-    ] = 10.0,
-    json_line: Annotated[
-        bool, Parameter(name="--json", help="Print the outcome as one JSON object.")
-    ] = False,
+    answer: AnswerArgs = ANSWER_DEFAULTS,
     where: BrokerArgs = BROKER_DEFAULTS,
 ) -> int:
     """Submit a failed task again, as TASK_ID.retry-N (retry_of: TASK_ID), from the
@@ -100,14 +122,14 @@ async def retry_cmd(
     (completed, running) or the retry was not confirmed within --timeout, 2 for a task
     the broker keeps no state of.
     """
-    _check(task_id, seconds)
+    answer.check(task_id)
     link = where.link()
     report = RetryReport(task_id)
-    async with link.client("retry") as client:
-        with trio.move_on_after(seconds):
-            await request_retry(client, link.topics, report)
+    await _ask(
+        link, "retry", answer.seconds, lambda client: request_retry(client, link.topics, report)
+    )
     detail = report.detail
     if report.outcome is RetryOutcome.NO_ANSWER:
-        detail += f" within {seconds:g} s"
-    _show({**report.to_json(), "detail": detail}, detail, json_line)
+        detail += f" within {answer.seconds:g} s"
+    answer.show({**report.to_json(), "detail": detail}, detail)
     return RETRY_EXITS[report.outcome]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ssl
-from typing import Final
+import sys
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -14,6 +15,9 @@ from ..mqtt import ClientClosed, ConnectError, ConnectionLost, LocalProtocolErro
 from ..stores import StoreAuthError, StoreConfigError, StoreError, StoreUnavailable
 from ..swarm import DuplicateAgent, StartupError
 from ._output import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from ._output import Secrets
 
 __all__ = ["NoAnswer", "NotDelivered", "UsageError", "explain"]
 
@@ -119,3 +123,14 @@ def explain(exc: BaseException) -> tuple[int, str] | None:
             return None
         known.append(explained)
     return known[0]
+
+
+def print_error(exc: BaseException, secrets: Secrets) -> int | None:
+    """The exit code of a user's error (:func:`explain`), once its ``sheri: error:`` line
+    is on stderr, scrubbed of ``secrets``; None for a bug (nothing printed)."""
+    explained = explain(exc)
+    if explained is None:
+        return None
+    code, message = explained
+    print(f"sheri: error: {secrets.scrub(message)}", file=sys.stderr, flush=True)
+    return code

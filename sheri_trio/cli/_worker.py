@@ -17,7 +17,7 @@ import trio
 
 from ..config import Connection
 from ._agents import run_agents
-from ._errors import explain
+from ._errors import print_error
 from ._output import keeping_secrets, remember_password, remember_secrets, setup_logging
 
 __all__: list[str] = []  # an entry point (python -m), not an API
@@ -34,11 +34,10 @@ def main() -> None:
         try:
             code = trio.run(run_agents, agents)
         except BaseException as exc:
-            explained = explain(exc)
-            if explained is None:
+            error_code = print_error(exc, secrets)
+            if error_code is None:
                 raise
-            code, message = explained
-            print(f"sheri: error: {secrets.scrub(message)}", file=sys.stderr, flush=True)
+            code = error_code
     raise SystemExit(code)
 
 

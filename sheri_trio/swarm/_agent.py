@@ -58,6 +58,7 @@ from ._startup import (
     StartupStep,
     agent_connection,
     check_duplicate,
+    publish_json,
     read_retained,
     startup_timeout,
 )
@@ -707,14 +708,8 @@ class Agent:
         wait_ack: bool = True,
     ) -> None:
         try:
-            await self.client.publish(
-                topic,
-                data,
-                qos=1,
-                retain=retain,
-                wait_ack=wait_ack,
-                message_expiry_interval=expiry,
-                content_type="application/json",
+            await publish_json(
+                self.client, topic, data, retain=retain, expiry=expiry, wait_ack=wait_ack
             )
         except ClientClosed:
             raise

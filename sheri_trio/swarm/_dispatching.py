@@ -66,7 +66,7 @@ from ._divergence import DivergenceWatch
 from ._messages import Messages, encode
 from ._protocol import BadMessage, Topics, decode_envelope
 from ._scheduler import ClearPending, ReportError, SendCancelReply, SendFailed, SendPending
-from ._startup import read_retained, startup_timeout
+from ._startup import publish_json, read_retained, startup_timeout
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -398,14 +398,8 @@ class DispatcherShell:
 
     async def _publish(self, item: tuple[str, bytes, bool, int | None], *, wait_ack: bool) -> None:
         topic, data, retain, expiry = item
-        await self.client.publish(
-            topic,
-            data,
-            qos=1,
-            retain=retain,
-            wait_ack=wait_ack,
-            message_expiry_interval=expiry,
-            content_type="application/json",
+        await publish_json(
+            self.client, topic, data, retain=retain, expiry=expiry, wait_ack=wait_ack
         )
 
 

@@ -1,8 +1,9 @@
 """The outgoing side of the protocol: the envelope (:func:`encode`) and builders of every
 payload an agent publishes.
 
-No network I/O; this is the one module of the agent layer that reads the wall clock (the
-envelope's and payloads' ISO-8601 timestamps) and draws random message ids.
+No network I/O; of the agent layer's sans-IO modules, this is the one that reads the wall
+clock (the envelope's and payloads' ISO-8601 timestamps, :func:`now_iso`) and draws random
+message ids; the others take the time as an argument.
 docs/protocol.md lists the fields; tests/test_protocol.py keeps the two in step.
 """
 

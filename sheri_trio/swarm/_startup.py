@@ -278,6 +278,28 @@ def startup_timeout(config: AgentConfig) -> float:
 
 
 # ---------------------------------------------------------------------- helpers
+async def publish_json(
+    client: Client,
+    topic: str,
+    data: bytes,
+    *,
+    retain: bool = False,
+    expiry: int | None = None,
+    wait_ack: bool = True,
+) -> int | None:
+    """Publish an encoded message as the agent and the dispatcher do: QoS 1,
+    ``application/json``, ``expiry`` its message expiry interval (None: none)."""
+    return await client.publish(
+        topic,
+        data,
+        qos=1,
+        retain=retain,
+        wait_ack=wait_ack,
+        message_expiry_interval=expiry,
+        content_type="application/json",
+    )
+
+
 async def read_retained(
     client: Client,
     sync_topic: str,
