@@ -723,6 +723,27 @@ async def test_swarm_stops_when_one_of_its_processes_dies(
     )
 
 
+async def test_swarm_processes_outlive_the_thread_that_started_them(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """trio starts a child process from a worker thread, which exits after 10 s idle
+    (trio's thread cache). With PR_SET_PDEATHSIG the child took that thread's end for
+    its parent's death: every ``--processes`` swarm stopped 10 s after its start."""
+    idle = 10.0  # trio._core._thread_cache.IDLE_TIMEOUT
+    with trio.fail_after(idle + 40):
+        async with _two_general_processes(broker, tmp_path, "outlive") as (out, swarm, _):
+            with trio.move_on_after(idle + 3):  # a window to watch, not a synchronisation
+                await out.expect(r"SIGTERM|offline agent=|gone")
+                raise AssertionError(f"the swarm stopped on its own:\n{out.text}")
+            assert out.proc.returncode is None
+            result = await sheri_run(
+                "submit", "code.generate", "--payload", '{"prompt": "hello"}',
+                "--task-id", "outlive-1", "--wait", "--broker", broker.tcp_url,
+                "--swarm", swarm, cwd=tmp_path,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
 async def test_swarm_processes_do_not_outlive_a_killed_parent(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
@@ -730,7 +751,8 @@ async def test_swarm_processes_do_not_outlive_a_killed_parent(
         async with _two_general_processes(broker, tmp_path, "orphan") as (out, swarm, _):
             out.proc.kill()
             # the child had the parent's stderr: the pipe ends once it is gone too, after
-            # leaving gracefully on the SIGTERM that the parent's death sent it
+            # leaving gracefully on the end of its stdin (the parent's end closed)
+            await out.expect(r"^\[swarm\] .*warning: the sheri swarm .* is gone")
             await out.expect(rf"^\[general-2\] .*offline agent={swarm}-general-2")
             await out.wait_closed()
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
+import os
 import pickle
 import signal
 import sys
@@ -31,7 +31,7 @@ from ._output import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from ..swarm import AgentConfig
 
@@ -80,19 +80,6 @@ async def _watch_signals(
             exit_now(EXIT_INTERRUPTED)
 
 
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def _die_with_parent() -> None:  # runs in the child, before exec
-    """Linux: SIGTERM when the parent dies (even by SIGKILL), so no share of the swarm
-    outlives the ``sheri swarm`` that started it."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            pass
-
-
 async def _agent_process(
     index: int,
     agents: Sequence[tuple[AgentConfig, str | None]],
@@ -103,22 +90,40 @@ async def _agent_process(
     """One share of the swarm in a child process (:mod:`._worker`), until it ends. A
     graceful shutdown reaches it as SIGTERM; if it ends before one was asked for, that
     is raised as :class:`AgentProcessFailed` (the others then leave, as when an agent
-    fails)."""
+    fails).
+
+    Its stdin is a pipe that we hold open for as long as we live: the share of the swarm
+    comes first (pickled: the configurations carry credentials, never on the command
+    line), then nothing. When we die, even by SIGKILL, the kernel closes our end and the
+    child reads end-of-file: it leaves gracefully (no share of the swarm outlives us).
+    Not PR_SET_PDEATHSIG: its "parent" is the thread that forked the child (trio forks
+    in a worker thread, which exits after 10 s idle: the child got SIGTERM 10 s after
+    start), and it fires again at each reparenting while a dying parent's threads exit
+    (a second SIGTERM: the child then exited at once instead of gracefully)."""
     names = ", ".join(c.agent_id for c, _ in agents)
     command = [sys.executable, "-m", "sheri_trio.cli._worker", log_level]
-    async with trio.open_nursery() as nursery:
-        proc: trio.Process = await nursery.start(
-            functools.partial(
-                trio.run_process,
-                command,
-                stdin=pickle.dumps(list(agents)),  # credentials: never on the command line
-                check=False,
-                start_new_session=True,  # a Ctrl+C at the terminal reaches us only
-                preexec_fn=_die_with_parent,
+    read_end, write_end = os.pipe()
+    lifeline = trio.lowlevel.FdStream(write_end)
+    async with lifeline, trio.open_nursery() as nursery:
+        try:
+            proc: trio.Process = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    command,
+                    stdin=read_end,
+                    check=False,
+                    start_new_session=True,  # a Ctrl+C at the terminal reaches us only
+                )
             )
-        )
+        finally:
+            os.close(read_end)  # the child has its copy
         children.append(proc)
         log.info("agent process %d (pid %d): %s", index, proc.pid, names)
+        try:
+            share = pickle.dumps(list(agents))
+            await lifeline.send_all(len(share).to_bytes(8, "big") + share)
+        except trio.BrokenResourceError:
+            pass  # it ended already: its exit code says why
 
         async def forward() -> None:
             await shutdown.wait()
@@ -162,9 +167,12 @@ async def run_agents(
     *,
     processes: Sequence[Sequence[tuple[AgentConfig, str | None]]] = (),
     log_level: str = "info",
+    lifeline: Callable[[], Awaitable[object]] | None = None,
 ) -> int:
     """Run agents in one nursery until a signal asks them to leave; with ``processes``,
-    also those shares of the swarm, each in a child process of its own.
+    also those shares of the swarm, each in a child process of its own. ``lifeline``
+    (an agent process of ``sheri swarm --processes``): returns when the parent is gone,
+    and the agents then leave gracefully.
 
     When one fails (at start-up, or later), or a child process ends on its own, the
     others leave gracefully, as on a signal; then its error is raised (several: a group).
@@ -196,6 +204,8 @@ async def run_agents(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as outer:
             outer.start_soon(_watch_signals, signals, shutdown, children)
+            if lifeline is not None:
+                outer.start_soon(_orphaned, lifeline, shutdown)
             async with trio.open_nursery() as nursery:
                 for index, share_agents in enumerate(processes, start=1):
                     nursery.start_soon(share, index, share_agents)
@@ -207,6 +217,13 @@ async def run_agents(
     if errors:
         raise ExceptionGroup("agents failed", errors)
     return EXIT_OK
+
+
+async def _orphaned(lifeline: Callable[[], Awaitable[object]], shutdown: trio.Event) -> None:
+    await lifeline()
+    if not shutdown.is_set():
+        log.warning("the sheri swarm that started this agent process is gone: leaving")
+        shutdown.set()
 
 
 def _agent_config(
