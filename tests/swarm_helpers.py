@@ -63,11 +63,24 @@ class Counting:
         self.delay = delay
         self.registry = ExecutorRegistry()
         self.registry.fallback = self
+        self._waiters: list[tuple[int, trio.Event]] = []
+
+    async def wait_running(self, n: int) -> None:
+        """Until at least *n* executions run at once (over all agents)."""
+        if sum(self.running.values()) >= n:
+            return
+        event = trio.Event()
+        self._waiters.append((n, event))
+        await event.wait()
 
     async def __call__(self, ctx: TaskContext) -> dict[str, Any]:
         self.executions[ctx.task_id] += 1
         self.running[ctx.agent_id] += 1
         self.peak[ctx.agent_id] = max(self.peak[ctx.agent_id], self.running[ctx.agent_id])
+        now_running = sum(self.running.values())
+        for n, event in self._waiters:
+            if now_running >= n:
+                event.set()
         try:
             if self.delay:
                 await trio.sleep(self.delay)
@@ -154,13 +167,21 @@ async def kill_the_holder(
 
 
 async def restart_mid_burst(
-    broker: MosquittoBroker, swarm: str, counting: Counting, *, total: int, dispatch: str
-) -> Counter[str]:
-    """Three agents; half of *total* tasks submitted, the broker restarted (its
-    persistence keeps the sessions and the retained records) once a quarter have ended,
-    while the agents hold tasks, then the other half. The final outcomes per task id
-    are returned."""
+    broker: MosquittoBroker,
+    swarm: str,
+    counting: Counting,
+    *,
+    total: int,
+    dispatch: str,
+    running: int | None = None,
+) -> tuple[Counter[str], list[dict[str, Any]]]:
+    """Three agents; half of *total* tasks submitted, the broker restarted (SIGTERM, its
+    persistence keeps the sessions and the retained records) while the agents hold
+    tasks, then the other half. The restart comes once a quarter have ended, or, with
+    *running*, once that many executions run at once. The final outcomes per task id
+    are returned, and their payloads."""
     finals: Counter[str] = Counter()
+    records: list[dict[str, Any]] = []
     options: dict[str, Any] = {"reconnect_initial_delay": 0.05, "reconnect_max_delay": 0.5}
     async with trio.open_nursery() as nursery:
         shutdown = trio.Event()
@@ -187,17 +208,25 @@ async def restart_mid_burst(
             async with watcher.subscribe(
                 f"{swarm}/tasks/complete", f"{swarm}/tasks/failed"
             ) as msgs:
+
+                async def next_outcome() -> None:
+                    m = await msgs.receive()
+                    body = json.loads(m.payload)["payload"]
+                    finals[body["task_id"]] += 1
+                    records.append(body)
+
                 for i in range(total):
                     if i == total // 2:
-                        while sum(finals.values()) < total // 4:
-                            m = await msgs.receive()
-                            finals[json.loads(m.payload)["payload"]["task_id"]] += 1
+                        if running is None:
+                            while sum(finals.values()) < total // 4:
+                                await next_outcome()
+                        else:
+                            await counting.wait_running(running)
                         await trio.to_thread.run_sync(broker.restart)
                     await watcher.publish(
                         f"{swarm}/tasks/new", submission(f"r-{i}"), qos=1, wait_ack=False
                     )
                 while len(finals) < total:
-                    m = await msgs.receive()
-                    finals[json.loads(m.payload)["payload"]["task_id"]] += 1
+                    await next_outcome()
         shutdown.set()
-    return finals
+    return finals, records
