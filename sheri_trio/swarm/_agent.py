@@ -322,9 +322,17 @@ class Agent:
 
     async def _lease_loop(self) -> None:
         period = max(self.config.lease_time / 4, 0.01)
+        connections = self.client.statistics().get("connections")
         while True:
             await trio.sleep(period)
-            self.scheduler.check_leases(trio.current_time())
+            now = trio.current_time()
+            # while we are cut off nobody's silence counts; a reconnect since the last
+            # look (even one too short to be seen down) restarts every lease from now
+            before, connections = connections, self.client.statistics().get("connections")
+            if not self.client.connected or connections != before:
+                self.scheduler.connection(False, now)
+            self.scheduler.connection(self.client.connected, now)
+            self.scheduler.check_leases(now)
             self._wake_claimer()
 
     # -------------------------------------------------------------- intake

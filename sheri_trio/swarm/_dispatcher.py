@@ -755,9 +755,12 @@ class Dispatcher:
             if isinstance(slots, int) and not isinstance(slots, bool) and 0 <= slots <= MAX_SLOTS
             else None
         )
+        # a register comes once per process: one from a holder is a new process of that
+        # agent id, and what it held is its predecessor's (gone; its will was no takeover)
+        out = self._take_over_all(agent_id) if topic == t.agents_register else []
         self.peers.observe(agent_id, PresenceKind.ALIVE, now, role=_role(env), max_tasks=max_tasks)
         self._touched(agent_id, before, now)
-        return []
+        return out
 
     def check_leases(self, now: float) -> list[DispatchCommand]:
         """Take over the jobs of holders offline or silent for ``lease_time`` (counted from

@@ -32,6 +32,9 @@ class Peer:
     last_seen: float
     #: its slots, from its register (``max_tasks``) or heartbeat (``capacity``); None: unknown
     max_tasks: int | None = None
+    #: it announced its shutdown (``agents/shutdown``): gone for sure, unlike ``online``
+    #: False from a last will (docs/protocol.md, "Sessions, presence and absence")
+    left: bool = False
 
 
 def rendezvous_score(key: str) -> int:
@@ -72,7 +75,12 @@ class PeerTable:
         online: bool = True,
         max_tasks: int | None = None,
     ) -> bool:
-        """Record a presence message; True when it says the agent went offline.
+        """Record a presence message; True when it says the agent is gone for sure: it
+        announced its shutdown. An offline status (its last will) only marks it offline
+        (given nothing new, shown offline); it is not a takeover: mosquitto publishes
+        every client's will when the broker stops, so a will is also what a restart of
+        the broker looks like. Its tasks are taken over when its lease runs out (no sign
+        of it for the lease time), or when a new process of it registers.
         ``max_tasks`` (from a register or heartbeat) is kept until a later one says
         otherwise."""
         peer = self.peers.get(agent_id)
@@ -80,13 +88,13 @@ class PeerTable:
             if peer is None:
                 self.peers[agent_id] = Peer(role, True, now, max_tasks)
             else:
-                peer.role, peer.online, peer.last_seen = role, True, now
+                peer.role, peer.online, peer.last_seen, peer.left = role, True, now, False
                 if max_tasks is not None:
                     peer.max_tasks = max_tasks
             return False
         if kind is PresenceKind.LEFT:
             if peer is not None:
-                peer.online = False
+                peer.online, peer.left = False, True
                 return True
             return False
         if peer is None:
@@ -94,8 +102,8 @@ class PeerTable:
         else:
             peer.online = online
             if online:
-                peer.last_seen = now
-        return not online
+                peer.last_seen, peer.left = now, False
+        return False
 
     def online_ids(self) -> list[str]:
         return [a for a, p in self.peers.items() if p.online]
@@ -143,11 +151,11 @@ class PeerTable:
         return True
 
     def lease_expired(self, agent_id: str, since: float, now: float, lease: float) -> bool:
-        """Whether the holder ``agent_id`` (holding since ``since``) is gone: offline, or
-        silent for ``lease`` seconds."""
+        """Whether the holder ``agent_id`` (holding since ``since``) is gone: shut down,
+        or silent for ``lease`` seconds (offline by its will or not: see :meth:`observe`)."""
         peer = self.peers.get(agent_id)
         last = max(since, peer.last_seen if peer else 0.0)
-        return (peer is not None and not peer.online) or now - last >= lease
+        return (peer is not None and peer.left) or now - last >= lease
 
     def view(self, now: float) -> list[dict[str, Any]]:
         """The other agents, as monitoring.alerts sees them."""

@@ -53,7 +53,10 @@ from ._protocol import (
 from ._queue import ClaimQueue, Placed
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..stores import Verdict
+    from ._claims import Holder
     from ._config import AgentConfig
 
 __all__ = [
@@ -342,6 +345,10 @@ class Scheduler:
         self.store_mode = config.store.kind != "broker"
         #: tasks queued for a takeover (their holder is dead in presence)
         self._takeovers: set[str] = set()
+        #: our own connection is down: we hear nobody, so nobody's silence counts
+        self._deaf = False
+        #: when our connection came back: leases count from then at the earliest
+        self._heard_since = 0.0
 
     # ---------------------------------------------------------------- queries
     def free_slots(self) -> int:
@@ -570,10 +577,24 @@ class Scheduler:
         self.draining = nonce
 
     def end_drain(self) -> list[Command]:
-        """The backlog is read: start what was assigned and not revoked meanwhile."""
+        """The backlog is read: what it assigned and nobody revoked was our previous
+        run's (this process is new, the dispatcher did not know it yet), so it is handed
+        back (``tasks/released``: the dispatcher queues the next attempt) instead of
+        started. The dispatcher also takes over at our register what that run held: its
+        will was no takeover (docs/protocol.md, "Sessions, presence and absence"), and a
+        backlog assignment started now would run beside the attempt that replaces it."""
         self.draining = None
         held, self._held = self._held, {}
-        return [StartTask(entry, entry.attempt) for entry in held.values()]
+        out: list[Command] = []
+        for entry in held.values():
+            self._set_phase(entry, Phase.HELD)
+            self.counters["released"] += 1
+            log_event(
+                logging.INFO, "assigned to our previous run: released", self.me,
+                task_id=entry.task_id, attempt=entry.attempt,
+            )  # fmt: skip
+            out.append(SendRelease(entry.task_id, entry.attempt))
+        return out
 
     def on_dispatch_status(self, env: Envelope) -> list[Command]:
         p = env.payload
@@ -860,6 +881,9 @@ class Scheduler:
         role = role if isinstance(role, str) else None
         if topic == t.agents_heartbeat or topic == t.agents_register:
             if agent_id:
+                if topic == t.agents_register and agent_id != self.me:
+                    # once per process: what a holder held is its predecessor's, gone
+                    self._take_over(lambda holder: holder.agent_id == agent_id)
                 self.peers.observe(agent_id, PresenceKind.ALIVE, now, role=role)
             return []
         if topic == t.agents_shutdown:
@@ -874,11 +898,32 @@ class Scheduler:
             self.check_leases(now)
         return []
 
+    def connection(self, connected: bool, now: float) -> None:
+        """Our connection is down (``connected`` False), or up again: a silence while we
+        could not hear counts for nobody, so leases count from our reconnect at the
+        earliest (a broker's restart silences every agent at once)."""
+        if not connected:
+            self._deaf = True
+        elif self._deaf:
+            self._deaf = False
+            self._heard_since = now
+
     def check_leases(self, now: float) -> None:
-        """Take over tasks whose holder is offline or silent for the lease time."""
+        """Take over tasks whose holder shut down or was silent for the lease time."""
+        if self._deaf:
+            return
+        heard_since = self._heard_since
+        lease = self.config.lease_time
+        self._take_over(
+            lambda holder: self.peers.lease_expired(
+                holder.agent_id, max(holder.since, heard_since), now, lease
+            )
+        )
+
+    def _take_over(self, gone: Callable[[Holder], bool]) -> None:
+        """Queue the next attempt of every task whose holder is ``gone``."""
         if not self.accepting:
             return
-        lease = self.config.lease_time
         for task_id, holder in list(self.book.holders.items()):
             if holder.agent_id == self.me:
                 continue
@@ -887,7 +932,7 @@ class Scheduler:
                 continue
             if self.queue.attempt(task_id) > holder.attempt:
                 continue  # already queued for the takeover
-            if self.peers.lease_expired(holder.agent_id, holder.since, now, lease):
+            if gone(holder):
                 log_event(
                     logging.WARNING,
                     "holder lost: taking over",
