@@ -489,8 +489,9 @@ def test_a_stale_outcome_is_fenced_off_and_the_current_one_accepted() -> None:
     submit(d, "t")
     ((_, first, _),) = given_to(d.assignments(0.0))
     second = "a2" if first == "a1" else "a1"
-    status(d, first, online=False, now=1.0)  # taken over
-    assert given_to(d.assignments(1.0)) == [("t", second, 2)]
+    heartbeat(d, second, now=29.0)
+    d.check_leases(30.0)  # the first one silent for the lease: taken over
+    assert given_to(d.assignments(30.0)) == [("t", second, 2)]
     # the first holder was not dead after all: its outcome is stale
     assert outcome(d, "t", first, attempt=1) == [
         WriteRecord("t", A, 2, second, sub("t"))  # its final state may be over the record
@@ -522,8 +523,9 @@ def test_a_record_we_wrote_over_the_holders_is_made_final_when_its_outcome_comes
     submit(d, "t")
     ((_, first, _),) = given_to(d.assignments(0.0))
     second = "a2" if first == "a1" else "a1"
-    status(d, first, online=False, now=1.0)  # its will: taken over
-    assert given_to(d.assignments(1.0)) == [("t", second, 2)]
+    heartbeat(d, second, now=29.0)
+    d.check_leases(30.0)  # the first one silent for the lease: taken over
+    assert given_to(d.assignments(30.0)) == [("t", second, 2)]
     # the old holder's claim of attempt 1 comes late: revoked, our record written again
     assert claim(d, "t", first, attempt=1) == [
         SendRevocation(first, "t", 1, RevokeReason.NOT_HOLDER),
@@ -571,19 +573,60 @@ def test_a_holder_killed_is_revoked_then_its_task_goes_to_another_agent_once() -
     assert given_to(d.assignments(0.0)) == [("t", "a1", 1)]
     register(d, "a2", max_tasks=1, now=1.0)
     claim(d, "t", "a1")
-    # the broker publishes a1's will
-    assert status(d, "a1", online=False, now=2.0) == [
+    # the broker publishes a1's will: offline, but no takeover (mosquitto publishes
+    # every will as it stops: a broker's restart looks the same); its lease decides
+    assert status(d, "a1", online=False, now=2.0) == []
+    assert d.in_flight("a1") == 1
+    assert d.check_leases(29.9) == []
+    assert d.check_leases(30.0) == [
         SendRevocation("a1", "t", 1, RevokeReason.HOLDER_GONE),
         WriteRecord("t", Q, 2, None, sub("t")),
     ]
     assert d.in_flight("a1") == 0
-    assert given_to(d.assignments(2.0)) == [("t", "a2", 2)]
+    assert given_to(d.assignments(30.0)) == [("t", "a2", 2)]
     # the same takeover is never issued twice
-    assert status(d, "a1", online=False, now=3.0) == []
-    assert shutdown(d, "a1", now=3.0) == []
+    assert status(d, "a1", online=False, now=31.0) == []
+    assert shutdown(d, "a1", now=31.0) == []
+    assert register(d, "a1", now=31.0) == []
     assert d.check_leases(100.0) != []  # a2 is silent by now: its own takeover, not a1's
     assert d.counters["takeovers"] == 2
     assert [j.attempt for j in d.jobs.values()] == [3]
+
+
+def test_a_holder_back_after_its_will_keeps_its_task() -> None:
+    """A broker's restart: every agent's will, then each agent online again on its
+    session, its runs going on. Nothing is taken over, nothing runs twice."""
+    d = make()
+    register(d, "a1", max_tasks=1)
+    submit(d, "t")
+    d.assignments(0.0)
+    claim(d, "t", "a1")
+    assert status(d, "a1", online=False, now=1.0) == []
+    assert d.free_slots("a1", 1.0) == 0  # offline: given nothing
+    assert status(d, "a1", online=True, now=2.0) == []
+    heartbeat(d, "a1", capacity=1, now=20.0)
+    assert d.check_leases(45.0) == []
+    assert outcome(d, "t", "a1") == []
+    assert d.finished["t"] == (RecordState.DONE, 1)
+    assert d.counters["takeovers"] == 0
+
+
+def test_a_register_of_a_holder_is_a_new_process_its_tasks_are_taken_over() -> None:
+    """A register comes once per process: the holder was killed and started again
+    (within its lease), and what it held is gone with the process that ran it."""
+    d = make()
+    register(d, "a1", max_tasks=2)
+    submit(d, "t")
+    d.assignments(0.0)
+    claim(d, "t", "a1")
+    status(d, "a1", online=False, now=1.0)  # killed: its will
+    status(d, "a1", online=True, now=2.0)  # started again
+    assert register(d, "a1", max_tasks=2, now=2.0) == [
+        SendRevocation("a1", "t", 1, RevokeReason.HOLDER_GONE),
+        WriteRecord("t", Q, 2, None, sub("t")),
+    ]
+    assert given_to(d.assignments(2.0)) == [("t", "a1", 2)]
+    assert register(d, "a2", now=3.0) == []  # holding nothing: nothing
 
 
 def test_a_graceful_shutdown_takes_over_what_the_agent_still_holds() -> None:
@@ -664,7 +707,9 @@ def test_a_cancelled_task_whose_holder_dies_is_failed_not_run_again() -> None:
     submit(d, "t", assigned_to="a1")
     d.assignments(0.0)
     cancel(d, "t")
-    (revoke, failed, record) = status(d, "a1", online=False)
+    assert status(d, "a1", online=False) == []
+    heartbeat(d, "a2", now=29.0)
+    (revoke, failed, record) = d.check_leases(30.0)
     assert revoke == SendRevocation("a1", "t", 1, RevokeReason.HOLDER_GONE)
     assert isinstance(failed, SendFailed)
     assert failed.reason is FailReason.CANCELLED
@@ -757,15 +802,17 @@ def test_retained_records_rebuild_the_queue_and_the_holders() -> None:
     for task_id in ("q", "as", "cl", "fin", "rel"):
         assert submit(d, task_id) == []
     assert d.on_state(held, 0.0) == []  # a record read twice: nothing more
-    # presence arrives: a1's retained status says offline, a2 is never heard of
-    assert status(d, "a1", online=False, now=1.0) == [
-        SendRevocation("a1", "as", 1, RevokeReason.HOLDER_GONE),
-        WriteRecord("as", Q, 2, None, sub("as")),
-    ]
+    # presence arrives: a1's retained status says offline (no takeover: a will is also
+    # what a broker's restart looks like), a2 is never heard of
+    assert status(d, "a1", online=False, now=1.0) == []
     assert d.check_leases(29.9) == []
     assert d.check_leases(30.0) == [
         SendRevocation("a2", "cl", 3, RevokeReason.HOLDER_GONE),
         WriteRecord("cl", Q, 4, None, sub("cl")),
+    ]
+    assert d.check_leases(31.0) == [  # a1's lease: from its status (the first news of it)
+        SendRevocation("a1", "as", 1, RevokeReason.HOLDER_GONE),
+        WriteRecord("as", Q, 2, None, sub("as")),
     ]
     register(d, "a3", max_tasks=8, now=31.0)
     got = given_to(d.assignments(31.0))

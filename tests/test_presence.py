@@ -13,14 +13,20 @@ def table() -> PeerTable:
     return t
 
 
-def test_going_offline_is_reported_once_per_kind() -> None:
+def test_a_shutdown_is_gone_a_will_only_offline() -> None:
     t = table()
     assert t.observe("z", PresenceKind.LEFT, 1.0) is True
     assert t.observe("nobody", PresenceKind.LEFT, 1.0) is False
-    assert t.observe("a", PresenceKind.STATUS, 1.0, online=False) is True
+    # an offline status (a last will) is no takeover: mosquitto sends every will as it
+    # stops, so a broker's restart looks the same; only the lease decides
+    assert t.observe("a", PresenceKind.STATUS, 1.0, online=False) is False
     assert t.online_ids() == ["m"]
+    assert t.lease_expired("z", 0.0, 1.0, 30.0)  # shut down: gone at once
+    assert not t.lease_expired("a", 0.0, 1.0, 30.0)  # offline by its will: not yet
+    assert t.lease_expired("a", 0.0, 30.0, 30.0)  # silent for the lease
     assert t.observe("a", PresenceKind.STATUS, 2.0, online=True) is False
     assert t["a"].last_seen == 2.0
+    assert not t.lease_expired("a", 0.0, 31.0, 30.0)  # back: its lease runs from then
 
 
 def test_the_reporter_is_the_smallest_online_id_among_those_concerned() -> None:

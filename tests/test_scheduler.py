@@ -148,12 +148,52 @@ def test_a_silent_holder_is_taken_over_with_the_next_attempt_after_its_lease() -
     assert s.claims() == [SendClaim("a", 2)]
 
 
-def test_a_holder_that_goes_offline_is_taken_over_at_once() -> None:
-    s = make()
+def register(s: Scheduler, agent_id: str, role: str, now: float) -> list[Command]:
+    return s.receive(T.agents_register, env({"agent_id": agent_id, "role": role}), now)
+
+
+def test_a_holder_offline_by_its_will_keeps_its_task_until_its_lease_runs_out() -> None:
+    """mosquitto publishes every client's will as it stops: a will is no takeover (a
+    broker's restart would re-run every running task); the lease decides, and a holder
+    heard again keeps its task."""
+    s = make(lease_time=30.0)
     alive(s, "other", "testing", 0.0)
     task(s, "a")
     claim(s, "a", "other", now=1.0)
     assert offline(s, "other", 2.0) == []
+    s.check_leases(30.9)
+    assert s.claims() == []
+    alive(s, "other", "testing", 5.0)  # back (a reconnect): its lease runs from then
+    s.check_leases(34.9)
+    assert s.claims() == []
+    s.check_leases(35.0)  # and then silent for the lease: a crash
+    assert s.claims() == [SendClaim("a", 2)]
+
+
+def test_a_new_process_of_a_holder_registering_takes_its_tasks_over_at_once() -> None:
+    s = make(lease_time=30.0)
+    alive(s, "other", "testing", 0.0)
+    task(s, "a")
+    claim(s, "a", "other", now=1.0)
+    offline(s, "other", 2.0)  # killed: its will
+    register(s, "other", "testing", 3.0)  # started again: a register is once per process
+    assert s.claims() == [SendClaim("a", 2)]
+
+
+def test_a_silence_while_we_are_cut_off_counts_for_nobody() -> None:
+    """Our own connection down (a broker's restart silences everyone at once): no lease
+    runs out meanwhile, and leases count from our reconnect."""
+    s = make(lease_time=30.0)
+    alive(s, "other", "testing", 0.0)
+    task(s, "a")
+    claim(s, "a", "other", now=1.0)
+    s.connection(False, 10.0)
+    s.check_leases(40.0)
+    assert s.claims() == []
+    s.connection(True, 50.0)
+    s.check_leases(79.9)
+    assert s.claims() == []
+    s.check_leases(80.0)
     assert s.claims() == [SendClaim("a", 2)]
 
 
@@ -366,6 +406,7 @@ def test_a_cancelled_task_whose_holder_is_gone_is_failed_by_the_takeover() -> No
     claim(s, "t", "a-agent")  # a-agent holds it, and dies before it sees the cancel
     assert cancel(s, "t") == [reply("t", CancelResult.KNOWN, holder="a-agent")]
     offline(s, "a-agent", 2.0)
+    s.check_leases(2.0 + s.config.lease_time)
     assert s.claims() == [SendClaim("t", 2)]
     (failed,) = claim(s, "t", "b-agent", attempt=2)
     assert isinstance(failed, SendFailed)  # never run
@@ -630,8 +671,9 @@ def test_dispatch_mode_a_revocation_fences_the_run_and_a_cancel_stops_it() -> No
 
 
 def test_dispatch_mode_the_backlog_is_read_before_anything_starts() -> None:
-    """An assignment revoked later in the backlog never starts; the rest start at the
-    sync marker; a cancelled one fails once without running."""
+    """The backlog at start is our previous run's: an assignment revoked later in it
+    never starts; the rest are handed back at the sync marker (the dispatcher takes
+    over what that run held); a cancelled one fails once without running."""
     s = make(max_tasks=4, dispatch="dispatcher")
     s.begin_drain("n1")
     for task_id in ("a", "b", "c"):
@@ -645,10 +687,12 @@ def test_dispatch_mode_the_backlog_is_read_before_anything_starts() -> None:
     marker = env({"kind": "sync", "nonce": "other"})
     assert s.receive(T.agent_inbox("me"), marker, 0.0) == []  # not ours
     marker = env({"kind": "sync", "nonce": "n1"})
-    starts = s.receive(T.agent_inbox("me"), marker, 0.0)
-    assert [(c.entry.task_id, c.attempt) for c in starts if isinstance(c, StartTask)] == [("b", 1)]
+    assert s.receive(T.agent_inbox("me"), marker, 0.0) == [SendRelease("b", 1)]
     assert s.draining is None
-    assert s.free_slots() == 3
+    assert s.free_slots() == 4
+    (start,) = inbox(s, "assignment", "b", attempt=2)  # the dispatcher's next attempt
+    assert isinstance(start, StartTask)
+    assert start.attempt == 2
 
 
 def test_dispatch_mode_a_revocation_before_its_assignment_still_wins() -> None:
