@@ -123,6 +123,7 @@ class ScriptedAgent:
         self.work_scopes: dict[tuple[str, int], trio.CancelScope] = {}
         self.max_running = 0
         self.client: Client | None = None
+        self.crashed = False
 
     async def publish(self, topic: str, payload: dict[str, Any], *, retain: bool = False) -> None:
         assert self.client is not None
@@ -162,8 +163,15 @@ class ScriptedAgent:
                             self.running.discard(key[0])
                         self.tally.changed()
 
+    def crash(self) -> None:
+        """Die as a killed process would: the connection dropped (the broker publishes
+        the will), no heartbeat after."""
+        assert self.client is not None
+        self.crashed = True
+        self.client.abort_connection()
+
     async def _heartbeat(self) -> None:
-        while True:
+        while not self.crashed:
             beat = self.messages.heartbeat(
                 uptime=0.0, rss=0, running=sorted(self.running), capacity=self.max_tasks, queued=0
             )
@@ -389,8 +397,7 @@ async def test_a_killed_agent_s_tasks_are_revoked_and_reassigned_once(
             await sc.submit(ids)
             await tally.wait_for(lambda: sum(tally.assigned.values()) == 2)
             await sc.agent("survivor", max_tasks=2)
-            assert victim.client is not None
-            victim.client.abort_connection()  # as a crash: the broker publishes its will
+            victim.crash()  # its will: offline; its lease (2 s) runs out, then the takeover
             await tally.wait_for(lambda: len(tally.completed) == 2)
             await sc.end(candidate)
     for task_id in ids:

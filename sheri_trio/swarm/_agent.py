@@ -117,6 +117,8 @@ class Agent:
         self._dispatcher_known = trio.Event()
         #: the client's connection count when we last said online (None: not counted)
         self._connections: object = None
+        #: our register is out: from then on a heartbeat may give the dispatcher our slots
+        self._announced = False
         self._idle = trio.Event()
         #: the claim store did not answer: no new claims until it does (no fallback)
         self._store_down = False
@@ -258,6 +260,7 @@ class Agent:
             self.topics.agent_status(self.agent_id), m.status("online"), retain=True
         )
         await self._publish(self.topics.agents_register, m.register(self.config.max_tasks))
+        self._announced = True
         self.scheduler.peers.observe(
             self.agent_id, PresenceKind.ALIVE, trio.current_time(), role=self.role
         )
@@ -428,7 +431,9 @@ class Agent:
         elif type(command) is ClearPending:
             await self.client.publish(t.task_pending(command.task_id), b"", qos=1, retain=True)
         elif type(command) is Reannounce:
-            await self._beat(self.config.max_tasks if self.scheduler.accepting else 0)
+            if self._announced:  # before our register, a heartbeat would give the dispatcher
+                # our slots, and what it gave us then our register would take over
+                await self._beat(self.config.max_tasks if self.scheduler.accepting else 0)
         elif type(command) is ReportError:
             report = m.error_report(command.topic, command.reason, command.size, command.task_id)
             await self._publish(t.errors, report, wait_ack=False)

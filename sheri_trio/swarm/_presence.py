@@ -103,6 +103,11 @@ class PeerTable:
             peer.online = online
             if online:
                 peer.last_seen, peer.left = now, False
+            else:
+                # its slots are unknown until its next register or heartbeat: a new
+                # process's online status comes before its register, and what it were
+                # given then, its register would take over (it holds nothing before)
+                peer.max_tasks = None
         return False
 
     def online_ids(self) -> list[str]:
