@@ -1232,8 +1232,8 @@ async def test_dispatch_mode_agent_runs_what_its_inbox_assigns_and_acks_each_mes
 async def test_dispatch_mode_a_task_taken_from_us_after_we_finished_it_runs_its_new_attempt(
     autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
 ) -> None:
-    """What a broker's restart does (mosquitto publishes every client's will as it
-    stops): the dispatcher takes over a task we had finished (revocation; our outcome
+    """What a silence of lease_time does (we were cut off that long): the dispatcher
+    takes over a task we had finished (revocation; our outcome
     of attempt 1 fenced off) and assigns attempt 2 to us. It runs once more and ends
     with its outcome; ignored, it stayed assigned to us, a slot held for ever."""
     with trio.fail_after(1000):

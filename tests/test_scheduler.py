@@ -636,8 +636,8 @@ def test_dispatch_mode_starts_an_assignment_at_once_and_holds_its_slot() -> None
 
 
 def test_dispatch_mode_a_newer_attempt_of_a_task_we_finished_runs_once() -> None:
-    """A broker's restart: mosquitto publishes every client's will as it stops, so the
-    next dispatcher takes our finished task over (revocation, attempt 2; our outcome of
+    """We looked gone (silent for lease_time, e.g. cut off that long): the
+    dispatcher takes our finished task over (revocation, attempt 2; our outcome of
     attempt 1 is fenced off) and may assign attempt 2 to us. Ignored as a duplicate, the
     dispatcher would hold it assigned to us for ever, one slot fewer each time: the
     swarm stalls. It runs once; a redelivery of an attempt we ran is a duplicate."""

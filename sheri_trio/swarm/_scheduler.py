@@ -542,8 +542,8 @@ class Scheduler:
             if attempt <= self._finished_attempts.get(task_id, attempt):
                 return []  # a duplicate of one we finished
             # A newer attempt of a task we finished: the dispatcher took it from us (we
-            # looked gone: our will, e.g. at a broker's restart) and fenced our outcome
-            # off. Ignored, it would stay assigned to us for ever, holding a slot.
+            # looked gone: silent for lease_time, e.g. cut off that long) and fenced our
+            # outcome off. Ignored, it would stay assigned to us for ever, holding a slot.
             log_event(logging.INFO, "assigned again after our outcome", self.me, task_id=task_id)
             self.book.reopen(task_id)
         known = self.entries.get(task_id)
