@@ -19,12 +19,12 @@ from swarm_helpers import (
 )
 
 from sheri_trio.mqtt import open_client
-from sheri_trio.swarm import AgentConfig
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+    from sheri_trio.swarm import AgentConfig
     from sheri_trio.testing import MosquittoBroker
 
 SEED_DEPLOY = {
