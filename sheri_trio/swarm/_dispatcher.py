@@ -114,7 +114,7 @@ _FINAL_BY_NAME: Final = {s.value: s for s in RecordState if s not in _LIVE}
 class RevokeReason(enum.StrEnum):
     """Why a revocation went to an agent's inbox."""
 
-    HOLDER_GONE = "holder_gone"  # offline, shut down or silent for lease_time: taken over
+    HOLDER_GONE = "holder_gone"  # shut down, started again or silent for lease_time
     NOT_HOLDER = "not_holder"  # it claimed an attempt the record does not give it
     FINISHED = "finished"  # it claimed a task that already has its final outcome
 
@@ -763,7 +763,7 @@ class Dispatcher:
         return out
 
     def check_leases(self, now: float) -> list[DispatchCommand]:
-        """Take over the jobs of holders offline or silent for ``lease_time`` (counted from
+        """Take over the jobs of holders shut down or silent for ``lease_time`` (counted from
         the later of their last sign of life and the job's assignment). Also the rounds'
         safety net: every agent's slots, and the unserved kinds, are looked at again."""
         self._dirty.update(self.peers.peers)
@@ -801,8 +801,8 @@ class Dispatcher:
     # ------------------------------------------------------------ election
     def on_state(self, payload: dict[str, Any], now: float) -> list[DispatchCommand]:
         """A retained ``tasks/state/{id}`` read at election: queued stays queued, assigned
-        and claimed are held by their agent (taken over when its status says offline, or
-        after ``lease_time`` without a sign of it), final states are finished. An
+        and claimed are held by their agent (taken over when it shuts down or registers
+        again, or after ``lease_time`` without a sign of it: an offline status is none), final states are finished. An
         ``assigned`` record's assignment is sent again (the last dispatcher may have died
         between the record and the assignment; an agent ignores a duplicate). Raises
         :class:`BadMessage` for a record it cannot use."""
