@@ -803,9 +803,9 @@ class Dispatcher:
         """A retained ``tasks/state/{id}`` read at election: queued stays queued, assigned
         and claimed are held by their agent (taken over when it shuts down or registers
         again, or after ``lease_time`` without a sign of it: an offline status is none),
-        final states are finished. An ``assigned`` record's assignment is sent again (the last dispatcher may have died
-        between the record and the assignment; an agent ignores a duplicate). Raises
-        :class:`BadMessage` for a record it cannot use."""
+        final states are finished. An ``assigned`` record's assignment is sent again (the
+        last dispatcher may have died between the record and the assignment; an agent
+        ignores a duplicate). Raises :class:`BadMessage` for a record it cannot use."""
         task_id = check_task_id(payload.get("task_id"))
         if self.is_known(task_id):
             return []
