@@ -74,7 +74,9 @@ def test_a_dead_holder_s_task_is_a_takeover_claim() -> None:
     alive(s, "other", "testing", 0.0)
     task(s, "a")
     claim(s, "a", "other")  # other holds attempt 1 (its claim announced its store win)
-    offline(s, "other", 5.0)
+    offline(s, "other", 5.0)  # its will: no takeover yet (docs/protocol.md, rule 6)
+    assert s.claims() == []
+    s.check_leases(s.config.lease_time)  # silent since 0.0: gone
     assert s.claims() == [StoreClaim("a", 2, takeover=True)]
     assert s.on_store_verdict("a", 2, Verdict.HELD, 6.0) == []  # its lease still live
     assert s.entries["a"].phase is Phase.HELD
@@ -87,7 +89,7 @@ def test_a_store_that_does_not_answer_puts_the_claim_back_in_the_queue() -> None
     alive(s, "other", "testing", 0.0)
     task(s, "a")
     claim(s, "a", "other")
-    offline(s, "other", 5.0)
+    s.check_leases(s.config.lease_time)  # other silent since 0.0: gone
     (c,) = s.claims()
     s.on_store_unavailable(c)
     assert s.entries["a"].phase is Phase.QUEUED
@@ -123,7 +125,7 @@ def test_a_finished_verdict_for_an_outcome_seen_republishes_nothing() -> None:
     alive(s, "other", "testing", 0.0)
     task(s, "a")
     claim(s, "a", "other")
-    offline(s, "other", 5.0)
-    s.claims()  # a takeover ...
+    s.check_leases(s.config.lease_time)  # other silent since 0.0: gone
+    assert s.claims() == [StoreClaim("a", 2, takeover=True)]  # a takeover ...
     outcome(s, "a", "other")  # ... while the outcome arrives
     assert s.on_store_verdict("a", 2, Verdict.FINISHED, 6.0) == []
