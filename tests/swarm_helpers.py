@@ -174,12 +174,16 @@ async def restart_mid_burst(
     total: int,
     dispatch: str,
     running: int | None = None,
+    down: float = 0.0,
+    lease_time: float = 3.0,
 ) -> tuple[Counter[str], list[dict[str, Any]]]:
     """Three agents; half of *total* tasks submitted, the broker restarted (SIGTERM, its
     persistence keeps the sessions and the retained records) while the agents hold
     tasks, then the other half. The restart comes once a quarter have ended, or, with
-    *running*, once that many executions run at once. The final outcomes per task id
-    are returned (one message delivered twice counted once: QoS 1), and their payloads."""
+    *running*, once that many executions run at once; with *down*, the broker stays
+    stopped that many seconds (an outage, not a synchronisation). The final outcomes per
+    task id are returned (one message delivered twice counted once: QoS 1), and their
+    payloads."""
     finals: Counter[str] = Counter()
     records: list[dict[str, Any]] = []
     seen: set[str] = set()  # envelope ids: QoS 1 may bring one message twice
@@ -193,7 +197,7 @@ async def restart_mid_burst(
                 f"{swarm}-{i}",
                 swarm,
                 client_options=options,
-                lease_time=3.0,
+                lease_time=lease_time,
                 dispatch=dispatch,
             )
             for i in range(3)
@@ -230,7 +234,12 @@ async def restart_mid_burst(
                                 await next_outcome()
                         else:
                             await counting.wait_running(running)
-                        await trio.to_thread.run_sync(broker.restart)
+                        if down:
+                            await trio.to_thread.run_sync(broker.stop)
+                            await trio.sleep(down)
+                            await trio.to_thread.run_sync(broker.start)
+                        else:
+                            await trio.to_thread.run_sync(broker.restart)
                     await watcher.publish(
                         f"{swarm}/tasks/new", submission(f"r-{i}"), qos=1, wait_ack=False
                     )

@@ -235,6 +235,31 @@ async def test_broker_restart_while_tasks_run_runs_none_twice(
     assert {r["status"] for r in records} == {"success"}
 
 
+async def test_a_broker_down_longer_than_the_lease_takes_nothing_over(
+    fresh_broker: MosquittoBroker, dispatch: str
+) -> None:
+    """Stopped for twice the lease time while tasks run: nobody heard anybody meanwhile,
+    so no silence counts (leases restart at each observer's reconnect: an agent's own,
+    or the dispatcher's next term); each task runs once, on its first attempt."""
+    counting = Counting(delay=6.0)
+    total = 12
+    with trio.fail_after(90):
+        finals, records = await restart_mid_burst(
+            fresh_broker,
+            f"t-down-{dispatch}",
+            counting,
+            total=total,
+            dispatch=dispatch,
+            running=6,
+            down=4.0,
+            lease_time=2.0,
+        )
+    assert set(finals) == {f"r-{i}" for i in range(total)}
+    assert counting.executions == Counter(dict.fromkeys(finals, 1))
+    assert finals == Counter(dict.fromkeys(finals, 1))
+    assert {r["attempt"] for r in records} == {1}
+
+
 async def test_after_a_broker_restart_the_retained_status_says_online_again(
     fresh_broker: MosquittoBroker, dispatch: str
 ) -> None:
