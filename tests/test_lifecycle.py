@@ -6,6 +6,7 @@ import logging
 from collections import deque
 
 import pytest
+from transitions import MachineError
 
 from sheri_trio.swarm._lifecycle import (
     _MACHINE,
@@ -176,3 +177,25 @@ def test_mermaid_mentions_every_transition() -> None:
     for state in FINAL_STATES:
         assert f"    {state} --> [*]" in lines
     assert len(lines) == 2 + len(EDGES) + len(FINAL_STATES)
+
+
+@pytest.mark.parametrize(("state", "trigger"), [(s, t) for s in STATES for t in TRIGGERS])
+def test_the_compiled_steps_agree_with_the_machine(state: str, trigger: str) -> None:
+    """Lifecycle.fire looks the Machine's events up (compiled at import): the Machine run
+    on the same record moves it alike, or refuses alike."""
+    through_machine = _record_in(state)
+    try:
+        _MACHINE.events[trigger].trigger(through_machine, why="x")
+    except MachineError:
+        moved: str | None = None
+    else:
+        moved = through_machine.state
+    record = _record_in(state)
+    if moved is None:
+        with pytest.raises(InvalidTransition):
+            Lifecycle.fire(record, trigger, why="x")
+        assert record.state == state
+    else:
+        change = Lifecycle.fire(record, trigger, why="x")
+        assert record.state == moved
+        assert change == through_machine.last

@@ -635,6 +635,25 @@ def test_dispatch_mode_starts_an_assignment_at_once_and_holds_its_slot() -> None
     assert inbox(s, "assignment", "b") == [SendRelease("b", 1)]
 
 
+def test_dispatch_mode_a_slot_is_free_once_its_outcome_is_out() -> None:
+    """The dispatcher frees a slot when it sees the outcome, and its next assignment may
+    come before the shell's run of the finished task has returned (it awaits the
+    outcome's PUBACK): it runs, it is not handed back as beyond max_tasks."""
+    s = make(max_tasks=1, dispatch="dispatcher")
+    (first,) = inbox(s, "assignment", "a")
+    s.finish(first.entry, success=True)  # the outcome goes out; on_ended() comes later
+    assert s.free_slots() == 1
+    (second,) = inbox(s, "assignment", "b")
+    assert isinstance(second, StartTask)
+    assert s.free_slots() == 0
+    s.on_ended(first.entry)
+    assert s.free_slots() == 0  # b holds it
+    assert inbox(s, "assignment", "c") == [SendRelease("c", 1)]
+    s.finish(second.entry, success=True)
+    s.on_ended(second.entry)
+    assert s.free_slots() == 1
+
+
 def test_dispatch_mode_a_newer_attempt_of_a_task_we_finished_runs_once() -> None:
     """We looked gone (silent for lease_time, e.g. cut off that long): the
     dispatcher takes our finished task over (revocation, attempt 2; our outcome of

@@ -509,10 +509,13 @@ class Dispatcher:
             self._dirty.clear()
         if not self._free or not any(self._queued.values()):
             return out
-        free: dict[str, int] = {}
+        # the free slots by role (a role with none has no entry): a kind of task is
+        # matched against its roles, not against every free agent (with 90 agents free
+        # that was ~100 eligibility checks per assignment)
+        free: dict[str | None, dict[str, int]] = {}
         for a in list(self._free):
             if (n := self.free_slots(a, now)) > 0:
-                free[a] = n
+                free.setdefault(self.peers[a].role, {})[a] = n
             else:
                 self._free.discard(a)
         while free:
@@ -522,7 +525,12 @@ class Dispatcher:
                 head = self._head(key)
                 if head is None or (best is not None and head >= best):
                     continue
-                if any(self._eligible(a, key) for a in free):
+                roles, assigned_to = key
+                if (
+                    any(r in free for r in roles)
+                    if assigned_to is None
+                    else bool(self._candidates(key, free))
+                ):
                     best, best_key = head, key
             if best is None or best_key is None:
                 break
@@ -530,9 +538,13 @@ class Dispatcher:
             self._queued[best_key] -= 1
             job = self.jobs[best[2]]
             agent_id = self._choose(job, best_key, free)
-            free[agent_id] -= 1
-            if not free[agent_id]:
-                del free[agent_id]
+            role = self.peers[agent_id].role
+            slots = free[role]
+            slots[agent_id] -= 1
+            if not slots[agent_id]:
+                del slots[agent_id]
+                if not slots:
+                    del free[role]
             out.extend(self._assign(job, agent_id, now))
         return out
 
@@ -559,14 +571,24 @@ class Dispatcher:
             SendAssignment(agent_id, job.task_id, job.task, job.attempt),
         ]
 
-    def _choose(self, job: Job, key: _Key, free: dict[str, int]) -> str:
+    def _candidates(self, key: _Key, free: dict[str | None, dict[str, int]]) -> list[str]:
+        """The free agents that may take ``key``'s tasks (``free``: slots by role)."""
+        roles, assigned_to = key
+        if assigned_to is not None:
+            peer = self.peers.get(assigned_to)
+            role = peer.role if peer is not None else None
+            return [assigned_to] if role in roles and assigned_to in free.get(role, ()) else []
+        if len(roles) == 1:
+            return list(free.get(roles[0], ()))
+        return [a for r in roles for a in free.get(r, ())]
+
+    def _choose(self, job: Job, key: _Key, free: dict[str | None, dict[str, int]]) -> str:
         """The least loaded eligible free agent (load: held / max_tasks)."""
         prefix = job.task_id + "/"
 
         loads = {
             a: self.in_flight(a) / (self.peers[a].max_tasks or 1)
-            for a in free
-            if self._eligible(a, key)
+            for a in self._candidates(key, free)
         }
         low = min(loads.values())
         # the hash only among the least loaded: a round costs what is free, not n hashes

@@ -29,20 +29,26 @@ __all__ = ["Messages", "encode", "new_message_id", "now_iso"]
 
 
 class _Clock:
-    """ISO-8601 UTC timestamps to the millisecond, formatted once per millisecond
-    (an agent stamps several messages per task; formatting was ~2 % of its CPU)."""
+    """ISO-8601 UTC timestamps to the millisecond, formatted once per millisecond, the
+    date and time once per second (an agent stamps several messages per task, in most
+    milliseconds of a burst; a datetime formatted per millisecond was ~2 % of its CPU)."""
 
-    __slots__ = ("ms", "text")
+    __slots__ = ("ms", "second", "stem", "text")
 
     def __init__(self) -> None:
         self.ms = -1
+        self.second = -1
+        self.stem = ""  # "YYYY-MM-DDTHH:MM:SS." of ``second``
         self.text = ""
 
     def now(self) -> str:
         ms = time.time_ns() // 1_000_000
         if ms != self.ms:
-            dt = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
-            self.ms, self.text = ms, dt.isoformat(timespec="milliseconds")[:-6] + "Z"
+            second, milli = divmod(ms, 1000)
+            if second != self.second:
+                stamp = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
+                self.second, self.stem = second, stamp[:-6] + "."  # without "+00:00"
+            self.ms, self.text = ms, f"{self.stem}{milli:03d}Z"
         return self.text
 
 

@@ -8,7 +8,6 @@ nothing about the swarm: it reports every lifecycle step and the outcome to an
 from __future__ import annotations
 
 import logging
-import math
 import random
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -140,7 +139,10 @@ class TaskRunner:
             started = trio.current_time()
             error: str
             try:
-                with trio.fail_after(timeout if timeout else math.inf):
+                if timeout:
+                    with trio.fail_after(timeout):
+                        result = await executor(ctx)
+                else:  # no timeout: no scope to enter (a deadline at inf was one a try)
                     result = await executor(ctx)
             except TaskConfigError as exc:  # retrying cannot help: fail once, as it is
                 return await self._fail(str(exc), FailReason.NOT_CONFIGURED)

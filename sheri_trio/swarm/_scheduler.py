@@ -16,9 +16,11 @@ The phases of one entry::
       │  └──claimed by──▶ HELD ◀───────────────────────────────┴────────────────┘
       └──holder gone─────┘      (watching another holder; taken over when it dies)
 
-A slot is busy from ``claims()`` until ``on_ended()``: CLAIMING, RUNNING and STOPPING
-entries count against ``max_tasks``, so a won task holds its slot before the shell has
-started anything.
+A slot is busy from ``claims()`` until ``finish()`` (its outcome is about to go out) or
+``on_ended()``: CLAIMING, RUNNING and STOPPING entries count against ``max_tasks``, so a
+won task holds its slot before the shell has started anything, and one whose outcome is
+out does not (the dispatcher frees the slot when it sees the outcome, and may assign it
+again before the shell's run of the finished task has returned).
 """
 
 from __future__ import annotations
@@ -324,6 +326,8 @@ class Scheduler:
         self.unserved: OrderedDict[str, Entry] = OrderedDict()
         #: entries whose slot is busy running (RUNNING or STOPPING), in start order
         self.running: dict[str, Entry] = {}
+        #: the running entries whose final outcome is out (``finish``): their slot is free
+        self._finishing: set[str] = set()
         self._claiming = 0
         self.accepting = True
         self.counters: dict[str, int] = {
@@ -352,7 +356,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------- queries
     def free_slots(self) -> int:
-        return self.config.max_tasks - self._claiming - len(self.running)
+        return self.config.max_tasks - self._claiming - len(self.running) + len(self._finishing)
 
     @property
     def claiming(self) -> int:
@@ -958,6 +962,8 @@ class Scheduler:
             while len(done) > FINISHED_ATTEMPTS:
                 done.popitem(last=False)
         self.queue.discard(entry.task_id)
+        if self.running.get(entry.task_id) is entry:
+            self._finishing.add(entry.task_id)  # its slot is free from now on
         return [ClearPending(entry.task_id)] if entry.marker else []
 
     def released(self, entry: Entry) -> None:
@@ -1109,6 +1115,7 @@ class Scheduler:
             self._claiming -= 1
         elif old in _HOLDING and phase not in _HOLDING:
             self.running.pop(entry.task_id, None)
+            self._finishing.discard(entry.task_id)
         if phase is Phase.CLAIMING:
             self._claiming += 1
         elif phase in _HOLDING and old not in _HOLDING:
