@@ -315,8 +315,9 @@ async def test_a_password_on_the_command_line_is_warned_about_never_shown(
             "tasks", "--broker", broker.tcp_url, "--swarm", swarm, cwd=tmp_path
         )
         flag = await sheri_run(
-            "tasks", "--broker", bare, "--username", broker.username, "--password",
-            broker.password, "--swarm", swarm, cwd=tmp_path,
+            "tasks", "--broker", bare, "--username", broker.username,
+            f"--password={broker.password}",  # a generated password may begin with '-'
+            "--swarm", swarm, cwd=tmp_path,
         )  # fmt: skip
         from_env = await sheri_run(
             "tasks", "--broker", bare, "--swarm", swarm, cwd=tmp_path,
