@@ -10,7 +10,6 @@ import signal
 from typing import TYPE_CHECKING
 
 import pytest
-import test_cli
 import trio
 from store_helpers import free_port, pg_url, throwaway_database
 from test_cli import _swarm, agent, sheri, sheri_run, stop
