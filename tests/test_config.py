@@ -309,9 +309,7 @@ def test_claim_store_tls_files_are_relative_to_the_file_and_flags_win(tmp_path: 
     _write(tmp_path, '[agent]\nclaim_store = "rediss://h:6380/0"\nclaim_store_ca = "ca.pem"\n')
     file_config = load_config(cwd=tmp_path)
     assert build_agent_config(file_config, env={}).store.tls.ca_file == tmp_path / "ca.pem"
-    flagged = build_agent_config(
-        file_config, env={}, claim_store_ca=str(tmp_path / "other-ca.pem")
-    )
+    flagged = build_agent_config(file_config, env={}, claim_store_ca=str(tmp_path / "other-ca.pem"))
     assert flagged.store.tls.ca_file == tmp_path / "other-ca.pem"
     with pytest.raises(ConfigError, match=r"^--claim-store: TLS options need rediss://"):
         build_agent_config(file_config, env={}, claim_store="redis://h/0")
