@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import secrets
 import signal
 from functools import partial
@@ -409,3 +410,60 @@ async def test_a_crashed_holder_s_task_is_taken_over_once_through_the_store(
         assert term is not None
         assert term.holder in survivors
         assert term.epoch >= 2
+
+
+async def test_two_dispatchers_cannot_both_serve_with_a_store(
+    bridged: BridgedBrokers,
+    store: StoreConfig,
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
+) -> None:
+    """tests/test_divergence_bridge.py's two dispatchers, with a store: a is the
+    dispatcher (on the first broker); b, on the second, is made to see a vacancy (an
+    offline status of a's term published there) and stands, but the store gives the term
+    to a: b never serves, nothing is reported, and a's assignments go on."""
+    caplog.set_level(logging.INFO, logger="sheri_trio")
+    swarm = f"leaders-{secrets.token_hex(3)}"
+    first, second = bridged.brokers
+    logs = log_waiter(request)
+    executions: collections.Counter[str] = collections.Counter()
+
+    async def count(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        await trio.lowlevel.checkpoint()
+        return {}
+
+    registry = ExecutorRegistry({"probe.run": count})
+    options = {"heartbeat_interval": 0.5, "lease_time": 2.0, "store": store}
+    with trio.fail_after(60):
+        async with bridge_swarm(bridged, swarm, per_broker=0) as run:
+            for agent_id, broker in ((f"{swarm}-a", first), (f"{swarm}-b", second)):
+                config = AgentConfig(
+                    role="general", agent_id=agent_id, swarm=swarm, broker=broker.tcp_url,
+                    **options,
+                )  # fmt: skip
+                await run.start_agent(config, registry)
+            topics = run.topics
+            other = await run.nursery.start(watch_client, second, f"forge-{secrets.token_hex(3)}")
+            async with other.subscribe(topics.dispatch_status, qos=1) as statuses:
+                status = json.loads((await statuses.receive()).payload)["payload"]
+            assert (status["agent_id"], status["status"], status["epoch"]) == (
+                f"{swarm}-a", "online", 1
+            )  # fmt: skip
+            offline = {"agent_id": status["agent_id"], "epoch": 1, "status": "offline"}
+            await other.publish(
+                topics.dispatch_status, encode(status["agent_id"], "general", offline), retain=True
+            )
+            await logs.wait(f"{swarm}-b: the claim store gives the dispatcher's term to another")
+            ids = [f"t{n}" for n in range(10)]
+            await run.publish_tasks(ids)  # a still assigns
+            await run.wait_outcomes(ids)
+            await run.quiet()
+            async with open_store(store, swarm) as probe:
+                term = await probe.leader("dispatcher")
+    assert term is not None
+    assert (term.holder, term.epoch) == (f"{swarm}-a", 1)
+    assert not logs.seen(f"{swarm}-b is the dispatcher")
+    assert executions == dict.fromkeys(ids, 1)
+    for watcher in run.watchers:
+        assert [r for r in watcher.reports if r.get("incident") == "second_leader"] == []

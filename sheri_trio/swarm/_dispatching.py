@@ -511,6 +511,8 @@ class Candidate:
         self.store = store
         #: why the term in progress was deposed by the store (None: it was not)
         self._deposed: str | None = None
+        #: the store refused us a term since our last one (logged once)
+        self._refused = False
         self.me = config.agent_id
         self.topics = Topics(config.swarm)
         self.messages = Messages(config.agent_id, config.role)
@@ -741,9 +743,12 @@ class Candidate:
             with trio.move_on_after(self.config.lease_time):
                 await self.store.wait_available()
             return None
-        if term is None:
-            log.info("%s: the claim store gives the dispatcher's term to another", self.me)
+        if term is None:  # said once until we get a term (candidates ask again and again)
+            level = logging.DEBUG if self._refused else logging.INFO
+            log.log(level, "%s: the claim store gives the dispatcher's term to another", self.me)
+            self._refused = True
         else:
+            self._refused = False
             self.epoch = max(self.epoch, term.epoch)
         return term
 
@@ -754,9 +759,7 @@ class Candidate:
             while self.vacancy() is not None:
                 await self._wait_changed()
 
-    async def _keep_term(
-        self, term: Leadership, since: float, work: trio.CancelScope
-    ) -> None:
+    async def _keep_term(self, term: Leadership, since: float, work: trio.CancelScope) -> None:
         """Renew the store's term every heartbeat (at most a third of a lease); refused,
         or no answer for a whole lease since the last renewal began (the term may have
         lapsed in the store by then): step down (``work`` cancelled)."""
