@@ -29,6 +29,14 @@ allows one connection per client id: a later candidate takes the session over
 (DISCONNECT 0x8E), and the one taken over steps down and follows again; it never
 reconnects to fight back. A term ends cleanly when the candidate is cancelled (the
 agent leaves): status offline, DISCONNECT, both within :data:`CLOSE_TIMEOUT`.
+
+**With a claim store** (docs/stores.md, "Dispatcher mode"): a candidate stands only with
+a term from the store (:meth:`Candidate._store_term`; its epoch is the term's), renews it
+every heartbeat interval and steps down when the store refuses the renewal or does not
+answer for a whole lease (:meth:`Candidate._keep_term`, :attr:`TermEnd.DEPOSED`); each
+assignment is first a :class:`~._dispatcher.StoreAssign` that the shell asks the store
+for (:meth:`DispatcherShell._store_assign`), and nothing new is assigned while the store
+does not answer.
 """
 
 from __future__ import annotations
