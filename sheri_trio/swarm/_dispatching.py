@@ -716,11 +716,12 @@ class Candidate:
         :meth:`_store_term`."""
         if self.store is None:
             return await self._serve_term(why, self.epoch + 1, None, on_online=on_online)
+        term: Leadership | None = None
+        started = trio.current_time()
         with trio.CancelScope() as scope:
             self._work = scope  # stop() ends the wait for a term
             if self._stopping.is_set():
                 scope.cancel()
-            started = trio.current_time()
             term = await self._store_term()
         self._work = None
         if term is None:
