@@ -194,12 +194,17 @@ async def test_a_store_that_stops_holds_new_work_back_then_comes_back(
 
 @MODES
 async def test_a_holder_re_asserts_its_hold_after_redis_restarts_empty(
-    fresh_broker: MosquittoBroker, tmp_path: Path, request: pytest.FixtureRequest, dispatch: str
+    fresh_broker: MosquittoBroker,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+    dispatch: str,
 ) -> None:
     """The holder's next renewal finds nothing and re-creates its hold (no other holder
     exists); the other agent does not take the task over (dispatcher mode: the
     dispatcher's term is gone too, it steps down and the next term keeps the holder); it
     runs once."""
+    caplog.set_level(logging.INFO, logger="sheri_trio")
     swarm = f"empty-{secrets.token_hex(3)}"
     topics = Topics(swarm)
     executions: collections.Counter[str] = collections.Counter()
@@ -241,6 +246,9 @@ async def test_a_holder_re_asserts_its_hold_after_redis_restarts_empty(
             await running.wait()
             redis_server.restart()  # empty
             await logs.wait("hold re-asserted in the claim store")
+            if dispatch == "dispatcher":  # its term is gone: deposed, then a new one
+                await logs.wait("dispatcher term 1 deposed: the claim store did not renew")
+                await logs.wait(f"is the dispatcher of {swarm} (epoch 2)")  # epochs grow
             async with open_store(store, swarm) as probe:
                 hold = await probe.hold("t1")
             assert hold is not None
@@ -467,3 +475,45 @@ async def test_two_dispatchers_cannot_both_serve_with_a_store(
     assert executions == dict.fromkeys(ids, 1)
     for watcher in run.watchers:
         assert [r for r in watcher.reports if r.get("incident") == "second_leader"] == []
+
+
+async def test_a_dispatcher_without_its_store_for_a_lease_steps_down(
+    bridged: BridgedBrokers,
+    outage: Outage,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dispatcher mode on the bridged pair: the store goes away for longer than a lease;
+    the dispatcher, unable to renew its term, steps down (no fallback: nobody serves
+    without a term); the store back, a candidate gets the next term (epoch 2) and every
+    task published then runs once."""
+    caplog.set_level(logging.INFO, logger="sheri_trio")
+    swarm = f"deposed-{secrets.token_hex(3)}"
+    logs = log_waiter(request)
+    executions: collections.Counter[str] = collections.Counter()
+
+    async def count(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        await trio.lowlevel.checkpoint()
+        return {}
+
+    registry = ExecutorRegistry({"probe.run": count})
+    with trio.fail_after(60):
+        async with bridge_swarm(
+            bridged, swarm, registry, per_broker=1, dispatch="dispatcher", store=outage.config,
+            heartbeat_interval=0.2, lease_time=1.0,
+        ) as run:  # fmt: skip
+            await logs.wait(f"is the dispatcher of {swarm} (epoch 1)")
+            await outage.stop()
+            await logs.wait("dispatcher term 1 deposed: the claim store did not answer")
+            await logs.wait("cannot stand for dispatcher")  # no term without the store
+            assert not logs.seen(f"is the dispatcher of {swarm} (epoch 2)")
+            await outage.start()
+            await logs.wait(f"is the dispatcher of {swarm} (epoch 2)")
+            ids = [f"t{n}" for n in range(20)]
+            await run.publish_tasks(ids)
+            await run.wait_outcomes(ids)
+            await run.quiet()
+    assert executions == dict.fromkeys(ids, 1)
+    for watcher in run.watchers:
+        assert all(len(watcher.outcomes[t]) == 1 for t in ids)
