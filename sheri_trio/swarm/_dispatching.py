@@ -519,7 +519,7 @@ class Candidate:
         self.store = store
         #: why the term in progress was deposed by the store (None: it was not)
         self._deposed: str | None = None
-        #: the store refused us a term since our last one (logged once)
+        #: the store refused us a term, or did not answer, since our last one (logged once)
         self._refused = False
         self.me = config.agent_id
         self.topics = Topics(config.swarm)
@@ -748,7 +748,9 @@ class Candidate:
                 LEADER_NAME, self.me, self.config.lease_time, known_epoch=self.epoch
             )
         except StoreUnavailable as exc:
-            log.warning("%s cannot stand for dispatcher: %s", self.me, exc)
+            level = logging.DEBUG if self._refused else logging.WARNING
+            log.log(level, "%s cannot stand for dispatcher: %s", self.me, exc)
+            self._refused = True
             with trio.move_on_after(self.config.lease_time):
                 await self.store.wait_available()
             return None
