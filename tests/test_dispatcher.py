@@ -22,8 +22,8 @@ from sheri_trio.swarm._dispatcher import (
     DispatchCommand,
     Dispatcher,
     ForwardCancel,
+    PublishStoredOutcome,
     RecordState,
-    RepublishOutcome,
     RevokeReason,
     SendAssignment,
     SendRevocation,
@@ -1109,7 +1109,7 @@ def test_with_a_store_a_finished_task_s_outcome_is_published_again() -> None:
     done = StoredOutcome("t1", 1, "x", result)
     hold = Hold("t1", 1, "x", released=False, live=False, finished=True)
     assert d.on_store_verdict(ask, Verdict.FINISHED, 0.0, hold=hold, outcome=done) == [
-        RepublishOutcome("t1", result, success=True),
+        PublishStoredOutcome("t1", result, success=True),
         WriteRecord("t1", RecordState.DONE, 1, "x", sub("t1")),
     ]
     assert "t1" in d.finished

@@ -81,8 +81,8 @@ __all__ = [
     "Dispatcher",
     "ForwardCancel",
     "Job",
+    "PublishStoredOutcome",
     "RecordState",
-    "RepublishOutcome",
     "RevokeReason",
     "SendAssignment",
     "SendRevocation",
@@ -228,7 +228,7 @@ class StoreAssign:
 
 
 @dataclass(frozen=True, slots=True)
-class RepublishOutcome:
+class PublishStoredOutcome:
     """With a claim store: the store has the task's accepted outcome (its holder may have
     died between the store and its publish): publish it as stored (``success``: on
     ``tasks/complete``, else ``tasks/failed``)."""
@@ -243,7 +243,7 @@ DispatchCommand = (
     | WriteRecord
     | SendAssignment
     | StoreAssign
-    | RepublishOutcome
+    | PublishStoredOutcome
     | SendRevocation
     | ForwardCancel
     | SendFailed
@@ -678,7 +678,7 @@ class Dispatcher:
         out: list[DispatchCommand] = [ClearPending(task_id)] if job.pending else []
         return [
             *out,
-            RepublishOutcome(task_id, payload, success),
+            PublishStoredOutcome(task_id, payload, success),
             WriteRecord(task_id, state, stored.attempt, stored.holder, job.task),
         ]
 

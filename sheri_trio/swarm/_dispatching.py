@@ -65,8 +65,8 @@ from ._dispatcher import (
     Ack,
     Dispatcher,
     ForwardCancel,
+    PublishStoredOutcome,
     RecordState,
-    RepublishOutcome,
     SendAssignment,
     SendRevocation,
     StoreAssign,
@@ -413,7 +413,7 @@ class DispatcherShell:
             await self._send(state_topic, record, retain=True, expiry=expiry)
         elif isinstance(command, StoreAssign):
             await self._store_assign(command)
-        elif isinstance(command, RepublishOutcome):
+        elif isinstance(command, PublishStoredOutcome):
             log.warning("dispatcher %s: publishing the stored outcome of %s again",
                         self.me, command.task_id)  # fmt: skip
             topic = t.tasks_complete if command.success else t.tasks_failed
