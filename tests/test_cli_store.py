@@ -10,7 +10,6 @@ import signal
 from typing import TYPE_CHECKING
 
 import pytest
-import test_cli
 import trio
 from store_helpers import free_port, pg_url, throwaway_database
 from test_cli import _swarm, agent, sheri, sheri_run, stop
@@ -24,16 +23,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from sheri_trio.testing import MosquittoBroker
-
-
-@pytest.fixture(autouse=True)
-def broadcast_agents(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every agent these commands start runs dispatch = "broadcast": the one mode whose
-    decisions all go through the claim store so far (dispatcher mode refuses a store)."""
-    plain = test_cli._env
-    monkeypatch.setattr(
-        test_cli, "_env", lambda **extra: plain(SHERI_DISPATCH="broadcast", **extra)
-    )
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +133,8 @@ async def test_an_agent_opens_its_store_as_a_start_up_step(
     broker: MosquittoBroker, locked_redis: RedisServer, tmp_path: Path
 ) -> None:
     """From ``[agent] claim_store`` and the password from the environment: the step is
-    logged, the agent comes online and leaves on SIGINT; the password is never printed."""
+    logged, the agent comes online (the default dispatch: it is the dispatcher, with the
+    store's term) and leaves on SIGINT; the password is never printed."""
     (tmp_path / "sheri.toml").write_text(f'[agent]\nclaim_store = "{locked_redis.url()}"\n')
     env = {"SHERI_CLAIM_STORE_PASSWORD": locked_redis.password}
     with trio.fail_after(30):
@@ -156,6 +146,7 @@ async def test_an_agent_opens_its_store_as_a_start_up_step(
             shown = f"redis://:***@127.0.0.1:{locked_redis.port}/0"  # the password hidden
             await out.expect(rf"claim store agent=\S+ url={re.escape(shown)}")
             await out.expect(r"info: online ")
+            await out.expect(r"is the dispatcher of \S+ \(epoch 1\)")  # the store's first
             assert await stop(out, signal.SIGINT) == 0
     assert locked_redis.password not in out.text
     assert out.text.index("start-up: claim store") < out.text.index("start-up: probe")

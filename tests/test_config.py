@@ -227,22 +227,21 @@ def test_lease_longer_than_heartbeat_is_one_rule_wherever_the_values_come_from()
 
 
 # ------------------------------------------------------------------ claim store
-#: a claim store is used by broadcast mode only so far (dispatcher mode refuses one)
-BROADCAST = {"SHERI_DISPATCH": "broadcast"}
-
-
-def test_dispatcher_mode_refuses_a_claim_store() -> None:
-    with pytest.raises(ConfigError, match=r"dispatch: a claim store is used by dispatch = "
-                       r"'broadcast' only so far .*set --dispatch broadcast"):  # fmt: skip
-        build_agent_config(env={}, claim_store="redis://h/0")
-    assert build_agent_config(env=BROADCAST, claim_store="redis://h/0").store.kind == "redis"
-    assert build_agent_config(env={}).dispatch == "dispatcher"  # no store: the default
+def test_a_claim_store_in_either_dispatch_mode() -> None:
+    """Dispatcher mode (the default) takes a claim store too (it was refused before the
+    election and the assignments went through it)."""
+    default = build_agent_config(env={}, claim_store="redis://h/0")
+    assert (default.dispatch, default.store.kind) == ("dispatcher", "redis")
+    default.validate()
+    broadcast = build_agent_config(env={"SHERI_DISPATCH": "broadcast"}, claim_store="redis://h/0")
+    assert (broadcast.dispatch, broadcast.store.kind) == ("broadcast", "redis")
+    assert build_agent_config(env={}).store.kind == "broker"  # no store: the default
 
 
 def test_claim_store_precedence_flag_env_file_default(tmp_path: Path) -> None:
     _write(tmp_path, '[agent]\nclaim_store = "redis://file-host:6379/0"\n')
     file_config = load_config(cwd=tmp_path)
-    env = {"SHERI_CLAIM_STORE": "postgresql://sheri@env-host/claims", **BROADCAST}
+    env = {"SHERI_CLAIM_STORE": "postgresql://sheri@env-host/claims"}
     flagged = build_agent_config(file_config, env=env, claim_store="redis://flag-host/2")
     assert (flagged.store.kind, flagged.store.host, flagged.store.database) == (
         "redis",
@@ -252,14 +251,14 @@ def test_claim_store_precedence_flag_env_file_default(tmp_path: Path) -> None:
     assert flagged.claim_store == "redis://flag-host/2"
     from_env = build_agent_config(file_config, env=env)
     assert (from_env.store.kind, from_env.store.host) == ("postgresql", "env-host")
-    from_file = build_agent_config(file_config, env=BROADCAST)
+    from_file = build_agent_config(file_config, env={})
     assert (from_file.store.host, from_file.claim_store) == (
         "file-host",
         "redis://file-host:6379/0",
     )
-    default = build_agent_config(FileConfig(), env=BROADCAST)
+    default = build_agent_config(FileConfig(), env={})
     assert (default.store.kind, default.claim_store) == ("broker", "broker")
-    assert store_settings(file_config, env=BROADCAST).host == "file-host"  # what submit/monitor use
+    assert store_settings(file_config, env={}).host == "file-host"  # what submit/monitor use
 
 
 def test_claim_store_password_from_the_environment_or_a_file_never_a_flag(tmp_path: Path) -> None:
@@ -268,24 +267,24 @@ def test_claim_store_password_from_the_environment_or_a_file_never_a_flag(tmp_pa
         match=r"^--claim-store: a password inside .*refused on the "
         r"command line: put it in SHERI_CLAIM_STORE_PASSWORD",
     ) as caught:
-        build_agent_config(env=BROADCAST, claim_store="redis://:hunter22@h/0")
+        build_agent_config(env={}, claim_store="redis://:hunter22@h/0")
     assert "hunter22" not in str(caught.value)
     with pytest.raises(ConfigError, match=r"^sheri\.toml: agent\.claim_store: a password inside"):
         parse_config({"agent": {"claim_store": "redis://u:hunter22@h/0"}})
     # the whole URL in the environment may carry it; it stays out of repr and claim_store
-    env_url = build_agent_config(env={"SHERI_CLAIM_STORE": "redis://u:hunter22@h/0", **BROADCAST})
+    env_url = build_agent_config(env={"SHERI_CLAIM_STORE": "redis://u:hunter22@h/0"})
     assert env_url.store.password == "hunter22"
     assert "hunter22" not in repr(env_url)
     assert "hunter22" not in env_url.claim_store
     env_password = build_agent_config(
-        env={"SHERI_CLAIM_STORE_PASSWORD": "hunter22", **BROADCAST}, claim_store="redis://u@h/0"
+        env={"SHERI_CLAIM_STORE_PASSWORD": "hunter22"}, claim_store="redis://u@h/0"
     )
     assert env_password.store.password == "hunter22"
     (tmp_path / "store.pw").write_text("from-the-file\n")
     _write(
         tmp_path, '[agent]\nclaim_store = "redis://h/0"\nclaim_store_password_file = "store.pw"\n'
     )
-    filed = build_agent_config(load_config(cwd=tmp_path), env=BROADCAST)
+    filed = build_agent_config(load_config(cwd=tmp_path), env={})
     assert filed.store.password == "from-the-file"
 
 
@@ -309,10 +308,8 @@ def test_claim_store_tls_files_are_relative_to_the_file_and_flags_win(tmp_path: 
         (tmp_path / name).write_text("")
     _write(tmp_path, '[agent]\nclaim_store = "rediss://h:6380/0"\nclaim_store_ca = "ca.pem"\n')
     file_config = load_config(cwd=tmp_path)
-    assert build_agent_config(file_config, env=BROADCAST).store.tls.ca_file == tmp_path / "ca.pem"
-    flagged = build_agent_config(
-        file_config, env=BROADCAST, claim_store_ca=str(tmp_path / "other-ca.pem")
-    )
+    assert build_agent_config(file_config, env={}).store.tls.ca_file == tmp_path / "ca.pem"
+    flagged = build_agent_config(file_config, env={}, claim_store_ca=str(tmp_path / "other-ca.pem"))
     assert flagged.store.tls.ca_file == tmp_path / "other-ca.pem"
     with pytest.raises(ConfigError, match=r"^--claim-store: TLS options need rediss://"):
-        build_agent_config(file_config, env=BROADCAST, claim_store="redis://h/0")
+        build_agent_config(file_config, env={}, claim_store="redis://h/0")

@@ -15,16 +15,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sheri_trio.stores import Hold, StoredOutcome, Verdict, parse_store_url
 from sheri_trio.swarm._config import AgentConfig
 from sheri_trio.swarm._dispatcher import (
     Ack,
     DispatchCommand,
     Dispatcher,
     ForwardCancel,
+    PublishStoredOutcome,
     RecordState,
     RevokeReason,
     SendAssignment,
     SendRevocation,
+    StoreAssign,
     WriteRecord,
     latest_records,
 )
@@ -1082,3 +1085,102 @@ def test_a_batch_writes_only_the_last_record_of_each_task() -> None:
         SendAssignment("a1", "t", sub("t"), 1)
     )
     assert latest_records(others) == others
+
+
+# ------------------------------------------------------------------ a claim store
+def stored(**kw: Any) -> Dispatcher:
+    """A dispatcher whose assignments go through a claim store (docs/stores.md)."""
+    return make(store=parse_store_url("redis://h/0", source="flag"), **kw)
+
+
+def test_with_a_store_an_assignment_is_claimed_for_its_agent_first() -> None:
+    d = stored()
+    register(d, "a", max_tasks=1)
+    submit(d, "t1")
+    (ask,) = d.assignments(0.0)
+    assert ask == StoreAssign("t1", 1, "a", takeover=False)
+    assert d.free_slots("a", 0.0) == 0  # the slot is taken while the store decides
+    assert d.on_store_verdict(ask, Verdict.WON, 1.0) == [
+        WriteRecord("t1", A, 1, "a", sub("t1")),
+        SendAssignment("a", "t1", sub("t1"), 1),
+    ]
+    assert d.on_store_verdict(ask, Verdict.WON, 1.0) == []  # answered once
+
+
+def test_with_a_store_another_dispatcher_s_assignment_is_followed() -> None:
+    """LOST: the store gave the attempt to b (a second dispatcher's assignment, or the
+    last one's, cut off before its record): b's custody is recorded and sent to b."""
+    d = stored()
+    register(d, "a")
+    register(d, "b")
+    submit(d, "t1")
+    (ask,) = d.assignments(0.0)
+    other = "b" if ask.agent_id == "a" else "a"
+    hold = Hold("t1", 1, other, released=False, live=True, finished=False)
+    assert d.on_store_verdict(ask, Verdict.LOST, 1.0, hold=hold) == [
+        WriteRecord("t1", A, 1, other, sub("t1")),
+        SendAssignment(other, "t1", sub("t1"), 1),
+    ]
+    assert (d.in_flight(ask.agent_id), d.in_flight(other)) == (0, 1)
+
+
+def test_with_a_store_a_takeover_waits_for_the_holder_s_lease() -> None:
+    d = stored()
+    register(d, "a", max_tasks=1)
+    register(d, "b", max_tasks=1)
+    submit(d, "t1")
+    (ask,) = d.assignments(0.0)
+    d.on_store_verdict(ask, Verdict.WON, 0.0)
+    holder = ask.agent_id
+    other = "b" if holder == "a" else "a"
+    status(d, holder, online=False, now=1.0)  # gone: revoked, attempt 2 queued
+    (again,) = d.assignments(1.0)
+    assert again == StoreAssign("t1", 2, other, takeover=True)
+    held = Hold("t1", 1, holder, released=False, live=True, finished=False)
+    assert d.on_store_verdict(again, Verdict.HELD, 1.0, hold=held) == []
+    assert d.assignments(1.5) == []  # not asked again before the next lease check
+    d.check_leases(2.0)
+    (third,) = d.assignments(2.0)
+    assert third == StoreAssign("t1", 2, other, takeover=True)
+    assert d.on_store_verdict(third, Verdict.WON, 2.0)[-1] == SendAssignment(
+        other, "t1", sub("t1"), 2
+    )
+
+
+def test_with_a_store_a_finished_task_s_outcome_is_published_again() -> None:
+    d = stored()
+    register(d, "a")
+    submit(d, "t1")
+    (ask,) = d.assignments(0.0)
+    result = {"task_id": "t1", "agent_id": "x", "attempt": 1, "status": "success"}
+    done = StoredOutcome("t1", 1, "x", result)
+    hold = Hold("t1", 1, "x", released=False, live=False, finished=True)
+    assert d.on_store_verdict(ask, Verdict.FINISHED, 0.0, hold=hold, outcome=done) == [
+        PublishStoredOutcome("t1", result, success=True),
+        WriteRecord("t1", RecordState.DONE, 1, "x", sub("t1")),
+    ]
+    assert "t1" in d.finished
+    assert d.in_flight("a") == 0
+
+
+def test_with_a_store_a_released_attempt_queues_the_next_one() -> None:
+    d = stored()
+    register(d, "a", max_tasks=1)
+    submit(d, "t1")
+    (ask,) = d.assignments(0.0)
+    hold = Hold("t1", 1, "z", released=True, live=False, finished=False)
+    assert d.on_store_verdict(ask, Verdict.LOST, 0.0, hold=hold) == [
+        WriteRecord("t1", Q, 2, None, sub("t1"))
+    ]
+    assert d.assignments(0.0) == [StoreAssign("t1", 2, "a", takeover=False)]
+
+
+def test_with_a_store_that_does_not_answer_the_task_waits_queued() -> None:
+    d = stored()
+    register(d, "a", max_tasks=1)
+    submit(d, "t1")
+    (ask,) = d.assignments(0.0)
+    d.on_store_unavailable(ask)
+    assert d.free_slots("a", 0.0) == 1
+    assert d.queued() == 1
+    assert d.assignments(0.0) == [ask]  # the same question, once the shell asks again

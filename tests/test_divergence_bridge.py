@@ -17,58 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+from bridge_helpers import TASKS, Watcher, bridge_swarm, log_waiter, watch_client
 
 from sheri_trio.executors import ExecutorRegistry
-from sheri_trio.mqtt import open_client
 from sheri_trio.swarm import DIVERGENCE_FIX, AgentConfig, Topics, encode, run_agent
 
 if TYPE_CHECKING:
     from sheri_trio.executors import TaskContext
-    from sheri_trio.mqtt import Client
-    from sheri_trio.swarm import Agent
     from sheri_trio.testing import BridgedBrokers, MosquittoBroker
-
-TASKS = 300
-PER_BROKER = 3
-
-
-class Watcher:
-    """Outcomes and error reports seen on one broker."""
-
-    def __init__(self) -> None:
-        self.outcomes: dict[str, set[tuple[int, str]]] = collections.defaultdict(set)
-        #: (task, attempt) -> the first claim this broker delivered: its holder here
-        self.holders: dict[tuple[str, int], str] = {}
-        self.reports: list[dict[str, Any]] = []
-        self.markers: set[str] = set()
-        self.changed = trio.Event()
-
-    async def run(self, client: Client, topics: Topics, started: trio.Event) -> None:
-        async with client.subscribe(
-            topics.tasks_assigned,
-            topics.tasks_complete,
-            topics.tasks_failed,
-            topics.errors,
-            topics.broadcast,
-            qos=1,
-        ) as messages:
-            started.set()
-            async for m in messages:
-                p = json.loads(m.payload)["payload"]
-                if m.topic == topics.errors:
-                    self.reports.append(p)
-                elif m.topic == topics.broadcast:
-                    self.markers.add(p["marker"])
-                elif m.topic == topics.tasks_assigned:
-                    self.holders.setdefault((p["task_id"], p["attempt"]), p["agent_id"])
-                else:
-                    self.outcomes[p["task_id"]].add((p["attempt"], p["agent_id"]))
-                self.changed.set()
-                self.changed = trio.Event()
-
-    async def wait(self, condition: Any) -> None:
-        while not condition():
-            await self.changed.wait()
 
 
 @pytest.mark.parametrize(
@@ -84,7 +40,6 @@ async def test_broker_mode_on_a_bridge_reports_every_task_that_ran_twice(
     both brokers at once (a duplicate task id), which makes the race likelier."""
     caplog.set_level(logging.ERROR, logger="sheri_trio.agent")
     swarm = f"bridge-{secrets.token_hex(3)}"
-    topics = Topics(swarm)
     executions: collections.Counter[str] = collections.Counter()
 
     async def count(ctx: TaskContext) -> dict[str, Any]:
@@ -93,58 +48,21 @@ async def test_broker_mode_on_a_bridge_reports_every_task_that_ran_twice(
         return {"ran": True}
 
     registry = ExecutorRegistry({"probe.run": count})
-    brokers: tuple[MosquittoBroker, MosquittoBroker] = bridged.brokers
-    watchers = [Watcher(), Watcher()]
-    agents: list[Agent] = []
-    shutdown = trio.Event()
+    ids = [f"t{n:03d}" for n in range(TASKS)]
+    options = {"dispatch": "broadcast", "heartbeat_interval": 1.0, "lease_time": 10.0}
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            clients = []
-            for broker, watcher in zip(brokers, watchers, strict=True):
-                client = await nursery.start(_client, broker, f"watch-{secrets.token_hex(3)}")
-                clients.append(client)
-                started = trio.Event()
-                nursery.start_soon(watcher.run, client, topics, started)
-                await started.wait()
-            for side, broker in enumerate(brokers):
-                broker = broker if split else brokers[0]
-                for i in range(PER_BROKER):
-                    config = AgentConfig(
-                        dispatch="broadcast",
-                        role="general",
-                        agent_id=f"{swarm}-{'ab'[side]}{i}",
-                        swarm=swarm,
-                        broker=broker.tcp_url,
-                        heartbeat_interval=1.0,
-                        lease_time=10.0,
-                        max_tasks=4,
-                    )
-                    agent = await nursery.start(
-                        partial(run_agent, config, executors=registry, shutdown=shutdown)
-                    )
-                    agents.append(agent)
-            ids = [f"t{n:03d}" for n in range(TASKS)]
-            for task_id in ids:  # on the first broker only, as in the issue (or on both)
-                body = {"task_id": task_id, "type": "probe.run", "payload": {}}
-                data = encode(None, None, body)
-                async with trio.open_nursery() as at_once:
-                    for client in clients if on_both else clients[:1]:
-                        at_once.start_soon(partial(client.publish, topics.tasks_new, data, qos=1))
-            for watcher in watchers:  # nothing lost, as seen on both brokers
-                await watcher.wait(lambda w=watcher: all(t in w.outcomes for t in ids))
-            first, second = (w.holders for w in watchers)
+        async with bridge_swarm(
+            bridged, swarm, registry, split=split, max_tasks=4, **options
+        ) as run:
+            # on the first broker only, as in the issue (or on both)
+            await run.publish_tasks(ids, on_both=on_both)
+            await run.wait_outcomes(ids)  # nothing lost, as seen on both brokers
+            first, second = (w.holders for w in run.watchers)
             held_twice = {t for (t, a), held in first.items() if second.get((t, a)) != held}
-            for watcher in watchers:  # each one reported
+            for watcher in run.watchers:  # each one reported
                 await watcher.wait(lambda w=watcher: held_twice <= _reported(w.reports))
-            # quiet: a marker from each broker has reached both watchers (what was
-            # published before it, on either broker, has arrived)
-            for client in clients:
-                marker = secrets.token_hex(4)
-                await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
-                for watcher in watchers:
-                    await watcher.wait(lambda w=watcher, m=marker: m in w.markers)
-            shutdown.set()
-            nursery.cancel_scope.cancel()
+            await run.quiet()
+        watchers = run.watchers
     assert sorted(executions) == ids  # every task ran
     ran_twice = {t for t, n in executions.items() if n > 1}
     assert ran_twice <= held_twice  # ran twice: held by two
@@ -167,33 +85,7 @@ def _reported(reports: list[dict[str, Any]]) -> set[str]:
     return {r["task_id"] for r in reports if r.get("kind") == "divergence"}
 
 
-async def _client(
-    broker: MosquittoBroker, client_id: str, *, task_status: trio.TaskStatus[Client]
-) -> None:
-    async with open_client(broker.tcp_url, client_id=client_id) as client:
-        task_status.started(client)
-        await trio.sleep_forever()
-
-
 # ------------------------------------------------------------- two dispatchers
-class LogWaiter(logging.Handler):
-    """Wakes a waiter on every log record (handled synchronously, in the trio thread)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-        self._changed = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait(self, text: str) -> None:
-        while not any(text in m for m in self.messages):
-            await self._changed.wait()
-
-
 @pytest.mark.parametrize("bridge", [True, False], ids=["bridged", "one-broker"])
 async def test_two_dispatchers_in_office_are_reported(
     bridged: BridgedBrokers,
@@ -213,9 +105,7 @@ async def test_two_dispatchers_in_office_are_reported(
     b_broker = second if bridge else first
     watcher = Watcher()
     shutdown = trio.Event()
-    logs = LogWaiter()
-    logging.getLogger("sheri_trio").addHandler(logs)
-    request.addfinalizer(lambda: logging.getLogger("sheri_trio").removeHandler(logs))
+    logs = log_waiter(request)
 
     def config(agent_id: str, broker: MosquittoBroker) -> AgentConfig:
         return AgentConfig(
@@ -232,7 +122,7 @@ async def test_two_dispatchers_in_office_are_reported(
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            client = await nursery.start(_client, first, f"watch-{secrets.token_hex(3)}")
+            client = await nursery.start(watch_client, first, f"watch-{secrets.token_hex(3)}")
             started = trio.Event()
             nursery.start_soon(watcher.run, client, topics, started)
             await started.wait()
@@ -241,7 +131,7 @@ async def test_two_dispatchers_in_office_are_reported(
                 partial(run_agent, config(f"{swarm}-b", b_broker), shutdown=shutdown)
             )
             # b follows a; now b's broker says a's term is over (as a will would)
-            other = await nursery.start(_client, b_broker, f"forge-{secrets.token_hex(3)}")
+            other = await nursery.start(watch_client, b_broker, f"forge-{secrets.token_hex(3)}")
             async with other.subscribe(topics.dispatch_status, qos=1) as statuses:
                 status = json.loads((await statuses.receive()).payload)["payload"]
             assert (status["agent_id"], status["status"]) == (f"{swarm}-a", "online")

@@ -1,7 +1,10 @@
 """A claim store on two bridged mosquittos (issue 11): the same contention as
 tests/test_divergence_bridge.py (3 agents on each broker, 300 tasks published on one),
-now with a Redis or a PostgreSQL store deciding. Every task runs exactly once and has
-exactly one final outcome, as seen on both brokers; nothing is reported."""
+now with a Redis or a PostgreSQL store deciding, in either dispatch mode (broadcast: each
+agent's claims; dispatcher: the election's terms and each assignment). Every task runs
+exactly once and has exactly one final outcome, as seen on both brokers; nothing is
+reported; a store that goes away holds new work back; a dead holder's task, and a dead
+dispatcher's term, are taken over through the store."""
 
 from __future__ import annotations
 
@@ -15,6 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+from bridge_helpers import (
+    TASKS,
+    Watcher,
+    bridge_swarm,
+    log_waiter,
+    watch_client,
+)
 from childproc import online_process
 from store_helpers import (
     create_database,
@@ -23,7 +33,6 @@ from store_helpers import (
     require_postgres,
     set_accepting,
 )
-from test_divergence_bridge import PER_BROKER, TASKS, LogWaiter, Watcher, _client
 
 from sheri_trio.executors import ExecutorRegistry
 from sheri_trio.stores import Verdict, open_store, parse_store_url
@@ -36,8 +45,10 @@ if TYPE_CHECKING:
 
     from sheri_trio.executors import TaskContext
     from sheri_trio.stores import StoreConfig
-    from sheri_trio.swarm import Agent
     from sheri_trio.testing import BridgedBrokers, MosquittoBroker
+
+#: both dispatch modes decide through the store
+MODES = pytest.mark.parametrize("dispatch", ["broadcast", "dispatcher"])
 
 
 @pytest.fixture(params=["redis", "postgresql"])
@@ -54,11 +65,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreConfi
         drop_database(name)
 
 
+@MODES
 async def test_with_a_store_every_task_runs_once_on_a_bridge(
-    bridged: BridgedBrokers, store: StoreConfig
+    bridged: BridgedBrokers, store: StoreConfig, dispatch: str
 ) -> None:
     swarm = f"stored-{secrets.token_hex(3)}"
-    topics = Topics(swarm)
     executions: collections.Counter[str] = collections.Counter()
 
     async def count(ctx: TaskContext) -> dict[str, Any]:
@@ -67,58 +78,25 @@ async def test_with_a_store_every_task_runs_once_on_a_bridge(
         return {"ran": True}
 
     registry = ExecutorRegistry({"probe.run": count})
-    brokers: tuple[MosquittoBroker, MosquittoBroker] = bridged.brokers
-    watchers = [Watcher(), Watcher()]
-    agents: list[Agent] = []
-    shutdown = trio.Event()
     ids = [f"t{n:03d}" for n in range(TASKS)]
+    options = {"heartbeat_interval": 1.0, "lease_time": 10.0, "max_tasks": 4}
     with trio.fail_after(90):
-        async with trio.open_nursery() as nursery:
-            clients = []
-            for broker, watcher in zip(brokers, watchers, strict=True):
-                client = await nursery.start(_client, broker, f"watch-{secrets.token_hex(3)}")
-                clients.append(client)
-                started = trio.Event()
-                nursery.start_soon(watcher.run, client, topics, started)
-                await started.wait()
-            for side, broker in enumerate(brokers):
-                for i in range(PER_BROKER):
-                    config = AgentConfig(
-                        dispatch="broadcast",
-                        role="general",
-                        agent_id=f"{swarm}-{'ab'[side]}{i}",
-                        swarm=swarm,
-                        broker=broker.tcp_url,
-                        heartbeat_interval=1.0,
-                        lease_time=10.0,
-                        max_tasks=4,
-                        store=store,
-                    )
-                    agent = await nursery.start(
-                        partial(run_agent, config, executors=registry, shutdown=shutdown)
-                    )
-                    assert agent.store is not None
-                    agents.append(agent)
-            for task_id in ids:
-                body = {"task_id": task_id, "type": "probe.run", "payload": {}}
-                await clients[0].publish(topics.tasks_new, encode(None, None, body), qos=1)
-            for watcher in watchers:
-                await watcher.wait(lambda w=watcher: all(t in w.outcomes for t in ids))
-            for client in clients:  # quiet: markers from both brokers reached both
-                marker = secrets.token_hex(4)
-                await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
-                for watcher in watchers:
-                    await watcher.wait(lambda w=watcher, m=marker: m in w.markers)
-            shutdown.set()
-            nursery.cancel_scope.cancel()
+        async with bridge_swarm(
+            bridged, swarm, registry, dispatch=dispatch, store=store, **options
+        ) as run:
+            assert all(agent.store is not None for agent in run.agents)
+            await run.publish_tasks(ids)
+            await run.wait_outcomes(ids)
+            await run.quiet()
     assert executions == dict.fromkeys(ids, 1)  # each ran exactly once
-    for watcher in watchers:
+    for watcher in run.watchers:
         assert all(len(watcher.outcomes[t]) == 1 for t in ids)  # one accepted outcome each
         assert [r for r in watcher.reports if r.get("kind") == "divergence"] == []
-    first, second = (w.holders for w in watchers)
+    first, second = (w.holders for w in run.watchers)
     assert first == second  # one holder per attempt, whichever broker one asks
-    holders = {agent for outcomes in watchers[0].outcomes.values() for _, agent in outcomes}
+    holders = {agent for outcomes in run.watchers[0].outcomes.values() for _, agent in outcomes}
     assert len(holders) > 1  # the work was shared
+    print(f"{dispatch}/{store.kind}: {sum(executions.values())} executions of {TASKS} tasks")
 
 
 class Outage:
@@ -167,14 +145,16 @@ def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Outage]:
         store.close()
 
 
+@MODES
 async def test_a_store_that_stops_holds_new_work_back_then_comes_back(
-    fresh_broker: MosquittoBroker, outage: Outage, request: pytest.FixtureRequest
+    bridged: BridgedBrokers, outage: Outage, request: pytest.FixtureRequest, dispatch: str
 ) -> None:
-    """The store goes away mid-run: agents claim nothing (no fallback to the broker's
-    order), the outcome of a task running meanwhile waits; the store back (Redis: empty):
-    every task runs once and has one outcome."""
+    """On the bridged pair, an agent on each broker: the store goes away mid-run; no new
+    work is taken (no fallback to the broker's order: broadcast claims nothing, the
+    dispatcher assigns nothing), the outcome of a task running meanwhile waits; the store
+    back (Redis: empty, so a dispatcher's term is gone and it steps down for a new one):
+    every task runs once and has one outcome, as seen on both brokers."""
     swarm = f"outage-{secrets.token_hex(3)}"
-    topics = Topics(swarm)
     executions: collections.Counter[str] = collections.Counter()
     gate = trio.Event()  # the first task runs until the store is down
     running = trio.Event()
@@ -187,65 +167,44 @@ async def test_a_store_that_stops_holds_new_work_back_then_comes_back(
         return {"ran": True}
 
     registry = ExecutorRegistry({"probe.run": work})
-    watcher = Watcher()
-    shutdown = trio.Event()
-    logs = LogWaiter()
-    logging.getLogger("sheri_trio").addHandler(logs)
-    request.addfinalizer(lambda: logging.getLogger("sheri_trio").removeHandler(logs))
-    store = outage.config
+    logs = log_waiter(request)
+    held_back = "no new tasks" if dispatch == "broadcast" else "no new assignments"
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            client = await nursery.start(_client, fresh_broker, "watch")
-            started = trio.Event()
-            nursery.start_soon(watcher.run, client, topics, started)
-            await started.wait()
-            for i in range(2):
-                config = AgentConfig(
-                    dispatch="broadcast",
-                    role="general",
-                    agent_id=f"{swarm}-{i}",
-                    swarm=swarm,
-                    broker=fresh_broker.tcp_url,
-                    heartbeat_interval=1.0,
-                    lease_time=10.0,
-                    store=store,
-                )
-                await nursery.start(
-                    partial(run_agent, config, executors=registry, shutdown=shutdown)
-                )
-
-            async def submit(task_id: str) -> None:
-                body = {"task_id": task_id, "type": "probe.run", "payload": {}}
-                await client.publish(topics.tasks_new, encode(None, None, body), qos=1)
-
-            await submit("t00")
+        async with bridge_swarm(
+            bridged, swarm, registry, per_broker=1, dispatch=dispatch, store=outage.config,
+            heartbeat_interval=1.0, lease_time=10.0,
+        ) as run:  # fmt: skip
+            await run.publish_tasks(["t00"])
             await running.wait()
             await outage.stop()
             ids = [f"t{n:02d}" for n in range(1, 11)]
-            for task_id in ids:
-                await submit(task_id)
-            await logs.wait("claim store unavailable: no new tasks")
+            await run.publish_tasks(ids)
+            await logs.wait(f"claim store unavailable: {held_back}")
             gate.set()  # t00 ends while the store is down: its outcome waits
             await logs.wait("claim store unavailable: outcome waits")
             assert sum(executions[t] for t in ids) == 0  # nothing new taken meanwhile
-            assert "t00" not in watcher.outcomes
+            assert all("t00" not in w.outcomes for w in run.watchers)
             await outage.start()  # Redis: empty
-            for task_id in ["t00", *ids]:
-                await watcher.wait(lambda t=task_id: t in watcher.outcomes)
-            marker = secrets.token_hex(4)
-            await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
-            await watcher.wait(lambda: marker in watcher.markers)
-            shutdown.set()
-            nursery.cancel_scope.cancel()
+            await run.wait_outcomes(["t00", *ids])
+            await run.quiet()
     assert executions == dict.fromkeys(["t00", *ids], 1)
-    assert all(len(v) == 1 for v in watcher.outcomes.values())
+    for watcher in run.watchers:
+        assert all(len(v) == 1 for v in watcher.outcomes.values())
 
 
+@MODES
 async def test_a_holder_re_asserts_its_hold_after_redis_restarts_empty(
-    fresh_broker: MosquittoBroker, tmp_path: Path, request: pytest.FixtureRequest
+    fresh_broker: MosquittoBroker,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+    dispatch: str,
 ) -> None:
     """The holder's next renewal finds nothing and re-creates its hold (no other holder
-    exists); the other agent does not take the task over; it runs once."""
+    exists); the other agent does not take the task over (dispatcher mode: the
+    dispatcher's term is gone too, it steps down and the next term keeps the holder); it
+    runs once."""
+    caplog.set_level(logging.INFO, logger="sheri_trio")
     swarm = f"empty-{secrets.token_hex(3)}"
     topics = Topics(swarm)
     executions: collections.Counter[str] = collections.Counter()
@@ -259,19 +218,17 @@ async def test_a_holder_re_asserts_its_hold_after_redis_restarts_empty(
 
     watcher = Watcher()
     shutdown = trio.Event()
-    logs = LogWaiter()
-    logging.getLogger("sheri_trio").addHandler(logs)
-    request.addfinalizer(lambda: logging.getLogger("sheri_trio").removeHandler(logs))
+    logs = log_waiter(request)
     with RedisServer(tmp_path / "redis") as redis_server, trio.fail_after(60):
         store = parse_store_url(redis_server.url(), source="flag")
         async with trio.open_nursery() as nursery:
-            client = await nursery.start(_client, fresh_broker, "watch")
+            client = await nursery.start(watch_client, fresh_broker, "watch")
             started = trio.Event()
             nursery.start_soon(watcher.run, client, topics, started)
             await started.wait()
             for i in range(2):
                 config = AgentConfig(
-                    dispatch="broadcast",
+                    dispatch=dispatch,
                     role="general",
                     agent_id=f"{swarm}-{i}",
                     swarm=swarm,
@@ -289,6 +246,9 @@ async def test_a_holder_re_asserts_its_hold_after_redis_restarts_empty(
             await running.wait()
             redis_server.restart()  # empty
             await logs.wait("hold re-asserted in the claim store")
+            if dispatch == "dispatcher":  # its term is gone: deposed, then a new one
+                await logs.wait("dispatcher term 1 deposed: the claim store did not renew")
+                await logs.wait(f"is the dispatcher of {swarm} (epoch 2)")  # epochs grow
             async with open_store(store, swarm) as probe:
                 hold = await probe.hold("t1")
             assert hold is not None
@@ -303,11 +263,13 @@ async def test_a_holder_re_asserts_its_hold_after_redis_restarts_empty(
     assert (attempt, holder) == (1, hold.holder)
 
 
+@MODES
 async def test_an_outcome_stored_but_never_published_is_published_again(
-    broker: MosquittoBroker, tmp_path: Path
+    broker: MosquittoBroker, tmp_path: Path, dispatch: str
 ) -> None:
     """Its holder died between the store's finish and its publish: an agent that claims
-    the task (a re-submission) gets FINISHED and publishes the stored outcome."""
+    the task (a re-submission), or the dispatcher that assigns it, gets FINISHED and
+    publishes the stored outcome."""
     swarm = f"ghost-{secrets.token_hex(3)}"
     topics = Topics(swarm)
     ran: list[str] = []
@@ -326,13 +288,13 @@ async def test_an_outcome_stored_but_never_published_is_published_again(
             assert await ghost.claim("t1", 1, "ghost", 30.0) is Verdict.WON
             assert await ghost.finish("t1", 1, "ghost", lost)
         async with trio.open_nursery() as nursery:
-            client = await nursery.start(_client, broker, "watch")
+            client = await nursery.start(watch_client, broker, "watch")
             started = trio.Event()
             nursery.start_soon(watcher.run, client, topics, started)
             await started.wait()
             config = AgentConfig(role="general", agent_id=f"{swarm}-0", swarm=swarm,
                                  broker=broker.tcp_url, store=store,
-                                 dispatch="broadcast")  # fmt: skip
+                                 dispatch=dispatch)  # fmt: skip
             registry = ExecutorRegistry({"probe.run": work})
             await nursery.start(partial(run_agent, config, executors=registry, shutdown=shutdown))
             body = {"task_id": "t1", "type": "probe.run", "payload": {}}
@@ -344,13 +306,13 @@ async def test_an_outcome_stored_but_never_published_is_published_again(
     assert watcher.outcomes["t1"] == {(1, "ghost")}
 
 
+@MODES
 async def test_a_task_published_on_both_brokers_runs_once_with_a_store(
-    bridged: BridgedBrokers, store: StoreConfig
+    bridged: BridgedBrokers, store: StoreConfig, dispatch: str
 ) -> None:
     """The same task ids submitted on each broker at once (a duplicate task id, each
     side's agents seeing their own copy first): each runs once."""
     swarm = f"dup-{secrets.token_hex(3)}"
-    topics = Topics(swarm)
     executions: collections.Counter[str] = collections.Counter()
 
     async def count(ctx: TaskContext) -> dict[str, Any]:
@@ -359,45 +321,14 @@ async def test_a_task_published_on_both_brokers_runs_once_with_a_store(
         return {}
 
     registry = ExecutorRegistry({"probe.run": count})
-    watchers = [Watcher(), Watcher()]
-    shutdown = trio.Event()
     ids = [f"d{n:02d}" for n in range(50)]
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            clients = []
-            for broker, watcher in zip(bridged.brokers, watchers, strict=True):
-                client = await nursery.start(_client, broker, f"watch-{secrets.token_hex(3)}")
-                clients.append(client)
-                started = trio.Event()
-                nursery.start_soon(watcher.run, client, topics, started)
-                await started.wait()
-            for side, broker in enumerate(bridged.brokers):
-                for i in range(PER_BROKER):
-                    agent_id = f"{swarm}-{'ab'[side]}{i}"
-                    config = AgentConfig(
-                        dispatch="broadcast",
-                        role="general", agent_id=agent_id, swarm=swarm, broker=broker.tcp_url,
-                        store=store,
-                    )  # fmt: skip
-                    await nursery.start(
-                        partial(run_agent, config, executors=registry, shutdown=shutdown)
-                    )
-            for task_id in ids:
-                data = encode(None, None, {"task_id": task_id, "type": "probe.run", "payload": {}})
-                async with trio.open_nursery() as both:  # on each broker at once
-                    for client in clients:
-                        both.start_soon(partial(client.publish, topics.tasks_new, data, qos=1))
-            for watcher in watchers:
-                await watcher.wait(lambda w=watcher: all(t in w.outcomes for t in ids))
-            for client in clients:
-                marker = secrets.token_hex(4)
-                await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
-                for watcher in watchers:
-                    await watcher.wait(lambda w=watcher, m=marker: m in w.markers)
-            shutdown.set()
-            nursery.cancel_scope.cancel()
+        async with bridge_swarm(bridged, swarm, registry, dispatch=dispatch, store=store) as run:
+            await run.publish_tasks(ids, on_both=True)
+            await run.wait_outcomes(ids)
+            await run.quiet()
     assert executions == dict.fromkeys(ids, 1)
-    for watcher in watchers:
+    for watcher in run.watchers:
         assert all(len(watcher.outcomes[t]) == 1 for t in ids)
 
 
@@ -407,7 +338,7 @@ logging.basicConfig(level=logging.WARNING)
 from sheri_trio.stores import parse_store_url
 from sheri_trio.swarm import AgentConfig, run_agent
 cfg = AgentConfig(role="testing", agent_id=sys.argv[2], swarm=sys.argv[3], broker=sys.argv[1],
-                  dispatch="broadcast",
+                  dispatch=sys.argv[5],
                   heartbeat_interval=0.5, lease_time=2.0, keep_alive=5,
                   store=parse_store_url(sys.argv[4], source="flag"),
                   executor_config={"executors": {"simulate": True}})
@@ -419,11 +350,15 @@ trio.run(main)
 """
 
 
+@MODES
 async def test_a_crashed_holder_s_task_is_taken_over_once_through_the_store(
-    bridged: BridgedBrokers, store: StoreConfig
+    bridged: BridgedBrokers, store: StoreConfig, dispatch: str
 ) -> None:
     """The holder (on the second broker) is killed mid-task; agents on the first broker
-    take it over through the store once its lease ran out there: attempt 2 runs once."""
+    take it over through the store once its lease ran out there: attempt 2 runs once.
+    Dispatcher mode: the holder is the dispatcher too (it came first); its term is taken
+    over through the store once its lease ran out, and the next dispatcher takes the
+    task over."""
     swarm = f"crash-{secrets.token_hex(3)}"
     topics = Topics(swarm)
     first, second = bridged.brokers
@@ -439,11 +374,12 @@ async def test_a_crashed_holder_s_task_is_taken_over_once_through_the_store(
     url = store.url.replace(":***@", "@")  # no password in these stores
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            client = await nursery.start(_client, first, "watch")
+            client = await nursery.start(watch_client, first, "watch")
             started = trio.Event()
             nursery.start_soon(watcher.run, client, topics, started)
             await started.wait()
-            async with online_process(_VICTIM, second.tcp_url, f"{swarm}-v", swarm, url) as proc:
+            victim = (_VICTIM, second.tcp_url, f"{swarm}-v", swarm, url, dispatch)
+            async with online_process(*victim) as proc:
                 body = {"task_id": "t1", "type": "testing.run",
                         "payload": {"simulate_seconds": 60}}  # fmt: skip
                 async with client.subscribe(topics.task_state("t1"), qos=1) as states:
@@ -455,7 +391,7 @@ async def test_a_crashed_holder_s_task_is_taken_over_once_through_the_store(
                 assert state["agent_id"] == f"{swarm}-v"
                 for agent_id in survivors:
                     config = AgentConfig(
-                        dispatch="broadcast",
+                        dispatch=dispatch,
                         role="testing", agent_id=agent_id, swarm=swarm, broker=first.tcp_url,
                         heartbeat_interval=0.25, lease_time=1.0, store=store,
                     )  # fmt: skip
@@ -469,9 +405,115 @@ async def test_a_crashed_holder_s_task_is_taken_over_once_through_the_store(
             marker = secrets.token_hex(4)
             await client.publish(topics.broadcast, encode(None, None, {"marker": marker}))
             await watcher.wait(lambda: marker in watcher.markers)
+            if dispatch == "dispatcher":
+                async with open_store(store, swarm) as probe:
+                    term = await probe.leader("dispatcher")
             shutdown.set()
             nursery.cancel_scope.cancel()
     ((attempt, holder),) = watcher.outcomes["t1"]
     assert attempt == 2
     assert holder in survivors
     assert ran == [(holder, 2)]  # once
+    if dispatch == "dispatcher":  # the victim's term (epoch 1) was taken over
+        assert term is not None
+        assert term.holder in survivors
+        assert term.epoch >= 2
+
+
+async def test_two_dispatchers_cannot_both_serve_with_a_store(
+    bridged: BridgedBrokers,
+    store: StoreConfig,
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
+) -> None:
+    """tests/test_divergence_bridge.py's two dispatchers, with a store: a is the
+    dispatcher (on the first broker); b, on the second, is made to see a vacancy (an
+    offline status of a's term published there) and stands, but the store gives the term
+    to a: b never serves, nothing is reported, and a's assignments go on."""
+    caplog.set_level(logging.INFO, logger="sheri_trio")
+    swarm = f"leaders-{secrets.token_hex(3)}"
+    first, second = bridged.brokers
+    logs = log_waiter(request)
+    executions: collections.Counter[str] = collections.Counter()
+
+    async def count(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        await trio.lowlevel.checkpoint()
+        return {}
+
+    registry = ExecutorRegistry({"probe.run": count})
+    options = {"heartbeat_interval": 0.5, "lease_time": 2.0, "store": store}
+    with trio.fail_after(60):
+        async with bridge_swarm(bridged, swarm, per_broker=0) as run:
+            for agent_id, broker in ((f"{swarm}-a", first), (f"{swarm}-b", second)):
+                config = AgentConfig(
+                    role="general", agent_id=agent_id, swarm=swarm, broker=broker.tcp_url,
+                    **options,
+                )  # fmt: skip
+                await run.start_agent(config, registry)
+            topics = run.topics
+            other = await run.nursery.start(watch_client, second, f"forge-{secrets.token_hex(3)}")
+            async with other.subscribe(topics.dispatch_status, qos=1) as statuses:
+                status = json.loads((await statuses.receive()).payload)["payload"]
+            assert (status["agent_id"], status["status"], status["epoch"]) == (
+                f"{swarm}-a", "online", 1
+            )  # fmt: skip
+            offline = {"agent_id": status["agent_id"], "epoch": 1, "status": "offline"}
+            await other.publish(
+                topics.dispatch_status, encode(status["agent_id"], "general", offline), retain=True
+            )
+            await logs.wait(f"{swarm}-b: the claim store gives the dispatcher's term to another")
+            ids = [f"t{n}" for n in range(10)]
+            await run.publish_tasks(ids)  # a still assigns
+            await run.wait_outcomes(ids)
+            await run.quiet()
+            async with open_store(store, swarm) as probe:
+                term = await probe.leader("dispatcher")
+    assert term is not None
+    assert (term.holder, term.epoch) == (f"{swarm}-a", 1)
+    assert not logs.seen(f"{swarm}-b is the dispatcher")
+    assert executions == dict.fromkeys(ids, 1)
+    for watcher in run.watchers:
+        assert [r for r in watcher.reports if r.get("incident") == "second_leader"] == []
+
+
+async def test_a_dispatcher_without_its_store_for_a_lease_steps_down(
+    bridged: BridgedBrokers,
+    outage: Outage,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dispatcher mode on the bridged pair: the store goes away for longer than a lease;
+    the dispatcher, unable to renew its term, steps down (no fallback: nobody serves
+    without a term); the store back, a candidate gets the next term (epoch 2) and every
+    task published then runs once."""
+    caplog.set_level(logging.INFO, logger="sheri_trio")
+    swarm = f"deposed-{secrets.token_hex(3)}"
+    logs = log_waiter(request)
+    executions: collections.Counter[str] = collections.Counter()
+
+    async def count(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        await trio.lowlevel.checkpoint()
+        return {}
+
+    registry = ExecutorRegistry({"probe.run": count})
+    with trio.fail_after(60):
+        async with bridge_swarm(
+            bridged, swarm, registry, per_broker=1, dispatch="dispatcher", store=outage.config,
+            heartbeat_interval=0.2, lease_time=1.0,
+        ) as run:  # fmt: skip
+            await logs.wait(f"is the dispatcher of {swarm} (epoch 1)")
+            await outage.stop()
+            await logs.wait("dispatcher term 1 deposed: the claim store did not answer")
+            await logs.wait("cannot stand for dispatcher")  # no term without the store
+            assert not logs.seen(f"is the dispatcher of {swarm} (epoch 2)")
+            await outage.start()
+            await logs.wait(f"is the dispatcher of {swarm} (epoch 2)")
+            ids = [f"t{n}" for n in range(20)]
+            await run.publish_tasks(ids)
+            await run.wait_outcomes(ids)
+            await run.quiet()
+    assert executions == dict.fromkeys(ids, 1)
+    for watcher in run.watchers:
+        assert all(len(watcher.outcomes[t]) == 1 for t in ids)

@@ -30,10 +30,12 @@ from ._dispatcher import Dispatcher as Dispatcher
 from ._dispatcher import DispatchStatistics as DispatchStatistics
 from ._dispatcher import ForwardCancel as ForwardCancel
 from ._dispatcher import Job as Job
+from ._dispatcher import PublishStoredOutcome as PublishStoredOutcome
 from ._dispatcher import RecordState as RecordState
 from ._dispatcher import RevokeReason as RevokeReason
 from ._dispatcher import SendAssignment as SendAssignment
 from ._dispatcher import SendRevocation as SendRevocation
+from ._dispatcher import StoreAssign as StoreAssign
 from ._dispatcher import WriteRecord as WriteRecord
 from ._dispatcher import latest_records as latest_records
 from ._divergence import DIVERGENCE_FIX as DIVERGENCE_FIX

@@ -99,8 +99,8 @@ class Agent:
         config.validate()
         self.config = config
         self.client = client
-        #: the claim store opened at start-up (None: the broker's order decides; the
-        #: wiring of the store into claims and outcomes is still to come: docs/stores.md)
+        #: the claim store opened at start-up (None: the broker's order decides): it
+        #: decides our claims (broadcast), and takes our renewals and outcomes (both modes)
         self.store = store
         self.agent_id = config.agent_id
         self.role = config.role
@@ -794,7 +794,9 @@ async def run_agent(
             with startup.step(StartupStep.CONNECT):
                 client = await connection.enter_async_context(agent_connection(config, startup))
             agent = Agent(config, client, executors=executors, store=store)
-            candidate = Candidate(config, client) if config.dispatch == "dispatcher" else None
+            candidate = (
+                Candidate(config, client, store=store) if config.dispatch == "dispatcher" else None
+            )
             async with trio.open_nursery() as beside:
                 if candidate is not None:  # a candidate for dispatcher, beside the agent
                     beside.start_soon(candidate.run)

@@ -94,15 +94,6 @@ class AgentConfig:
             raise ValueError(
                 f"dispatch: must be one of {', '.join(DISPATCH_MODES)}, got {self.dispatch!r}"
             )
-        if self.store.kind != "broker" and self.dispatch == "dispatcher":
-            # never a weaker guarantee than asked for: dispatcher mode's election and
-            # assignments do not go through a store yet (docs/stores.md, "Who uses it")
-            raise ValueError(
-                "dispatch: a claim store is used by dispatch = 'broadcast' only so far "
-                "(dispatcher mode's election and assignments still rest on the broker's "
-                "order; docs/stores.md): set --dispatch broadcast, SHERI_DISPATCH or "
-                "[agent] dispatch"
-            )
         if self.max_tasks < 1:
             raise ValueError(f"max_tasks: must be at least 1, got {self.max_tasks}")
         if self.heartbeat_interval <= 0:

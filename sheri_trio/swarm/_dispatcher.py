@@ -71,6 +71,7 @@ from ._scheduler import (
 )
 
 if TYPE_CHECKING:
+    from ..stores import Hold, StoredOutcome, Verdict
     from ._config import AgentConfig
 
 __all__ = [
@@ -80,10 +81,12 @@ __all__ = [
     "Dispatcher",
     "ForwardCancel",
     "Job",
+    "PublishStoredOutcome",
     "RecordState",
     "RevokeReason",
     "SendAssignment",
     "SendRevocation",
+    "StoreAssign",
     "WriteRecord",
     "latest_records",
 ]
@@ -141,6 +144,12 @@ class Job:
     #: we wrote its record again while it was held (a stale message): ours may have
     #: landed over the holder's own, so its accepted outcome gets our final record
     rewritten: bool = False
+    #: with a claim store: its :class:`StoreAssign` is with the store (ASSIGNED to
+    #: ``agent_id`` for the slot, nothing published yet)
+    placing: bool = False
+    #: with a claim store: the previous attempt's holder is gone (revoked as dead, or a
+    #: claim found it still held): the next attempt is a ``takeover`` in the store
+    takeover: bool = False
 
     @property
     def task_id(self) -> str:
@@ -205,10 +214,36 @@ class ForwardCancel:
     attempt: int
 
 
+@dataclass(frozen=True, slots=True)
+class StoreAssign:
+    """With a claim store: claim ``attempt`` of ``task_id`` in the store for ``agent_id``
+    (the hold's holder is the agent that runs it, so its renewals and its ``finish``
+    match), as a ``takeover`` when the previous attempt's holder is gone; the verdict goes
+    to :meth:`Dispatcher.on_store_verdict` (nothing is published before it)."""
+
+    task_id: str
+    attempt: int
+    agent_id: str
+    takeover: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PublishStoredOutcome:
+    """With a claim store: the store has the task's accepted outcome (its holder may have
+    died between the store and its publish): publish it as stored (``success``: on
+    ``tasks/complete``, else ``tasks/failed``)."""
+
+    task_id: str
+    outcome: dict[str, Any]
+    success: bool
+
+
 DispatchCommand = (
     Ack
     | WriteRecord
     | SendAssignment
+    | StoreAssign
+    | PublishStoredOutcome
     | SendRevocation
     | ForwardCancel
     | SendFailed
@@ -272,6 +307,12 @@ class Dispatcher:
         #: keeps it when we write it again, so ``sheri retry`` works from the broker)
         self._finished_tasks: dict[str, dict[str, Any]] = {}
         self._finished_limit = finished_limit
+        #: a claim store decides who holds each attempt (docs/stores.md): an assignment
+        #: is a :class:`StoreAssign` first, published once the store gave it
+        self.store_mode = config.store.kind != "broker"
+        #: with a store: queued jobs whose claim the store held back (the previous holder's
+        #: lease is live): out of the queue until the next lease check
+        self._deferred: dict[str, Job] = {}
         #: agent id -> the jobs it holds (ASSIGNED or CLAIMED), in assignment order
         self._held: dict[str, dict[str, Job]] = {}
         #: one heap of queued jobs per key: (priority rank, arrival, task id); an entry
@@ -318,6 +359,9 @@ class Dispatcher:
                 "revocations",
                 "cancelled",
                 "cancels_forwarded",
+                "store_won",
+                "store_refused",
+                "store_unavailable",
             ),
             0,
         )
@@ -545,8 +589,110 @@ class Dispatcher:
                 del slots[agent_id]
                 if not slots:
                     del free[role]
-            out.extend(self._assign(job, agent_id, now))
+            if self.store_mode:  # the store first: the slot is taken meanwhile
+                job.state, job.agent_id, job.since, job.placing = (
+                    RecordState.ASSIGNED, agent_id, now, True
+                )  # fmt: skip
+                self._hold(agent_id, job)
+                out.append(StoreAssign(job.task_id, job.attempt, agent_id, job.takeover))
+            else:
+                out.extend(self._assign(job, agent_id, now))
         return out
+
+    # ------------------------------------------------------------ the claim store
+    def on_store_verdict(
+        self,
+        command: StoreAssign,
+        verdict: Verdict,
+        now: float,
+        *,
+        hold: Hold | None = None,
+        outcome: StoredOutcome | None = None,
+    ) -> list[DispatchCommand]:
+        """The store's answer to ``command`` (with a refusal, the store's ``hold`` of the
+        task and, when it is finished, its ``outcome``, as the shell read them next).
+
+        ``WON``: the assignment goes out (record, then inbox). ``FINISHED``: the task is
+        done (its holder's outcome is published again, the final record written).
+        ``LOST``/``STALE``: another assignment of this or a newer attempt is in the store
+        (a second dispatcher's, or the last one's that never reached its record): the
+        store's holder is followed (recorded and sent the assignment; an agent ignores a
+        duplicate). ``HELD``: the previous holder's lease is live: tried again, as a
+        takeover, at the next lease check. A released attempt: the next one is queued."""
+        job = self.jobs.get(command.task_id)
+        if (
+            job is None
+            or not job.placing
+            or job.agent_id != command.agent_id
+            or job.attempt != command.attempt
+        ):
+            return []
+        job.placing = False
+        if verdict.value == "won":
+            self.counters["store_won"] += 1
+            job.takeover = False
+            return self._assign(job, command.agent_id, now)
+        self.counters["store_refused"] += 1
+        self._release_slot(job)
+        job.state, job.agent_id = RecordState.QUEUED, None
+        log_event(
+            logging.INFO,
+            "the claim store refused the assignment",
+            self.me,
+            task_id=job.task_id,
+            attempt=job.attempt,
+            agent=command.agent_id,
+            verdict=verdict.value,
+            holder=None if hold is None else hold.holder,
+        )
+        if outcome is not None:
+            return self._finish_stored(job, outcome)
+        if hold is not None and not hold.finished and hold.attempt >= job.attempt:
+            if hold.released:  # given back: the next attempt is free
+                job.attempt, job.takeover = hold.attempt + 1, False
+                self._push(job)
+                return [WriteRecord(job.task_id, RecordState.QUEUED, job.attempt, None, job.task)]
+            if verdict.value in ("lost", "stale"):  # the store's holder has it: follow
+                job.attempt = hold.attempt
+                return self._assign(job, hold.holder, now)
+        if verdict.value == "held":
+            job.takeover = True  # we queued it because its holder is gone, or gave it back
+        self._deferred[job.task_id] = job
+        return []
+
+    def on_store_unavailable(self, command: StoreAssign) -> None:
+        """``command`` got no answer: the job is queued again as it was (the shell
+        assigns nothing more until the store is back)."""
+        job = self.jobs.get(command.task_id)
+        if job is None or not job.placing or job.attempt != command.attempt:
+            return
+        self.counters["store_unavailable"] += 1
+        job.placing = False
+        self._release_slot(job)
+        job.state, job.agent_id = RecordState.QUEUED, None
+        self._push(job)
+
+    def _finish_stored(self, job: Job, stored: StoredOutcome) -> list[DispatchCommand]:
+        """The store has ``job``'s accepted outcome: the task is finished, its outcome
+        published again (observers deduplicate) and its final record written."""
+        task_id = job.task_id
+        del self.jobs[task_id]
+        payload = dict(stored.outcome)
+        success = payload.get("status") == "success"
+        if success:
+            state = RecordState.DONE
+        else:
+            state = _FINAL_BY_NAME.get(str(payload.get("reason")), RecordState.FAILED)
+            if state is RecordState.DONE:
+                state = RecordState.FAILED
+        self._finish(task_id, state, stored.attempt, job.task)
+        self.counters["completed" if success else "failed"] += 1
+        out: list[DispatchCommand] = [ClearPending(task_id)] if job.pending else []
+        return [
+            *out,
+            PublishStoredOutcome(task_id, payload, success),
+            WriteRecord(task_id, state, stored.attempt, stored.holder, job.task),
+        ]
 
     def _assign(self, job: Job, agent_id: str, now: float) -> list[DispatchCommand]:
         job.state, job.agent_id, job.since = RecordState.ASSIGNED, agent_id, now
@@ -722,6 +868,7 @@ class Dispatcher:
             return self._reassert(claim.task_id)
         self.counters["released"] += 1
         log_event(logging.INFO, "released: queued again", self.me, task_id=claim.task_id)
+        job.takeover = False  # released in the store first: a plain claim wins
         return self._requeue(job)
 
     def on_cancel(self, request: CancelRequest) -> list[DispatchCommand]:
@@ -790,6 +937,10 @@ class Dispatcher:
         safety net: every agent's slots, and the unserved kinds, are looked at again."""
         self._dirty.update(self.peers.peers)
         self._served_check = True
+        deferred, self._deferred = self._deferred, {}
+        for job in deferred.values():  # the store held them back: asked again now
+            if self.jobs.get(job.task_id) is job and job.state is RecordState.QUEUED:
+                self._push(job)
         out: list[DispatchCommand] = []
         for agent_id, jobs in list(self._held.items()):
             for job in list(jobs.values()):
@@ -818,6 +969,7 @@ class Dispatcher:
             attempt=job.attempt + 1,
         )
         revoke = SendRevocation(job.agent_id, job.task_id, job.attempt, RevokeReason.HOLDER_GONE)
+        job.takeover = True  # with a store: the next attempt is a takeover there
         return [revoke, *self._requeue(job)]
 
     # ------------------------------------------------------------ election
@@ -964,7 +1116,8 @@ class Dispatcher:
     def _unqueue(self, job: Job) -> None:
         """A queued job leaves the queue (its heap entry is skipped when it comes up)."""
         key = job.key
-        self._queued[key] -= 1
+        if self._deferred.pop(job.task_id, None) is None:  # a deferred job is not counted
+            self._queued[key] -= 1
         job.state = RecordState.CANCELLED
 
     def _head(self, key: _Key) -> tuple[int, int, str] | None:

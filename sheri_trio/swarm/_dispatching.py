@@ -29,6 +29,14 @@ allows one connection per client id: a later candidate takes the session over
 (DISCONNECT 0x8E), and the one taken over steps down and follows again; it never
 reconnects to fight back. A term ends cleanly when the candidate is cancelled (the
 agent leaves): status offline, DISCONNECT, both within :data:`CLOSE_TIMEOUT`.
+
+**With a claim store** (docs/stores.md, "Dispatcher mode"): a candidate stands only with
+a term from the store (:meth:`Candidate._store_term`; its epoch is the term's), renews it
+every heartbeat interval and steps down when the store refuses the renewal or does not
+answer for a whole lease (:meth:`Candidate._keep_term`, :attr:`TermEnd.DEPOSED`); each
+assignment is first a :class:`~._dispatcher.StoreAssign` that the shell asks the store
+for (:meth:`DispatcherShell._store_assign`), and nothing new is assigned while the store
+does not answer.
 """
 
 from __future__ import annotations
@@ -52,13 +60,16 @@ from ..mqtt import (
     Will,
     open_client,
 )
+from ..stores import StoreUnavailable, Verdict
 from ._dispatcher import (
     Ack,
     Dispatcher,
     ForwardCancel,
+    PublishStoredOutcome,
     RecordState,
     SendAssignment,
     SendRevocation,
+    StoreAssign,
     WriteRecord,
     latest_records,
 )
@@ -72,6 +83,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ..mqtt import Client, Message, Subscription
+    from ..stores import ClaimStore, Hold, Leadership, StoredOutcome
     from ._config import AgentConfig
     from ._dispatcher import DispatchCommand
 
@@ -133,22 +145,45 @@ class TermEnd(enum.Enum):
     TAKEN_OVER = "taken over"  # DISCONNECT 0x8E: another candidate connected with our id
     LOST = "lost"  # the connection broke (a broker restart, or a takeover told no more)
     FAILED = "failed"  # the dispatch connection failed, or the records could not be read
+    #: with a claim store: it gave no term (another candidate's is live, or it did not
+    #: answer); nothing was connected
+    NO_TERM = "no term"
+    #: with a claim store: the term could not be renewed (it lapsed, or the store did not
+    #: answer for a whole lease): the dispatcher stepped down
+    DEPOSED = "deposed"
+
+
+#: the name of the dispatcher's leadership in a claim store
+LEADER_NAME: Final = "dispatcher"
 
 
 class DispatcherShell:
     """One term of the dispatcher: the core's commands carried out over ``client`` (the
     dispatch session), the records read over ``reader`` (any other connection)."""
 
-    def __init__(self, config: AgentConfig, client: Client, reader: Client, epoch: int) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        client: Client,
+        reader: Client,
+        epoch: int,
+        store: ClaimStore | None = None,
+    ) -> None:
         self.config = config
         self.client = client
         self.reader = reader
         self.epoch = epoch
+        #: the claim store that decides each assignment (None: the broker's order)
+        self.store = store
+        #: the store did not answer: no new assignments until it does (no fallback)
+        self._store_down = False
+        self._store_trouble = trio.Event()
         self.me = config.agent_id
         self.role = config.role
         self.topics = Topics(config.swarm)
         self.messages = Messages(config.agent_id, config.role)
         self.core = Dispatcher(config)
+        assert (store is None) == (not self.core.store_mode), "a store with its config"
         #: the last publish, held back: the one a batch's end awaits
         self._held: tuple[str, bytes, bool, int | None] | None = None
         #: an awaited PUBACK did not come (AckTimeout): the next batch awaits a marker
@@ -242,6 +277,8 @@ class DispatcherShell:
             # _confirm waits for never comes from a stopped client
             nursery.start_soon(self._pump, messages, send, nursery.cancel_scope)
             nursery.start_soon(self._tick, send.clone())
+            if self.store is not None:
+                nursery.start_soon(self._watch_store, self.store, send.clone())
             core = self.core
             next_view = trio.current_time()
             async for item in receive:
@@ -262,7 +299,8 @@ class DispatcherShell:
                 commands: list[DispatchCommand] = []
                 for message in batch:
                     commands += core.receive(message.topic, message.payload, now)
-                commands += core.assignments(now)
+                if not self._store_down:  # no new assignments without the store
+                    commands += core.assignments(now)
                 # the batch is acknowledged only after all of it: a record superseded
                 # within it (queued, then assigned) need not go out
                 await self._carry_out_all(latest_records(commands))
@@ -294,6 +332,56 @@ class DispatcherShell:
                     pass
                 await send.send(batch)
 
+    async def _watch_store(
+        self, store: ClaimStore, send: trio.MemorySendChannel[list[Message] | None]
+    ) -> None:
+        """Once the store stopped answering: wait until it does, then a round (the
+        assignments resume)."""
+        async with send:
+            while True:
+                await self._store_trouble.wait()
+                await store.wait_available()
+                self._store_trouble = trio.Event()
+                self._store_down = False
+                log.warning("dispatcher %s: claim store available again", self.me)
+                await send.send(None)
+
+    def _store_unavailable(self, exc: StoreUnavailable) -> None:
+        if not self._store_down:
+            self._store_down = True
+            self._store_trouble.set()
+            log.error("dispatcher %s: claim store unavailable: no new assignments (%s)",
+                      self.me, exc)  # fmt: skip
+
+    async def _store_assign(self, command: StoreAssign) -> None:
+        """Ask the store for ``command``'s attempt, for its agent; the verdict (with the
+        store's hold and outcome after a refusal) goes to the core."""
+        store, core = self.store, self.core
+        assert store is not None
+        if self._store_down:  # the rest of a round the store did not answer
+            core.on_store_unavailable(command)
+            return
+        task_id, attempt, agent = command.task_id, command.attempt, command.agent_id
+        lease = self.config.lease_time
+        hold: Hold | None = None
+        outcome: StoredOutcome | None = None
+        try:
+            if command.takeover:
+                verdict = await store.takeover(task_id, attempt, agent, lease, holder_dead=True)
+            else:
+                verdict = await store.claim(task_id, attempt, agent, lease)
+            if verdict is not Verdict.WON:
+                hold = await store.hold(task_id)
+                if verdict is Verdict.FINISHED or (hold is not None and hold.finished):
+                    outcome = await store.outcome(task_id)
+        except StoreUnavailable as exc:
+            core.on_store_unavailable(command)
+            self._store_unavailable(exc)
+            return
+        now = trio.current_time()
+        verdict_commands = core.on_store_verdict(command, verdict, now, hold=hold, outcome=outcome)
+        await self._carry_out_all(verdict_commands)
+
     async def _tick(self, send: trio.MemorySendChannel[list[Message] | None]) -> None:
         """Every ``lease_time / 4``: a lease check."""
         period = max(self.config.lease_time / 4, 0.01)
@@ -323,6 +411,13 @@ class DispatcherShell:
             live = command.state in (RecordState.QUEUED, RecordState.ASSIGNED, RecordState.CLAIMED)
             expiry = self.config.state_retention if live else self.config.final_retention
             await self._send(state_topic, record, retain=True, expiry=expiry)
+        elif isinstance(command, StoreAssign):
+            await self._store_assign(command)
+        elif isinstance(command, PublishStoredOutcome):
+            log.warning("dispatcher %s: publishing the stored outcome of %s again",
+                        self.me, command.task_id)  # fmt: skip
+            topic = t.tasks_complete if command.success else t.tasks_failed
+            await self._send(topic, command.outcome)
         elif isinstance(command, SendAssignment):
             payload = m.assignment(command.task, command.attempt)
             await self._send(t.agent_inbox(command.agent_id), payload)
@@ -414,10 +509,18 @@ class Candidate:
         client: Client,
         *,
         delay: tuple[float, float] = ELECTION_DELAY,
+        store: ClaimStore | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.delay = delay
+        #: the claim store that gives the terms (None: the broker's one connection per
+        #: client id decides); its terms' epochs are the dispatcher's epochs
+        self.store = store
+        #: why the term in progress was deposed by the store (None: it was not)
+        self._deposed: str | None = None
+        #: the store refused us a term, or did not answer, since our last one (logged once)
+        self._refused = False
         self.me = config.agent_id
         self.topics = Topics(config.swarm)
         self.messages = Messages(config.agent_id, config.role)
@@ -608,9 +711,112 @@ class Candidate:
             self._scope.cancel()
 
     async def _term(self, why: str, *, on_online: Callable[[], None] | None = None) -> TermEnd:
-        """Connect the dispatch session and serve until it ends."""
+        """Connect the dispatch session and serve until it ends (``on_online``: called once
+        the term says online). With a claim store, only with a term of the store's: see
+        :meth:`_store_term`."""
+        if self.store is None:
+            return await self._serve_term(why, self.epoch + 1, None, on_online=on_online)
+        term: Leadership | None = None
+        started = trio.current_time()
+        with trio.CancelScope() as scope:
+            self._work = scope  # stop() ends the wait for a term
+            if self._stopping.is_set():
+                scope.cancel()
+            term = await self._store_term()
+        self._work = None
+        if term is None:
+            if on_online is not None:
+                on_online()  # our turn is over: a sibling asks the store itself
+            if not scope.cancelled_caught:
+                await self._wait_for_term()
+            return TermEnd.NO_TERM
+        try:
+            return await self._serve_term(why, term.epoch, term, started, on_online=on_online)
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT) as guard:  # the next one need not wait
+                guard.shield = True
+                try:
+                    await self.store.release_leader(term)
+                except StoreUnavailable:
+                    pass  # it lapses
+
+    async def _store_term(self) -> Leadership | None:
+        """A term from the store (None: another candidate's is live, or no answer)."""
+        assert self.store is not None
+        try:
+            term = await self.store.acquire_leader(
+                LEADER_NAME, self.me, self.config.lease_time, known_epoch=self.epoch
+            )
+        except StoreUnavailable as exc:
+            level = logging.DEBUG if self._refused else logging.WARNING
+            log.log(level, "%s cannot stand for dispatcher: %s", self.me, exc)
+            self._refused = True
+            with trio.move_on_after(self.config.lease_time):
+                await self.store.wait_available()
+            return None
+        if term is None:  # said once until we get a term (candidates ask again and again)
+            level = logging.DEBUG if self._refused else logging.INFO
+            log.log(level, "%s: the claim store gives the dispatcher's term to another", self.me)
+            self._refused = True
+        else:
+            self._refused = False
+            self.epoch = max(self.epoch, term.epoch)
+        return term
+
+    async def _wait_for_term(self) -> None:
+        """After a refused term: until someone says online, or a while (a third of a
+        lease, jittered: the live term lapses within a lease unless renewed)."""
+        with trio.move_on_after(self.config.lease_time / 3 * random.uniform(0.5, 1.0)):
+            while self.vacancy() is not None:
+                await self._wait_changed()
+
+    async def _keep_term(self, term: Leadership, since: float, work: trio.CancelScope) -> None:
+        """Renew the store's term every heartbeat (at most a third of a lease); refused,
+        or no answer for a whole lease since the last renewal began (the term may have
+        lapsed in the store by then): step down (``work`` cancelled)."""
+        assert self.store is not None
+        lease = self.config.lease_time
+        period = min(self.config.heartbeat_interval, lease / 3)
+        deadline = since + lease  # the term is surely ours until then
+        complained = False
+        while True:
+            await trio.sleep(period)
+            began = trio.current_time()
+            with trio.move_on_at(deadline):
+                try:
+                    if not await self.store.renew_leader(term, lease):
+                        self._deposed = "the claim store did not renew the term (it lapsed)"
+                        break
+                    deadline = began + lease
+                    if complained:
+                        log.warning("%s: the claim store renews the term again", self.me)
+                    complained = False
+                    continue
+                except StoreUnavailable as exc:
+                    if not complained:
+                        log.error("%s: claim store unavailable: the dispatcher's term is not "
+                                  "renewed (%s)", self.me, exc)  # fmt: skip
+                    complained = True
+                    if trio.current_time() < deadline:
+                        continue
+            self._deposed = "the claim store did not answer for a whole lease"
+            break
+        log.error("%s: dispatcher term %d deposed: %s", self.me, term.epoch, self._deposed)
+        work.cancel()
+
+    async def _serve_term(
+        self,
+        why: str,
+        epoch: int,
+        term: Leadership | None,
+        since: float = 0.0,
+        *,
+        on_online: Callable[[], None] | None = None,
+    ) -> TermEnd:
+        """Connect the dispatch session as the dispatcher of ``epoch`` (``term``: the
+        store's, renewed meanwhile) and serve until it ends."""
         c = self.config
-        epoch = self.epoch + 1
+        self._deposed = None
         self.my_epochs.add(epoch)
         will = Will(
             self.topics.dispatch_status,
@@ -637,16 +843,24 @@ class Candidate:
                 reconnect=False,
                 **options,
             ) as dclient:
-                shell = self.shell = DispatcherShell(c, dclient, self.client, epoch)
+                shell = self.shell = DispatcherShell(c, dclient, self.client, epoch, self.store)
                 shell.on_online = on_online
                 try:
                     with trio.CancelScope() as self._work:
                         if self._stopping.is_set():
                             self._work.cancel()
-                        await shell.run()
+                        if term is None:
+                            await shell.run()
+                        else:  # the store's term renewed beside it
+                            async with trio.open_nursery() as keeper:
+                                keeper.start_soon(self._keep_term, term, since, self._work)
+                                await shell.run()
+                                keeper.cancel_scope.cancel()
                         await dclient.wait_connected()  # raises once the client stopped
                         detail = "the dispatch session's subscription ended"
-                    if self._work.cancelled_caught:
+                    if self._deposed is not None:
+                        end, detail = TermEnd.DEPOSED, self._deposed
+                    elif self._work.cancelled_caught:
                         end, detail = TermEnd.STOPPED, "the agent leaves"
                 except (MQTTError, trio.TooSlowError) as exc:
                     end, detail = _ended_by(exc)
@@ -662,7 +876,7 @@ class Candidate:
                     self._work = None
                     # our online status of this term is stale from now on
                     self.my_epochs.discard(epoch)
-                if end in (TermEnd.STOPPED, TermEnd.FAILED):  # else the connection is gone
+                if end in (TermEnd.STOPPED, TermEnd.FAILED, TermEnd.DEPOSED):  # else it is gone
                     await self._close_term(dclient, epoch)
         except MQTTError as exc:  # the dispatch connection could not be made
             if not detail:
@@ -759,9 +973,11 @@ async def run_candidate(
     config: AgentConfig,
     client: Client,
     *,
+    store: ClaimStore | None = None,
     task_status: trio.TaskStatus[Candidate] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Be a candidate for dispatcher of ``config.swarm`` (following the status on
-    ``client``, the agent's own connection) until the :class:`Candidate` reported to
-    ``task_status`` is stopped. See :class:`Candidate`."""
-    await Candidate(config, client).run(task_status=task_status)
+    ``client``, the agent's own connection; with ``store``, standing only with its term)
+    until the :class:`Candidate` reported to ``task_status`` is stopped. See
+    :class:`Candidate`."""
+    await Candidate(config, client, store=store).run(task_status=task_status)
