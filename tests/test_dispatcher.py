@@ -1133,7 +1133,7 @@ def test_with_a_store_a_takeover_waits_for_the_holder_s_lease() -> None:
     d.on_store_verdict(ask, Verdict.WON, 0.0)
     holder = ask.agent_id
     other = "b" if holder == "a" else "a"
-    status(d, holder, online=False, now=1.0)  # gone: revoked, attempt 2 queued
+    shutdown(d, holder, now=1.0)  # gone: revoked, attempt 2 queued
     (again,) = d.assignments(1.0)
     assert again == StoreAssign("t1", 2, other, takeover=True)
     held = Hold("t1", 1, holder, released=False, live=True, finished=False)
