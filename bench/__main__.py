@@ -117,16 +117,25 @@ class Runner:
         self.log = log
         self.broker_pid: int | None = None  # our own broker: its CPU time is recorded
         self.env: dict[str, str] = {}  # more for every call: the Redis URL of the peers
+        #: the stores section's claim stores: name -> URL (no password)
+        self.stores: dict[str, str] = {"broker": "broker"}
 
     def broker_cpu(self) -> float | None:
         """CPU seconds (user + system) the broker process has used so far."""
         return machine.process_cpu_s(self.broker_pid)
 
     def __call__(
-        self, kind: str, url: str, *argv: str, timeout: float, mqtt: bool = True
+        self,
+        kind: str,
+        url: str,
+        *argv: str,
+        timeout: float,
+        mqtt: bool = True,
+        env_extra: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         env = dict(os.environ)
         env.update(self.env)
+        env.update(env_extra or {})
         env["BENCH_URL"] = url
         if self.broker_pid is not None:
             env["BENCH_BROKER_PID"] = str(self.broker_pid)
@@ -198,6 +207,8 @@ def plan(s: Settings, sections: set[str], have_ws: bool, nagle: bool) -> int:
         steps += 1
     if "dashboard" in sections:
         steps += s.reps
+    if "stores" in sections:
+        steps += s.reps * len(s.scale_agents) * 3
     return steps
 
 
@@ -308,8 +319,10 @@ def swarm_run(
     max_tasks: int = 16,
     processes: int = 1,
     swarm: str | None = None,
+    claim_store: str | None = None,
 ) -> dict[str, Any]:
-    """One ``tasks`` measurement (bench/tasks.py) with the given swarm and workload."""
+    """One ``tasks`` measurement (bench/tasks.py) with the given swarm and workload
+    (``claim_store``: the agents' store URL, without a password; default the broker's)."""
     wait = 60 + tasks * agents / 200 + tasks * task_seconds / max(agents, 1)
     argv = ["--agents", str(agents), "--tasks", str(tasks), "--lone", str(lone)]
     argv += ["--workload", workload, "--dispatch", dispatch, "--max-tasks", str(max_tasks)]
@@ -317,7 +330,10 @@ def swarm_run(
     argv += ["--processes", str(processes)]
     if swarm is not None:
         argv += ["--swarm-name", swarm]
-    return run("tasks", url, *argv, timeout=180 + 2 * wait + lone * (1 + task_seconds))
+    env = None if claim_store is None else {"BENCH_CLAIM_STORE": claim_store}
+    return run(
+        "tasks", url, *argv, timeout=180 + 2 * wait + lone * (1 + task_seconds), env_extra=env
+    )
 
 
 def _interleaved(s: Settings, rep: int) -> list[tuple[int, str]]:
@@ -347,6 +363,40 @@ def scale(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
             )
             runs.append({"rep": rep + 1, "agents": agents, "dispatch": dispatch, **r})
     return {"tasks": s.scale_tasks, "agents": s.scale_agents, "reps": s.reps, "runs": runs}
+
+
+def stores(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
+    """The scale workload (no-op tasks of every type) in dispatcher mode with each claim
+    store (docs/stores.md): the broker's order, a private redis-server, a throw-away
+    PostgreSQL database; each size with each store, the stores' order turned at every
+    repetition. What deciding through a store costs."""
+    from sheri_trio.stores import redact_url
+
+    runs = []
+    names = list(run.stores)
+    for rep in range(s.reps):
+        shift = rep % len(names)
+        for agents in s.scale_agents:
+            for name in names[shift:] + names[:shift]:
+                step(f"stores {rep + 1}/{s.reps}: {agents} agents, claim store {name}")
+                r = swarm_run(
+                    run,
+                    url,
+                    agents=agents,
+                    tasks=s.scale_tasks,
+                    lone=s.scale_lone,
+                    workload="all-types",
+                    dispatch="dispatcher",
+                    claim_store=run.stores[name],
+                )
+                runs.append({"rep": rep + 1, "agents": agents, "store": name, **r})
+    return {
+        "tasks": s.scale_tasks,
+        "agents": s.scale_agents,
+        "reps": s.reps,
+        "stores": {k: redact_url(v) for k, v in run.stores.items()},
+        "runs": runs,
+    }
 
 
 def capacity(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
@@ -554,6 +604,7 @@ ON_THE_BROKER: Final[dict[str, Callable[[Runner, Settings, str, Any], dict[str, 
     "presence": presence,
     "retained": retained,
     "dashboard": dashboard,
+    "stores": stores,
 }
 
 
@@ -632,7 +683,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="throughput,latency,tasks,scale,capacity,peers,memory,startup,presence,retained,"
-        "dashboard",
+        "dashboard,stores",
         help="comma-separated sections to run",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
@@ -723,6 +774,23 @@ def main(argv: list[str] | None = None) -> int:
             run.env["BENCH_REDIS_PID"] = str(redis.pid)
             results["redis"] = {
                 "config": 'private redis-server on 127.0.0.1, save "", appendonly no, a password'
+            }
+        if "stores" in sections:
+            from sheri_trio.testing import RedisServer
+
+            from .postgres import throwaway_database
+
+            with console.status("starting the claim stores"):
+                store_redis = RedisServer(Path(tmp.name) / "store-redis")
+                brokers.append(store_redis)
+                store_redis.start()
+                run.stores["redis"] = store_redis.url()
+                database = throwaway_database()
+                brokers.append(database)
+                run.stores["postgresql"] = database.start()
+            results["claim_stores"] = {
+                "redis": 'private redis-server on 127.0.0.1, save "", appendonly no',
+                "postgresql": "a throw-away database on the machine's server (127.0.0.1:5432)",
             }
         from sheri_trio.mqtt import redact
 

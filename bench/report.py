@@ -472,6 +472,40 @@ DASHBOARD_HEAD = [
 ]
 
 
+def store_rows(results: dict[str, Any]) -> list[list[str]]:
+    section = results.get("stores")
+    if not section:
+        return []
+    rows = []
+    for e in section.get("summary", []):
+        t = e.get("tasks_per_s") or {}
+        rows.append(
+            [
+                f"{e['agents']} agents",
+                e["store"],
+                _n(t.get("median"), 0) if t else "error: " + "; ".join(e["errors"])[:80],
+                _x(e["vs_broker"]["median"]) if e["store"] != "broker" else "1.00x",
+                _n(e.get("latency_p50_ms"), 1),
+                _n(e.get("lone_latency_p50_ms"), 2),
+                _n(e.get("agents_cpu_per_task_us"), 0),
+                f"{e.get('duplicates', 0)}/{e.get('losses', 0)}",
+            ]
+        )
+    return rows
+
+
+STORES_HEAD = [
+    "swarm",
+    "claim store",
+    "tasks/s (median)",
+    "vs broker (per-rep ratio)",
+    "burst p50 ms",
+    "lone p50 ms",
+    "agents CPU us/task",
+    "dup/lost",
+]
+
+
 def target_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     for t in results.get("targets", []):
@@ -505,6 +539,7 @@ def rich_tables(results: dict[str, Any]) -> list[Any]:
                 "dispatch",
                 "9 workers as",
                 "delivery guarantee (as configured)",
+                "claim store",
             )
             t.add_column(h, justify="right" if i and h not in left else "left")
         for r in rows:
@@ -553,6 +588,13 @@ def rich_tables(results: dict[str, Any]) -> list[Any]:
         SIZE_HEAD,
         size_rows(results, "capacity"),
         ratio_line(results, "capacity") if cap else None,
+    )
+    st = results.get("stores", {})
+    table(
+        f"Claim stores: dispatcher mode, {_n(st.get('tasks'))} no-op tasks of every type, "
+        f"{st.get('reps', 0)} interleaved repetitions",
+        STORES_HEAD,
+        store_rows(results),
     )
     pe = results.get("peers", {})
     table(

@@ -376,6 +376,23 @@ def summarize_sizes(section: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def summarize_stores(section: dict[str, Any]) -> dict[str, Any]:
+    """Rows of the stores section: one per (agents, store), with the median over
+    repetitions of each repetition's ratio to the broker's order at that size."""
+    rows = []
+    for agents in section["agents"]:
+        sized = [r for r in section["runs"] if r["agents"] == agents]
+        for name in section["stores"]:
+            ok = [r for r in sized if r["store"] == name and "error" not in r]
+            errors = [r["error"] for r in sized if r["store"] == name and "error" in r]
+            entry = {"agents": agents, "store": name, "runs": len(ok), "errors": errors}
+            if ok:
+                entry.update(_swarm_entry(ok))
+            entry["vs_broker"] = _per_rep_ratio(sized, "store", name, "broker")
+            rows.append(entry)
+    return {**section, "summary": rows}
+
+
 def summarize_peers(section: dict[str, Any]) -> dict[str, Any]:
     from .peers import PEERS
 
@@ -483,6 +500,8 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
             results[key] = summarize_sizes(results[key])
     if results.get("peers"):
         results["peers"] = summarize_peers(results["peers"])
+    if results.get("stores"):
+        results["stores"] = summarize_stores(results["stores"])
     results["targets"] = targets(results)
     results["check"] = check(results)
     return results

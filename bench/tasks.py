@@ -24,6 +24,7 @@ import trio
 
 from sheri_trio.executors import ExecutorRegistry, TaskContext
 from sheri_trio.mqtt import open_client
+from sheri_trio.stores import StoreConfig, parse_store_url
 from sheri_trio.swarm import DISPATCH_MODES, TASK_ROLES, Agent, AgentConfig, run_agent
 
 from .machine import process_cpu_s
@@ -120,11 +121,19 @@ def _registry(executions: Counter[str], task_seconds: float) -> ExecutorRegistry
     return registry
 
 
+def claim_store() -> StoreConfig:
+    """The agents' claim store: ``$BENCH_CLAIM_STORE`` (a URL without a password, as
+    ``--claim-store`` takes it: the bench's stores section), else the broker's order."""
+    url = os.environ.get("BENCH_CLAIM_STORE", "broker")
+    return parse_store_url(url, source="env")
+
+
 def _agent_config(
     url: str, swarm: str, i: int, agents: int, max_tasks: int, dispatch: str
 ) -> AgentConfig:
     role = NINE_ROLES[i % len(NINE_ROLES)]
     return AgentConfig(
+        store=claim_store(),
         role=role,
         agent_id=f"{swarm}-{role}-{i}",
         swarm=swarm,
