@@ -268,3 +268,52 @@ def test_summaries_give_ratios_per_repetition() -> None:
     assert arq["ours_over_peer"] == {"median": 3.0, "samples": [2.0, 4.0]}
     assert arq["lone_peer_over_ours"]["median"] == 3.0
     assert "at least once" in arq["guarantee"]
+
+
+def test_the_stores_section_runs_the_swarm_through_a_claim_store(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """bench.clients tasks with ``BENCH_CLAIM_STORE``: the agents decide through it (a
+    private redis-server), and every task still runs once."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    from sheri_trio.testing import RedisServer
+
+    with RedisServer(tmp_path / "redis") as server:
+        env = {"BENCH_URL": broker.tcp_url, "BENCH_CLAIM_STORE": server.url()}
+        result = _bench_clients(
+            env, "tasks", "--agents", "9", "--tasks", "26", "--workload", "all-types",
+            "--dispatch", "dispatcher", "--lone", "2", "--timeout", "60",
+        )  # fmt: skip
+        import redis
+
+        with redis.Redis.from_url(server.url()) as r:
+            held = int(r.dbsize())
+    assert (result["completed"], result["duplicates"], result["losses"]) == (26, 0, 0)
+    assert held > 0  # the holds and outcomes are in the store
+
+
+def test_store_summary_gives_ratios_to_the_broker_per_repetition() -> None:
+    from bench.summary import summarize_stores
+
+    def run(rep: int, store: str, rate: float) -> dict[str, Any]:
+        return {"rep": rep, "agents": 9, "store": store, "tasks_per_s": rate,
+                "duplicates": 0, "losses": 0}  # fmt: skip
+
+    out = summarize_stores(
+        {
+            "agents": [9],
+            "stores": {"broker": "broker", "redis": "redis://x/0"},
+            "runs": [
+                run(1, "broker", 100.0),
+                run(1, "redis", 50.0),
+                run(2, "redis", 90.0),
+                run(2, "broker", 100.0),
+            ],
+        }
+    )
+    redis = next(e for e in out["summary"] if e["store"] == "redis")
+    assert redis["vs_broker"] == {"median": 0.7, "samples": [0.5, 0.9]}
+    assert redis["tasks_per_s"]["median"] == 70.0
