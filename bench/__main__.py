@@ -3,7 +3,10 @@
 Issue 10's sections: ``scale`` (no-op tasks of every type, swarms of 9 and 90 agents),
 ``capacity`` (1 s tasks: the rate of 90 agents over that of 9) and ``peers`` (Celery,
 Dramatiq and arq with 9 workers each on a private ``redis-server``, interleaved with our
-9-agent swarm); deliveries per task are counted by the broker (``$SYS``).
+9-agent swarm); deliveries per task are counted by the broker (``$SYS``). Issue 11's:
+``stores`` (the scale workload in dispatcher mode deciding through each claim store: the
+broker's order, a private ``redis-server``, a throw-away database on the machine's
+PostgreSQL).
 
 Run from the repository root after the README's set-up plus the ``bench`` extra
 (``.ci/setup bench``). It starts a private mosquitto on free ports (``--broker URL`` to

@@ -543,7 +543,7 @@ class Candidate:
         #: agent on this connection may subscribe to ``dispatch/status`` of its own.
         #: Not ``dispatch/+`` either: that would bring every agent the dispatcher's
         #: ``dispatch/view`` (the whole swarm, every heartbeat interval: O(n^2) bytes)
-        self._status_filter = f"{self.topics.swarm}/+/status"
+        self._status_filter = self.topics.statuses_one_level
         self._sync_topic = self.topics.sync_marker(self.me, "election-" + secrets.token_hex(3))
         self._sync_seen = 0
         self._sync_sent = 0

@@ -111,6 +111,9 @@ class Topics:
         self.agents_status_all = p + "agents/+/status"
         self.dispatch_status = p + "dispatch/status"
         self.dispatch_view = p + "dispatch/view"
+        #: what the election's candidates follow: dispatch/status, in a filter of its own
+        #: (docs/dispatch.md, "The election")
+        self.statuses_one_level = p + "+/status"
         self.broadcast = p + "broadcast"
         self.errors = p + "errors"
         self.all = p + "#"
