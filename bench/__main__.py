@@ -346,6 +346,22 @@ def _interleaved(s: Settings, rep: int) -> list[tuple[int, str]]:
     return [(agents, rule) for agents in s.scale_agents for rule in rules]
 
 
+def _scale_run(
+    run: Runner, s: Settings, url: str, agents: int, dispatch: str, claim_store: str | None = None
+) -> dict[str, Any]:
+    """One run of the scale workload: ``--scale-tasks`` no-op tasks of every type."""
+    return swarm_run(
+        run,
+        url,
+        agents=agents,
+        tasks=s.scale_tasks,
+        lone=s.scale_lone,
+        workload="all-types",
+        dispatch=dispatch,
+        claim_store=claim_store,
+    )
+
+
 def scale(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
     """The all-types no-op workload at each swarm size (9 and 90 agents)."""
     runs = []
@@ -355,15 +371,7 @@ def scale(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
                 f"scale {rep + 1}/{s.reps}: {agents} agents ({dispatch}), {s.scale_tasks} no-op "
                 "tasks, all types"
             )
-            r = swarm_run(
-                run,
-                url,
-                agents=agents,
-                tasks=s.scale_tasks,
-                lone=s.scale_lone,
-                workload="all-types",
-                dispatch=dispatch,
-            )
+            r = _scale_run(run, s, url, agents, dispatch)
             runs.append({"rep": rep + 1, "agents": agents, "dispatch": dispatch, **r})
     return {"tasks": s.scale_tasks, "agents": s.scale_agents, "reps": s.reps, "runs": runs}
 
@@ -382,16 +390,7 @@ def stores(run: Runner, s: Settings, url: str, step: Any) -> dict[str, Any]:
         for agents in s.scale_agents:
             for name in names[shift:] + names[:shift]:
                 step(f"stores {rep + 1}/{s.reps}: {agents} agents, claim store {name}")
-                r = swarm_run(
-                    run,
-                    url,
-                    agents=agents,
-                    tasks=s.scale_tasks,
-                    lone=s.scale_lone,
-                    workload="all-types",
-                    dispatch="dispatcher",
-                    claim_store=run.stores[name],
-                )
+                r = _scale_run(run, s, url, agents, "dispatcher", claim_store=run.stores[name])
                 runs.append({"rep": rep + 1, "agents": agents, "store": name, **r})
     return {
         "tasks": s.scale_tasks,

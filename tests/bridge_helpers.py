@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from sheri_trio.executors import ExecutorRegistry
 from sheri_trio.mqtt import open_client
 from sheri_trio.swarm import AgentConfig, Topics, encode, run_agent
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
     import pytest
 
-    from sheri_trio.executors import ExecutorRegistry
+    from sheri_trio.executors import TaskContext
     from sheri_trio.mqtt import Client
     from sheri_trio.swarm import Agent
     from sheri_trio.testing import BridgedBrokers, MosquittoBroker
@@ -32,6 +33,21 @@ if TYPE_CHECKING:
 #: the issue's reproduction: 300 tasks, 3 agents on each broker
 TASKS = 300
 PER_BROKER = 3
+
+
+def counting_probe(
+    result: dict[str, Any] | None = None,
+) -> tuple[ExecutorRegistry, collections.Counter[str]]:
+    """A registry whose ``probe.run`` counts its executions per task id (yielding once,
+    then returning ``result``), and that count."""
+    executions: collections.Counter[str] = collections.Counter()
+
+    async def count(ctx: TaskContext) -> dict[str, Any]:
+        executions[ctx.task_id] += 1
+        await trio.lowlevel.checkpoint()
+        return dict(result or {})
+
+    return ExecutorRegistry({"probe.run": count}), executions
 
 
 class Watcher:

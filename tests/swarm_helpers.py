@@ -119,13 +119,16 @@ async def follow_outcomes(
 
 
 #: an agent in a child process: python -c AGENT_PROC <broker url> <agent id> <swarm> <dispatch>
+#: [<claim store url>, default "broker"]
 AGENT_PROC = """
 import sys, trio, logging
 logging.basicConfig(level=logging.INFO)
+from sheri_trio.stores import parse_store_url
 from sheri_trio.swarm import AgentConfig, run_agent
+store = parse_store_url(sys.argv[5] if len(sys.argv) > 5 else "broker", source="flag")
 cfg = AgentConfig(role="testing", agent_id=sys.argv[2], swarm=sys.argv[3], broker=sys.argv[1],
                   heartbeat_interval=0.5, lease_time=2.0, keep_alive=5, dispatch=sys.argv[4],
-                  executor_config={"executors": {"simulate": True}})
+                  store=store, executor_config={"executors": {"simulate": True}})
 async def main():
     async with trio.open_nursery() as n:
         await n.start(run_agent, cfg)

@@ -485,7 +485,9 @@ def test_a_claim_of_an_unknown_task_is_counted_and_one_of_a_finished_task_revoke
     ]
 
 
-def test_a_stale_outcome_is_fenced_off_and_the_current_one_accepted() -> None:
+def taken_over_at_its_lease() -> tuple[Dispatcher, str, str]:
+    """Task ``t`` given to one of two agents, which then stays silent for the lease: the
+    dispatcher, the first holder and the second (attempt 2 assigned to it)."""
     d = make()
     register(d, "a1")
     register(d, "a2")
@@ -495,6 +497,11 @@ def test_a_stale_outcome_is_fenced_off_and_the_current_one_accepted() -> None:
     heartbeat(d, second, now=29.0)
     d.check_leases(30.0)  # the first one silent for the lease: taken over
     assert given_to(d.assignments(30.0)) == [("t", second, 2)]
+    return d, first, second
+
+
+def test_a_stale_outcome_is_fenced_off_and_the_current_one_accepted() -> None:
+    d, first, second = taken_over_at_its_lease()
     # the first holder was not dead after all: its outcome is stale
     assert outcome(d, "t", first, attempt=1) == [
         WriteRecord("t", A, 2, second, sub("t"))  # its final state may be over the record
@@ -520,15 +527,7 @@ def test_a_record_we_wrote_over_the_holders_is_made_final_when_its_outcome_comes
     "claimed" or even its final record. When its outcome is accepted, our final record
     goes out, else the retained record says assigned for good and the next dispatcher
     hands the task to an agent that ran it already."""
-    d = make()
-    register(d, "a1")
-    register(d, "a2")
-    submit(d, "t")
-    ((_, first, _),) = given_to(d.assignments(0.0))
-    second = "a2" if first == "a1" else "a1"
-    heartbeat(d, second, now=29.0)
-    d.check_leases(30.0)  # the first one silent for the lease: taken over
-    assert given_to(d.assignments(30.0)) == [("t", second, 2)]
+    d, first, second = taken_over_at_its_lease()
     # the old holder's claim of attempt 1 comes late: revoked, our record written again
     assert claim(d, "t", first, attempt=1) == [
         SendRevocation(first, "t", 1, RevokeReason.NOT_HOLDER),

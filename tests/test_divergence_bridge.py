@@ -17,13 +17,18 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from bridge_helpers import TASKS, Watcher, bridge_swarm, log_waiter, watch_client
+from bridge_helpers import (
+    TASKS,
+    Watcher,
+    bridge_swarm,
+    counting_probe,
+    log_waiter,
+    watch_client,
+)
 
-from sheri_trio.executors import ExecutorRegistry
 from sheri_trio.swarm import DIVERGENCE_FIX, AgentConfig, Topics, encode, run_agent
 
 if TYPE_CHECKING:
-    from sheri_trio.executors import TaskContext
     from sheri_trio.testing import BridgedBrokers, MosquittoBroker
 
 
@@ -40,14 +45,7 @@ async def test_broker_mode_on_a_bridge_reports_every_task_that_ran_twice(
     both brokers at once (a duplicate task id), which makes the race likelier."""
     caplog.set_level(logging.ERROR, logger="sheri_trio.agent")
     swarm = f"bridge-{secrets.token_hex(3)}"
-    executions: collections.Counter[str] = collections.Counter()
-
-    async def count(ctx: TaskContext) -> dict[str, Any]:
-        executions[ctx.task_id] += 1
-        await trio.lowlevel.checkpoint()
-        return {"ran": True}
-
-    registry = ExecutorRegistry({"probe.run": count})
+    registry, executions = counting_probe({"ran": True})
     ids = [f"t{n:03d}" for n in range(TASKS)]
     options = {"dispatch": "broadcast", "heartbeat_interval": 1.0, "lease_time": 10.0}
     with trio.fail_after(60):

@@ -22,6 +22,7 @@ from bridge_helpers import (
     TASKS,
     Watcher,
     bridge_swarm,
+    counting_probe,
     log_waiter,
     watch_client,
 )
@@ -33,6 +34,7 @@ from store_helpers import (
     require_postgres,
     set_accepting,
 )
+from swarm_helpers import AGENT_PROC
 
 from sheri_trio.executors import ExecutorRegistry
 from sheri_trio.stores import Verdict, open_store, parse_store_url
@@ -70,14 +72,7 @@ async def test_with_a_store_every_task_runs_once_on_a_bridge(
     bridged: BridgedBrokers, store: StoreConfig, dispatch: str
 ) -> None:
     swarm = f"stored-{secrets.token_hex(3)}"
-    executions: collections.Counter[str] = collections.Counter()
-
-    async def count(ctx: TaskContext) -> dict[str, Any]:
-        executions[ctx.task_id] += 1
-        await trio.lowlevel.checkpoint()
-        return {"ran": True}
-
-    registry = ExecutorRegistry({"probe.run": count})
+    registry, executions = counting_probe({"ran": True})
     ids = [f"t{n:03d}" for n in range(TASKS)]
     options = {"heartbeat_interval": 1.0, "lease_time": 10.0, "max_tasks": 4}
     with trio.fail_after(90):
@@ -313,14 +308,7 @@ async def test_a_task_published_on_both_brokers_runs_once_with_a_store(
     """The same task ids submitted on each broker at once (a duplicate task id, each
     side's agents seeing their own copy first): each runs once."""
     swarm = f"dup-{secrets.token_hex(3)}"
-    executions: collections.Counter[str] = collections.Counter()
-
-    async def count(ctx: TaskContext) -> dict[str, Any]:
-        executions[ctx.task_id] += 1
-        await trio.lowlevel.checkpoint()
-        return {}
-
-    registry = ExecutorRegistry({"probe.run": count})
+    registry, executions = counting_probe()
     ids = [f"d{n:02d}" for n in range(50)]
     with trio.fail_after(60):
         async with bridge_swarm(bridged, swarm, registry, dispatch=dispatch, store=store) as run:
@@ -330,24 +318,6 @@ async def test_a_task_published_on_both_brokers_runs_once_with_a_store(
     assert executions == dict.fromkeys(ids, 1)
     for watcher in run.watchers:
         assert all(len(watcher.outcomes[t]) == 1 for t in ids)
-
-
-_VICTIM = """
-import sys, trio, logging
-logging.basicConfig(level=logging.WARNING)
-from sheri_trio.stores import parse_store_url
-from sheri_trio.swarm import AgentConfig, run_agent
-cfg = AgentConfig(role="testing", agent_id=sys.argv[2], swarm=sys.argv[3], broker=sys.argv[1],
-                  dispatch=sys.argv[5],
-                  heartbeat_interval=0.5, lease_time=2.0, keep_alive=5,
-                  store=parse_store_url(sys.argv[4], source="flag"),
-                  executor_config={"executors": {"simulate": True}})
-async def main():
-    async with trio.open_nursery() as n:
-        await n.start(run_agent, cfg)
-        print("online", flush=True)
-trio.run(main)
-"""
 
 
 @MODES
@@ -378,7 +348,7 @@ async def test_a_crashed_holder_s_task_is_taken_over_once_through_the_store(
             started = trio.Event()
             nursery.start_soon(watcher.run, client, topics, started)
             await started.wait()
-            victim = (_VICTIM, second.tcp_url, f"{swarm}-v", swarm, url, dispatch)
+            victim = (AGENT_PROC, second.tcp_url, f"{swarm}-v", swarm, dispatch, url)
             async with online_process(*victim) as proc:
                 body = {"task_id": "t1", "type": "testing.run",
                         "payload": {"simulate_seconds": 60}}  # fmt: skip
@@ -434,14 +404,7 @@ async def test_two_dispatchers_cannot_both_serve_with_a_store(
     swarm = f"leaders-{secrets.token_hex(3)}"
     first, second = bridged.brokers
     logs = log_waiter(request)
-    executions: collections.Counter[str] = collections.Counter()
-
-    async def count(ctx: TaskContext) -> dict[str, Any]:
-        executions[ctx.task_id] += 1
-        await trio.lowlevel.checkpoint()
-        return {}
-
-    registry = ExecutorRegistry({"probe.run": count})
+    registry, executions = counting_probe()
     options = {"heartbeat_interval": 0.5, "lease_time": 2.0, "store": store}
     with trio.fail_after(60):
         async with bridge_swarm(bridged, swarm, per_broker=0) as run:
@@ -490,14 +453,7 @@ async def test_a_dispatcher_without_its_store_for_a_lease_steps_down(
     caplog.set_level(logging.INFO, logger="sheri_trio")
     swarm = f"deposed-{secrets.token_hex(3)}"
     logs = log_waiter(request)
-    executions: collections.Counter[str] = collections.Counter()
-
-    async def count(ctx: TaskContext) -> dict[str, Any]:
-        executions[ctx.task_id] += 1
-        await trio.lowlevel.checkpoint()
-        return {}
-
-    registry = ExecutorRegistry({"probe.run": count})
+    registry, executions = counting_probe()
     with trio.fail_after(60):
         async with bridge_swarm(
             bridged, swarm, registry, per_broker=1, dispatch="dispatcher", store=outage.config,
