@@ -3,12 +3,15 @@ TLS options, and the streams themselves against local TCP, TLS and WebSocket lis
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 import trustme
 
@@ -20,7 +23,7 @@ from sheri_trio.mqtt import (
     TLSOptions,
     redact,
 )
-from sheri_trio.mqtt._streams import open_stream
+from sheri_trio.mqtt._streams import _STREAK, _TrioStream, open_stream
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -187,6 +190,76 @@ async def test_the_peer_closing_is_an_empty_read() -> None:
         with trio.fail_after(5):
             async with open_stream(BrokerURL.parse(f"mqtt://127.0.0.1:{port}")) as stream:
                 assert await stream.receive_some() == b""
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_that_never_runs_dry_does_not_starve_other_tasks() -> None:
+    """A read that finds data returns without a scheduler pass, but not forever: with
+    more waiting than it reads, another task still runs every few reads."""
+    mine, theirs = socket.socketpair()
+    with trio.socket.from_stdlib_socket(mine) as ours, theirs:
+        theirs.sendall(b"x" * 100_000)  # waiting for us at once: 200 reads of 500 bytes
+        stream = _TrioStream(trio.SocketStream(ours), read_size=500)
+        turns = 0
+
+        async def other() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await trio.lowlevel.checkpoint()
+            turns = 0
+            for _ in range(100):
+                assert await stream.receive_some() == b"x" * 500
+            nursery.cancel_scope.cancel()
+    # a scheduler pass every _STREAK reads (4): neither never (starved) nor at every read
+    assert _STREAK == 4
+    assert 23 <= turns <= 26
+
+
+async def test_a_quiet_connection_waits_for_data() -> None:
+    sent = trio.Event()
+
+    async def later(stream: trio.SocketStream) -> None:
+        await sent.wait()
+        await stream.send_all(b"late")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        port = await _listener(nursery, later)
+        with trio.fail_after(5):
+            async with open_stream(BrokerURL.parse(f"mqtt://127.0.0.1:{port}")) as stream:
+                got: list[bytes] = []
+
+                async def read() -> None:
+                    got.append(await stream.receive_some())
+
+                async with trio.open_nursery() as readers:
+                    readers.start_soon(read)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert got == []  # blocked on the socket, not spinning
+                    sent.set()
+                assert got == [b"late"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reset_connection_is_lost() -> None:
+    async def reset(stream: trio.SocketStream) -> None:
+        # SO_LINGER 0: close sends a RST instead of a FIN
+        stream.socket.setsockopt(
+            trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        port = await _listener(nursery, reset)
+        with trio.fail_after(5):
+            async with open_stream(BrokerURL.parse(f"mqtt://127.0.0.1:{port}")) as stream:
+                with pytest.raises(ConnectionLost, match="connection lost: connection reset"):
+                    await stream.receive_some()
         nursery.cancel_scope.cancel()
 
 
