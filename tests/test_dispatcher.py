@@ -32,7 +32,6 @@ from sheri_trio.swarm._dispatcher import (
     latest_records,
 )
 from sheri_trio.swarm._messages import encode
-from sheri_trio.swarm._presence import rendezvous_score
 from sheri_trio.swarm._protocol import BadMessage, Topics
 from sheri_trio.swarm._scheduler import (
     CancelResult,
@@ -314,19 +313,72 @@ def test_the_least_loaded_agent_gets_the_task_relative_to_its_slots() -> None:
     submit(d, "t1")
     submit(d, "t2")
     got = given_to(d.assignments(0.0))
-    # each pick goes to the lowest held/max_tasks (ties: the highest rendezvous score)
+    # each pick goes to the lowest held/max_tasks (ties: the one longest at that load)
     assert sorted(a for _, a, _ in got) == ["big", "big", "small"]
     assert d.in_flight("big") == 2
     assert d.in_flight("small") == 1
 
 
-def test_ties_are_broken_by_the_rendezvous_score() -> None:
+def test_ties_go_to_the_agent_longest_at_that_load_so_lone_tasks_go_round() -> None:
     d = make()
     for agent_id in ("a1", "a2", "a3"):
-        register(d, agent_id, max_tasks=1)
-    submit(d, "t")
-    ((_, chosen, _),) = given_to(d.assignments(0.0))
-    assert chosen == max(("a1", "a2", "a3"), key=lambda a: rendezvous_score(f"t/{a}"))
+        register(d, agent_id, max_tasks=2)
+    order = []
+    for i in range(7):  # one task at a time: each finished before the next comes
+        submit(d, f"t{i}")
+        ((task_id, chosen, _),) = given_to(d.assignments(0.0))
+        order.append(chosen)
+        outcome(d, task_id, chosen)
+    assert order == ["a1", "a2", "a3", "a1", "a2", "a3", "a1"]
+
+
+def test_a_busier_agent_waits_until_the_others_are_as_busy() -> None:
+    d = make()
+    for agent_id in ("a1", "a2", "a3"):
+        register(d, agent_id, max_tasks=2)
+    submit(d, "t0")
+    ((_, first, _),) = given_to(d.assignments(0.0))
+    submit(d, "t1")
+    submit(d, "t2")
+    got = {a for _, a, _ in given_to(d.assignments(0.0))}
+    assert got == {"a1", "a2", "a3"} - {first}  # every agent has one before any has two
+    submit(d, "t3")
+    ((_, fourth, _),) = given_to(d.assignments(0.0))
+    assert fourth == first  # equal loads again: the one longest at it
+
+
+def test_an_agent_whose_lease_lapsed_gets_nothing_until_it_is_heard_again() -> None:
+    d = make()
+    register(d, "a1", now=0.0)
+    register(d, "a2", now=20.0)
+    submit(d, "t0", now=31.0)  # a1 silent for a lease: a2 only
+    assert [a for _, a, _ in given_to(d.assignments(31.0))] == ["a2"]
+    heartbeat(d, "a1", now=32.0)
+    submit(d, "t1", now=32.0)
+    assert [a for _, a, _ in given_to(d.assignments(32.0))] == ["a1"]
+
+
+def test_an_assignment_round_does_not_look_at_every_free_agent() -> None:
+    """With many idle agents, a lone task costs a few free-slot checks, not one per
+    agent (the pool of free agents: sheri_trio.swarm._pool)."""
+    d = make()
+    for i in range(300):
+        register(d, f"a{i:03}", max_tasks=2)
+    d.assignments(0.0)  # the first round takes every agent in
+    checks = 0
+    free_slots = d.free_slots
+
+    def counting(agent_id: str, now: float) -> int:
+        nonlocal checks
+        checks += 1
+        return free_slots(agent_id, now)
+
+    d.free_slots = counting  # type: ignore[method-assign]
+    for i in range(20):
+        submit(d, f"t{i}")
+        ((task_id, chosen, _),) = given_to(d.assignments(0.0))
+        outcome(d, task_id, chosen)
+    assert checks <= 20 * 4
 
 
 def test_no_agent_gets_more_than_its_free_slots() -> None:

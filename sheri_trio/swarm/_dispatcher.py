@@ -39,7 +39,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from ._presence import PeerTable, PresenceKind, rendezvous_score
+from ._pool import FreeAgents
+from ._presence import PeerTable, PresenceKind
 from ._protocol import (
     AGENT_ID_RE,
     ROLES,
@@ -322,12 +323,13 @@ class Dispatcher:
         self._seq = 0
         #: keys whose tasks nobody online may take: warned once until someone can
         self._unserved: set[_Key] = set()
-        #: the agents that may have a free slot (checked again when used), kept up to
-        #: date through :meth:`_touch`: an assignment round costs what changed, not the
-        #: swarm's size (time only takes slots away: a lapsed lease, found on use)
-        self._free: set[str] = set()
+        #: the agents with a free slot by role and load (checked again when used), told
+        #: of every agent in ``_dirty`` at the start of a round and of each one given a
+        #: task: an assignment costs what changed, not the swarm's size (time only takes
+        #: slots away: a lapsed lease, found on use)
+        self._free = FreeAgents()
         #: agents whose presence or holdings changed since the last round
-        self._dirty: set[str] = set()
+        self._dirty: dict[str, None] = {}  # (in order: ties go by turn)
         #: whether the unserved-kinds check is due (presence or a new kind of task)
         self._served_check = True
         #: jobs queued under a kind already unserved since the last check: they get their
@@ -539,8 +541,8 @@ class Dispatcher:
     # ------------------------------------------------------------ assignment
     def assignments(self, now: float) -> list[DispatchCommand]:
         """The assignments to send now: for each queued job, most urgent first (priority,
-        then arrival), the least loaded eligible agent with a free slot (ties: the
-        highest rendezvous score of ``"{task_id}/{agent_id}"``). Each is a
+        then arrival), the least loaded eligible agent with a free slot (ties: the one
+        longest at that load; :class:`~._pool.FreeAgents`). Each is a
         :class:`WriteRecord` (assigned) followed by its :class:`SendAssignment`."""
         out: list[DispatchCommand] = []
         if self._first_round is None:
@@ -549,46 +551,26 @@ class Dispatcher:
             self._served_check = False
             out += self._warn_unserved(now)
         if self._dirty:
-            self._free |= self._dirty
+            for a in self._dirty:
+                self._repool(a, now)
             self._dirty.clear()
         if not self._free or not any(self._queued.values()):
             return out
-        # the free slots by role (a role with none has no entry): a kind of task is
-        # matched against its roles, not against every free agent (with 90 agents free
-        # that was ~100 eligibility checks per assignment)
-        free: dict[str | None, dict[str, int]] = {}
-        for a in list(self._free):
-            if (n := self.free_slots(a, now)) > 0:
-                free.setdefault(self.peers[a].role, {})[a] = n
-            else:
-                self._free.discard(a)
-        while free:
+        while True:
             best: tuple[int, int, str] | None = None
             best_key: _Key | None = None
+            agent_id: str | None = None
             for key in list(self._queues):
                 head = self._head(key)
                 if head is None or (best is not None and head >= best):
                     continue
-                roles, assigned_to = key
-                if (
-                    any(r in free for r in roles)
-                    if assigned_to is None
-                    else bool(self._candidates(key, free))
-                ):
-                    best, best_key = head, key
-            if best is None or best_key is None:
+                if (chosen := self._choose(key, now)) is not None:
+                    best, best_key, agent_id = head, key, chosen
+            if best is None or best_key is None or agent_id is None:
                 break
             heapq.heappop(self._queues[best_key])
             self._queued[best_key] -= 1
             job = self.jobs[best[2]]
-            agent_id = self._choose(job, best_key, free)
-            role = self.peers[agent_id].role
-            slots = free[role]
-            slots[agent_id] -= 1
-            if not slots[agent_id]:
-                del slots[agent_id]
-                if not slots:
-                    del free[role]
             if self.store_mode:  # the store first: the slot is taken meanwhile
                 job.state, job.agent_id, job.since, job.placing = (
                     RecordState.ASSIGNED, agent_id, now, True
@@ -597,6 +579,7 @@ class Dispatcher:
                 out.append(StoreAssign(job.task_id, job.attempt, agent_id, job.takeover))
             else:
                 out.extend(self._assign(job, agent_id, now))
+            self._repool(agent_id, now)
         return out
 
     # ------------------------------------------------------------ the claim store
@@ -717,31 +700,32 @@ class Dispatcher:
             SendAssignment(agent_id, job.task_id, job.task, job.attempt),
         ]
 
-    def _candidates(self, key: _Key, free: dict[str | None, dict[str, int]]) -> list[str]:
-        """The free agents that may take ``key``'s tasks (``free``: slots by role)."""
+    def _repool(self, agent_id: str, now: float) -> None:
+        """Tell the pool of free agents what ``agent_id`` has free now."""
+        peer = self.peers.get(agent_id)
+        if peer is None or self.free_slots(agent_id, now) <= 0:
+            self._free.discard(agent_id)
+        else:
+            load = self.in_flight(agent_id) / (peer.max_tasks or 1)
+            self._free.update(agent_id, peer.role, load)
+
+    def _choose(self, key: _Key, now: float) -> str | None:
+        """The agent that gets ``key``'s next task, or None: the least loaded eligible
+        agent with a free slot (load: held / max_tasks; ties: the one longest at that
+        load, so lone tasks go round the agents)."""
         roles, assigned_to = key
         if assigned_to is not None:
             peer = self.peers.get(assigned_to)
-            role = peer.role if peer is not None else None
-            return [assigned_to] if role in roles and assigned_to in free.get(role, ()) else []
-        if len(roles) == 1:
-            return list(free.get(roles[0], ()))
-        return [a for r in roles for a in free.get(r, ())]
-
-    def _choose(self, job: Job, key: _Key, free: dict[str | None, dict[str, int]]) -> str:
-        """The least loaded eligible free agent (load: held / max_tasks)."""
-        prefix = job.task_id + "/"
-
-        loads = {
-            a: self.in_flight(a) / (self.peers[a].max_tasks or 1)
-            for a in self._candidates(key, free)
-        }
-        low = min(loads.values())
-        # the hash only among the least loaded: a round costs what is free, not n hashes
-        return max(
-            (a for a, load in loads.items() if load == low),
-            key=lambda a: rendezvous_score(prefix + a),
-        )
+            if peer is None or peer.role not in roles or self.free_slots(assigned_to, now) <= 0:
+                return None
+            return assigned_to
+        best = None
+        for role in roles:
+            while (top := self._free.top(role)) is not None and self.free_slots(top[2], now) <= 0:
+                self._free.discard(top[2])  # its lease lapsed: back at its next sign of life
+            if top is not None and (best is None or top < best):
+                best = top
+        return None if best is None else best[2]
 
     def _eligible(self, agent_id: str, key: _Key) -> bool:
         roles, assigned_to = key
@@ -935,7 +919,7 @@ class Dispatcher:
         """Take over the jobs of holders shut down or silent for ``lease_time`` (counted from
         the later of their last sign of life and the job's assignment). Also the rounds'
         safety net: every agent's slots, and the unserved kinds, are looked at again."""
-        self._dirty.update(self.peers.peers)
+        self._dirty.update(dict.fromkeys(self.peers.peers))
         self._served_check = True
         deferred, self._deferred = self._deferred, {}
         for job in deferred.values():  # the store held them back: asked again now
@@ -1059,7 +1043,7 @@ class Dispatcher:
 
     def _hold(self, agent_id: str, job: Job) -> None:
         self._held.setdefault(agent_id, {})[job.task_id] = job
-        self._dirty.add(agent_id)
+        self._dirty[agent_id] = None
 
     def _presence(self, agent_id: str, now: float) -> tuple[bool, str | None]:
         """What makes ``agent_id`` serve a kind of task: alive (online, heard of within
@@ -1074,13 +1058,13 @@ class Dispatcher:
         and the unserved kinds only if it came, went or changed role (not at every
         heartbeat: with n agents that is n checks per interval; a lapse by time alone is
         found at the lease check)."""
-        self._dirty.add(agent_id)
+        self._dirty[agent_id] = None
         if self._presence(agent_id, now) != before:
             self._served_check = True
 
     def _release_slot(self, job: Job) -> None:
         if job.agent_id is not None:
-            self._dirty.add(job.agent_id)
+            self._dirty[job.agent_id] = None
             held = self._held.get(job.agent_id)
             if held is not None:
                 held.pop(job.task_id, None)
