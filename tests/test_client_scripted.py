@@ -427,6 +427,46 @@ async def test_ack_after_reconnect_is_void(autojump_clock: trio.testing.MockCloc
         assert (await conn2.expect(mqtt5.PubAckPacket)).packet_id == 3
 
 
+# ------------------------------------------------------------------------ writes
+async def test_what_a_woken_task_publishes_goes_out_with_its_waker_s_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A publish that starts another task, which publishes too, makes one write, not
+    two: the writer takes the data one scheduler pass after it is woken (trio shuffles
+    each pass's tasks, so without that pass the writer came first about half the time)."""
+    broker = ScriptedBroker()
+    writes: list[bytes] = []
+
+    @asynccontextmanager
+    async def counting(url: Any) -> AsyncIterator[Any]:
+        async with broker.stream_factory(url) as stream:
+            send_all = stream.send_all
+
+            async def counted(data: bytes) -> None:
+                writes.append(data)
+                await send_all(data)
+
+            stream.send_all = counted  # type: ignore[method-assign]
+            yield stream
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_reconnected, broker)
+        async with open_client(broker.url, stream_factory=counting) as client:
+            for i in range(20):
+                writes.clear()
+
+                async def second(i: int = i) -> None:
+                    await client.publish(f"t/{i}/b", b"b", qos=0)
+
+                async with trio.open_nursery() as tasks:
+                    await client.publish(f"t/{i}/a", b"a", qos=0)
+                    tasks.start_soon(second)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(writes) == 1, i
+                assert f"t/{i}/a".encode() in writes[0]
+                assert f"t/{i}/b".encode() in writes[0]
+
+
 # ------------------------------------------------------------------ keep-alive
 async def test_keep_alive_pings_and_declares_a_silent_broker_dead(
     autojump_clock: trio.testing.MockClock,
