@@ -1307,6 +1307,55 @@ async def test_dispatch_mode_alerts_read_the_dispatchers_view(
     assert [a.get("agent_id") for a in with_view["alerts"]] == ["gone"]
 
 
+async def test_a_burst_of_alerts_reads_the_dispatchers_view_once(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, tmp_path: Any
+) -> None:
+    """Concurrent monitoring.alerts share one read of dispatch/view, and a view read
+    within a tenth of heartbeat_interval is reused; after that a new one is read."""
+    from sheri_trio.executors import default_registry
+
+    autojump_clock.autojump_threshold = 0.05  # the executor's SQLite runs in threads
+    config = cfg("mon", role="monitoring", dispatch="dispatcher", max_tasks=8)
+    config.executor_config = {
+        "state_dir": str(tmp_path),
+        "monitoring": {"alerts": {"offline": True}},
+    }
+    inbox = T.agent_inbox("mon")
+
+    def view(gone: str) -> bytes:
+        agents = [{"agent_id": gone, "role": "testing", "online": False}]
+        return encode("disp", "general", {"agents": agents, "outcomes": {}, "epoch": 1})
+
+    async def assign(task_ids: list[str]) -> list[list[str]]:
+        for task_id in task_ids:
+            task = {"task_id": task_id, "type": "monitoring.alerts", "payload": {}}
+            assignment = {"kind": "assignment", "task_id": task_id, "attempt": 1, "task": task}
+            await dispatcher.publish(inbox, encode("disp", "general", assignment), qos=1)
+        gone = []
+        for task_id in task_ids:
+            result = body(await wait(bus, T.tasks_complete, task_id=task_id))["result"]
+            gone.append([a["agent_id"] for a in result["alerts"]])
+        return gone
+
+    def reads() -> int:
+        return len(bus.records(f"{SWARM}/agents/mon/sync/+"))
+
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            dispatcher = await dispatcher_online(bus)
+            await dispatcher.publish(T.dispatch_view, view("a1"), qos=1, retain=True)
+            mon = Agent(config, bus.open("mon"), executors=default_registry())
+            await nursery.start(mon.run)
+            before = reads()
+            assert await assign([f"burst-{i}" for i in range(6)]) == [["a1"]] * 6
+            assert reads() - before == 1
+            await dispatcher.publish(T.dispatch_view, view("a2"), qos=1, retain=True)
+            await trio.sleep(config.heartbeat_interval / 10)
+            assert await assign(["later"]) == [["a2"]]
+            assert reads() - before == 2
+            nursery.cancel_scope.cancel()
+
+
 async def test_dispatch_mode_agent_is_online_only_once_the_swarm_has_a_dispatcher(
     autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
 ) -> None:

@@ -124,6 +124,12 @@ class Agent:
         self._store_down = False
         #: with a store: final state changes held until the store accepts the outcome
         self._final_changes: dict[str, tuple[Entry, TaskRecord, StateChange]] = {}
+        #: dispatch mode: the last dispatch/view read (trio time, view), reused for a tenth
+        #: of the interval the dispatcher republishes it in, and the read under way, which
+        #: every monitoring.alerts that comes meanwhile shares: (its event, its answer)
+        self._view: tuple[float, dict[str, Any]] | None = None
+        self._view_read: trio.Event | None = None
+        self._view_answer: tuple[trio.Event, dict[str, Any] | None] | None = None
 
     # ------------------------------------------------------------ public API
     def request_shutdown(self) -> None:
@@ -615,9 +621,37 @@ class Agent:
 
     async def swarm_view(self) -> dict[str, Any] | None:
         """What monitoring.alerts sees of the swarm: our peer table (broadcast), or the
-        dispatcher's retained ``dispatch/view`` (dispatch mode; None when there is none)."""
+        dispatcher's retained ``dispatch/view`` (dispatch mode; None when there is none).
+
+        Dispatch mode: a view read within the last tenth of ``heartbeat_interval`` (the
+        dispatcher republishes it once per interval) is reused, and a read under way is
+        shared: a burst of monitoring.alerts reads it once, not a subscription each."""
         if not self.scheduler.dispatched:
             return self.scheduler.swarm_view(trio.current_time())
+        while True:
+            if self._view is not None and (
+                trio.current_time() - self._view[0] < self.config.heartbeat_interval / 10
+            ):
+                return self._view[1]
+            reading = self._view_read
+            if reading is None:
+                break
+            await reading.wait()
+            if self._view_answer is not None and self._view_answer[0] is reading:
+                return self._view_answer[1]
+            # that read was cancelled: read ourselves
+        reading = self._view_read = trio.Event()
+        try:
+            view = await self._read_view()
+            self._view_answer = (reading, view)
+            if view is not None:
+                self._view = (trio.current_time(), view)
+            return view
+        finally:
+            self._view_read = None
+            reading.set()
+
+    async def _read_view(self) -> dict[str, Any] | None:
         sync = self.topics.sync_marker(self.agent_id, secrets.token_hex(4))
         with trio.move_on_after(self.config.heartbeat_interval):
             for message in await read_retained(self.client, sync, self.topics.dispatch_view):
