@@ -49,8 +49,12 @@ class _Silent:
     """A client that connected, then the broker answers nothing."""
 
     @asynccontextmanager
-    async def subscribe(self, *filters: str, **options: Any) -> AsyncIterator[None]:
-        yield None
+    async def subscribe(
+        self, *filters: str, **options: Any
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Any]]:
+        send, receive = trio.open_memory_channel[Any](0)
+        async with send, receive:
+            yield receive  # nothing ever comes
 
     async def publish(self, *args: Any, **options: Any) -> None:
         await trio.sleep_forever()

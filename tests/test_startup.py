@@ -27,6 +27,7 @@ from sheri_trio.swarm._startup import (
     StartupError,
     StartupStep,
     agent_connection,
+    read_retained,
     startup_timeout,
 )
 from sheri_trio.testing import MosquittoBroker
@@ -304,3 +305,31 @@ async def test_a_claim_store_that_accepts_and_never_answers_fails_its_step(
         "agent stalled-1: start-up step 'claim store' did not finish within 1 s (waiting for "
         "the claim store's answer"
     )
+
+
+# ------------------------------------------------------------------ read_retained
+@pytest.mark.parametrize("records", [2_000, 20_000])
+async def test_read_retained_takes_more_messages_than_a_subscription_buffers(
+    broker: MosquittoBroker, records: int
+) -> None:
+    """The retained set may be far larger than the subscription's buffer: the read takes
+    the messages while the marker goes out. (It waited for the marker's PUBACK first,
+    which the broker may send behind the retained messages; with the buffer full the
+    reader stopped, and the PUBACK never came.)"""
+    prefix = f"rr-{secrets.token_hex(4)}"
+    async with open_client(broker.tcp_url) as filler:
+        for i in range(records):
+            await filler.publish(
+                f"{prefix}/s/{i}", b"x", qos=1, retain=True, wait_ack=i == records - 1
+            )
+    try:
+        async with open_client(broker.tcp_url, message_buffer=50) as client:
+            with trio.fail_after(30):
+                found = await read_retained(client, f"{prefix}/sync", f"{prefix}/s/+")
+        assert len(found) == records
+    finally:
+        async with open_client(broker.tcp_url) as cleaner:
+            for i in range(records):
+                await cleaner.publish(
+                    f"{prefix}/s/{i}", b"", qos=1, retain=True, wait_ack=i == records - 1
+                )

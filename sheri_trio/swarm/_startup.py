@@ -24,6 +24,7 @@ import logging
 import math
 import secrets
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -318,14 +319,27 @@ async def read_retained(
     """
     found = [] if into is None else into
     async with client.subscribe(*filters, sync_topic, qos=1) as messages:
-        await client.publish(sync_topic, b"sync", qos=1)
-        async for message in messages:
-            if progress is not None:
-                progress()
-            if message.topic == sync_topic:
-                break
-            if message.payload:
-                found.append(message)
+        try:
+            async with trio.open_nursery() as nursery:
+                # The messages are taken while the marker's PUBACK is awaited, not after
+                # it: the broker may send the PUBACK behind thousands of retained
+                # messages, and with nobody taking them the subscription's buffer filled,
+                # the reader stopped, and the PUBACK never came (100,000 retained task
+                # states: a start-up that never ended). A refused marker still ends it.
+                nursery.start_soon(partial(client.publish, sync_topic, b"sync", qos=1))
+                async for message in messages:
+                    if progress is not None:
+                        progress()
+                    if message.topic == sync_topic:
+                        break  # its echo: the broker took it; no need to await its PUBACK
+                    if message.payload:
+                        found.append(message)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the refused marker's PublishError, as itself
+            real = real_errors(group)
+            if len(real) == 1:
+                raise real[0] from None
+            raise
     return found
 
 
