@@ -1440,3 +1440,59 @@ async def test_a_final_state_keeps_the_submission_unless_it_would_be_too_large(
     assert "task" not in big
     assert big["task_omitted"] == "too large"
     assert len(final.message.payload) <= 8192
+
+
+async def test_dispatch_mode_agent_refuses_a_deposed_dispatchers_inbox_messages(
+    autojump_clock: trio.testing.MockClock, bus: MemoryBus, script: Script
+) -> None:
+    """docs/dispatch.md, "Fencing by epoch": once a newer term is known, the old term's
+    assignment never runs and its revocation stops nothing; each is acknowledged (the
+    broker must not deliver it again) and reported on {swarm}/errors. The new term's
+    messages are carried out."""
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            old = await dispatcher_online(bus)  # epoch 1
+            a = await start(nursery, bus, cfg("A", dispatch="dispatcher"), script)
+            new = bus.open("disp2")
+            status = {"agent_id": "disp2", "epoch": 2, "status": "online"}
+            await new.publish(
+                T.dispatch_status, encode("disp2", "general", status), qos=1, retain=True
+            )
+            inbox = T.agent_inbox("A")
+
+            async def send(
+                sender: MemoryClient, epoch: int, kind: str, task_id: str, **task: Any
+            ) -> None:
+                body: dict[str, Any] = {
+                    "kind": kind,
+                    "task_id": task_id,
+                    "attempt": 1,
+                    "epoch": epoch,
+                }
+                if kind == "assignment":
+                    body["task"] = {"task_id": task_id, "type": "testing.run", **task}
+                else:
+                    body["reason"] = "holder_gone"
+                await sender.publish(inbox, encode(sender.client_id, "general", body), qos=1)
+
+            await send(new, 2, "assignment", "e-1", payload={"hang": True})
+            await wait(bus, T.tasks_progress, task_id="e-1", event="start")
+            await send(old, 1, "revocation", "e-1")
+            await wait(bus, T.errors, task_id="e-1")
+            await send(old, 1, "assignment", "e-2", payload={})
+            report = await wait(bus, T.errors, task_id="e-2")
+            await trio.sleep(1)
+            assert not on(T.tasks_progress, bus, task_id="e-1", event="release")
+            assert a.agent.scheduler.entries["e-1"].phase.value == "running"
+            await send(new, 2, "revocation", "e-1")
+            await wait(bus, T.tasks_progress, task_id="e-1", event="release")
+            await trio.sleep(1)
+            # both statuses, our sync marker, and the 4 sent here
+            assert a.client.statistics()["messages_acked"] == 7
+            nursery.cancel_scope.cancel()
+    assert [c.task_id for c in script.calls] == ["e-1"]
+    assert (
+        body(report)["error"] == "assignment from a deposed dispatcher (epoch 1; current epoch 2)"
+    )
+    assert (body(report)["topic"], body(report)["reported_by"]) == (inbox, "A")
+    assert not on(T.tasks_assigned, bus, task_id="e-2")

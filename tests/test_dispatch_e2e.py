@@ -24,8 +24,14 @@ from swarm_helpers import (
 
 from sheri_trio.executors import ExecutorRegistry, TaskPayloadError
 from sheri_trio.mqtt import open_client
+from sheri_trio.stores import parse_store_url
+from sheri_trio.swarm._dispatching import DispatcherShell
+from sheri_trio.swarm._messages import encode
+from sheri_trio.testing import RedisServer
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sheri_trio.executors import TaskContext
     from sheri_trio.swarm import AgentConfig
     from sheri_trio.testing import MosquittoBroker
@@ -294,3 +300,122 @@ async def test_a_submissions_fields_keep_their_meaning_in_dispatch_mode(
     }
     assert executions == Counter({"to-b": 1, "invalid": 1, "flaky": 2, "odd": 1})
     assert (ran_on["to-b"], ran_on["odd"]) == ("f-b", "f-g")
+
+
+async def test_an_agent_refuses_the_inbox_messages_of_an_older_dispatcher_term(
+    broker: MosquittoBroker,
+) -> None:
+    """docs/dispatch.md, "Fencing by epoch": the elected dispatcher's inbox messages
+    carry its term's epoch; an assignment of an older epoch (a deposed dispatcher's,
+    played by the test) is refused: reported on {swarm}/errors, never run, and the
+    current term's tasks still run."""
+    swarm = "t-dispatch-epoch"
+    counting = Counting()
+    inbox = f"{swarm}/agents/fenced-1/inbox"
+    seen: list[tuple[str, dict[str, Any]]] = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            shutdown = trio.Event()
+            config = _config(broker, "testing", "fenced-1", swarm)
+            await start_agents(nursery, [config], executors=counting.registry, shutdown=shutdown)
+            async with open_client(broker.tcp_url) as watcher:
+                topics = ("dispatch/status", "agents/fenced-1/inbox", "errors", "tasks/complete")
+                async with watcher.subscribe(*[f"{swarm}/{t}" for t in topics]) as msgs:
+
+                    async def until(topic: str, task_id: str | None = None) -> dict[str, Any]:
+                        async for m in msgs:
+                            payload: dict[str, Any] = json.loads(m.payload)["payload"]
+                            seen.append((m.topic, payload))
+                            if m.topic == f"{swarm}/{topic}" and (
+                                task_id is None or payload.get("task_id") == task_id
+                            ):
+                                return payload
+                        raise AssertionError("subscription ended")
+
+                    status = await until("dispatch/status")
+                    epoch = status["epoch"]
+                    await watcher.publish(f"{swarm}/tasks/new", submission("now-1"), qos=1)
+                    await until("tasks/complete", "now-1")
+                    stale = {
+                        "kind": "assignment",
+                        "task_id": "old-1",
+                        "attempt": 1,
+                        "epoch": epoch - 1,
+                        "task": {"task_id": "old-1", "type": "testing.run"},
+                    }
+                    await watcher.publish(inbox, encode("deposed", "general", stale), qos=1)
+                    report = await until("errors", "old-1")
+                    await watcher.publish(f"{swarm}/tasks/new", submission("now-2"), qos=1)
+                    await until("tasks/complete", "now-2")
+            shutdown.set()
+    assert status["status"] == "online"
+    assigned = [p for t, p in seen if t == inbox and p.get("kind") == "assignment"]
+    assert [(p["task_id"], p.get("epoch")) for p in assigned] == [
+        ("now-1", epoch),
+        ("old-1", epoch - 1),
+        ("now-2", epoch),
+    ]
+    assert report["error"] == (
+        f"assignment from a deposed dispatcher (epoch {epoch - 1}; current epoch {epoch})"
+    )
+    assert report["reported_by"] == "fenced-1"
+    assert counting.executions == {"now-1": 1, "now-2": 1}
+
+
+async def test_a_second_dispatcher_of_an_older_epoch_stops_no_run_and_starts_none(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Two dispatchers serving at once, as a deposed one that has not noticed yet may
+    (docs/stores.md, "Still to do", item 3; on a bridge each has its own session), played
+    on one broker: the elected term (from Redis: epoch 1) and a second DispatcherShell of
+    epoch 0 on another client id, without a store (its assignments go out at once). It
+    hands every submission to an agent and revokes (not_holder) each claim that does not
+    match its own record; the agents refuse all of it, so every task runs once, attempt
+    1, from the elected term's assignment."""
+    swarm = "t-dispatch-two-terms"
+    counting = Counting(delay=0.05)
+    ids = [f"two-{i}" for i in range(30)]
+    with RedisServer(tmp_path / "redis") as redis_server, trio.fail_after(60):
+        store = parse_store_url(redis_server.url(), source="flag")
+        async with trio.open_nursery() as nursery:
+            shutdown = trio.Event()
+            configs = [
+                _config(broker, "testing", f"two-agent-{i}", swarm, store=store, max_tasks=3)
+                for i in range(2)
+            ]
+            agents = await start_agents(
+                nursery, configs, executors=counting.registry, shutdown=shutdown
+            )
+            deposed = _config(broker, "general", "deposed", swarm)
+            async with (
+                open_client(broker.tcp_url, client_id="deposed-dispatch", manual_ack=True) as dc,
+                open_client(broker.tcp_url, client_id="deposed-reader") as reader,
+            ):
+                shell = DispatcherShell(deposed, dc, reader, 0)
+                online = trio.Event()
+                shell.on_online = online.set
+                nursery.start_soon(shell.run)
+                await online.wait()
+                # two heartbeats of each agent since it subscribed: it knows their slots
+                async with (
+                    open_client(broker.tcp_url) as hb,
+                    hb.subscribe(f"{swarm}/agents/heartbeat") as beats,
+                ):
+                    seen: Counter[str] = Counter()
+                    while min((seen[c.agent_id] for c in configs), default=0) < 2:
+                        beat = json.loads((await beats.receive()).payload)["payload"]
+                        seen[beat["agent_id"]] += 1
+
+                async def publish(watcher: Any) -> None:
+                    for task_id in ids:
+                        await watcher.publish(f"{swarm}/tasks/new", submission(task_id), qos=1)
+
+                finals, records = await follow_outcomes(broker, swarm, len(ids), publish)
+                shutdown.set()
+                nursery.cancel_scope.cancel()
+    assert finals == dict.fromkeys(ids, 1)
+    assert {(r["status"], r["attempt"]) for r in records} == {("success", 1)}
+    assert counting.executions == dict.fromkeys(ids, 1)
+    assert shell.core.counters["assigned"] > 0  # the second dispatcher did send
+    refused = sum(a.scheduler.counters["stale_epoch"] for a in agents)
+    assert refused >= shell.core.counters["assigned"]

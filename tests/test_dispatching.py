@@ -411,10 +411,11 @@ async def test_a_killed_agent_s_tasks_are_revoked_and_reassigned_once(
             back.subscribe(f"{swarm}/agents/victim/inbox") as inbox,
         ):
             got = sorted(
-                (p["task_id"], p["attempt"], p["reason"])
+                (p["task_id"], p["attempt"], p["reason"], p.get("epoch"))
                 for p in [decode_envelope((await inbox.receive()).payload).payload for _ in ids]
             )
-    assert got == [("k1", 1, "holder_gone"), ("k2", 1, "holder_gone")]
+    # each carries the term's epoch (the swarm's first term: 1), which agents fence on
+    assert got == [("k1", 1, "holder_gone", 1), ("k2", 1, "holder_gone", 1)]
 
 
 async def test_two_candidates_racing_one_dispatcher_the_other_follows(

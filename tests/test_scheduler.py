@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sheri_trio.stores import parse_store_url
 from sheri_trio.swarm._config import AgentConfig
 from sheri_trio.swarm._messages import encode
 from sheri_trio.swarm._presence import rendezvous_score
@@ -752,3 +753,142 @@ def test_dispatch_mode_follows_the_dispatcher_status() -> None:
     assert s.receive(T.dispatch_status, online, 0.5) == []  # the same term again
     s.receive(T.dispatch_status, env({"agent_id": "d1", "epoch": 3, "status": "offline"}), 1.0)
     assert s.dispatcher is None
+
+
+# --------------------------------------------- dispatch mode: fencing by epoch
+def status(s: Scheduler, agent_id: str, epoch: int, state: str = "online") -> list[Command]:
+    body = {"agent_id": agent_id, "epoch": epoch, "status": state}
+    return s.receive(T.dispatch_status, env(body, agent_id), 0.0)
+
+
+def refused(commands: list[Command], task_id: str) -> ReportError:
+    """The one report of a refused inbox message (nothing acted on)."""
+    (report,) = commands
+    assert isinstance(report, ReportError)
+    assert (report.topic, report.task_id) == (T.agent_inbox("me"), task_id)
+    assert "deposed dispatcher" in report.reason
+    return report
+
+
+def deposed_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "deposed dispatcher" in r.getMessage()
+    ]
+
+
+def test_dispatch_mode_refuses_inbox_messages_of_an_older_epoch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A deposed dispatcher that has not noticed yet (docs/stores.md: at most one
+    renewal period) still sends: its assignment never starts, its revocation and its
+    cancel stop nothing; each is reported (acknowledged by the shell, as every inbox
+    message), and logged as a warning once per sender epoch. Messages without an epoch
+    (an older dispatcher's) are taken as before."""
+    s = make(max_tasks=3, dispatch="dispatcher")
+    assert status(s, "d2", 5) == [Reannounce()]
+    assert s.dispatch_epoch == 5
+    caplog.set_level("DEBUG", logger="sheri_trio.agent")
+    report = refused(inbox(s, "assignment", "a", epoch=4), "a")
+    assert report.reason == "assignment from a deposed dispatcher (epoch 4; current epoch 5)"
+    assert report.size > 0
+    assert "a" not in s.entries
+    assert s.free_slots() == 3
+    (b,) = inbox(s, "assignment", "b", epoch=5)
+    assert isinstance(b, StartTask)
+    refused(inbox(s, "revocation", "b", epoch=4, reason="holder_gone"), "b")
+    refused(inbox(s, "cancel", "b", epoch=4), "b")
+    assert s.entries["b"].phase is Phase.RUNNING
+    warned = deposed_warnings(caplog)
+    assert len(warned) == 1  # once for epoch 4
+    refused(inbox(s, "assignment", "c", epoch=3), "c")
+    warned = deposed_warnings(caplog)
+    assert len(warned) == 2  # and once for epoch 3
+    assert s.counters["stale_epoch"] == 4
+    (c,) = inbox(s, "assignment", "c")  # no epoch: an older dispatcher's, taken
+    assert isinstance(c, StartTask)
+    # the new term follows what the deposed one assigned (the store's holder): it runs
+    (a,) = inbox(s, "assignment", "a", epoch=5)
+    assert isinstance(a, StartTask)
+    assert inbox(s, "revocation", "b", epoch=5) == [StopTask(b.entry, StopReason.FENCED)]
+    assert s.dispatch_epoch == 5
+
+
+def test_dispatch_mode_a_new_terms_message_before_its_status_raises_the_fence() -> None:
+    """On a bridge or cluster the new term's assignment may come before its status: it
+    is taken, and from then on the old term's messages are refused."""
+    s = make(dispatch="dispatcher")
+    status(s, "d1", 4)
+    (a,) = inbox(s, "assignment", "a", epoch=5)
+    assert isinstance(a, StartTask)
+    assert s.dispatch_epoch == 5
+    refused(inbox(s, "revocation", "a", epoch=4, reason="holder_gone"), "a")
+    assert s.entries["a"].phase is Phase.RUNNING
+    assert status(s, "d2", 5) == [Reannounce()]  # its status, late: the same fence
+    assert status(s, "d1", 4, "offline") == []  # the old term's will lowers nothing
+    refused(inbox(s, "assignment", "b", epoch=4), "b")
+    assert s.dispatch_epoch == 5
+
+
+def test_dispatch_mode_the_backlog_refuses_an_older_terms_assignment() -> None:
+    """A new process reads its backlog up to its sync marker (which carries no epoch):
+    an assignment of a term older than a status seen before it in the backlog is
+    refused, neither held nor handed back at the marker (the current term took over at
+    our register what it believes we held); one of the current term is handed back."""
+    s = make(max_tasks=4, dispatch="dispatcher")
+    s.begin_drain("n1")
+    assert inbox(s, "assignment", "a", epoch=4) == []  # held until the marker
+    status(s, "d2", 5)
+    refused(inbox(s, "assignment", "b", epoch=4), "b")
+    assert inbox(s, "assignment", "c", epoch=5) == []
+    marker = env({"kind": "sync", "nonce": "n1"}, "me")
+    assert s.receive(T.agent_inbox("me"), marker, 0.0) == [SendRelease("a", 1), SendRelease("c", 1)]
+    assert s.draining is None
+
+
+def test_dispatch_mode_a_resumed_session_replays_an_old_assignment_after_the_new_term() -> None:
+    """A resumed session may replay an old term's assignment after the new term's
+    messages (an unacknowledged one redelivered): refused, whether or not the new term
+    had revoked it; the new term's own attempt runs."""
+    s = make(max_tasks=4, dispatch="dispatcher")
+    status(s, "d2", 5)
+    assert inbox(s, "revocation", "a", epoch=5, reason="holder_gone") == []
+    (a2,) = inbox(s, "assignment", "a", attempt=2, epoch=5)
+    assert isinstance(a2, StartTask)
+    refused(inbox(s, "assignment", "a", epoch=4), "a")  # attempt 1, revoked
+    # an attempt the new term never heard of (assigned by the old one after it lost)
+    refused(inbox(s, "assignment", "x", attempt=3, epoch=4), "x")
+    assert set(s.running) == {"a"}
+
+
+def test_dispatch_mode_an_epoch_that_goes_back() -> None:
+    """On the broker's order a session taken over cannot publish again and statuses come
+    in order, so a lower online epoch is a new term whose epoch went back (the broker
+    lost the retained status): followed. With a claim store, whose epochs only grow, it
+    is a stale copy (a partitioned broker's retained status): the fence stays."""
+    s = make(dispatch="dispatcher")
+    status(s, "d1", 7)
+    status(s, "d2", 1)
+    assert s.dispatch_epoch == 1
+    (a,) = inbox(s, "assignment", "a", epoch=1)
+    assert isinstance(a, StartTask)
+    store = parse_store_url("redis://127.0.0.1:6379/0", source="flag")
+    s = make(dispatch="dispatcher", store=store)
+    status(s, "d1", 7)
+    status(s, "d2", 1)
+    assert s.dispatch_epoch == 7
+    refused(inbox(s, "assignment", "a", epoch=1), "a")
+
+
+def test_dispatch_mode_refuses_an_inbox_message_with_a_bad_epoch() -> None:
+    s = make(dispatch="dispatcher")
+    for bad in ("5", -1, True, 1.5, [5]):
+        (report,) = inbox(s, "assignment", "a", epoch=bad)
+        assert isinstance(report, ReportError)
+        assert report.reason == "'epoch' must be a non-negative integer"
+    (report,) = s.receive(
+        T.agent_inbox("me"), env({"kind": ["x"], "task_id": "a", "attempt": 1}), 0.0
+    )
+    assert isinstance(report, ReportError)
+    assert "a" not in s.entries

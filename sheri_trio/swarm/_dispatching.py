@@ -419,13 +419,15 @@ class DispatcherShell:
             topic = t.tasks_complete if command.success else t.tasks_failed
             await self._send(topic, command.outcome)
         elif isinstance(command, SendAssignment):
-            payload = m.assignment(command.task, command.attempt)
+            payload = m.assignment(command.task, command.attempt, self.epoch)
             await self._send(t.agent_inbox(command.agent_id), payload)
         elif isinstance(command, SendRevocation):
-            payload = m.revocation(command.task_id, command.attempt, command.reason.value)
+            payload = m.revocation(
+                command.task_id, command.attempt, command.reason.value, self.epoch
+            )
             await self._send(t.agent_inbox(command.agent_id), payload)
         elif isinstance(command, ForwardCancel):
-            payload = m.inbox_cancel(command.task_id, command.attempt)
+            payload = m.inbox_cancel(command.task_id, command.attempt, self.epoch)
             await self._send(t.agent_inbox(command.agent_id), payload)
         elif isinstance(command, SendFailed):
             payload = m.failed(command.spec, command.attempt, command.error, command.reason)

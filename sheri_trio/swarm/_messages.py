@@ -307,17 +307,30 @@ class Messages:
         payload["at"] = now_iso()
         return payload
 
-    def assignment(self, task: dict[str, Any], attempt: int) -> dict[str, Any]:
-        """An assignment on an agent's inbox: run ``attempt`` of the submission ``task``."""
-        return {"kind": "assignment", "task_id": task["task_id"], "task": task, "attempt": attempt}
+    def assignment(self, task: dict[str, Any], attempt: int, epoch: int) -> dict[str, Any]:
+        """An assignment on an agent's inbox: run ``attempt`` of the submission ``task``
+        (``epoch``: the sender's term; an agent refuses an older term's message)."""
+        return {
+            "kind": "assignment",
+            "task_id": task["task_id"],
+            "task": task,
+            "attempt": attempt,
+            "epoch": epoch,
+        }
 
-    def revocation(self, task_id: str, attempt: int, reason: str) -> dict[str, Any]:
+    def revocation(self, task_id: str, attempt: int, reason: str, epoch: int) -> dict[str, Any]:
         """A revocation on an agent's inbox: do not start, or stop, ``attempt``."""
-        return {"kind": "revocation", "task_id": task_id, "attempt": attempt, "reason": reason}
+        return {
+            "kind": "revocation",
+            "task_id": task_id,
+            "attempt": attempt,
+            "reason": reason,
+            "epoch": epoch,
+        }
 
-    def inbox_cancel(self, task_id: str, attempt: int) -> dict[str, Any]:
+    def inbox_cancel(self, task_id: str, attempt: int, epoch: int) -> dict[str, Any]:
         """A cancel request forwarded to the holder's inbox."""
-        return {"kind": "cancel", "task_id": task_id, "attempt": attempt}
+        return {"kind": "cancel", "task_id": task_id, "attempt": attempt, "epoch": epoch}
 
     def sync(self, nonce: str) -> dict[str, Any]:
         """Our own marker on our inbox: the backlog before it has been read."""

@@ -286,6 +286,10 @@ Command = (
 
 #: the most tasks nobody online may take that an agent remembers (for their cancel)
 UNSERVED_LIMIT = 10_000
+#: dispatch mode: the kinds of message the dispatcher sends to an agent's inbox
+_INBOX_KINDS = frozenset({"assignment", "revocation", "cancel"})
+#: dispatch mode: how many refused sender epochs are remembered (each logged once)
+_REFUSED_EPOCHS = 64
 #: dispatch mode: how many finished tasks' attempts an agent remembers (as the ClaimBook
 #: its finished tasks)
 FINISHED_ATTEMPTS = 100_000
@@ -320,6 +324,12 @@ class Scheduler:
         self._revoked: OrderedDict[str, int] = OrderedDict()
         #: the dispatcher we follow (``dispatch/status``): agent id and epoch
         self.dispatcher: tuple[str, int] | None = None
+        #: dispatch mode: the highest dispatcher epoch seen (an online ``dispatch/status``,
+        #: an inbox message's ``epoch``): an inbox message of an older term is a deposed
+        #: dispatcher's, refused (acknowledged, not acted on, reported)
+        self.dispatch_epoch = 0
+        #: the sender epochs whose refusal was logged as a warning (once each)
+        self._refused_epochs: set[int] = set()
         self.entries: dict[str, Entry] = {}
         #: tasks nobody online may take, not ours (kept as pending markers): remembered so
         #: that a cancel of one is answered and carried out (by the reporter), oldest first
@@ -339,6 +349,7 @@ class Scheduler:
             "failed": 0,
             "bad_messages": 0,
             "released": 0,
+            "stale_epoch": 0,
         }
         #: final outcomes seen in the swarm (ours included), for monitoring.alerts
         self.swarm_outcomes: dict[str, int] = {"completed": 0, "failed": 0}
@@ -379,7 +390,7 @@ class Scheduler:
         try:
             env = decode_envelope(payload, max_bytes=self.config.max_message_bytes)
             if topic == self._inbox:
-                return self.on_inbox(env)
+                return self.on_inbox(env, len(payload))
             if topic == t.dispatch_status:
                 return self.on_dispatch_status(env)
             if topic == t.tasks_new:
@@ -480,8 +491,10 @@ class Scheduler:
             self._takeovers.add(task_id)  # our earlier life is gone
 
     # -------------------------------------------------------- dispatch mode
-    def on_inbox(self, env: Envelope) -> list[Command]:
-        """An assignment, revocation or cancel from the dispatcher, or our sync marker."""
+    def on_inbox(self, env: Envelope, size: int = 0) -> list[Command]:
+        """An assignment, revocation or cancel from the dispatcher, or our sync marker.
+        One of an older dispatcher epoch than the highest seen is refused (``size``: the
+        message's, for its report)."""
         p = env.payload
         kind = p.get("kind")
         if kind == "sync":
@@ -492,6 +505,15 @@ class Scheduler:
         attempt = p.get("attempt")
         if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
             raise BadMessage("'attempt' must be a positive integer", task_id=task_id)
+        if not isinstance(kind, str) or kind not in _INBOX_KINDS:
+            raise BadMessage(f"unknown inbox message kind {str(kind)[:40]!r}", task_id=task_id)
+        epoch = p.get("epoch")  # absent: an older dispatcher's message, taken as it is
+        if epoch is not None:
+            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+                raise BadMessage("'epoch' must be a non-negative integer", task_id=task_id)
+            if epoch < self.dispatch_epoch:
+                return self._stale_epoch(env, str(kind), task_id, attempt, epoch, size)
+            self.dispatch_epoch = epoch
         if kind == "assignment":
             task = p.get("task")
             if not isinstance(task, dict) or task.get("task_id") != task_id:
@@ -514,28 +536,58 @@ class Scheduler:
                 while len(revoked) > FINISHED_ATTEMPTS:
                     revoked.popitem(last=False)
             return []
-        if kind == "cancel":
-            held = self._held.pop(task_id, None)
-            if held is not None:  # assigned in the backlog: it never starts
-                self._set_phase(held, Phase.HELD)
-                self.book.mark_finished(task_id, False)
-                self.counters["failed"] += 1
-                error = "cancelled before it started"
-                return [
-                    SendFailed(
-                        held.spec,
-                        attempt,
-                        error,
-                        FailReason.CANCELLED,
-                        held.marker,
-                        held.submission(),
-                    )
-                ]
-            entry = self.entries.get(task_id)
-            if entry is not None and entry.phase is Phase.RUNNING:
-                return [self._stop(entry, StopReason.CANCEL)]
-            return []
-        raise BadMessage(f"unknown inbox message kind {str(kind)[:40]!r}", task_id=task_id)
+        # a cancel
+        held = self._held.pop(task_id, None)
+        if held is not None:  # assigned in the backlog: it never starts
+            self._set_phase(held, Phase.HELD)
+            self.book.mark_finished(task_id, False)
+            self.counters["failed"] += 1
+            error = "cancelled before it started"
+            return [
+                SendFailed(
+                    held.spec,
+                    attempt,
+                    error,
+                    FailReason.CANCELLED,
+                    held.marker,
+                    held.submission(),
+                )
+            ]
+        entry = self.entries.get(task_id)
+        if entry is not None and entry.phase is Phase.RUNNING:
+            return [self._stop(entry, StopReason.CANCEL)]
+        return []
+
+    def _stale_epoch(
+        self, env: Envelope, kind: str, task_id: str, attempt: int, epoch: int, size: int
+    ) -> list[Command]:
+        """An inbox message of an older dispatcher epoch than one we have seen: a deposed
+        dispatcher's that had not noticed yet (with a claim store: at most one renewal
+        period), or an older term's delivered late. Not acted on; the shell acknowledges
+        it (the broker must not deliver it again); logged once per sender epoch, and
+        reported. Nothing is left stranded: whatever the current term believes we hold,
+        it has sent us itself (docs/dispatch.md, "Fencing by epoch")."""
+        self.counters["stale_epoch"] += 1
+        current = self.dispatch_epoch
+        level = logging.DEBUG
+        if epoch not in self._refused_epochs:
+            level = logging.WARNING
+            if len(self._refused_epochs) >= _REFUSED_EPOCHS:
+                self._refused_epochs.clear()
+            self._refused_epochs.add(epoch)
+        log_event(
+            level,
+            "refused inbox message of a deposed dispatcher",
+            self.me,
+            kind=kind,
+            task_id=task_id,
+            attempt=attempt,
+            sender=env.agent_id,
+            epoch=epoch,
+            current_epoch=current,
+        )
+        reason = f"{kind} from a deposed dispatcher (epoch {epoch}; current epoch {current})"
+        return [ReportError(self._inbox, reason, size, task_id)]
 
     def _on_assignment(self, env: Envelope, task: dict[str, Any], attempt: int) -> list[Command]:
         task_id = task["task_id"]
@@ -604,6 +656,7 @@ class Scheduler:
         p = env.payload
         agent_id, epoch = p.get("agent_id"), p.get("epoch")
         if p.get("status") == "online" and isinstance(agent_id, str) and isinstance(epoch, int):
+            self._follow_epoch(epoch)
             if self.dispatcher == (agent_id, epoch):
                 return []
             log_event(logging.INFO, "dispatcher", self.me, dispatcher=agent_id, epoch=epoch)
@@ -612,6 +665,29 @@ class Scheduler:
             return [Reannounce()]
         self.dispatcher = None
         return []
+
+    def _follow_epoch(self, epoch: int) -> None:
+        """An online ``dispatch/status`` of ``epoch``: the fence rises to it. Lower than
+        the fence: with a claim store (whose epochs only grow) a stale copy, e.g. a
+        retained status a partitioned broker kept, and the fence stays; on the broker's
+        order a dispatcher session taken over cannot publish any more and statuses come
+        in the broker's order, so a lower one is a new term whose epoch went back (the
+        broker lost the retained status, and a candidate that never saw the old one
+        stood): followed, else every message of that term would be refused."""
+        if isinstance(epoch, bool) or epoch < 0 or epoch == self.dispatch_epoch:
+            return
+        if epoch < self.dispatch_epoch:
+            log_event(
+                logging.WARNING,
+                "dispatcher epoch went back",
+                self.me,
+                epoch=epoch,
+                highest=self.dispatch_epoch,
+                fence="kept: the claim store's epochs only grow" if self.store_mode else None,
+            )
+            if self.store_mode:
+                return
+        self.dispatch_epoch = epoch
 
     # ------------------------------------------------------------ claiming
     def claims(self) -> list[SendClaim | StoreClaim]:
