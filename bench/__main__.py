@@ -678,9 +678,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--dispatch",
-        default="broadcast",
-        help="the swarm's dispatch rule; a list (dispatcher,broadcast): scale and capacity run "
-        "each size with each, interleaved, the other sections the first",
+        default="dispatcher,broadcast",
+        help="the swarm's dispatch rule; a list (the default: dispatcher,broadcast): scale and "
+        "capacity run each size with each, interleaved, the other sections the first",
     )
     p.add_argument(
         "--only",
