@@ -15,15 +15,17 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import trio
 from childproc import read_line
+from store_helpers import pg_url, set_accepting, throwaway_database
 
 from sheri_trio.mqtt import Will, open_client
+from sheri_trio.stores import open_store, parse_store_url
 from sheri_trio.swarm import (
     AgentConfig,
     Candidate,
@@ -37,11 +39,14 @@ from sheri_trio.swarm import (
     read_retained,
     run_agent,
 )
+from sheri_trio.testing import RedisServer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator, Sequence
+    from pathlib import Path
 
     from sheri_trio.mqtt import Client
+    from sheri_trio.stores import ClaimRequest, ClaimStore, Verdict
     from sheri_trio.testing import MosquittoBroker
 
 ELECTION = (0.0, 0.02)
@@ -659,3 +664,123 @@ def test_a_term_lost_while_its_decider_publishes_ends_lost_not_failed() -> None:
     assert _ended_by(leaf) == (TermEnd.LOST, str(lost))
     assert _one_error(BaseExceptionGroup("", [lost, ValueError("a bug")])) is None
     assert _ended_by(trio.TooSlowError())[0] is TermEnd.FAILED
+
+
+# ------------------------------------------------------------- with a claim store
+class CountingStore:
+    """A real claim store that counts the dispatcher's claims: each batch's size, and
+    the claims asked one by one."""
+
+    def __init__(self, inner: ClaimStore) -> None:
+        self.inner = inner
+        self.batches: list[int] = []
+        self.refused_batches = 0
+        self.single = 0
+        self.refused = trio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Verdict]:
+        self.batches.append(len(requests))
+        try:
+            return await self.inner.claim_many(requests)
+        except Exception:
+            self.refused_batches += 1
+            self.refused.set()
+            raise
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Verdict:
+        self.single += 1
+        return await self.inner.claim(*args, **kwargs)
+
+    async def takeover(self, *args: Any, **kwargs: Any) -> Verdict:
+        self.single += 1
+        return await self.inner.takeover(*args, **kwargs)
+
+
+@contextmanager
+def store_url(kind: str, tmp_path: Path) -> Iterator[str]:
+    if kind == "redis":
+        with RedisServer(tmp_path / "redis") as server:
+            yield server.url()
+        return
+    with throwaway_database() as name:
+        yield pg_url(name)
+
+
+async def wait_queued(candidate: Candidate, n: int) -> None:
+    def queued() -> bool:
+        shell = candidate.shell
+        return shell is not None and shell.core.queued() == n
+
+    await eventually(queued)
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgresql"])
+async def test_with_a_store_a_round_of_assignments_is_one_claim_many(
+    broker: MosquittoBroker, tmp_path: Path, kind: str
+) -> None:
+    """Tasks queued while no agent is free, then one agent registers with a slot for each:
+    the round's assignments are one store call, and each task runs once."""
+    swarm = f"d-batch-{kind}"
+    tally = Tally()
+    ids = [f"t{i}" for i in range(8)]
+    with store_url(kind, tmp_path) as url, trio.fail_after(30):
+        config = replace(
+            dispatcher_config(broker, "d1", swarm), store=parse_store_url(url, source="flag")
+        )
+        async with open_store(config.store, swarm) as real, scene(broker, swarm, tally) as sc:
+            counting = CountingStore(real)
+            store = cast("ClaimStore", counting)
+            candidate = Candidate(config, sc.follow, delay=ELECTION, store=store)
+            await elect(sc.nursery, candidate, sc.submitter)
+            await sc.submit(ids)
+            await wait_queued(candidate, len(ids))
+            await sc.agent("a0", max_tasks=len(ids))
+            await tally.wait_for(lambda: len(tally.completed) == len(ids))
+            await sc.end(candidate)
+    assert_each_once(tally, ids)
+    assert counting.batches == [len(ids)]
+    assert counting.single == 0
+
+
+async def test_a_batch_without_the_store_goes_back_whole_then_runs(
+    broker: MosquittoBroker,
+) -> None:
+    """The store refuses connections as the round's batch goes out: every assignment of
+    it goes back to the queue; once the store answers, the next round's batch has them
+    all, and each task runs once."""
+    swarm = "d-batch-down"
+    tally = Tally()
+    ids = [f"t{i}" for i in range(6)]
+    with throwaway_database() as name, trio.fail_after(30):
+        config = replace(
+            dispatcher_config(broker, "d1", swarm),
+            store=parse_store_url(pg_url(name), source="flag"),
+        )
+        async with open_store(config.store, swarm) as real, scene(broker, swarm, tally) as sc:
+            counting = CountingStore(real)
+            candidate = Candidate(
+                config, sc.follow, delay=ELECTION, store=cast("ClaimStore", counting)
+            )
+            await elect(sc.nursery, candidate, sc.submitter)
+            await sc.submit(ids)
+            await wait_queued(candidate, len(ids))
+            await trio.to_thread.run_sync(set_accepting, name, False)
+            try:
+                await sc.agent("a0", max_tasks=len(ids))
+                await counting.refused.wait()
+                shell = candidate.shell
+                assert shell is not None
+                assert shell.core.counters["store_unavailable"] == len(ids)
+                assert shell.core.queued() == len(ids)
+            finally:
+                await trio.to_thread.run_sync(set_accepting, name, True)
+            await tally.wait_for(lambda: len(tally.completed) == len(ids))
+            assert candidate.shell is shell  # the same term: it was never deposed
+            await sc.end(candidate)
+    assert_each_once(tally, ids)
+    assert counting.batches == [len(ids), len(ids)]
+    assert counting.refused_batches == 1
+    assert counting.single == 0

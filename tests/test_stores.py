@@ -10,6 +10,7 @@ store, which is one process's view of the broker's order.
 from __future__ import annotations
 
 import contextlib
+import random
 import secrets
 import socket
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from store_helpers import (
 
 from sheri_trio.stores import (
     BrokerStore,
+    ClaimRequest,
     ClaimStore,
+    Hold,
     Leadership,
     StoreAuthError,
     StoreConfig,
@@ -47,7 +50,7 @@ from sheri_trio.stores import (
 from sheri_trio.testing import RedisServer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
     from pathlib import Path
 
 T = TypeVar("T")
@@ -378,6 +381,136 @@ async def test_bad_arguments_are_refused_locally(store: ClaimStore) -> None:
         await store.acquire_leader("dispatch", "a", -1)
 
 
+# -- batches: claim_many is claim/takeover one after the other ---------------
+
+
+@contextlib.asynccontextmanager
+async def two_swarms(backend: Backend) -> AsyncIterator[tuple[ClaimStore, ClaimStore]]:
+    """Two stores of the backend on two new swarms (the same empty start)."""
+    one, two = f"{backend.swarm}-one", f"{backend.swarm}-two"
+    if backend.shared is not None:
+        yield BrokerStore(one), BrokerStore(two)
+        return
+    async with open_store(backend.config, one) as a, open_store(backend.config, two) as b:
+        yield a, b
+
+
+async def one_by_one(store: ClaimStore, requests: Sequence[ClaimRequest]) -> list[Verdict]:
+    verdicts = []
+    for r in requests:
+        if r.takeover:
+            verdicts.append(
+                await store.takeover(r.task_id, r.attempt, r.holder, r.lease, holder_dead=True)
+            )
+        else:
+            verdicts.append(await store.claim(r.task_id, r.attempt, r.holder, r.lease))
+    return verdicts
+
+
+async def holds(store: ClaimStore, tasks: Sequence[str]) -> list[Hold | None]:
+    return [await store.hold(t) for t in tasks]
+
+
+async def test_a_batch_of_claims_gives_what_one_claim_after_the_other_gives(
+    backend: Backend,
+) -> None:
+    """A table: every verdict, the same task more than once in the batch."""
+    async with two_swarms(backend) as (batched, single):
+        for s in (batched, single):
+            assert await s.claim("done", 1, "a", LONG) is Verdict.WON
+            assert await s.finish("done", 1, "a", OUTCOME) is True
+            assert await s.claim("given", 1, "a", LONG) is Verdict.WON
+            assert await s.release("given", 1, "a") is True
+            assert await s.claim("held", 1, "a", LONG) is Verdict.WON
+        # a takeover of a live lease: the store's clock says HELD; the broker store
+        # takes the caller's word that the holder is dead
+        took = Verdict.HELD if backend.judges_leases else Verdict.WON
+        table = [
+            (ClaimRequest("new", 1, "a", LONG), Verdict.WON),
+            (ClaimRequest("new", 1, "b", LONG), Verdict.LOST),
+            (ClaimRequest("new", 1, "a", LONG), Verdict.WON),  # the same claim again
+            (ClaimRequest("new", 2, "b", LONG), Verdict.HELD),
+            (ClaimRequest("done", 2, "b", LONG), Verdict.FINISHED),
+            (ClaimRequest("done", 2, "b", LONG, takeover=True), Verdict.FINISHED),
+            (ClaimRequest("given", 1, "c", LONG), Verdict.LOST),
+            (ClaimRequest("given", 2, "c", LONG), Verdict.WON),
+            (ClaimRequest("given", 2, "d", LONG), Verdict.LOST),
+            (ClaimRequest("given", 1, "a", LONG), Verdict.STALE),
+            (ClaimRequest("held", 2, "b", LONG, takeover=True), took),
+            (
+                ClaimRequest("held", 2, "c", LONG, takeover=True),
+                Verdict.HELD if backend.judges_leases else Verdict.LOST,
+            ),
+        ]
+        requests = [request for request, _ in table]
+        assert await batched.claim_many(requests) == [verdict for _, verdict in table]
+        assert await one_by_one(single, requests) == [verdict for _, verdict in table]
+        tasks = ["new", "done", "given", "held"]
+        assert await holds(batched, tasks) == await holds(single, tasks)
+        assert await batched.claim_many([]) == []
+
+
+async def test_random_batches_give_what_one_claim_after_the_other_gives(
+    backend: Backend,
+) -> None:
+    """Seeded random batches over a few tasks (duplicates, stale, newer attempts,
+    takeovers), with releases and finishes between them: the same verdicts and holds."""
+    rng = random.Random(11)
+    tasks = [f"task-{k}" for k in range(4)]
+    async with two_swarms(backend) as (batched, single):
+        for _ in range(12):
+            requests = [
+                ClaimRequest(
+                    rng.choice(tasks),
+                    rng.randint(1, 4),
+                    rng.choice("abc"),
+                    LONG,
+                    takeover=rng.random() < 0.3,
+                )
+                for _ in range(rng.randint(1, 10))
+            ]
+            assert await batched.claim_many(requests) == await one_by_one(single, requests)
+            now = await holds(batched, tasks)
+            assert now == await holds(single, tasks)
+            for hold in now:  # then each held task: released, finished or left
+                if hold is None or hold.finished:
+                    continue
+                choice = rng.random()
+                for s in (batched, single):
+                    if choice < 0.3:
+                        await s.release(hold.task_id, hold.attempt, hold.holder)
+                    elif choice < 0.45:
+                        await s.finish(hold.task_id, hold.attempt, hold.holder, OUTCOME)
+
+
+async def test_racing_batches_have_one_winner_per_task(backend: Backend) -> None:
+    """Batches of the same tasks in different orders, at once: one winner each, and
+    no deadlock between them (PostgreSQL locks a batch's rows in one order)."""
+    tasks = [f"task-{k}" for k in range(10)]
+    async with backend.open(RACERS) as stores:
+
+        async def batch(i: int) -> list[Verdict]:
+            order = random.Random(i).sample(tasks, len(tasks))
+            verdicts = await stores[i].claim_many(
+                [ClaimRequest(t, 1, f"agent-{i}", LONG) for t in order]
+            )
+            return [verdicts[order.index(t)] for t in tasks]
+
+        results = await race(RACERS, batch)
+    for k in range(len(tasks)):
+        assert sorted(r[k].value for r in results) == ["lost"] * (RACERS - 1) + ["won"]
+
+
+async def test_a_bad_request_refuses_the_whole_batch_before_anything_is_asked(
+    store: ClaimStore,
+) -> None:
+    with pytest.raises(ValueError, match="attempt"):
+        await store.claim_many([ClaimRequest(TASK, 1, "a", LONG), ClaimRequest(TASK, 0, "a", LONG)])
+    with pytest.raises(ValueError, match="lease"):
+        await store.claim_many([ClaimRequest(TASK, 1, "a", LONG), ClaimRequest("x", 1, "a", 0)])
+    assert await store.hold(TASK) is None
+
+
 async def test_availability_probe_answers(store: ClaimStore) -> None:
     await store.ping()
     with trio.fail_after(5):
@@ -495,6 +628,27 @@ async def test_redis_stopped_is_unavailable_then_works_again(fresh_redis: RedisS
         # back, and empty: the holder re-asserts
         assert await store.assert_hold(TASK, 1, "a", LONG) is True
         assert await store.claim(TASK, 1, "b", LONG) is Verdict.LOST
+
+
+async def test_redis_batch_unavailable_then_after_a_restart_and_a_script_flush(
+    fresh_redis: RedisServer,
+) -> None:
+    batch = [ClaimRequest(TASK, 1, "a", LONG), ClaimRequest(TASK, 1, "b", LONG)]
+    async with open_store(redis_config(fresh_redis), "s") as store:
+        assert await store.claim_many(batch) == [Verdict.WON, Verdict.LOST]
+        fresh_redis.stop()
+        with pytest.raises(StoreUnavailable, match="is unavailable"):
+            await store.claim_many(batch)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, fresh_redis.start)
+            with trio.fail_after(10):
+                await store.wait_available()
+        # back, empty: no record and no script (NOSCRIPT: loaded, the batch sent again)
+        assert await store.claim_many(batch[::-1]) == [Verdict.WON, Verdict.LOST]
+        with redis.Redis(host=fresh_redis.host, port=fresh_redis.port) as admin_client:
+            admin_client.script_flush()
+        more = [ClaimRequest("other", 1, "a", LONG), *batch]
+        assert await store.claim_many(more) == [Verdict.WON, Verdict.LOST, Verdict.WON]
 
 
 async def test_redis_wrong_or_missing_password_is_a_credentials_error(
@@ -624,6 +778,22 @@ async def test_postgres_unavailable_then_works_again(fresh_pg_database: str) -> 
         with trio.fail_after(10):
             await store.wait_available()
         assert await store.renew(TASK, 1, "a", LONG) is True  # nothing was lost
+
+
+async def test_postgres_batch_unavailable_then_works_again(fresh_pg_database: str) -> None:
+    batch = [ClaimRequest(TASK, 1, "a", LONG), ClaimRequest(TASK, 1, "b", LONG)]
+    async with open_store(pg_config(fresh_pg_database), "s") as store:
+        assert await store.claim_many(batch) == [Verdict.WON, Verdict.LOST]
+        await trio.to_thread.run_sync(set_accepting, fresh_pg_database, False)
+        try:
+            with pytest.raises(StoreUnavailable, match="is unavailable"):
+                await store.claim_many(batch[::-1])
+        finally:
+            await trio.to_thread.run_sync(set_accepting, fresh_pg_database, True)
+        with trio.fail_after(10):
+            await store.wait_available()
+        # nothing was lost, and the refused batch took no effect
+        assert await store.claim_many(batch[::-1]) == [Verdict.LOST, Verdict.WON]
 
 
 async def test_postgres_open_errors(fresh_pg_database: str) -> None:

@@ -15,6 +15,7 @@ or agents.
 
 from typing import TYPE_CHECKING
 
+from ._api import ClaimRequest as ClaimRequest
 from ._api import ClaimStore as ClaimStore
 from ._api import Hold as Hold
 from ._api import Leadership as Leadership

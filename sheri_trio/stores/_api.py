@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Literal, Protocol, Self
 import orjson
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
 __all__ = [
+    "ClaimRequest",
     "ClaimStore",
     "Hold",
     "Leadership",
@@ -49,6 +50,20 @@ class Verdict(enum.Enum):
     STALE = "stale"  # a newer attempt exists
     HELD = "held"  # the previous attempt is still held: not released (claim), lease live (takeover)
     FINISHED = "finished"  # the task has its final outcome
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One claim of a batch (:meth:`ClaimStore.claim_many`): ``claim(task_id, attempt,
+    holder, lease)``, or with ``takeover`` ``takeover(task_id, attempt, holder, lease,
+    holder_dead=True)``: a takeover request says that its caller saw the holder dead in
+    presence (the rule of :meth:`ClaimStore.takeover`)."""
+
+    task_id: str
+    attempt: int
+    holder: str
+    lease: float
+    takeover: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +142,17 @@ class ClaimStore(Protocol):
         self, task_id: str, attempt: int, holder: str, lease: float, *, holder_dead: bool
     ) -> Verdict:
         """Claim *attempt* (the current one + 1) once the current lease has run out."""
+        ...
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Verdict]:
+        """The verdicts of *requests*, in their order: what :meth:`claim` (or
+        :meth:`takeover`, for a ``takeover`` request) one after the other in that order
+        would answer, the same task more than once included, in one round trip.
+
+        The arguments of every request are checked first (``ValueError`` before anything
+        is asked). Not atomic as a whole: a batch without an answer (``StoreUnavailable``)
+        may have taken effect in part; each claim is idempotent, so ask again.
+        """
         ...
 
     async def renew(self, task_id: str, attempt: int, holder: str, lease: float) -> bool:
@@ -214,6 +240,13 @@ def check_takeover(holder_dead: bool) -> None:
     """A takeover needs the caller to have seen the holder dead (not only its lease out)."""
     if not holder_dead:
         raise ValueError("takeover needs the holder's death seen in presence (holder_dead)")
+
+
+def check_requests(requests: Sequence[ClaimRequest]) -> None:
+    """Every request of a batch: its attempt and its lease (before any is asked)."""
+    for request in requests:
+        check_attempt(request.attempt)
+        check_lease(request.lease)
 
 
 def encode_outcome(outcome: Mapping[str, object]) -> bytes:

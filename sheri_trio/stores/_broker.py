@@ -36,12 +36,15 @@ from ._api import (
     Verdict,
     check_attempt,
     check_lease,
+    check_requests,
     check_takeover,
     encode_outcome,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
+
+    from ._api import ClaimRequest
 
 __all__ = ["BrokerStore"]
 
@@ -105,6 +108,11 @@ class BrokerStore:
         check_lease(lease)
         check_takeover(holder_dead)
         return self._claim(task_id, attempt, holder, takeover=True)
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Verdict]:
+        await trio.lowlevel.checkpoint()
+        check_requests(requests)
+        return [self._claim(r.task_id, r.attempt, r.holder, takeover=r.takeover) for r in requests]
 
     def _claim(self, task_id: str, attempt: int, holder: str, *, takeover: bool) -> Verdict:
         record = self._records.get(task_id)

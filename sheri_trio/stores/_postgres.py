@@ -41,14 +41,16 @@ from ._api import (
 from ._threaded import DEFAULT_THREADS, ThreadedStore
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
+    from ._api import ClaimRequest
     from ._config import StoreConfig
 
 __all__ = ["PostgresStore"]
 
 T = TypeVar("T")
 Conn = psycopg.Connection[tuple[Any, ...]]
+Cursor = psycopg.Cursor[tuple[Any, ...]]
 
 SCHEMA_VERSION: Final = 1
 _LOCK_ID: Final = 0x5E1A_C1A1  # pg_advisory_xact_lock key of the schema creation
@@ -171,6 +173,18 @@ _AUTH_MARKERS: Final = (
     "pg_hba.conf",
     "permission denied",
 )
+
+
+def _refused(attempt: int, row: tuple[Any, ...] | None) -> Verdict:
+    """A claim of *attempt* that did not win, by the row it found (``_CLASSIFY``)."""
+    if row is None:  # cannot happen: the conflict was on this row, now locked
+        return Verdict.LOST
+    current, finished = row
+    if finished:
+        return Verdict.FINISHED
+    if attempt < current:
+        return Verdict.STALE
+    return Verdict.LOST if attempt == current else Verdict.HELD
 
 
 class _Pool:
@@ -337,17 +351,38 @@ class PostgresStore(ThreadedStore):
             with conn.transaction():
                 if conn.execute(_CLAIM, params).fetchone() is not None:
                     return Verdict.WON
-                row = conn.execute(_CLASSIFY, params).fetchone()
-            if row is None:  # cannot happen: the conflict was on this row, now locked
-                return Verdict.LOST
-            current, finished = row
-            if finished:
-                return Verdict.FINISHED
-            if attempt < current:
-                return Verdict.STALE
-            return Verdict.LOST if attempt == current else Verdict.HELD
+                return _refused(attempt, conn.execute(_CLASSIFY, params).fetchone())
 
         return await self._call(lambda: self._pool.run(run))
+
+    def _claim_batch(self, requests: Sequence[ClaimRequest]) -> list[Verdict]:
+        """One transaction in pipeline mode: each request's claim and the read that
+        classifies a refusal (the row the claim locked) are sent at once, one round trip
+        (one commit). They run in the order of the task ids, a task's own requests in
+        theirs (a verdict depends on nothing else): every batch locks its rows in the
+        same order, so two batches never deadlock. The verdicts, in the requests' order."""
+        order = sorted(range(len(requests)), key=lambda i: requests[i].task_id)
+        params = [
+            self._params(r.task_id, r.attempt, r.holder, lease=float(r.lease), takeover=r.takeover)
+            for r in requests
+        ]
+
+        def run(conn: Conn) -> list[Verdict]:
+            cursors: dict[int, tuple[Cursor, Cursor]] = {}
+            with conn.pipeline(), conn.transaction():
+                for i in order:
+                    claimed = conn.execute(_CLAIM, params[i])
+                    cursors[i] = (claimed, conn.execute(_CLASSIFY, params[i]))
+            verdicts = []
+            for i, request in enumerate(requests):
+                claimed, row = cursors[i]
+                if claimed.fetchone() is not None:
+                    verdicts.append(Verdict.WON)
+                else:
+                    verdicts.append(_refused(request.attempt, row.fetchone()))
+            return verdicts
+
+        return self._pool.run(run)
 
     async def renew(self, task_id: str, attempt: int, holder: str, lease: float) -> bool:
         params = self._params(task_id, attempt, holder, lease=check_lease(lease))

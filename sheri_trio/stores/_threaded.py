@@ -19,12 +19,14 @@ from ._api import (
     StoreUnreachable,
     Verdict,
     check_attempt,
+    check_requests,
     check_takeover,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
+    from ._api import ClaimRequest
     from ._config import StoreConfig
 
 __all__: list[str] = []
@@ -37,8 +39,9 @@ DEFAULT_THREADS: Final = 4
 
 
 class ThreadedStore:
-    """Base of the stores whose client blocks. Subclasses define :meth:`_map_error` and
-    :meth:`_claim_or_takeover` (:meth:`claim` and :meth:`takeover` check and call it)."""
+    """Base of the stores whose client blocks. Subclasses define :meth:`_map_error`,
+    :meth:`_claim_or_takeover` (:meth:`claim` and :meth:`takeover` check and call it) and
+    :meth:`_claim_batch` (:meth:`claim_many`'s one round trip, in one worker thread)."""
 
     def __init__(self, config: StoreConfig, swarm: str, *, threads: int = DEFAULT_THREADS) -> None:
         if threads < 1:
@@ -104,6 +107,19 @@ class ThreadedStore:
         check_takeover(holder_dead)
         check_attempt(attempt)
         return await self._claim_or_takeover(task_id, attempt, holder, lease, True)
+
+    def _claim_batch(self, requests: Sequence[ClaimRequest]) -> list[Verdict]:
+        """The verdicts of *requests* (checked), in order, in one round trip; blocks."""
+        raise NotImplementedError
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Verdict]:
+        """:meth:`claim` / :meth:`takeover` for each request, in order: one worker thread,
+        one round trip."""
+        check_requests(requests)
+        if not requests:
+            return []
+        batch = list(requests)
+        return await self._call(lambda: self._claim_batch(batch))
 
     async def ping(self) -> None:
         raise NotImplementedError

@@ -34,9 +34,11 @@ agent leaves): status offline, DISCONNECT, both within :data:`CLOSE_TIMEOUT`.
 a term from the store (:meth:`Candidate._store_term`; its epoch is the term's), renews it
 every heartbeat interval and steps down when the store refuses the renewal or does not
 answer for a whole lease (:meth:`Candidate._keep_term`, :attr:`TermEnd.DEPOSED`); each
-assignment is first a :class:`~._dispatcher.StoreAssign` that the shell asks the store
-for (:meth:`DispatcherShell._store_assign`), and nothing new is assigned while the store
-does not answer.
+assignment is first a :class:`~._dispatcher.StoreAssign`, and the shell asks the store for
+a round's assignments (the consecutive ones of a command list) in one
+:meth:`~sheri_trio.stores.ClaimStore.claim_many`: one round trip
+(:meth:`DispatcherShell._store_assign_all`); nothing new is assigned while the store does
+not answer.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from ..mqtt import (
     Will,
     open_client,
 )
-from ..stores import StoreUnavailable, Verdict
+from ..stores import ClaimRequest, StoreUnavailable, Verdict
 from ._dispatcher import (
     Ack,
     Dispatcher,
@@ -353,31 +355,56 @@ class DispatcherShell:
             log.error("dispatcher %s: claim store unavailable: no new assignments (%s)",
                       self.me, exc)  # fmt: skip
 
-    async def _store_assign(self, command: StoreAssign) -> None:
-        """Ask the store for ``command``'s attempt, for its agent; the verdict (with the
-        store's hold and outcome after a refusal) goes to the core."""
+    async def _store_assign_all(self, commands: list[StoreAssign]) -> None:
+        """Ask the store for the attempts of ``commands`` (a round's assignments), each for
+        its agent, in one :meth:`~sheri_trio.stores.ClaimStore.claim_many` (one round
+        trip); then each verdict goes to the core in the commands' order, what it gives
+        carried out before the next (:meth:`_store_verdict`): the publishes are in the
+        order that one claim after the other gave. No answer: every command of the batch
+        goes back to the core (:meth:`Dispatcher.on_store_unavailable`)."""
         store, core = self.store, self.core
         assert store is not None
         if self._store_down:  # the rest of a round the store did not answer
-            core.on_store_unavailable(command)
+            for command in commands:
+                core.on_store_unavailable(command)
             return
-        task_id, attempt, agent = command.task_id, command.attempt, command.agent_id
         lease = self.config.lease_time
+        requests = [
+            ClaimRequest(c.task_id, c.attempt, c.agent_id, lease, takeover=c.takeover)
+            for c in commands
+        ]
+        try:
+            verdicts = await store.claim_many(requests)
+        except StoreUnavailable as exc:
+            for command in commands:
+                core.on_store_unavailable(command)
+            self._store_unavailable(exc)
+            return
+        for command, verdict in zip(commands, verdicts, strict=True):
+            await self._store_verdict(command, verdict)
+
+    async def _store_verdict(self, command: StoreAssign, verdict: Verdict) -> None:
+        """The store's ``verdict`` on ``command`` to the core (after a refusal, with the
+        store's hold and outcome, read one by one: refusals are rare), and what it gives
+        carried out. A refusal whose reads find the store gone goes back to the core (as
+        does the rest of the batch's refusals); a ``WON`` needs no read and goes out."""
+        store, core = self.store, self.core
+        assert store is not None
         hold: Hold | None = None
         outcome: StoredOutcome | None = None
-        try:
-            if command.takeover:
-                verdict = await store.takeover(task_id, attempt, agent, lease, holder_dead=True)
-            else:
-                verdict = await store.claim(task_id, attempt, agent, lease)
-            if verdict is not Verdict.WON:
+        if verdict is not Verdict.WON:
+            if self._store_down:  # an earlier refusal's reads found the store gone
+                core.on_store_unavailable(command)
+                return
+            task_id = command.task_id
+            try:
                 hold = await store.hold(task_id)
                 if verdict is Verdict.FINISHED or (hold is not None and hold.finished):
                     outcome = await store.outcome(task_id)
-        except StoreUnavailable as exc:
-            core.on_store_unavailable(command)
-            self._store_unavailable(exc)
-            return
+            except StoreUnavailable as exc:
+                core.on_store_unavailable(command)
+                self._store_unavailable(exc)
+                return
         now = trio.current_time()
         verdict_commands = core.on_store_verdict(command, verdict, now, hold=hold, outcome=outcome)
         await self._carry_out_all(verdict_commands)
@@ -392,8 +419,19 @@ class DispatcherShell:
 
     # ------------------------------------------------------------- the commands
     async def _carry_out_all(self, commands: list[DispatchCommand]) -> None:
+        """``commands`` in order; consecutive :class:`StoreAssign` commands (a round's
+        assignments) go to the store as one batch (:meth:`_store_assign_all`)."""
+        batch: list[StoreAssign] = []
         for command in commands:
+            if isinstance(command, StoreAssign):
+                batch.append(command)
+                continue
+            if batch:
+                await self._store_assign_all(batch)
+                batch = []
             await self._carry_out(command)
+        if batch:
+            await self._store_assign_all(batch)
 
     async def _carry_out(self, command: DispatchCommand) -> None:
         t, m = self.topics, self.messages
@@ -412,7 +450,7 @@ class DispatcherShell:
             expiry = self.config.state_retention if live else self.config.final_retention
             await self._send(state_topic, record, retain=True, expiry=expiry)
         elif isinstance(command, StoreAssign):
-            await self._store_assign(command)
+            await self._store_assign_all([command])
         elif isinstance(command, PublishStoredOutcome):
             log.warning("dispatcher %s: publishing the stored outcome of %s again",
                         self.me, command.task_id)  # fmt: skip
