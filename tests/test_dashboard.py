@@ -14,6 +14,7 @@ import trio
 
 from sheri_trio.dashboard import (
     COOKIE,
+    AgentRow,
     Board,
     History,
     HistoryError,
@@ -238,6 +239,36 @@ def test_the_model_keeps_a_bounded_number_of_tasks() -> None:
     assert list(model.tasks) == [f"t{i}" for i in range(15, 25)]
     snapshot = model.snapshot(30.0, max_tasks=3)
     assert [t["task_id"] for t in snapshot["tasks"]] == ["t24", "t23", "t22"]
+
+
+def test_the_model_forgets_agents_not_online_beyond_its_bound() -> None:
+    """Agents that come and go under new ids do not grow the dashboard: beyond
+    ``max_agents`` the earliest one not online is forgotten (the history still gets its
+    last state); online agents are kept whatever their number."""
+    model = SwarmModel(T, max_agents=3)
+    for i in range(3):
+        agent = f"a{i}"
+        msg(model, T.agent_status(agent), {"status": "online"}, 1.0, agent=(agent, "testing"))
+    gone = {"status": "offline", "reason": "graceful shutdown"}
+    msg(model, T.agent_status("a1"), gone, 2.0, agent=("a1", "testing"), retain=True)
+    model.take_dirty()
+    msg(model, T.agent_status("a2"), gone, 3.0, agent=("a2", "testing"), retain=True)
+    msg(model, T.agent_status("a3"), {"status": "online"}, 4.0, agent=("a3", "testing"))
+    assert list(model.agents) == ["a0", "a2", "a3"]  # a1: the earliest not online
+    msg(model, T.agent_status("a4"), {"status": "online"}, 5.0, agent=("a4", "testing"))
+    assert list(model.agents) == ["a0", "a3", "a4"]  # a2 forgotten, its change not lost:
+    _, dirty, _ = model.take_dirty()
+    assert {(a.agent_id, a.status) for a in dirty} >= {("a2", "offline"), ("a4", "online")}
+    for i in range(5, 8):  # all online: kept beyond the bound
+        agent = f"a{i}"
+        msg(model, T.agent_status(agent), {"status": "online"}, 6.0, agent=(agent, "testing"))
+    assert len(model.agents) == 6
+    assert model.online_by_role()["testing"] == 6
+
+    restored = SwarmModel(T, max_agents=2)  # the history may hold more than the bound
+    rows = [AgentRow(f"h{i}", "testing", "offline") for i in range(5)]
+    restored.restore([], rows, [])
+    assert list(restored.agents) == ["h3", "h4"]
 
 
 # ---------------------------------------------------------------- submit, retry

@@ -161,9 +161,20 @@ class RetryNotAllowed(SubmitError):
 class SwarmModel:
     """What the dashboard knows about one swarm."""
 
-    def __init__(self, topics: Topics, *, max_tasks: int = 10_000, max_alerts: int = 500) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        *,
+        max_tasks: int = 10_000,
+        max_alerts: int = 500,
+        max_agents: int = 10_000,
+    ) -> None:
         self.topics = topics
+        #: every agent heard of, first heard of first; beyond ``max_agents`` the agents
+        #: not online are forgotten, the earliest first (the history keeps them): a
+        #: swarm whose agents come and go under new ids does not grow the dashboard
         self.agents: dict[str, AgentRow] = {}
+        self.max_agents = max_agents
         self.tasks: OrderedDict[str, TaskRow] = OrderedDict()
         self.max_tasks = max_tasks
         self.alerts: deque[Alert] = deque(maxlen=max_alerts)
@@ -183,6 +194,7 @@ class SwarmModel:
         self._page_alerts: list[Alert] = []
         self._dirty_tasks: set[str] = set()
         self._dirty_agents: set[str] = set()
+        self._forgotten_dirty: list[AgentRow] = []  # forgotten before the history wrote them
         self._dirty_alerts: list[Alert] = []
         self._silent: set[str] = set()
         self._online: dict[str, int] | None = None
@@ -206,7 +218,10 @@ class SwarmModel:
     def take_dirty(self) -> tuple[list[TaskRow], list[AgentRow], list[Alert]]:
         """What the history has not written yet."""
         tasks = [self.tasks[t] for t in self._dirty_tasks if t in self.tasks]
-        agents = [self.agents[a] for a in self._dirty_agents if a in self.agents]
+        agents = self._forgotten_dirty + [
+            self.agents[a] for a in self._dirty_agents if a in self.agents
+        ]
+        self._forgotten_dirty = []
         alerts = self._dirty_alerts
         self._dirty_tasks.clear()
         self._dirty_agents.clear()
@@ -241,6 +256,9 @@ class SwarmModel:
             if agent.status == "online":  # until its retained status or a heartbeat says
                 agent.status, agent.reason = "unknown", "from the history"
             self.agents[agent.agent_id] = agent
+        for _ in range(len(self.agents) - self.max_agents):
+            if not self._forget_an_agent():
+                break
         self._online = None
         self.alerts.extend(alerts)
 
@@ -249,7 +267,24 @@ class SwarmModel:
         row = self.agents.get(agent_id)
         if row is None:
             row = self.agents[agent_id] = AgentRow(agent_id)
+            if len(self.agents) > self.max_agents:
+                self._forget_an_agent(but=agent_id)
         return row
+
+    def _forget_an_agent(self, but: str | None = None) -> bool:
+        """The earliest agent heard of that is not online, ``but`` that one (the one just
+        heard of); none such: all are kept."""
+        for agent_id, row in self.agents.items():
+            if row.status != "online" and agent_id != but:
+                del self.agents[agent_id]
+                if agent_id in self._dirty_agents:  # the history still gets its last state
+                    self._dirty_agents.discard(agent_id)
+                    self._forgotten_dirty.append(row)
+                self._silent.discard(agent_id)
+                self._page_agents.discard(agent_id)
+                self._online = None
+                return True
+        return False
 
     def _task(self, task_id: str, now: float) -> TaskRow:
         row = self.tasks.get(task_id)
