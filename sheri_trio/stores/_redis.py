@@ -355,7 +355,7 @@ class RedisStore(ThreadedStore):
             pipe = self._client.pipeline(transaction=False)
             for call in calls[len(verdicts) :]:
                 pipe.evalsha(sha, 2, *call)
-            answers: list[object] = pipe.execute(raise_on_error=False)  # type: ignore[no-untyped-call]
+            answers: list[object] = pipe.execute(raise_on_error=False)  # type: ignore[no-untyped-call,unused-ignore]
             for answer in answers:
                 if isinstance(answer, rex.NoScriptError) and loads < _SCRIPT_LOADS:
                     break
