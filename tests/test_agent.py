@@ -186,6 +186,14 @@ async def test_nine_agent_swarm_300_tasks_all_types(broker: MosquittoBroker) -> 
         assert r["role"] in roles_for(types[r["task_id"]])
 
 
+def assert_each_ran_once(finals: Counter[str], counting: Counting, total: int) -> None:
+    """Every task of the burst (``r-0`` ... ``r-{total-1}``) ran once and has one final
+    outcome."""
+    assert set(finals) == {f"r-{i}" for i in range(total)}
+    assert counting.executions == Counter(dict.fromkeys(finals, 1))
+    assert finals == Counter(dict.fromkeys(finals, 1))
+
+
 async def test_killed_agent_task_completes_elsewhere_once(
     broker: MosquittoBroker, dispatch: str
 ) -> None:
@@ -203,12 +211,10 @@ async def test_broker_restart_every_task_once(fresh_broker: MosquittoBroker, dis
         finals, _ = await restart_mid_burst(
             fresh_broker, f"t-restart-{dispatch}", counting, total=total, dispatch=dispatch
         )
-    assert set(finals) == {f"r-{i}" for i in range(total)}
     # mosquitto publishes every client's will as it stops, so every agent looks gone for
     # a moment: a will is not a takeover (docs/protocol.md, "Sessions, presence and
     # absence"), so nothing runs twice and each task has one final outcome
-    assert counting.executions == Counter(dict.fromkeys(finals, 1))
-    assert finals == Counter(dict.fromkeys(finals, 1))
+    assert_each_ran_once(finals, counting, total)
 
 
 async def test_broker_restart_while_tasks_run_runs_none_twice(
@@ -228,9 +234,7 @@ async def test_broker_restart_while_tasks_run_runs_none_twice(
             dispatch=dispatch,
             running=6,
         )
-    assert set(finals) == {f"r-{i}" for i in range(total)}
-    assert counting.executions == Counter(dict.fromkeys(finals, 1))
-    assert finals == Counter(dict.fromkeys(finals, 1))
+    assert_each_ran_once(finals, counting, total)
     assert {r["attempt"] for r in records} == {1}  # nothing was taken over
     assert {r["status"] for r in records} == {"success"}
 
@@ -254,9 +258,7 @@ async def test_a_broker_down_longer_than_the_lease_takes_nothing_over(
             down=4.0,
             lease_time=2.0,
         )
-    assert set(finals) == {f"r-{i}" for i in range(total)}
-    assert counting.executions == Counter(dict.fromkeys(finals, 1))
-    assert finals == Counter(dict.fromkeys(finals, 1))
+    assert_each_ran_once(finals, counting, total)
     assert {r["attempt"] for r in records} == {1}
 
 
