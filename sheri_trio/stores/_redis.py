@@ -322,10 +322,14 @@ class RedisStore(ThreadedStore):
 
     # -- tasks -------------------------------------------------------------
 
+    def _claim_args(self, attempt: int, holder: str, lease: float, takeover: bool) -> _Args:
+        """The claim script's ARGV: attempt, holder, lease_ms, retention_ms, takeover."""
+        return [attempt, holder, _ms(lease), self._retention_ms, "1" if takeover else "0"]
+
     async def _claim_or_takeover(
         self, task_id: str, attempt: int, holder: str, lease: float, takeover: bool
     ) -> Verdict:
-        args: _Args = [attempt, holder, _ms(lease), self._retention_ms, "1" if takeover else "0"]
+        args = self._claim_args(attempt, holder, lease, takeover)
         keys = self._task_keys(task_id)
         answer = await self._call(lambda: self._claim(keys=keys, args=args))
         return Verdict(answer)
@@ -336,15 +340,10 @@ class RedisStore(ThreadedStore):
         restarted, SCRIPT FLUSH) answers NOSCRIPT: the script is loaded and the requests
         from the first refused one on are sent again (those before it were carried out).
         redis-py's own pipelined scripts would ask SCRIPT EXISTS first: a round trip more."""
-        retention = str(self._retention_ms)
         calls = [  # KEYS (2) then ARGV, as _CLAIM takes them
             [
                 *self._task_keys(r.task_id),
-                str(r.attempt),
-                r.holder,
-                str(_ms(r.lease)),
-                retention,
-                "1" if r.takeover else "0",
+                *map(str, self._claim_args(r.attempt, r.holder, r.lease, r.takeover)),
             ]
             for r in requests
         ]
